@@ -1,0 +1,477 @@
+"""The job spec: what a user asks to train, validated before anything runs.
+
+Pure pydantic: the API imports this module to validate submissions and must never
+pull in torch. Every bound lives here so that no request can ask for a model, a
+batch or a run that cannot possibly fit; every error names its field.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+MODEL_ENTRY_POINT_GROUP = "trainjob.models"
+DATASET_ENTRY_POINT_GROUP = "trainjob.datasets"
+
+MAX_MICRO_BATCH_SIZE = 4096
+MAX_ACCUMULATION_STEPS = 4096
+MAX_BATCH_SIZE = 65536
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 1000
+MAX_PARAMETERS = 200_000_000
+# One micro-batch's activations, counted in elements of the largest tensors the
+# built-in models keep for backward. 2**32 fp32 elements is 16 GiB: beyond any
+# single accelerator we run on once multiplied by the layers that store them.
+MAX_ACTIVATION_ELEMENTS = 2**32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+class MlpSpec(_Strict):
+    type: Literal["mlp"] = "mlp"
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
+        default_factory=lambda: [64], max_length=8
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class CnnSpec(_Strict):
+    type: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(ge=1, le=512)]] = Field(
+        default_factory=lambda: [16, 32], min_length=1, max_length=4
+    )
+    kernel_size: int = Field(3, ge=1, le=7)
+    hidden_size: int = Field(64, ge=1, le=4096)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TinyGptSpec(_Strict):
+    type: Literal["tiny-gpt"] = "tiny-gpt"
+    n_layer: int = Field(2, ge=1, le=24)
+    n_head: int = Field(2, ge=1, le=32)
+    n_embd: int = Field(64, ge=8, le=2048)
+    block_size: int = Field(128, ge=2, le=2048)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyGptSpec:
+        if self.n_embd % self.n_head:
+            raise PydanticCustomError(
+                "heads_divide_width",
+                "n_embd ({n_embd}) must be a multiple of n_head ({n_head})",
+                {"n_embd": self.n_embd, "n_head": self.n_head},
+            )
+        return self
+
+
+class PluginModelSpec(BaseModel):
+    """A model registered by a worker through the `trainjob.models` entry point group.
+
+    Its parameters are the plugin's business; the worker validates them when it builds.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+
+
+BUILTIN_MODELS: dict[str, type[BaseModel]] = {
+    "mlp": MlpSpec,
+    "cnn": CnnSpec,
+    "tiny-gpt": TinyGptSpec,
+}
+
+ModelSpec = MlpSpec | CnnSpec | TinyGptSpec | PluginModelSpec
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class SyntheticClassificationSpec(_Strict):
+    type: Literal["synthetic-classification"] = "synthetic-classification"
+    n_samples: int = Field(512, ge=2, le=1_000_000)
+    n_features: int = Field(16, ge=1, le=4096)
+    n_classes: int = Field(4, ge=2, le=1000)
+    noise: float = Field(0.5, ge=0.0, le=100.0)
+    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+
+
+class DigitsSpec(_Strict):
+    type: Literal["digits"] = "digits"
+    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+
+
+class TinyTextSpec(_Strict):
+    type: Literal["tiny-text"] = "tiny-text"
+    min_length: int = Field(8, ge=2, le=2048)
+    max_length: int = Field(64, ge=2, le=2048)
+    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> TinyTextSpec:
+        if self.min_length > self.max_length:
+            raise PydanticCustomError(
+                "lengths_ordered",
+                "min_length ({min_length}) must not exceed max_length ({max_length})",
+                {"min_length": self.min_length, "max_length": self.max_length},
+            )
+        return self
+
+
+class PluginDatasetSpec(BaseModel):
+    """A dataset registered through the `trainjob.datasets` entry point group."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+
+
+BUILTIN_DATASETS: dict[str, type[BaseModel]] = {
+    "synthetic-classification": SyntheticClassificationSpec,
+    "digits": DigitsSpec,
+    "tiny-text": TinyTextSpec,
+}
+
+DatasetSpec = SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | PluginDatasetSpec
+
+# What each built-in model needs from its data: flat features, images, or tokens.
+_MODEL_INPUT_KIND = {"mlp": "features", "cnn": "images", "tiny-gpt": "tokens"}
+_DATASET_INPUT_KINDS = {
+    "synthetic-classification": {"features"},
+    "digits": {"features", "images"},
+    "tiny-text": {"tokens"},
+}
+
+
+@cache
+def plugin_names(group: str) -> frozenset[str]:
+    """Names registered by installed packages under an entry point group (no import)."""
+    return frozenset(entry_point.name for entry_point in entry_points(group=group))
+
+
+def known_models() -> list[str]:
+    return sorted(set(BUILTIN_MODELS) | plugin_names(MODEL_ENTRY_POINT_GROUP))
+
+
+def known_datasets() -> list[str]:
+    return sorted(set(BUILTIN_DATASETS) | plugin_names(DATASET_ENTRY_POINT_GROUP))
+
+
+def _parse_registry_entry(
+    value: Any,
+    builtins: dict[str, type[BaseModel]],
+    plugin_class: type[BaseModel],
+    group: str,
+    what: str,
+) -> BaseModel:
+    if isinstance(value, BaseModel):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "object_type", "{what} must be an object with a 'type'", {"what": what}
+        )
+    type_name = value.get("type")
+    if type_name in builtins:
+        return builtins[type_name].model_validate(value)
+    if isinstance(type_name, str) and type_name in plugin_names(group):
+        return plugin_class.model_validate(value)
+    known = sorted(set(builtins) | plugin_names(group))
+    raise PydanticCustomError(
+        "unknown_type",
+        "unknown {what} type '{type}'; known: {known}",
+        {"what": what, "type": type_name, "known": ", ".join(known)},
+    )
+
+
+# ---------------------------------------------------------------- training
+
+
+class OptimizerSpec(_Strict):
+    type: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[
+        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
+    ] = (0.9, 0.999)
+
+
+class LrScheduleSpec(_Strict):
+    type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+
+
+Precision = Literal["fp32", "fp64", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class JobSpec(_Strict):
+    """A training job. Give two of micro_batch_size, accumulation_steps, batch_size."""
+
+    name: str | None = Field(None, max_length=128)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(None, max_length=16)
+    )
+    model: ModelSpec
+    dataset: DatasetSpec
+    micro_batch_size: int | Literal["auto"] | None = Field(None)
+    accumulation_steps: int | None = Field(None, ge=1, le=MAX_ACCUMULATION_STEPS)
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec)
+    grad_clip_norm: float | None = Field(None, gt=0.0, le=1e6)
+    precision: Precision = "fp32"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Device = "auto"
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_registry(cls, value: Any) -> BaseModel:
+        return _parse_registry_entry(
+            value, BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP, "model"
+        )
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_from_registry(cls, value: Any) -> BaseModel:
+        return _parse_registry_entry(
+            value, BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP, "dataset"
+        )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_batch_in_range(cls, value: int | str | None, info: ValidationInfo) -> Any:
+        if isinstance(value, int) and not 1 <= value <= MAX_MICRO_BATCH_SIZE:
+            raise PydanticCustomError(
+                "micro_batch_range",
+                "micro_batch_size must be between 1 and {high}, or 'auto'",
+                {"high": MAX_MICRO_BATCH_SIZE},
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_non_finite_numbers(cls, data: Any) -> Any:
+        # JSON has no NaN/Infinity, but Python's json module reads them: refuse early
+        # so that no bound is silently compared against a NaN.
+        for path, number in _walk_floats(data, ()):
+            if not math.isfinite(number):
+                raise ValueError(f"{'.'.join(map(str, path))}: numbers must be finite")
+        return data
+
+    @model_validator(mode="after")
+    def _derive_batch_arithmetic(self) -> JobSpec:
+        micro, steps, batch = self.micro_batch_size, self.accumulation_steps, self.batch_size
+        if micro == "auto":
+            if batch is None:
+                raise _field_error("batch_size", "is required when micro_batch_size is 'auto'")
+            if steps not in (None, 1):
+                raise _field_error(
+                    "accumulation_steps",
+                    "is derived when micro_batch_size is 'auto' (it starts at 1 and grows as "
+                    "out-of-memory backoff halves the micro-batch); leave it out",
+                )
+            return self._with(accumulation_steps=1)
+        given = sum(value is not None for value in (micro, steps, batch))
+        if given < 2:
+            raise _field_error(
+                "batch_size",
+                "give two of micro_batch_size, accumulation_steps and batch_size",
+            )
+        if micro is not None and steps is not None:
+            product = int(micro) * steps
+            if batch is not None and batch != product:
+                raise _field_error(
+                    "batch_size",
+                    f"must equal micro_batch_size × accumulation_steps = {product}, not {batch}",
+                )
+            if product > MAX_BATCH_SIZE:
+                raise _field_error(
+                    "batch_size", f"micro_batch_size × accumulation_steps = {product} "
+                    f"exceeds the maximum of {MAX_BATCH_SIZE}"
+                )
+            return self._with(batch_size=product)
+        assert batch is not None
+        if micro is not None:
+            if batch % int(micro):
+                raise _field_error(
+                    "batch_size",
+                    f"must be a multiple of micro_batch_size ({micro}), not {batch}",
+                )
+            return self._with(accumulation_steps=batch // int(micro))
+        assert steps is not None
+        if batch % steps:
+            raise _field_error(
+                "batch_size",
+                f"must be a multiple of accumulation_steps ({steps}), not {batch}",
+            )
+        micro_size = batch // steps
+        return self._with(micro_batch_size=micro_size)
+
+    @model_validator(mode="after")
+    def _exactly_one_length(self) -> JobSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise _field_error("max_steps", "give exactly one of max_steps and epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_dataset(self) -> JobSpec:
+        model_kind = _MODEL_INPUT_KIND.get(self.model.type)
+        data_kinds = _DATASET_INPUT_KINDS.get(self.dataset.type)
+        if model_kind is None or data_kinds is None:
+            return self  # a plugin: the worker checks when it builds
+        if model_kind not in data_kinds:
+            fitting = sorted(name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds)
+            raise _field_error(
+                "dataset.type",
+                f"model {self.model.type!r} cannot train on {self.dataset.type!r}; "
+                f"use one of: {', '.join(fitting)}",
+            )
+        if isinstance(self.model, TinyGptSpec) and isinstance(self.dataset, TinyTextSpec):
+            # A sequence of n tokens gives n-1 (input, target) positions.
+            if self.dataset.max_length - 1 > self.model.block_size:
+                raise _field_error(
+                    "model.block_size",
+                    f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> JobSpec:
+        parameters = estimate_parameters(self)
+        if parameters is not None and parameters > MAX_PARAMETERS:
+            raise _field_error(
+                "model", f"has about {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}"
+            )
+        largest_micro = self.batch_size if self.micro_batch_size == "auto" else self.micro_batch_size
+        per_sample = estimate_activation_elements_per_sample(self)
+        if per_sample is not None and isinstance(largest_micro, int):
+            if per_sample * largest_micro > MAX_ACTIVATION_ELEMENTS:
+                field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
+                limit = MAX_ACTIVATION_ELEMENTS // per_sample
+                raise _field_error(
+                    field,
+                    f"a micro-batch of {largest_micro} would need about "
+                    f"{per_sample * largest_micro:,} activation elements; at most {limit} "
+                    "samples fit this model in one micro-batch",
+                )
+        return self
+
+    def _with(self, **changes: Any) -> JobSpec:
+        # The model is frozen; derived fields are filled in on a copy.
+        return self.model_copy(update=changes)
+
+    @property
+    def window_size(self) -> int:
+        """The effective batch m·k: samples per optimizer step."""
+        assert self.batch_size is not None
+        return self.batch_size
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_field", "{field}: {message}", {"field": field, "message": message})
+
+
+def _walk_floats(data: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], float]]:
+    if isinstance(data, float):
+        return [(path, data)]
+    if isinstance(data, dict):
+        return [item for key, value in data.items() for item in _walk_floats(value, (*path, key))]
+    if isinstance(data, list | tuple):
+        return [item for index, value in enumerate(data) for item in _walk_floats(value, (*path, index))]
+    return []
+
+
+def _input_shape(dataset: BaseModel) -> tuple[int, ...] | None:
+    if isinstance(dataset, SyntheticClassificationSpec):
+        return (dataset.n_features,)
+    if isinstance(dataset, DigitsSpec):
+        return (64,)
+    return None
+
+
+def _num_classes(dataset: BaseModel) -> int | None:
+    if isinstance(dataset, SyntheticClassificationSpec):
+        return dataset.n_classes
+    if isinstance(dataset, DigitsSpec):
+        return 10
+    return None
+
+
+# tiny-text's character vocabulary is well under this; an upper bound is enough here.
+_TEXT_VOCAB_BOUND = 256
+
+
+def estimate_parameters(spec: JobSpec) -> int | None:
+    """Parameter count of a built-in model, without building it (None for plugins)."""
+    model = spec.model
+    if isinstance(model, MlpSpec):
+        shape, classes = _input_shape(spec.dataset), _num_classes(spec.dataset)
+        if shape is None or classes is None:
+            return None
+        widths = [math.prod(shape), *model.hidden_sizes, classes]
+        return sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+    if isinstance(model, CnnSpec):
+        channels = [1, *model.channels]
+        conv = sum(
+            (a * model.kernel_size**2 + 1) * b for a, b in zip(channels, channels[1:], strict=False)
+        )
+        classes = _num_classes(spec.dataset) or 10
+        return conv + (model.channels[-1] * 64 + 1) * model.hidden_size + (model.hidden_size + 1) * classes
+    if isinstance(model, TinyGptSpec):
+        width = model.n_embd
+        per_layer = 12 * width * width + 13 * width
+        embeddings = (_TEXT_VOCAB_BOUND + model.block_size) * width
+        return model.n_layer * per_layer + embeddings + 2 * width
+    return None
+
+
+def estimate_activation_elements_per_sample(spec: JobSpec) -> int | None:
+    """A rough upper bound on the activations one sample keeps for backward."""
+    model = spec.model
+    if isinstance(model, MlpSpec):
+        shape = _input_shape(spec.dataset)
+        return None if shape is None else 2 * (math.prod(shape) + sum(model.hidden_sizes) + 1000)
+    if isinstance(model, CnnSpec):
+        return 4 * 64 * sum(model.channels) + 2 * model.hidden_size
+    if isinstance(model, TinyGptSpec):
+        tokens = model.block_size
+        per_layer = 16 * tokens * model.n_embd + 2 * model.n_head * tokens * tokens
+        return model.n_layer * per_layer + tokens * _TEXT_VOCAB_BOUND
+    return None
+
+
+def validation_messages(error: ValidationError) -> list[str]:
+    """One line per bad field, each starting with the field's dotted path."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        ctx_field = (item.get("ctx") or {}).get("field")
+        if ctx_field:
+            location = str(ctx_field)
+            message = str(item["ctx"]["message"])
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{location}: {message}" if location else message)
+    return lines

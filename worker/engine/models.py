@@ -1,0 +1,125 @@
+"""The built-in models. None mixes samples within a batch, so accumulation is exact."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.jobs.spec import CnnSpec, MlpSpec, TinyGptSpec
+from worker.engine.data_types import DataInfo
+from worker.engine.errors import TrainingError
+
+
+def _require(value: int | None, what: str, model: str) -> int:
+    if value is None:
+        raise TrainingError("invalid_spec", f"model {model!r} needs a data set with {what}")
+    return value
+
+
+def build_mlp(spec: MlpSpec, info: DataInfo) -> nn.Module:
+    if info.input_shape is None:
+        raise TrainingError("invalid_spec", "model 'mlp' needs a data set of features")
+    widths = [math.prod(info.input_shape), *spec.hidden_sizes]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for width_in, width_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(width_in, width_out), nn.GELU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+    layers.append(nn.Linear(widths[-1], _require(info.num_classes, "classes", "mlp")))
+    return nn.Sequential(*layers)
+
+
+def build_cnn(spec: CnnSpec, info: DataInfo) -> nn.Module:
+    shape = info.input_shape
+    if shape is None or len(shape) != 3:
+        raise TrainingError("invalid_spec", "model 'cnn' needs images shaped C×H×W")
+    channels_in, height, width = shape
+    layers: list[nn.Module] = []
+    for channels_out in spec.channels:
+        layers += [
+            nn.Conv2d(channels_in, channels_out, spec.kernel_size, padding=spec.kernel_size // 2),
+            nn.GELU(),
+        ]
+        channels_in = channels_out
+    layers += [
+        nn.Flatten(),
+        nn.Linear(channels_in * height * width, spec.hidden_size),
+        nn.GELU(),
+    ]
+    if spec.dropout:
+        layers.append(nn.Dropout(spec.dropout))
+    layers.append(nn.Linear(spec.hidden_size, _require(info.num_classes, "classes", "cnn")))
+    return nn.Sequential(*layers)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: TinyGptSpec) -> None:
+        super().__init__()
+        self.n_head = spec.n_head
+        self.qkv = nn.Linear(spec.n_embd, 3 * spec.n_embd)
+        self.proj = nn.Linear(spec.n_embd, spec.n_embd)
+        self.dropout = spec.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        heads = [t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        # Causal attention over right-padded rows: real tokens never attend to padding,
+        # so a sample's outputs do not depend on how long its micro-batch was padded.
+        y = F.scaled_dot_product_attention(
+            *heads, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: TinyGptSpec) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(spec.n_embd)
+        self.attention = CausalSelfAttention(spec)
+        self.norm_2 = nn.LayerNorm(spec.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(spec.n_embd, 4 * spec.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * spec.n_embd, spec.n_embd),
+            nn.Dropout(spec.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm_1(x))
+        return x + self.mlp(self.norm_2(x))
+
+
+class TinyGpt(nn.Module):
+    """A small decoder-only transformer (nanoGPT's shape, untied embeddings)."""
+
+    def __init__(self, spec: TinyGptSpec, vocab_size: int) -> None:
+        super().__init__()
+        self.block_size = spec.block_size
+        self.token_embedding = nn.Embedding(vocab_size, spec.n_embd)
+        self.position_embedding = nn.Embedding(spec.block_size, spec.n_embd)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
+        self.norm = nn.LayerNorm(spec.n_embd)
+        # Untied head: safetensors stores each tensor once, and shared storage would
+        # need the slower save_model path.
+        self.head = nn.Linear(spec.n_embd, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > self.block_size:
+            raise TrainingError(
+                "invalid_data", f"a sequence of {length} inputs exceeds block_size {self.block_size}"
+            )
+        positions = torch.arange(length, device=tokens.device)
+        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def build_tiny_gpt(spec: TinyGptSpec, info: DataInfo) -> nn.Module:
+    return TinyGpt(spec, _require(info.vocab_size, "a token vocabulary", "tiny-gpt"))

@@ -1,0 +1,39 @@
+"""Numeric precision: parameter dtype, autocast context and the fp16 grad scaler."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from app.jobs.spec import Precision
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How one precision setting is carried out on one device."""
+
+    name: Precision
+    device: torch.device
+    parameter_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; a disabled scaler passes every call straight through.
+        return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+
+def plan_precision(name: Precision, device: torch.device) -> PrecisionPlan:
+    if name == "fp64":
+        return PrecisionPlan(name, device, torch.float64, None)
+    if name == "bf16":
+        return PrecisionPlan(name, device, torch.float32, torch.bfloat16)
+    if name == "fp16":
+        return PrecisionPlan(name, device, torch.float32, torch.float16)
+    return PrecisionPlan(name, device, torch.float32, None)

@@ -1,0 +1,358 @@
+"""The training loop: windows in order, metrics per step, evaluation and checkpoints.
+
+`train(spec, callbacks)` is all a caller needs. It reports through callbacks and
+never talks to a database or a queue itself, so the Celery task and `trainjob run`
+drive the same loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from app.jobs.spec import JobSpec
+from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
+from worker.engine.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    load_weights,
+    pack_state,
+    restore_rng,
+    unpack_state,
+    weights_to_bytes,
+)
+from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
+from worker.engine.devices import resolve_device
+from worker.engine.errors import TrainingError
+from worker.engine.optim import build_optimizer, build_scheduler
+from worker.engine.precision import PrecisionPlan, plan_precision
+from worker.engine.registry import build_dataset, build_model
+from worker.engine.window import (
+    MicroBatchHook,
+    MicroBatchOutOfMemory,
+    StepParts,
+    WindowOutcome,
+    run_window,
+)
+
+# Spec fields that change what is trained; a checkpoint resumes only the same training.
+_TRAINING_FIELDS = {
+    "model", "dataset", "micro_batch_size", "accumulation_steps", "batch_size", "max_steps",
+    "epochs", "optimizer", "lr_schedule", "grad_clip_norm", "precision", "seed",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    samples_seen: int
+    tokens_seen: int
+    samples_per_sec: float
+    micro_batch_size: int
+    accumulation_steps: int
+    skipped: bool
+    time: float
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ignore(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class Callbacks:
+    """How the loop reports. Every callback runs at a window boundary, never inside one."""
+
+    on_step: Callable[[StepMetrics], None] = _ignore
+    # Event types: oom_backoff, overflow_skip, warning, checkpoint.
+    on_event: Callable[[str, dict[str, Any]], None] = _ignore
+    on_checkpoint: Callable[[Checkpoint], None] = _ignore
+    # Asked before each window; a reason (e.g. "cancelled") stops the run after a checkpoint.
+    should_stop: Callable[[], str | None] = lambda: None
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    micro_batch_size: int = 1
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    skipped_updates: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: Literal["completed", "stopped"]
+    stop_reason: str | None
+    step: int
+    total_steps: int
+    weights: bytes
+    last_metrics: StepMetrics | None
+
+
+@dataclass
+class Run:
+    """Everything one run holds between windows."""
+
+    spec: JobSpec
+    data: DataSplits
+    parts: StepParts
+    planner: WindowPlanner
+    total_steps: int
+    progress: Progress
+
+    @property
+    def precision(self) -> PrecisionPlan:
+        return self.parts.precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_steps_of(spec: JobSpec, train_size: int) -> int:
+    if spec.max_steps is not None:
+        return spec.max_steps
+    assert spec.epochs is not None
+    return spec.epochs * steps_per_epoch(train_size, spec.window_size)
+
+
+def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
+    """BatchNorm normalises by micro-batch statistics: splitting a batch changes the update.
+
+    We refuse rather than warn: a run that silently trains something other than what the
+    spec says is worse than no run. With one micro-batch per window it is exact.
+    """
+    splits = spec.micro_batch_size == "auto" or (spec.accumulation_steps or 1) > 1
+    layers = [name for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
+    if splits and layers:
+        raise TrainingError(
+            "inexact_accumulation",
+            f"layers {', '.join(layers)} normalise over the micro-batch (BatchNorm), so "
+            "accumulating gradients over several micro-batches would not equal the full-batch "
+            "update; use accumulation_steps 1, or a per-sample normalisation (LayerNorm, GroupNorm)",
+        )
+
+
+def prepare_run(spec: JobSpec) -> Run:
+    """Build data, model, optimizer, schedule and scaler from the spec, seeded."""
+    device = resolve_device(spec.device)
+    precision = plan_precision(spec.precision, device)
+    seed_everything(spec.seed)
+    data = build_dataset(spec.dataset, spec.seed)
+    if len(data.train) == 0:
+        raise TrainingError("invalid_data", "the training split is empty")
+    model = build_model(spec.model, data.info).to(device=device, dtype=precision.parameter_dtype)
+    model.train()
+    check_accumulation_is_exact(model, spec)
+    optimizer = build_optimizer(spec.optimizer, model.parameters())
+    total_steps = total_steps_of(spec, len(data.train))
+    scheduler = build_scheduler(spec.lr_schedule, optimizer, total_steps)
+    parts = StepParts(model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm)
+    micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
+    assert isinstance(micro, int)
+    planner = WindowPlanner(len(data.train), spec.window_size, spec.seed)
+    return Run(spec, data, parts, planner, total_steps, Progress(micro_batch_size=micro))
+
+
+def _training_fields(spec: JobSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", include=_TRAINING_FIELDS)
+
+
+def make_checkpoint(run: Run, loss: float | None) -> Checkpoint:
+    progress, parts = run.progress, run.parts
+    state = {
+        "step": progress.step,
+        "epoch": progress.position.epoch,
+        "index": progress.position.index,
+        "micro_batch_size": progress.micro_batch_size,
+        "samples_seen": progress.samples_seen,
+        "tokens_seen": progress.tokens_seen,
+        "skipped_updates": progress.skipped_updates,
+        "training": _training_fields(run.spec),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "rng": capture_rng(),
+    }
+    weights = weights_to_bytes(parts.model, {"step": str(progress.step)})
+    return Checkpoint(step=progress.step, weights=weights, state=pack_state(state), loss=loss)
+
+
+def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
+    state = unpack_state(checkpoint.state)
+    if state["training"] != _training_fields(run.spec):
+        raise TrainingError(
+            "incompatible_checkpoint", "the checkpoint was written by a different training spec"
+        )
+    parts = run.parts
+    load_weights(parts.model, checkpoint.weights)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    run.progress = Progress(
+        step=state["step"],
+        position=DataPosition(epoch=state["epoch"], index=state["index"]),
+        micro_batch_size=state["micro_batch_size"],
+        samples_seen=state["samples_seen"],
+        tokens_seen=state["tokens_seen"],
+        skipped_updates=state["skipped_updates"],
+    )
+
+
+def run_window_with_backoff(
+    run: Run, window: Window, on_event: Callable[[str, dict[str, Any]], None],
+    hook: MicroBatchHook | None,
+) -> WindowOutcome:
+    """Run a window; on out-of-memory halve the micro-batch and redo the same samples.
+
+    The window, and so the effective batch and its normaliser, stays the same: only
+    how it is cut changes, and the count-based normalisation makes uneven cuts exact.
+    """
+    progress = run.progress
+    while True:
+        try:
+            micro_batches = window.micro_batches(progress.micro_batch_size)
+            return run_window(run.parts, run.data.train, micro_batches, hook)
+        except MicroBatchOutOfMemory:
+            in_use = min(progress.micro_batch_size, len(window.indices))
+            if in_use == 1:
+                raise TrainingError(
+                    "out_of_memory", "out of memory with a micro-batch of 1 sample"
+                ) from None
+            progress.micro_batch_size = in_use // 2
+            on_event(
+                "oom_backoff",
+                {
+                    "step": progress.step + 1,
+                    "old_micro_batch_size": in_use,
+                    "new_micro_batch_size": progress.micro_batch_size,
+                    "accumulation_steps": math.ceil(run.spec.window_size / progress.micro_batch_size),
+                },
+            )
+
+
+@torch.no_grad()
+def evaluate(run: Run, data: SampleSet) -> tuple[float, float]:
+    """Loss per unit and accuracy per unit on a held-out split."""
+    model, precision = run.parts.model, run.precision
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
+    correct = torch.zeros((), dtype=torch.int64, device=precision.device)
+    units = 0
+    size = max(1, run.progress.micro_batch_size)
+    for start in range(0, len(data), size):
+        indices = list(range(start, min(start + size, len(data))))
+        batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
+        with precision.autocast():
+            logits = model(batch.inputs)
+        logits = logits.to(precision.parameter_dtype)
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits.flatten(0, -2), batch.targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+        )
+        predicted = logits.argmax(dim=-1)
+        correct += ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
+        units += data.loss_units(indices)
+    model.train()
+    return loss_sum.item() / units, correct.item() / units
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(
+    spec: JobSpec,
+    callbacks: Callbacks | None = None,
+    resume: Checkpoint | None = None,
+    micro_batch_hook: MicroBatchHook | None = None,
+) -> TrainResult:
+    """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
+    run = prepare_run(spec)
+    if resume is not None:
+        restore_checkpoint(run, resume)
+    return drive(run, callbacks or Callbacks(), micro_batch_hook)
+
+
+def drive(run: Run, callbacks: Callbacks, hook: MicroBatchHook | None = None) -> TrainResult:
+    progress, spec = run.progress, run.spec
+    last_checkpoint_step = progress.step if progress.step > 0 else -1
+    metrics: StepMetrics | None = None
+
+    def checkpoint() -> None:
+        nonlocal last_checkpoint_step
+        if progress.step == last_checkpoint_step:
+            return
+        saved = make_checkpoint(run, metrics.loss if metrics else None)
+        callbacks.on_checkpoint(saved)
+        callbacks.on_event("checkpoint", {"step": saved.step, "size_bytes": len(saved.weights) + len(saved.state)})
+        last_checkpoint_step = progress.step
+
+    while progress.step < run.total_steps:
+        stop_reason = callbacks.should_stop()
+        if stop_reason is not None:
+            checkpoint()
+            return _result(run, "stopped", stop_reason, metrics)
+        window = run.planner.window_at(progress.position)
+        lr = run.parts.optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        outcome = run_window_with_backoff(run, window, callbacks.on_event, hook)
+        elapsed = time.perf_counter() - started
+
+        progress.step += 1
+        progress.position = run.planner.advance(progress.position, window)
+        progress.samples_seen += len(window.indices)
+        progress.tokens_seen += outcome.tokens
+        if outcome.skipped:
+            progress.skipped_updates += 1
+            callbacks.on_event("overflow_skip", {"step": progress.step, "scale": outcome.scale})
+        eval_loss = eval_accuracy = None
+        if run.data.eval is not None and _due(progress.step, spec.eval_every):
+            eval_loss, eval_accuracy = evaluate(run, run.data.eval)
+        metrics = StepMetrics(
+            step=progress.step,
+            epoch=window.epoch,
+            loss=outcome.loss,
+            lr=lr,
+            grad_norm=outcome.grad_norm,
+            samples_seen=progress.samples_seen,
+            tokens_seen=progress.tokens_seen,
+            samples_per_sec=len(window.indices) / elapsed if elapsed > 0 else 0.0,
+            micro_batch_size=min(progress.micro_batch_size, len(window.indices)),
+            accumulation_steps=math.ceil(len(window.indices) / progress.micro_batch_size),
+            skipped=outcome.skipped,
+            time=time.time(),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
+        )
+        callbacks.on_step(metrics)
+        if _due(progress.step, spec.checkpoint_every):
+            checkpoint()
+    checkpoint()
+    return _result(run, "completed", None, metrics)
+
+
+def _result(run: Run, status: Literal["completed", "stopped"], reason: str | None,
+            metrics: StepMetrics | None) -> TrainResult:
+    weights = weights_to_bytes(run.parts.model, {"step": str(run.progress.step)})
+    return TrainResult(status, reason, run.progress.step, run.total_steps, weights, metrics)

@@ -1,0 +1,125 @@
+"""One accumulation window: k micro-batches, one optimizer step. The heart of the engine.
+
+The rules (see docs/accumulation.md for why each one exists):
+- every micro-batch adds sum_loss / window_units, where window_units (samples, or
+  non-padding target tokens) is counted on the host before the first backward, so
+  the update equals the one a single batch of the whole window would give;
+- one unscale, one clip of the whole window's gradient, one optimizer step, one
+  scaler update, one scheduler step, one zero_grad per window;
+- no host sync inside the micro-batch loop: the loss is summed on the device and
+  read once, together with the gradient norm, after the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from worker.engine.data_types import IGNORE_INDEX, Batch, SampleSet
+from worker.engine.errors import TrainingError
+from worker.engine.precision import PrecisionPlan
+
+# Called before each micro-batch's forward with its size and batch: the place where
+# tests inject faults (an out-of-memory error, a non-finite input).
+MicroBatchHook = Callable[[int, Batch], None]
+
+
+class MicroBatchOutOfMemory(Exception):
+    """The window ran out of memory; its partial gradients are already freed."""
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    loss: float  # the window's summed loss over its units: the same for any (m, k)
+    grad_norm: float  # of the whole window's gradient, unscaled, before clipping
+    skipped: bool  # fp16 overflow: no update was applied
+    scale: float | None  # the fp16 loss scale after a skipped update
+    units: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class StepParts:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: PrecisionPlan
+    grad_clip_norm: float | None
+
+
+def sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over loss units; padding targets count for nothing."""
+    return F.cross_entropy(
+        logits.flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+    )
+
+
+def run_window(
+    parts: StepParts,
+    data: SampleSet,
+    micro_batches: list[list[int]],
+    hook: MicroBatchHook | None = None,
+) -> WindowOutcome:
+    model, optimizer, scaler, precision = parts.model, parts.optimizer, parts.scaler, parts.precision
+    window = [index for micro_batch in micro_batches for index in micro_batch]
+    window_units = data.loss_units(window)
+    if window_units == 0:
+        raise TrainingError("invalid_data", "a window has no loss units (all targets are padding)")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
+    out_of_memory = False
+    try:
+        for indices in micro_batches:
+            batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
+            if hook is not None:
+                hook(len(indices), batch)
+            with precision.autocast():
+                logits = model(batch.inputs)
+            loss = sum_loss(logits.to(precision.parameter_dtype), batch.targets)
+            loss_sum += loss.detach()
+            scaler.scale(loss / window_units).backward()
+            # Drop this micro-batch's graph before the next one builds its own.
+            del logits, loss, batch
+    except torch.OutOfMemoryError:
+        # Handled outside the except block: the traceback's frames hold activations.
+        out_of_memory = True
+    if out_of_memory:
+        optimizer.zero_grad(set_to_none=True)
+        if precision.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise MicroBatchOutOfMemory
+
+    scaler.unscale_(optimizer)
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(gradients)
+    if parts.grad_clip_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), parts.grad_clip_norm, grad_norm)
+    # The one host sync of the window.
+    loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(torch.float64)]).tolist()
+    # fp16: an inf or NaN gradient means the loss scale overflowed; the scaler skips
+    # the update and backs off. Anywhere else a non-finite value is a failed run.
+    skipped = scaler.is_enabled() and not math.isfinite(norm_value)
+    if not skipped and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            "nan_loss", f"the loss or gradient became non-finite (loss {loss_value}, norm {norm_value})"
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    if not skipped:
+        parts.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return WindowOutcome(
+        loss=loss_value / window_units,
+        grad_norm=norm_value,
+        skipped=skipped,
+        scale=scaler.get_scale() if skipped else None,
+        units=window_units,
+        tokens=data.tokens(window),
+    )
