@@ -49,7 +49,9 @@ class Checkpoint:
 
 
 def weights_to_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    tensors = {
+        name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
+    }
     return save_safetensors(tensors, metadata=metadata)
 
 
@@ -67,18 +69,26 @@ def unpack_state(content: bytes) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt or foreign file: say so rather than crash
-        raise TrainingError("incompatible_checkpoint", f"cannot read checkpoint state: {error}") from error
+        raise TrainingError(
+            "incompatible_checkpoint", f"cannot read checkpoint state: {error}"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError("incompatible_checkpoint", "checkpoint state has an unknown format")
     return state
 
 
 def capture_rng() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()  # type: ignore[misc]
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
         # numpy arrays are not weights-only loadable; keep the key words as a tensor.
-        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), position, has_gauss, cached_gaussian),
+        "numpy": (
+            kind,
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            position,
+            has_gauss,
+            cached_gaussian,
+        ),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -87,7 +97,9 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    np.random.set_state(
+        (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,7 +20,7 @@ _DATA = files("worker.engine") / "data"
 
 
 def _split_point(count: int, eval_fraction: float) -> int:
-    return count - int(round(count * eval_fraction))
+    return count - round(count * eval_fraction)
 
 
 def _split_classification(

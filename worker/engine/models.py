@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -24,7 +25,7 @@ def build_mlp(spec: MlpSpec, info: DataInfo) -> nn.Module:
         raise TrainingError("invalid_spec", "model 'mlp' needs a data set of features")
     widths = [math.prod(info.input_shape), *spec.hidden_sizes]
     layers: list[nn.Module] = [nn.Flatten()]
-    for width_in, width_out in zip(widths, widths[1:], strict=False):
+    for width_in, width_out in itertools.pairwise(widths):
         layers += [nn.Linear(width_in, width_out), nn.GELU()]
         if spec.dropout:
             layers.append(nn.Dropout(spec.dropout))
@@ -66,11 +67,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
-        heads = [t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        q, k, v = (
+            t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2)
+            for t in (q, k, v)
+        )
         # Causal attention over right-padded rows: real tokens never attend to padding,
         # so a sample's outputs do not depend on how long its micro-batch was padded.
         y = F.scaled_dot_product_attention(
-            *heads, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -112,7 +116,8 @@ class TinyGpt(nn.Module):
         length = tokens.shape[1]
         if length > self.block_size:
             raise TrainingError(
-                "invalid_data", f"a sequence of {length} inputs exceeds block_size {self.block_size}"
+                "invalid_data",
+                f"a sequence of {length} inputs exceeds block_size {self.block_size}",
             )
         positions = torch.arange(length, device=tokens.device)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))

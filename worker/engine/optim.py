@@ -11,7 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from app.jobs.spec import LrScheduleSpec, OptimizerSpec
 
 
-def build_optimizer(spec: OptimizerSpec, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: OptimizerSpec, parameters: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     if spec.type == "adamw":
         return torch.optim.AdamW(
             parameters, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay

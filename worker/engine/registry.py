@@ -12,12 +12,13 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, cast
 
-from pydantic import BaseModel
 from torch import nn
 
 from app.jobs.spec import (
     DATASET_ENTRY_POINT_GROUP,
     MODEL_ENTRY_POINT_GROUP,
+    DatasetSpec,
+    ModelSpec,
     known_datasets,
     known_models,
 )
@@ -47,8 +48,8 @@ def _plugin(group: str, name: str) -> Callable[..., Any] | None:
     return None
 
 
-def build_model(spec: BaseModel, info: DataInfo) -> nn.Module:
-    name = str(getattr(spec, "type"))
+def build_model(spec: ModelSpec, info: DataInfo) -> nn.Module:
+    name = str(spec.type)
     if name in BUILTIN_MODEL_BUILDERS:
         return BUILTIN_MODEL_BUILDERS[name](spec, info)
     plugin = _plugin(MODEL_ENTRY_POINT_GROUP, name)
@@ -59,8 +60,8 @@ def build_model(spec: BaseModel, info: DataInfo) -> nn.Module:
     return cast(nn.Module, plugin(spec.model_dump(), info))
 
 
-def build_dataset(spec: BaseModel, seed: int) -> DataSplits:
-    name = str(getattr(spec, "type"))
+def build_dataset(spec: DatasetSpec, seed: int) -> DataSplits:
+    name = str(spec.type)
     if name in BUILTIN_DATASET_BUILDERS:
         return BUILTIN_DATASET_BUILDERS[name](spec, seed)
     plugin = _plugin(DATASET_ENTRY_POINT_GROUP, name)

@@ -45,9 +45,19 @@ from worker.engine.window import (
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
 _TRAINING_FIELDS = {
-    "model", "dataset", "micro_batch_size", "accumulation_steps", "batch_size", "max_steps",
-    "epochs", "optimizer", "lr_schedule", "grad_clip_norm", "precision", "seed",
-}  # fmt: skip
+    "model",
+    "dataset",
+    "micro_batch_size",
+    "accumulation_steps",
+    "batch_size",
+    "max_steps",
+    "epochs",
+    "optimizer",
+    "lr_schedule",
+    "grad_clip_norm",
+    "precision",
+    "seed",
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ def _ignore(*_: Any) -> None:
 class Callbacks:
     """How the loop reports. Every callback runs at a window boundary, never inside one."""
 
+    # Called once before the first window with (steps already done, total steps).
+    on_start: Callable[[int, int], None] = _ignore
     on_step: Callable[[StepMetrics], None] = _ignore
     # Event types: oom_backoff, overflow_skip, warning, checkpoint.
     on_event: Callable[[str, dict[str, Any]], None] = _ignore
@@ -149,7 +161,8 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
             "inexact_accumulation",
             f"layers {', '.join(layers)} normalise over the micro-batch (BatchNorm), so "
             "accumulating gradients over several micro-batches would not equal the full-batch "
-            "update; use accumulation_steps 1, or a per-sample normalisation (LayerNorm, GroupNorm)",
+            "update; use accumulation_steps 1, or a per-sample normalisation "
+            "(LayerNorm, GroupNorm)",
         )
 
 
@@ -167,7 +180,9 @@ def prepare_run(spec: JobSpec) -> Run:
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     total_steps = total_steps_of(spec, len(data.train))
     scheduler = build_scheduler(spec.lr_schedule, optimizer, total_steps)
-    parts = StepParts(model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm)
+    parts = StepParts(
+        model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
+    )
     micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
     assert isinstance(micro, int)
     planner = WindowPlanner(len(data.train), spec.window_size, spec.seed)
@@ -221,7 +236,9 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
 
 
 def run_window_with_backoff(
-    run: Run, window: Window, on_event: Callable[[str, dict[str, Any]], None],
+    run: Run,
+    window: Window,
+    on_event: Callable[[str, dict[str, Any]], None],
     hook: MicroBatchHook | None,
 ) -> WindowOutcome:
     """Run a window; on out-of-memory halve the micro-batch and redo the same samples.
@@ -247,7 +264,9 @@ def run_window_with_backoff(
                     "step": progress.step + 1,
                     "old_micro_batch_size": in_use,
                     "new_micro_batch_size": progress.micro_batch_size,
-                    "accumulation_steps": math.ceil(run.spec.window_size / progress.micro_batch_size),
+                    "accumulation_steps": math.ceil(
+                        run.spec.window_size / progress.micro_batch_size
+                    ),
                 },
             )
 
@@ -268,7 +287,10 @@ def evaluate(run: Run, data: SampleSet) -> tuple[float, float]:
             logits = model(batch.inputs)
         logits = logits.to(precision.parameter_dtype)
         loss_sum += torch.nn.functional.cross_entropy(
-            logits.flatten(0, -2), batch.targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+            logits.flatten(0, -2),
+            batch.targets.flatten(),
+            reduction="sum",
+            ignore_index=IGNORE_INDEX,
         )
         predicted = logits.argmax(dim=-1)
         correct += ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
@@ -291,10 +313,13 @@ def train(
     run = prepare_run(spec)
     if resume is not None:
         restore_checkpoint(run, resume)
-    return drive(run, callbacks or Callbacks(), micro_batch_hook)
+    return drive(run, callbacks, micro_batch_hook)
 
 
-def drive(run: Run, callbacks: Callbacks, hook: MicroBatchHook | None = None) -> TrainResult:
+def drive(
+    run: Run, callbacks: Callbacks | None = None, hook: MicroBatchHook | None = None
+) -> TrainResult:
+    callbacks = callbacks or Callbacks()
     progress, spec = run.progress, run.spec
     last_checkpoint_step = progress.step if progress.step > 0 else -1
     metrics: StepMetrics | None = None
@@ -305,9 +330,12 @@ def drive(run: Run, callbacks: Callbacks, hook: MicroBatchHook | None = None) ->
             return
         saved = make_checkpoint(run, metrics.loss if metrics else None)
         callbacks.on_checkpoint(saved)
-        callbacks.on_event("checkpoint", {"step": saved.step, "size_bytes": len(saved.weights) + len(saved.state)})
+        callbacks.on_event(
+            "checkpoint", {"step": saved.step, "size_bytes": len(saved.weights) + len(saved.state)}
+        )
         last_checkpoint_step = progress.step
 
+    callbacks.on_start(progress.step, run.total_steps)
     while progress.step < run.total_steps:
         stop_reason = callbacks.should_stop()
         if stop_reason is not None:
@@ -352,7 +380,11 @@ def drive(run: Run, callbacks: Callbacks, hook: MicroBatchHook | None = None) ->
     return _result(run, "completed", None, metrics)
 
 
-def _result(run: Run, status: Literal["completed", "stopped"], reason: str | None,
-            metrics: StepMetrics | None) -> TrainResult:
+def _result(
+    run: Run,
+    status: Literal["completed", "stopped"],
+    reason: str | None,
+    metrics: StepMetrics | None,
+) -> TrainResult:
     weights = weights_to_bytes(run.parts.model, {"step": str(run.progress.step)})
     return TrainResult(status, reason, run.progress.step, run.total_steps, weights, metrics)

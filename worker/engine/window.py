@@ -61,15 +61,19 @@ def sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
-def run_window(
+def accumulate_gradients(
     parts: StepParts,
     data: SampleSet,
     micro_batches: list[list[int]],
     hook: MicroBatchHook | None = None,
-) -> WindowOutcome:
-    model, optimizer, scaler, precision = parts.model, parts.optimizer, parts.scaler, parts.precision
-    window = [index for micro_batch in micro_batches for index in micro_batch]
-    window_units = data.loss_units(window)
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward every micro-batch; returns the window's loss sum and units.
+
+    Afterwards each parameter's .grad holds the (scaled) gradient of the window's mean
+    loss over its units, exactly as one batch of the whole window would give it.
+    """
+    model, scaler, precision = parts.model, parts.scaler, parts.precision
+    window_units = data.loss_units([index for batch in micro_batches for index in batch])
     if window_units == 0:
         raise TrainingError("invalid_data", "a window has no loss units (all targets are padding)")
     loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
@@ -90,11 +94,18 @@ def run_window(
         # Handled outside the except block: the traceback's frames hold activations.
         out_of_memory = True
     if out_of_memory:
-        optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
         if precision.device.type == "cuda":
             torch.cuda.empty_cache()
         raise MicroBatchOutOfMemory
+    return loss_sum, window_units
 
+
+def apply_update(
+    parts: StepParts, loss_sum: torch.Tensor, window_units: int
+) -> tuple[float, float, bool]:
+    """Unscale, clip and step once for the window; returns (loss, grad_norm, skipped)."""
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
     scaler.unscale_(optimizer)
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(gradients)
@@ -108,18 +119,31 @@ def run_window(
     if not skipped and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(
-            "nan_loss", f"the loss or gradient became non-finite (loss {loss_value}, norm {norm_value})"
+            "nan_loss",
+            f"the loss or gradient became non-finite (loss {loss_value}, norm {norm_value})",
         )
     scaler.step(optimizer)
     scaler.update()
     if not skipped:
         parts.scheduler.step()
+    # Free the window's gradients: the next window starts from none.
     optimizer.zero_grad(set_to_none=True)
+    return loss_value / window_units, norm_value, skipped
+
+
+def run_window(
+    parts: StepParts,
+    data: SampleSet,
+    micro_batches: list[list[int]],
+    hook: MicroBatchHook | None = None,
+) -> WindowOutcome:
+    loss_sum, window_units = accumulate_gradients(parts, data, micro_batches, hook)
+    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units)
     return WindowOutcome(
-        loss=loss_value / window_units,
-        grad_norm=norm_value,
+        loss=loss,
+        grad_norm=grad_norm,
         skipped=skipped,
-        scale=scaler.get_scale() if skipped else None,
+        scale=parts.scaler.get_scale() if skipped else None,
         units=window_units,
-        tokens=data.tokens(window),
+        tokens=data.tokens([index for batch in micro_batches for index in batch]),
     )

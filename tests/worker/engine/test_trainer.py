@@ -1,0 +1,339 @@
+"""The training loop: exact updates over many steps, partial windows, once-per-window
+state, fp16 overflow, out-of-memory backoff, stop and resume, and real learning."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+
+from app.jobs.spec import JobSpec
+from worker.engine.batching import epoch_order
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.data_types import Batch
+from worker.engine.errors import TrainingError
+from worker.engine.trainer import Callbacks, StepMetrics, drive, prepare_run, train
+
+from .conftest import assert_close_relative, flat_parameters, make_spec
+
+SPLITS = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def weights_vector(weights: bytes) -> torch.Tensor:
+    tensors = load_safetensors(weights)
+    return torch.cat([tensors[name].flatten() for name in sorted(tensors)])
+
+
+TEXT = {
+    "model": {"type": "tiny-gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
+    "dataset": {"type": "tiny-text", "min_length": 2, "max_length": 33},
+}
+CLASSIFICATION = {
+    "model": {"type": "mlp", "hidden_sizes": [16]},
+    "dataset": {"type": "synthetic-classification", "n_samples": 96, "n_features": 6},
+}
+OPTIMIZERS = {
+    "sgd": {"optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9}},
+    "adamw": {
+        "optimizer": {"type": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        "lr_schedule": {"type": "cosine", "warmup_steps": 3},
+        "grad_clip_norm": 0.5,
+    },
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("task", ["classification", "text"])
+def test_ten_steps_of_any_split_end_at_the_same_weights(task: str, optimizer: str) -> None:
+    base = {**(CLASSIFICATION if task == "classification" else TEXT), **OPTIMIZERS[optimizer]}
+    finals = []
+    for micro, steps in SPLITS:
+        spec = make_spec(
+            **base, precision="fp64", micro_batch_size=micro, accumulation_steps=steps, max_steps=10
+        )
+        finals.append(weights_vector(train(spec).weights))
+    for final in finals[1:]:
+        assert_close_relative(final, finals[0], 1e-9)
+
+
+def test_logged_loss_is_the_same_for_any_split() -> None:
+    losses = []
+    for micro, steps in [(8, 1), (2, 4)]:
+        metrics: list[StepMetrics] = []
+        spec = make_spec(**TEXT, precision="fp64", micro_batch_size=micro, accumulation_steps=steps)
+        train(spec, Callbacks(on_step=metrics.append))
+        losses.append(torch.tensor([m.loss for m in metrics], dtype=torch.float64))
+    assert_close_relative(losses[1], losses[0], 1e-12)
+
+
+def manual_sgd_epochs(spec: JobSpec, epochs: int) -> torch.Tensor:
+    """A hand-written reference: each window (the short tail too) is one mean-loss batch."""
+    run = prepare_run(spec)
+    model, data, lr = copy.deepcopy(run.parts.model), run.data.train, spec.optimizer.lr
+    for epoch in range(epochs):
+        order = epoch_order(len(data), spec.seed, epoch)
+        for start in range(0, len(order), spec.window_size):
+            batch = data.collate(order[start : start + spec.window_size])
+            loss = F.cross_entropy(model(batch.inputs.double()), batch.targets)
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter -= lr * parameter.grad
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_last_partial_window_is_a_full_batch_step_on_the_tail() -> None:
+    # 96 samples, 10% held out: 86 train = 10 windows of 8 and a tail of 6.
+    spec = make_spec(
+        **CLASSIFICATION,
+        precision="fp64",
+        micro_batch_size=4,
+        accumulation_steps=2,
+        epochs=2,
+        max_steps=None,
+        optimizer={"type": "sgd", "lr": 0.2},
+    )
+    run = prepare_run(spec)
+    assert len(run.data.train) % spec.window_size != 0
+    metrics: list[StepMetrics] = []
+    drive(run, Callbacks(on_step=metrics.append))
+    assert [m.samples_seen for m in metrics][9:12] == [80, 86, 94]
+    assert_close_relative(flat_parameters(run.parts.model), manual_sgd_epochs(spec, 2), 1e-10)
+    # No gradient survives a window, so none leaks into the next epoch.
+    assert all(p.grad is None for p in run.parts.model.parameters())
+
+
+def test_optimizer_scheduler_and_scaler_step_once_per_window() -> None:
+    spec = make_spec(
+        precision="fp16",
+        micro_batch_size=2,
+        accumulation_steps=4,
+        max_steps=6,
+        lr_schedule={"type": "linear", "warmup_steps": 2},
+    )
+    run = prepare_run(spec)
+    counts = {"optimizer": 0, "zero_grad": 0, "scaler_update": 0}
+    run.parts.optimizer.register_step_post_hook(
+        lambda *_: counts.__setitem__("optimizer", counts["optimizer"] + 1)
+    )
+    zero_grad, update = run.parts.optimizer.zero_grad, run.parts.scaler.update
+
+    def counting_zero_grad(set_to_none: bool = True) -> None:
+        counts["zero_grad"] += 1
+        zero_grad(set_to_none=set_to_none)
+
+    def counting_update(new_scale: Any = None) -> None:
+        counts["scaler_update"] += 1
+        update(new_scale)
+
+    run.parts.optimizer.zero_grad = counting_zero_grad  # type: ignore[method-assign]
+    run.parts.scaler.update = counting_update  # type: ignore[method-assign]
+    metrics: list[StepMetrics] = []
+    drive(run, Callbacks(on_step=metrics.append))
+    assert counts == {"optimizer": 6, "zero_grad": 6, "scaler_update": 6}
+    assert run.parts.scheduler.last_epoch == 6
+    # Warmup over two optimizer steps (not micro-batches), then linear decay.
+    assert [round(m.lr, 6) for m in metrics[:3]] == [0.025, 0.05, 0.05]
+
+
+def test_fp16_overflow_in_one_micro_batch_skips_exactly_one_update() -> None:
+    spec = make_spec(precision="fp16", micro_batch_size=2, accumulation_steps=4, max_steps=5)
+    run = prepare_run(spec)
+    calls = {"count": 0}
+
+    def poison_the_tenth_micro_batch(size: int, batch: Batch) -> None:
+        calls["count"] += 1
+        if calls["count"] == 10:  # step 3, second micro-batch
+            batch.inputs[0, 0] = float("inf")
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    scales: list[float] = []
+    initial_scale = run.parts.scaler.get_scale()
+    drive(
+        run,
+        Callbacks(
+            on_event=lambda kind, data: events.append((kind, data)),
+            on_step=lambda _: scales.append(run.parts.scaler.get_scale()),
+        ),
+        hook=poison_the_tenth_micro_batch,
+    )
+    overflow = [data for kind, data in events if kind == "overflow_skip"]
+    assert overflow == [{"step": 3, "scale": initial_scale / 2}]
+    assert scales == [initial_scale] * 2 + [initial_scale / 2] * 3
+    assert run.progress.skipped_updates == 1
+    assert run.parts.scheduler.last_epoch == 4  # not stepped for the skipped update
+    assert run.parts.optimizer.state_dict()["state"] == {}  # plain SGD keeps no state
+
+
+def test_fp16_skipped_update_leaves_weights_unchanged() -> None:
+    spec = make_spec(precision="fp16", micro_batch_size=4, accumulation_steps=1, max_steps=2)
+    run = prepare_run(spec)
+    before: list[torch.Tensor] = []
+
+    def poison_second_step(size: int, batch: Batch) -> None:
+        if run.progress.step == 1:
+            before.append(flat_parameters(run.parts.model).clone())
+            batch.inputs.fill_(float("nan"))
+
+    drive(run, hook=poison_second_step)
+    assert torch.equal(flat_parameters(run.parts.model), before[0])
+
+
+def test_non_finite_loss_outside_fp16_fails_with_nan_loss() -> None:
+    def poison(size: int, batch: Batch) -> None:
+        batch.inputs.fill_(float("nan"))
+
+    with pytest.raises(TrainingError) as failure:
+        train(make_spec(), micro_batch_hook=poison)
+    assert failure.value.type == "nan_loss"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_after_step_7_of_20_gives_bit_identical_weights(
+    tmp_path: Any, dropout: float
+) -> None:
+    spec = make_spec(
+        model={"type": "mlp", "hidden_sizes": [16, 16], "dropout": dropout},
+        optimizer={"type": "adamw", "lr": 0.01},
+        lr_schedule={"type": "cosine", "warmup_steps": 4},
+        grad_clip_norm=1.0,
+        max_steps=20,
+        checkpoint_every=5,
+    )
+    uninterrupted = train(spec)
+    saved: list[Checkpoint] = []
+    steps: list[int] = []
+    first = train(
+        spec,
+        Callbacks(
+            on_step=lambda m: steps.append(m.step),
+            on_checkpoint=saved.append,
+            should_stop=lambda: "stopped" if steps and steps[-1] == 7 else None,
+        ),
+    )
+    assert (first.status, first.stop_reason, first.step) == ("stopped", "stopped", 7)
+    assert saved[-1].step == 7
+    saved[-1].write(tmp_path / "step-7")
+    resumed = train(spec, resume=Checkpoint.read(tmp_path / "step-7"))
+    assert (resumed.status, resumed.step) == ("completed", 20)
+    assert resumed.weights == uninterrupted.weights
+
+
+def test_resume_refuses_a_checkpoint_of_another_spec() -> None:
+    saved: list[Checkpoint] = []
+    train(make_spec(max_steps=2), Callbacks(on_checkpoint=saved.append))
+    with pytest.raises(TrainingError) as failure:
+        train(make_spec(max_steps=2, seed=1), resume=saved[-1])
+    assert failure.value.type == "incompatible_checkpoint"
+
+
+def out_of_memory_above(limit: int) -> Any:
+    def hook(size: int, batch: Batch) -> None:
+        if size > limit:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {size} > {limit}")
+
+    return hook
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update_exact() -> None:
+    spec = make_spec(
+        **TEXT,
+        precision="fp64",
+        micro_batch_size=8,
+        accumulation_steps=1,
+        max_steps=6,
+        optimizer={"type": "adamw", "lr": 0.01},
+    )
+    without = train(spec)
+    events: list[tuple[str, dict[str, Any]]] = []
+    metrics: list[StepMetrics] = []
+    with_oom = train(
+        spec,
+        Callbacks(on_step=metrics.append, on_event=lambda k, d: events.append((k, d))),
+        micro_batch_hook=out_of_memory_above(2),
+    )
+    backoffs = [data for kind, data in events if kind == "oom_backoff"]
+    assert [(b["old_micro_batch_size"], b["new_micro_batch_size"]) for b in backoffs] == [
+        (8, 4),
+        (4, 2),
+    ]
+    assert backoffs[0]["step"] == 1 and backoffs[-1]["accumulation_steps"] == 4
+    assert [m.samples_seen for m in metrics] == [8 * step for step in range(1, 7)]
+    assert {m.micro_batch_size for m in metrics} == {2}
+    assert_close_relative(weights_vector(with_oom.weights), weights_vector(without.weights), 1e-9)
+
+
+def test_auto_micro_batch_starts_at_the_batch_size_and_backs_off() -> None:
+    spec = make_spec(micro_batch_size="auto", accumulation_steps=None, batch_size=12, max_steps=3)
+    metrics: list[StepMetrics] = []
+    train(spec, Callbacks(on_step=metrics.append), micro_batch_hook=out_of_memory_above(5))
+    assert [(m.micro_batch_size, m.accumulation_steps) for m in metrics] == [(3, 4)] * 3
+
+
+def test_out_of_memory_at_micro_batch_one_fails_with_out_of_memory() -> None:
+    with pytest.raises(TrainingError) as failure:
+        train(make_spec(), micro_batch_hook=out_of_memory_above(0))
+    assert failure.value.type == "out_of_memory"
+
+
+def test_batchnorm_model_is_refused_when_accumulating() -> None:
+    from worker.engine.trainer import check_accumulation_is_exact
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(TrainingError) as failure:
+        check_accumulation_is_exact(model, make_spec(accumulation_steps=2))
+    assert failure.value.type == "inexact_accumulation" and "1" in failure.value.message
+    check_accumulation_is_exact(model, make_spec(accumulation_steps=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error_at_start() -> None:
+    with pytest.raises(TrainingError) as failure:
+        train(make_spec(device="cuda"))
+    assert failure.value.type == "invalid_device" and "CUDA" in failure.value.message
+
+
+LEARNING = {
+    "mlp-digits": ({"type": "mlp", "hidden_sizes": [64]}, {"type": "digits"}, 0.01),
+    "cnn-digits": ({"type": "cnn", "channels": [8, 16]}, {"type": "digits"}, 0.005),
+    "mlp-synthetic": (
+        {"type": "mlp"},
+        {"type": "synthetic-classification", "n_samples": 1024},
+        0.01,
+    ),
+    "tiny-gpt-text": (
+        {"type": "tiny-gpt", "n_layer": 2, "n_embd": 64},
+        {"type": "tiny-text"},
+        0.003,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING))
+def test_built_in_model_learns_its_built_in_dataset(name: str) -> None:
+    model, dataset, lr = LEARNING[name]
+    spec = make_spec(
+        model=model,
+        dataset=dataset,
+        micro_batch_size=16,
+        accumulation_steps=2,
+        max_steps=60,
+        eval_every=60,
+        optimizer={"type": "adamw", "lr": lr},
+    )
+    run = prepare_run(spec)
+    assert run.data.eval is not None
+    from worker.engine.trainer import evaluate
+
+    loss_before, accuracy_before = evaluate(run, run.data.eval)
+    metrics: list[StepMetrics] = []
+    drive(run, Callbacks(on_step=metrics.append))
+    final = metrics[-1]
+    assert final.eval_loss is not None and final.eval_accuracy is not None
+    assert final.eval_loss < 0.65 * loss_before
+    assert final.eval_accuracy > accuracy_before + 0.2

@@ -1,0 +1,153 @@
+"""`trainjob run`: train one spec in the foreground, writing weights, metrics and checkpoints.
+
+Layout of the output directory:
+    spec.json                 the normalised spec (what --resume continues)
+    metrics.jsonl             one JSON object per optimizer step
+    events.jsonl              oom_backoff, overflow_skip, checkpoint, ... events
+    checkpoints/step-NNNNNNN/ weights.safetensors + state.pt, one per checkpoint
+    weights.safetensors       the final weights, once the run completes
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from app.jobs.spec import JobSpec
+from worker.cli.progress import ProgressBar
+from worker.cli.specfile import SpecFileError, load_spec_file
+from worker.engine.checkpoint import STATE_FILE, Checkpoint
+from worker.engine.errors import TrainingError
+from worker.engine.trainer import Callbacks, StepMetrics, train
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def latest_checkpoint_dir(out: Path) -> Path | None:
+    candidates = sorted((out / "checkpoints").glob("step-*/" + STATE_FILE))
+    return candidates[-1].parent if candidates else None
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics past the checkpoint: the resumed run writes those steps again."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopOnSignal:
+    """Ctrl-C asks the loop to stop at the next window boundary, after a checkpoint."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait
+        self.reason = "interrupted"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"trainjob run: {message}", file=sys.stderr)
+    return code
+
+
+def resolve_spec(spec_path: Path | None, resume: Path | None) -> JobSpec:
+    stored = resume / "spec.json" if resume is not None else None
+    if spec_path is None:
+        if stored is None:
+            raise SpecFileError(Path("-"), ["give a SPEC file, or --resume DIR"])
+        return load_spec_file(stored)
+    spec = load_spec_file(spec_path)
+    if stored is not None and stored.exists() and load_spec_file(stored) != spec:
+        raise SpecFileError(
+            spec_path, [f"{spec_path} differs from the spec the run in {resume} used"]
+        )
+    return spec
+
+
+def run_command(
+    spec_path: Path | None, out: Path | None, resume: Path | None, quiet: bool = False
+) -> int:
+    try:
+        spec = resolve_spec(spec_path, resume)
+    except SpecFileError as error:
+        print(f"trainjob run: invalid spec {error.path}:", file=sys.stderr)
+        for line in error.lines:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = resume or out
+    if out is None:
+        return _fail("give --out DIR (or --resume DIR)", EXIT_BAD_INPUT)
+    checkpoint: Checkpoint | None = None
+    if resume is not None:
+        directory = latest_checkpoint_dir(resume)
+        if directory is None:
+            return _fail(f"{resume} has no checkpoint to resume from", EXIT_BAD_INPUT)
+        checkpoint = Checkpoint.read(directory)
+        _truncate_metrics(out / "metrics.jsonl", checkpoint.step)
+    elif out.exists() and any(out.iterdir()):
+        return _fail(
+            f"{out} already holds files; use --resume {out} or another --out", EXIT_BAD_INPUT
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    return _train(spec, out, checkpoint, quiet)
+
+
+def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool) -> int:
+    stop = _StopOnSignal()
+    previous_handler = signal.signal(signal.SIGINT, stop)
+    bar: ProgressBar | None = None
+    metrics_file = (out / "metrics.jsonl").open("a", buffering=1)
+    events_file = (out / "events.jsonl").open("a")
+
+    def on_start(done: int, total: int) -> None:
+        nonlocal bar
+        if not quiet:
+            bar = ProgressBar(total)
+
+    def on_step(metrics: StepMetrics) -> None:
+        metrics_file.write(json.dumps(metrics.to_dict()) + "\n")
+        if bar is not None:
+            bar.update(metrics.step, metrics.loss, metrics.samples_per_sec)
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        events_file.write(json.dumps({"type": kind, "data": data}) + "\n")
+        events_file.flush()
+
+    def on_checkpoint(saved: Checkpoint) -> None:
+        metrics_file.flush()
+        saved.write(out / "checkpoints" / f"step-{saved.step:07d}")
+
+    callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop.reason)
+    try:
+        result = train(spec, callbacks, resume=checkpoint)
+    except TrainingError as error:
+        return _fail(f"{error.type}: {error.message}", EXIT_FAILED)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        metrics_file.close()
+        events_file.close()
+        if bar is not None:
+            bar.close()
+    if result.status == "stopped":
+        print(
+            f"stopped at step {result.step}/{result.total_steps} after a checkpoint; "
+            f"continue with: trainjob run --resume {out}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    (out / "weights.safetensors").write_bytes(result.weights)
+    loss = f" loss {result.last_metrics.loss:.4f}" if result.last_metrics else ""
+    print(f"done: {result.step} steps,{loss}; weights in {out / 'weights.safetensors'}")
+    return EXIT_OK
