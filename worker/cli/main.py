@@ -34,6 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its latest checkpoint",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the service (API, and by default one worker)",
+        description=(
+            "Start the HTTP API and one worker process. With no TRAINJOB_DATABASE_URL and "
+            "TRAINJOB_REDIS_URL set, it keeps a SQLite database and a private Redis under "
+            "TRAINJOB_HOME (default ./.trainjob). Ctrl-C stops everything."
+        ),
+    )
+    serve.add_argument("--host", help="address to listen on (default TRAINJOB_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default TRAINJOB_PORT, 8000)")
+    serve.add_argument(
+        "--no-worker", action="store_true", help="run the API only (production: run workers apart)"
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a Celery training worker",
+        description=(
+            "Run a training worker against TRAINJOB_REDIS_URL and TRAINJOB_DATABASE_URL. "
+            "Run one per GPU (set CUDA_VISIBLE_DEVICES for each)."
+        ),
+    )
+    worker.add_argument("--queues", help="comma-separated queues (default TRAINJOB_QUEUE, gpu)")
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="training processes (default 1: one per GPU)"
+    )
+
+    database = commands.add_parser("db", help="database migrations")
+    database.add_argument(
+        "action", choices=["upgrade", "downgrade", "current"], help="migrate, or show the revision"
+    )
+    database.add_argument(
+        "revision",
+        nargs="?",
+        help="target revision (default: head for upgrade, base for downgrade)",
+    )
     return parser
 
 
@@ -44,6 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker.cli.run import run_command
 
         return run_command(args.spec, args.out, args.resume, quiet=args.quiet)
+    from worker.cli import serve
+
+    if args.command == "serve":
+        return serve.serve_command(args.host, args.port, with_worker=not args.no_worker)
+    if args.command == "worker":
+        return serve.worker_command(args.queues, args.concurrency)
+    if args.command == "db":
+        return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,0 +1,72 @@
+"""HTTP routes of checkpoints and weights downloads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from app.checkpoints import service as checkpoints_service
+from app.checkpoints.schemas import CheckpointList, CheckpointPublic
+from app.deps import DatabaseDep, SessionDep, SettingsDep
+from app.jobs import service as jobs_service
+
+router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
+ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "no such job or checkpoint"}}
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
+def list_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    after_step: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> CheckpointList:
+    rows, has_more = checkpoints_service.list_checkpoints(
+        session, job_id=job_id, after_step=after_step, limit=limit
+    )
+    data = [
+        CheckpointPublic(step=c.step, created_at=c.created_at, size_bytes=c.size_bytes, loss=c.loss)
+        for c in rows
+    ]
+    return CheckpointList(data=data, has_more=has_more)
+
+
+@router.get(
+    "/{job_id}/weights",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
+)
+def download_weights(
+    job_id: str,
+    session: SessionDep,
+    database: DatabaseDep,
+    settings: SettingsDep,
+    step: Annotated[int | None, Query(ge=0)] = None,
+) -> StreamingResponse:
+    """The model weights as safetensors: the final weights once the job succeeded
+    (its last checkpoint), else the latest checkpoint, or the one at `step`."""
+    jobs_service.get_job(session, job_id=job_id)
+    checkpoint = checkpoints_service.find_checkpoint(session, job_id=job_id, step=step)
+    # The body streams after this request's session has closed: read with a session of its own.
+
+    def chunks() -> object:
+        with database.session() as stream_session:
+            yield from checkpoints_service.read_part(
+                stream_session,
+                checkpoint=checkpoint,
+                part="weights",
+                checkpoint_dir=settings.checkpoint_dir,
+            )
+
+    filename = f"{job_id}-step-{checkpoint.step}.safetensors"
+    return StreamingResponse(
+        chunks(),  # type: ignore[arg-type]
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(checkpoint.weights_bytes),
+            "X-Checkpoint-Step": str(checkpoint.step),
+        },
+    )

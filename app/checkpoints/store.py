@@ -1,0 +1,108 @@
+"""Where checkpoint bytes live: chunked in the database (default) or in a directory.
+
+The database store needs no shared disk between the API and workers on different
+machines; the directory store (TRAINJOB_CHECKPOINT_DIR) suits a shared volume or a
+mounted bucket and keeps large blobs out of the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.checkpoints.models import Checkpoint, CheckpointChunk
+
+CHUNK_BYTES = 4 * 1024 * 1024
+PARTS = ("weights", "state")
+
+
+class CheckpointStore(Protocol):
+    name: str
+
+    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None: ...
+
+    def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]: ...
+
+    def delete(self, session: Session, checkpoint: Checkpoint) -> None: ...
+
+
+class DatabaseStore:
+    name = "database"
+
+    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None:
+        session.add_all(
+            CheckpointChunk(
+                checkpoint_id=checkpoint.id,
+                part=part,
+                seq=seq,
+                data=data[start : start + CHUNK_BYTES],
+            )
+            for seq, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
+        )
+        session.flush()
+
+    def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
+        # One chunk at a time: a large checkpoint never sits whole in memory.
+        seqs = session.scalars(
+            select(CheckpointChunk.seq)
+            .where(CheckpointChunk.checkpoint_id == checkpoint.id, CheckpointChunk.part == part)
+            .order_by(CheckpointChunk.seq)
+        ).all()
+        for seq in seqs:
+            yield session.scalars(
+                select(CheckpointChunk.data).where(
+                    CheckpointChunk.checkpoint_id == checkpoint.id,
+                    CheckpointChunk.part == part,
+                    CheckpointChunk.seq == seq,
+                )
+            ).one()
+
+    def delete(self, session: Session, checkpoint: Checkpoint) -> None:
+        for chunk in session.scalars(
+            select(CheckpointChunk).where(CheckpointChunk.checkpoint_id == checkpoint.id)
+        ):
+            session.delete(chunk)
+
+
+class DirectoryStore:
+    name = "directory"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, checkpoint: Checkpoint, part: str) -> Path:
+        return self.root / checkpoint.job_id / f"step-{checkpoint.step:07d}" / f"{part}.bin"
+
+    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None:
+        target = self.path(checkpoint, part)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(target)  # readers never see half a file
+
+    def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
+        with self.path(checkpoint, part).open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk
+
+    def delete(self, session: Session, checkpoint: Checkpoint) -> None:
+        for part in PARTS:
+            self.path(checkpoint, part).unlink(missing_ok=True)
+
+
+def store_for(storage: str, checkpoint_dir: Path | None) -> CheckpointStore:
+    if storage == "directory":
+        if checkpoint_dir is None:
+            raise RuntimeError(
+                "checkpoint stored in a directory, but TRAINJOB_CHECKPOINT_DIR is unset"
+            )
+        return DirectoryStore(checkpoint_dir)
+    return DatabaseStore()
+
+
+def default_store(checkpoint_dir: Path | None) -> CheckpointStore:
+    return DirectoryStore(checkpoint_dir) if checkpoint_dir is not None else DatabaseStore()

@@ -1,0 +1,92 @@
+"""Tables of the jobs domain: jobs, their append-only events, and per-step metrics."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, utcnow
+
+# SQLite autoincrements only INTEGER PRIMARY KEY; Postgres gets a 64-bit identity.
+AutoIncrementId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    # "job_" + 12 hex digits of milliseconds + 12 random: ids sort by creation time,
+    # so the newest-first list and its `after` cursor need only the primary key.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    micro_batch_size: Mapped[int] = mapped_column(Integer)
+    accumulation_steps: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    max_steps: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    samples_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_type: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    # Bumped by every claim; writes of a worker carry the lease they claimed with.
+    lease: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+
+
+class JobEvent(Base):
+    """Append-only; the increasing id is the cursor for listing and streaming."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(AutoIncrementId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class JobMetric(Base):
+    """One row per optimizer step."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    samples_per_sec: Mapped[float] = mapped_column(Float)
+    micro_batch_size: Mapped[int] = mapped_column(Integer)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Everything else the engine reports for the step (eval_loss, skipped, ...).
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

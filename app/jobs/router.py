@@ -1,0 +1,110 @@
+"""HTTP routes of jobs: submit, read, list, cancel, metrics, events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, status
+
+from app.deps import CeleryDep, SessionDep, SettingsDep
+from app.jobs import service as jobs_service
+from app.jobs.schemas import (
+    EventList,
+    EventPublic,
+    JobList,
+    JobPublic,
+    JobStatus,
+    MetricList,
+    MetricPublic,
+)
+from app.jobs.spec import JobSpec
+from app.queue import enqueue_training
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such job"},
+    422: {"description": "invalid request"},
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=ERRORS)
+def submit_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, celery: CeleryDep
+) -> JobPublic:
+    """Validate a job spec, store the job as `queued`, and send it to the workers."""
+    job = jobs_service.create_job(session, spec=spec)
+    session.commit()
+    enqueue_training(celery, job_id=job.id, queue=settings.queue)
+    return jobs_service.to_public(job)
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Limit = 20,
+    after: Annotated[str | None, Query(max_length=40, description="job id cursor")] = None,
+) -> JobList:
+    """Jobs newest first; pass the last id of a page as `after` for the next page."""
+    jobs, has_more = jobs_service.list_jobs(session, status=status, limit=limit, after=after)
+    return JobList(data=[jobs_service.to_public(job) for job in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+def get_job(job_id: str, session: SessionDep) -> JobPublic:
+    return jobs_service.to_public(jobs_service.get_job(session, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={**ERRORS, 409: {"description": "the job has already finished"}},
+)
+def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops at its next optimizer step."""
+    job = jobs_service.request_cancel(session, job_id=job_id)
+    session.commit()
+    return jobs_service.to_public(job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList, responses=ERRORS)
+def list_metrics(
+    job_id: str,
+    session: SessionDep,
+    after_step: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MetricList:
+    """Per-optimizer-step metrics in step order."""
+    rows, has_more = jobs_service.list_metrics(
+        session, job_id=job_id, after_step=after_step, limit=limit
+    )
+    data = [
+        MetricPublic(
+            step=row.step,
+            loss=row.loss,
+            lr=row.lr,
+            grad_norm=row.grad_norm,
+            samples_per_sec=row.samples_per_sec,
+            micro_batch_size=row.micro_batch_size,
+            time=row.time,
+            eval_loss=row.extra.get("eval_loss"),
+            eval_accuracy=row.extra.get("eval_accuracy"),
+        )
+        for row in rows
+    ]
+    return MetricList(data=data, has_more=has_more)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
+    limit: Limit = 100,
+) -> EventList:
+    """The job's events, oldest first: status, checkpoint, oom_backoff, overflow_skip, ..."""
+    rows, has_more = jobs_service.list_events(session, job_id=job_id, after=after, limit=limit)
+    data = [EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data) for e in rows]
+    return EventList(data=data, has_more=has_more)

@@ -1,0 +1,89 @@
+"""What the API returns for jobs, their metrics and events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, field_serializer
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+class _TimesInUtc(BaseModel):
+    @field_serializer("*", when_used="json")
+    def _utc(self, value: Any) -> Any:
+        return as_utc(value).isoformat() if isinstance(value, datetime) else value  # type: ignore[union-attr]
+
+
+class JobProgress(BaseModel):
+    step: int
+    max_steps: int | None
+    epoch: int
+    samples_seen: int
+    tokens_seen: int
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobPublic(_TimesInUtc):
+    id: str
+    name: str | None
+    status: JobStatus
+    spec: dict[str, Any]
+    batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    progress: JobProgress
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+
+
+class MetricPublic(_TimesInUtc):
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    samples_per_sec: float
+    micro_batch_size: int
+    time: datetime
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+
+class MetricList(BaseModel):
+    data: list[MetricPublic]
+    has_more: bool
+
+
+class EventPublic(_TimesInUtc):
+    id: int
+    type: str
+    created_at: datetime
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    data: list[EventPublic]
+    has_more: bool

@@ -1,0 +1,160 @@
+"""Jobs as the API sees them: create, read, list, cancel, and their metrics and events.
+
+Services flush; the route commits. Writes a worker makes live in `app.jobs.runs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
+from app.jobs.ids import is_job_id, new_job_id
+from app.jobs.models import Job, JobEvent, JobMetric
+from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
+from app.jobs.spec import JobSpec
+
+
+def create_job(session: Session, *, spec: JobSpec) -> Job:
+    """Insert a queued job for a validated spec."""
+    micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
+    assert isinstance(micro, int) and spec.batch_size is not None
+    job = Job(
+        id=new_job_id(),
+        name=spec.name,
+        status="queued",
+        spec=spec.model_dump(mode="json"),
+        batch_size=spec.batch_size,
+        micro_batch_size=micro,
+        accumulation_steps=spec.accumulation_steps or 1,
+        max_steps=spec.max_steps,
+        step=0,
+        epoch=0,
+        samples_seen=0,
+        tokens_seen=0,
+        attempts=0,
+        cancel_requested=False,
+        lease=0,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+    return job
+
+
+def get_job(session: Session, *, job_id: str) -> Job:
+    """The job, or JobNotFound."""
+    job = session.get(Job, job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, *, status: str | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        query = query.where(Job.id < after)
+    jobs = list(session.scalars(query))
+    return jobs[:limit], len(jobs) > limit
+
+
+def request_cancel(session: Session, *, job_id: str) -> Job:
+    """Queued: cancelled at once. Running: cancelling until the worker stops at a window edge."""
+    job = get_job(session, job_id=job_id)
+    if job.status in TERMINAL_STATUSES:
+        raise JobAlreadyFinished(job_id, job.status)
+    if job.status == "cancelling":
+        return job
+    now = utcnow()
+    # Conditional on the status we read, so a worker's claim and this cancel cannot both win.
+    if job.status == "queued":
+        values: dict[str, Any] = {
+            "status": "cancelled",
+            "finished_at": now,
+            "cancel_requested": True,
+        }
+    else:
+        values = {"status": "cancelling", "cancel_requested": True}
+    changed = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
+    ).rowcount  # type: ignore[attr-defined]
+    session.expire(job)
+    if not changed:  # the status moved under us: try again against the new one
+        return request_cancel(session, job_id=job_id)
+    add_event(session, job_id=job_id, type="status", data={"status": values["status"]})
+    return job
+
+
+def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> JobEvent:
+    """Append an event to the job's log."""
+    event = JobEvent(job_id=job_id, type=type, data=data, created_at=utcnow())
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(
+    session: Session, *, job_id: str, after: int | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    """Oldest first from the cursor `after` (an event id)."""
+    get_job(session, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    events = list(session.scalars(query))
+    return events[:limit], len(events) > limit
+
+
+def list_metrics(
+    session: Session, *, job_id: str, after_step: int | None, limit: int
+) -> tuple[list[JobMetric], bool]:
+    """Per-step metrics in step order from the cursor `after_step`."""
+    get_job(session, job_id=job_id)
+    query = (
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id)
+        .order_by(JobMetric.step)
+        .limit(limit + 1)
+    )
+    if after_step is not None:
+        query = query.where(JobMetric.step > after_step)
+    metrics = list(session.scalars(query))
+    return metrics[:limit], len(metrics) > limit
+
+
+def to_public(job: Job) -> JobPublic:
+    """The job object of the HTTP contract."""
+    error = (
+        JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None
+    )
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        spec=job.spec,
+        batch_size=job.batch_size,
+        micro_batch_size=job.micro_batch_size,
+        accumulation_steps=job.accumulation_steps,
+        progress=JobProgress(
+            step=job.step,
+            max_steps=job.max_steps,
+            epoch=job.epoch,
+            samples_seen=job.samples_seen,
+            tokens_seen=job.tokens_seen,
+        ),
+        metrics=job.metrics,
+        error=error,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

