@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.checkpoints.models import Checkpoint, CheckpointChunk
@@ -62,10 +62,9 @@ class DatabaseStore:
             ).one()
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None:
-        for chunk in session.scalars(
-            select(CheckpointChunk).where(CheckpointChunk.checkpoint_id == checkpoint.id)
-        ):
-            session.delete(chunk)
+        session.execute(
+            delete(CheckpointChunk).where(CheckpointChunk.checkpoint_id == checkpoint.id)
+        )
 
 
 class DirectoryStore:

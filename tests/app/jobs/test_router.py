@@ -1,0 +1,153 @@
+"""The jobs HTTP contract: shapes, status codes, pagination, cancel, error envelope."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from fastapi.testclient import TestClient
+
+from app.db import Database
+from app.jobs import runs
+from app.settings import Settings
+
+SPEC: dict[str, Any] = {
+    "model": {"type": "mlp", "hidden_sizes": [8]},
+    "dataset": {"type": "digits"},
+    "micro_batch_size": 4,
+    "accumulation_steps": 2,
+    "max_steps": 3,
+}
+JOB_FIELDS = {
+    "id", "name", "status", "spec", "batch_size", "micro_batch_size", "accumulation_steps",
+    "progress", "metrics", "error", "attempts", "created_at", "started_at", "finished_at",
+}  # fmt: skip
+
+
+def submit(client: TestClient, **changes: Any) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={**SPEC, **changes})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_submit_returns_the_queued_job_and_enqueues_only_its_id(
+    client: TestClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    before = redis_client.llen(settings.queue)
+    job = submit(client, name="first")
+    assert JOB_FIELDS <= set(job)
+    assert job["id"].startswith("job_") and job["status"] == "queued" and job["name"] == "first"
+    assert (job["batch_size"], job["micro_batch_size"], job["accumulation_steps"]) == (8, 4, 2)
+    assert job["progress"] == {"step": 0, "max_steps": 3, "epoch": 0, "samples_seen": 0,
+                               "tokens_seen": 0}  # fmt: skip
+    assert job["spec"]["batch_size"] == 8 and job["error"] is None
+    assert redis_client.llen(settings.queue) == before + 1
+    message = json.loads(redis_client.lindex(settings.queue, 0))  # type: ignore[arg-type]
+    assert message["headers"]["task"] == "trainjob.train_job"
+    assert message["headers"]["argsrepr"] == repr([job["id"]])
+
+
+def test_get_returns_the_job_and_404_with_the_envelope_otherwise(client: TestClient) -> None:
+    job = submit(client)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    missing = client.get("/v1/jobs/job_000000000000000000000000")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found"
+    assert client.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_invalid_spec_is_422_listing_each_bad_field(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", json={**SPEC, "model": {"type": "resnet"}, "precision": "fp8", "extra": 1}
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "validation_error"
+    paths = {field["path"] for field in error["fields"]}
+    assert {"model", "precision", "extra"} <= paths
+    model_error = next(f for f in error["fields"] if f["path"] == "model")
+    assert "known: cnn, mlp, tiny-gpt" in model_error["message"]
+
+
+def test_cross_field_errors_name_their_field(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json={**SPEC, "batch_size": 9})
+    assert response.status_code == 422
+    assert response.json()["error"]["fields"][0]["path"] == "batch_size"
+
+
+def test_malformed_json_is_a_422_envelope(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and response.json()["error"]["type"] == "validation_error"
+
+
+def test_list_pages_newest_first_with_after_and_filters_by_status(client: TestClient) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(submit(client)["id"])
+        time.sleep(0.002)
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert set(page) == {"data", "has_more"} and page["has_more"] is True
+    assert [job["id"] for job in page["data"]] == ids[::-1][:2]
+    rest = client.get("/v1/jobs", params={"limit": 2, "after": page["data"][-1]["id"]}).json()
+    assert rest["data"][0]["id"] == ids[0]
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled", "limit": 100}).json()["data"]
+    assert ids[1] in {job["id"] for job in cancelled}
+    assert all(job["status"] == "cancelled" for job in cancelled)
+
+
+def test_list_rejects_out_of_range_limits_and_unknown_statuses(client: TestClient) -> None:
+    for params in ({"limit": 0}, {"limit": 101}, {"status": "done"}):
+        response = client.get("/v1/jobs", params=params)
+        assert response.status_code == 422 and "error" in response.json()
+
+
+def test_cancel_queued_is_immediate_and_cancel_finished_is_409(client: TestClient) -> None:
+    job = submit(client)
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["type"] == "job_finished"
+
+
+def test_cancel_running_job_becomes_cancelling(client: TestClient, database: Database) -> None:
+    job = submit(client)
+    with database.session() as session:
+        runs.claim_job(session, job_id=job["id"], worker="w")
+        session.commit()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelling"
+
+
+def test_metrics_and_events_have_their_documented_shapes(
+    client: TestClient, database: Database
+) -> None:
+    job = submit(client)
+    with database.session() as session:
+        claim = runs.claim_job(session, job_id=job["id"], worker="w")
+        assert claim is not None
+        metrics = [
+            {"step": s, "loss": 1.0, "lr": 0.1, "grad_norm": 0.2, "samples_per_sec": 50.0,
+             "micro_batch_size": 4, "time": time.time()}
+            for s in (1, 2, 3)
+        ]  # fmt: skip
+        runs.record_progress(session, claim=claim, job_values={"step": 3}, metrics=metrics,
+                             events=[("overflow_skip", {"step": 2, "scale": 1024.0})])  # fmt: skip
+        session.commit()
+    page = client.get(f"/v1/jobs/{job['id']}/metrics", params={"after_step": 1, "limit": 1}).json()
+    assert page["has_more"] is True
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size",
+            "time"} <= set(page["data"][0])  # fmt: skip
+    assert page["data"][0]["step"] == 2
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()
+    assert [e["type"] for e in events["data"]] == ["status", "status", "overflow_skip"]
+    assert set(events["data"][0]) == {"id", "type", "created_at", "data"}
+    after = client.get(f"/v1/jobs/{job['id']}/events", params={"after": events["data"][1]["id"]})
+    assert [e["type"] for e in after.json()["data"]] == ["overflow_skip"]
+    assert client.get("/v1/jobs/job_000000000000000000000000/events").status_code == 404
