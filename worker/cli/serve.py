@@ -113,12 +113,26 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
         sockets = [sock]
     else:
         sockets = None
-    print(
-        f"trainjob is serving at http://{host}:{port}  (API docs: http://{host}:{port}/docs)",
-        flush=True,
-    )
-    server.run(sockets=sockets)
+    url = f"http://{host}:{port}"
+    print(f"trainjob is serving at {url}  (API docs: {url}/docs)", flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
+    # handler it found. Make that handler raise, so our caller's cleanup (worker, Redis)
+    # always runs, whatever handler this process inherited.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stop)
+    try:
+        server.run(sockets=sockets)
+    except _Stop:
+        pass
     return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
 
 
 def worker_command(queues: str | None, concurrency: int) -> int:

@@ -1,0 +1,89 @@
+"""Starting and stopping the service's real processes in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import wait_for
+
+TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    """The test's environment with TRAINJOB_* replaced by `settings` (and one thread, so
+    that results are bit-for-bit comparable with other processes)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRAINJOB_")}
+    env |= {f"TRAINJOB_{key.upper()}": value for key, value in settings.items()}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+@contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A `trainjob` subprocess in its own process group, stopped (and its group killed) after."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*TRAINJOB, *args],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+    try:  # pool children may outlive their parent: clear the group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60
+) -> None:
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, f"{url}/readyz", interval=0.2)
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float) -> dict:  # type: ignore[type-arg]
+    def reached() -> dict | None:  # type: ignore[type-arg]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    job: dict = wait_for(reached, timeout, f"job {job_id} to reach {statuses}", interval=0.1)  # type: ignore[type-arg]
+    return job

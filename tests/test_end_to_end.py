@@ -1,0 +1,107 @@
+"""The whole service with real processes: API and worker as subprocesses, Postgres, Redis.
+
+A job submitted by HTTP trains on a worker to the same weights `trainjob run` gives,
+and a running job cancelled by HTTP stops at its next step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.processes import (
+    TRAINJOB,
+    free_port,
+    running,
+    service_env,
+    wait_for_status,
+    wait_until_ready,
+)
+
+SPEC: dict[str, Any] = {
+    "model": {"type": "tiny-gpt", "n_layer": 1, "n_embd": 32, "block_size": 64},
+    "dataset": {"type": "tiny-text"},
+    "micro_batch_size": 4,
+    "accumulation_steps": 3,
+    "max_steps": 12,
+    "checkpoint_every": 5,
+    "optimizer": {"type": "adamw", "lr": 0.003},
+    "lr_schedule": {"type": "cosine", "warmup_steps": 2},
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, queue_name: str
+) -> Iterator[httpx.Client]:
+    logs = tmp_path_factory.mktemp("e2e")
+    env = service_env(database_url=postgres_url, redis_url="redis://127.0.0.1:6379/0",
+                      queue=f"{queue_name}-e2e", home=str(logs / "home"), progress_flush_seconds="0.2")  # fmt: skip
+    port = free_port()
+    with (
+        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
+        running(["worker"], env, logs / "worker.log"),
+    ):
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, api, logs / "api.log")
+        with httpx.Client(base_url=url, timeout=10) as client:
+            yield client
+
+
+def test_submitted_job_succeeds_with_the_weights_of_trainjob_run(
+    service: httpx.Client, tmp_path: Path
+) -> None:
+    job = service.post("/v1/jobs", json=SPEC).json()
+    done = wait_for_status(service, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"]["step"] == 12 and done["progress"]["max_steps"] == 12
+    assert done["attempts"] == 1 and done["started_at"] and done["finished_at"]
+    assert done["progress"]["tokens_seen"] > 0 and done["metrics"]["loss"] > 0
+
+    metrics = service.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    checkpoints = service.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [c["step"] for c in checkpoints] == [5, 10, 12]
+    events = [e["type"] for e in service.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert (
+        events[:2] == ["status", "status"]
+        and events[-1] == "status"
+        and events.count("checkpoint") == 3
+    )
+
+    downloaded = service.get(f"/v1/jobs/{job['id']}/weights")
+    assert downloaded.status_code == 200
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    local = subprocess.run([*TRAINJOB, "run", str(spec_file), "--out", str(tmp_path / "out"), "--quiet"],
+                           env=service_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    assert downloaded.content == (tmp_path / "out" / "weights.safetensors").read_bytes()
+
+
+def test_running_job_cancelled_by_http_stops_with_a_checkpoint(service: httpx.Client) -> None:
+    long = {**SPEC, "model": {"type": "mlp", "hidden_sizes": [8]}, "dataset": {"type": "digits"},
+            "max_steps": 1_000_000, "checkpoint_every": 0}  # fmt: skip
+    job = service.post("/v1/jobs", json=long).json()
+
+    def training() -> bool:
+        current = service.get(f"/v1/jobs/{job['id']}").json()
+        return current["status"] == "running" and current["progress"]["step"] > 0
+
+    from tests.conftest import wait_for
+
+    wait_for(training, 60, "the job to train", interval=0.1)
+    response = service.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelling"
+    done = wait_for_status(service, job["id"], {"cancelled", "succeeded", "failed"}, timeout=5)
+    assert done["status"] == "cancelled"
+    checkpoints = service.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[-1]["step"] == done["progress"]["step"]
+    assert service.get(f"/v1/jobs/{job['id']}/weights").status_code == 200
