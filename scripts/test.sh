@@ -1,20 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything into ./.venv and runs lint, type checks and the whole test suite.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k window -x`).
+# Needs PostgreSQL and Redis on 127.0.0.1 (see README). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-PYTHON=${PYTHON:-python3}
-# A plain `torch` requirement pulls a multi-GB CUDA build; the pinned version is the
-# CPU build CI installs from local disk. Override with TORCH_REQUIREMENT if you like.
-TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==2.13.0}
-
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "$TORCH_REQUIREMENT"
-.venv/bin/python -m pip install --quiet --editable ".[dev]"
+bash scripts/install.sh dev
 
 echo "== ruff"
 .venv/bin/ruff check .

@@ -337,3 +337,14 @@ def test_built_in_model_learns_its_built_in_dataset(name: str) -> None:
     assert final.eval_loss is not None and final.eval_accuracy is not None
     assert final.eval_loss < 0.65 * loss_before
     assert final.eval_accuracy > accuracy_before + 0.2
+
+
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        metrics: list[StepMetrics] = []
+        spec = make_spec(precision=precision, max_steps=20, optimizer={"type": "adamw", "lr": 0.01})
+        train(spec, Callbacks(on_step=metrics.append))
+        losses[precision] = metrics[-1].loss
+        assert all(not m.skipped for m in metrics)
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
