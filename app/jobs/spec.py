@@ -7,6 +7,7 @@ batch or a run that cannot possibly fit; every error names its field.
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import cache
 from importlib.metadata import entry_points
@@ -74,10 +75,9 @@ class TinyGptSpec(_Strict):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyGptSpec:
         if self.n_embd % self.n_head:
-            raise PydanticCustomError(
-                "heads_divide_width",
-                "n_embd ({n_embd}) must be a multiple of n_head ({n_head})",
-                {"n_embd": self.n_embd, "n_head": self.n_head},
+            # Only ever nested as JobSpec.model: the error names its full path.
+            raise _field_error(
+                "model.n_embd", f"must be a multiple of n_head ({self.n_head}), not {self.n_embd}"
             )
         return self
 
@@ -127,10 +127,10 @@ class TinyTextSpec(_Strict):
     @model_validator(mode="after")
     def _lengths_ordered(self) -> TinyTextSpec:
         if self.min_length > self.max_length:
-            raise PydanticCustomError(
-                "lengths_ordered",
-                "min_length ({min_length}) must not exceed max_length ({max_length})",
-                {"min_length": self.min_length, "max_length": self.max_length},
+            # Only ever nested as JobSpec.dataset: the error names its full path.
+            raise _field_error(
+                "dataset.min_length",
+                f"must not exceed max_length ({self.max_length}), not {self.min_length}",
             )
         return self
 
@@ -225,9 +225,9 @@ class JobSpec(_Strict):
     """A training job. Give two of micro_batch_size, accumulation_steps, batch_size."""
 
     name: str | None = Field(None, max_length=128)
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(None, max_length=16)
-    )
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(None, max_length=16)
     model: ModelSpec
     dataset: DatasetSpec
     micro_batch_size: int | Literal["auto"] | None = Field(None)
@@ -264,7 +264,7 @@ class JobSpec(_Strict):
         if isinstance(value, int) and not 1 <= value <= MAX_MICRO_BATCH_SIZE:
             raise PydanticCustomError(
                 "micro_batch_range",
-                "micro_batch_size must be between 1 and {high}, or 'auto'",
+                "must be between 1 and {high}, or 'auto'",
                 {"high": MAX_MICRO_BATCH_SIZE},
             )
         return value
@@ -307,8 +307,9 @@ class JobSpec(_Strict):
                 )
             if product > MAX_BATCH_SIZE:
                 raise _field_error(
-                    "batch_size", f"micro_batch_size × accumulation_steps = {product} "
-                    f"exceeds the maximum of {MAX_BATCH_SIZE}"
+                    "batch_size",
+                    f"micro_batch_size × accumulation_steps = {product} "
+                    f"exceeds the maximum of {MAX_BATCH_SIZE}",
                 )
             return self._with(batch_size=product)
         assert batch is not None
@@ -318,7 +319,14 @@ class JobSpec(_Strict):
                     "batch_size",
                     f"must be a multiple of micro_batch_size ({micro}), not {batch}",
                 )
-            return self._with(accumulation_steps=batch // int(micro))
+            derived_steps = batch // int(micro)
+            if derived_steps > MAX_ACCUMULATION_STEPS:
+                raise _field_error(
+                    "accumulation_steps",
+                    f"batch_size / micro_batch_size = {derived_steps} "
+                    f"exceeds the maximum of {MAX_ACCUMULATION_STEPS}",
+                )
+            return self._with(accumulation_steps=derived_steps)
         assert steps is not None
         if batch % steps:
             raise _field_error(
@@ -326,6 +334,12 @@ class JobSpec(_Strict):
                 f"must be a multiple of accumulation_steps ({steps}), not {batch}",
             )
         micro_size = batch // steps
+        if micro_size > MAX_MICRO_BATCH_SIZE:
+            raise _field_error(
+                "micro_batch_size",
+                f"batch_size / accumulation_steps = {micro_size} "
+                f"exceeds the maximum of {MAX_MICRO_BATCH_SIZE}",
+            )
         return self._with(micro_batch_size=micro_size)
 
     @model_validator(mode="after")
@@ -341,19 +355,24 @@ class JobSpec(_Strict):
         if model_kind is None or data_kinds is None:
             return self  # a plugin: the worker checks when it builds
         if model_kind not in data_kinds:
-            fitting = sorted(name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds)
+            fitting = sorted(
+                name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds
+            )
             raise _field_error(
                 "dataset.type",
                 f"model {self.model.type!r} cannot train on {self.dataset.type!r}; "
                 f"use one of: {', '.join(fitting)}",
             )
-        if isinstance(self.model, TinyGptSpec) and isinstance(self.dataset, TinyTextSpec):
-            # A sequence of n tokens gives n-1 (input, target) positions.
-            if self.dataset.max_length - 1 > self.model.block_size:
-                raise _field_error(
-                    "model.block_size",
-                    f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
-                )
+        # A sequence of n tokens gives n-1 (input, target) positions.
+        if (
+            isinstance(self.model, TinyGptSpec)
+            and isinstance(self.dataset, TinyTextSpec)
+            and self.dataset.max_length - 1 > self.model.block_size
+        ):
+            raise _field_error(
+                "model.block_size",
+                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
+            )
         return self
 
     @model_validator(mode="after")
@@ -363,23 +382,32 @@ class JobSpec(_Strict):
             raise _field_error(
                 "model", f"has about {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}"
             )
-        largest_micro = self.batch_size if self.micro_batch_size == "auto" else self.micro_batch_size
+        largest_micro = (
+            self.batch_size if self.micro_batch_size == "auto" else self.micro_batch_size
+        )
         per_sample = estimate_activation_elements_per_sample(self)
-        if per_sample is not None and isinstance(largest_micro, int):
-            if per_sample * largest_micro > MAX_ACTIVATION_ELEMENTS:
-                field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
-                limit = MAX_ACTIVATION_ELEMENTS // per_sample
-                raise _field_error(
-                    field,
-                    f"a micro-batch of {largest_micro} would need about "
-                    f"{per_sample * largest_micro:,} activation elements; at most {limit} "
-                    "samples fit this model in one micro-batch",
-                )
+        if (
+            per_sample is not None
+            and isinstance(largest_micro, int)
+            and per_sample * largest_micro > MAX_ACTIVATION_ELEMENTS
+        ):
+            field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
+            limit = MAX_ACTIVATION_ELEMENTS // per_sample
+            raise _field_error(
+                field,
+                f"a micro-batch of {largest_micro} would need about "
+                f"{per_sample * largest_micro:,} activation elements; at most {limit} "
+                "samples fit this model in one micro-batch",
+            )
         return self
 
     def _with(self, **changes: Any) -> JobSpec:
-        # The model is frozen; derived fields are filled in on a copy.
-        return self.model_copy(update=changes)
+        # The model is frozen, but derived fields are filled in on `self` while it is
+        # still being validated: pydantic ignores a different instance returned from an
+        # after-validator when validating through __init__ (JobSpec(...)).
+        self.__dict__.update(changes)
+        self.__pydantic_fields_set__.update(changes)
+        return self
 
     @property
     def window_size(self) -> int:
@@ -389,7 +417,9 @@ class JobSpec(_Strict):
 
 
 def _field_error(field: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_field", "{field}: {message}", {"field": field, "message": message})
+    return PydanticCustomError(
+        "invalid_field", "{field}: {message}", {"field": field, "message": message}
+    )
 
 
 def _walk_floats(data: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], float]]:
@@ -398,7 +428,9 @@ def _walk_floats(data: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...]
     if isinstance(data, dict):
         return [item for key, value in data.items() for item in _walk_floats(value, (*path, key))]
     if isinstance(data, list | tuple):
-        return [item for index, value in enumerate(data) for item in _walk_floats(value, (*path, index))]
+        return [
+            item for index, value in enumerate(data) for item in _walk_floats(value, (*path, index))
+        ]
     return []
 
 
@@ -430,14 +462,16 @@ def estimate_parameters(spec: JobSpec) -> int | None:
         if shape is None or classes is None:
             return None
         widths = [math.prod(shape), *model.hidden_sizes, classes]
-        return sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+        return sum((a + 1) * b for a, b in itertools.pairwise(widths))
     if isinstance(model, CnnSpec):
         channels = [1, *model.channels]
-        conv = sum(
-            (a * model.kernel_size**2 + 1) * b for a, b in zip(channels, channels[1:], strict=False)
-        )
+        conv = sum((a * model.kernel_size**2 + 1) * b for a, b in itertools.pairwise(channels))
         classes = _num_classes(spec.dataset) or 10
-        return conv + (model.channels[-1] * 64 + 1) * model.hidden_size + (model.hidden_size + 1) * classes
+        return (
+            conv
+            + (model.channels[-1] * 64 + 1) * model.hidden_size
+            + (model.hidden_size + 1) * classes
+        )
     if isinstance(model, TinyGptSpec):
         width = model.n_embd
         per_layer = 12 * width * width + 13 * width
