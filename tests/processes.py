@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,10 +61,9 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
             process.wait()
         except ProcessLookupError:
             pass
-    try:  # pool children may outlive their parent: clear the group
+    # Pool children may outlive their parent: clear the group.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def wait_until_ready(

@@ -42,8 +42,13 @@ def service(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, queue_name: str
 ) -> Iterator[httpx.Client]:
     logs = tmp_path_factory.mktemp("e2e")
-    env = service_env(database_url=postgres_url, redis_url="redis://127.0.0.1:6379/0",
-                      queue=f"{queue_name}-e2e", home=str(logs / "home"), progress_flush_seconds="0.2")  # fmt: skip
+    env = service_env(
+        database_url=postgres_url,
+        redis_url="redis://127.0.0.1:6379/0",
+        queue=f"{queue_name}-e2e",
+        home=str(logs / "home"),
+        progress_flush_seconds="0.2",
+    )
     port = free_port()
     with (
         running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
@@ -80,8 +85,13 @@ def test_submitted_job_succeeds_with_the_weights_of_trainjob_run(
     assert downloaded.status_code == 200
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
-    local = subprocess.run([*TRAINJOB, "run", str(spec_file), "--out", str(tmp_path / "out"), "--quiet"],
-                           env=service_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    local = subprocess.run(
+        [*TRAINJOB, "run", str(spec_file), "--out", str(tmp_path / "out"), "--quiet"],
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert local.returncode == 0, local.stderr
     assert downloaded.content == (tmp_path / "out" / "weights.safetensors").read_bytes()
 

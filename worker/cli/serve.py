@@ -7,6 +7,7 @@ and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -120,10 +121,8 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
     # always runs, whatever handler this process inherited.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_stop)
-    try:
+    with contextlib.suppress(_Stop):
         server.run(sockets=sockets)
-    except _Stop:
-        pass
     return 0
 
 
@@ -176,9 +175,8 @@ def db_command(action: str, revision: str | None) -> int:
         downgrade(url, revision or "base")
     database = Database(url)
     try:
-        print(
-            f"database at revision {current_revision(database.engine)} (code head {head_revision()})"
-        )
+        current = current_revision(database.engine)
+        print(f"database at revision {current} (code head {head_revision()})")
     finally:
         database.dispose()
     return 0

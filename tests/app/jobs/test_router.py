@@ -38,7 +38,7 @@ def test_submit_returns_the_queued_job_and_enqueues_only_its_id(
 ) -> None:
     before = redis_client.llen(settings.queue)
     job = submit(client, name="first")
-    assert JOB_FIELDS <= set(job)
+    assert set(job) >= JOB_FIELDS
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["name"] == "first"
     assert (job["batch_size"], job["micro_batch_size"], job["accumulation_steps"]) == (8, 4, 2)
     assert job["progress"] == {"step": 0, "max_steps": 3, "epoch": 0, "samples_seen": 0,
