@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+from celery import Celery
 from fastapi import FastAPI
 
 from app import health
@@ -14,10 +15,25 @@ from app.checkpoints import router as checkpoints_router
 from app.db import Database, require_migrated
 from app.errors import install_error_handlers
 from app.jobs import router as jobs_router
+from app.jobs.reaper import Reaper
+from app.queue import enqueue_training, job_ids_in_broker
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
 logger = logging.getLogger(__name__)
+
+
+def make_reaper(
+    settings: Settings, database: Database, celery: Celery, client: redis.Redis
+) -> Reaper:
+    return Reaper(
+        database,
+        lease_timeout=settings.lease_timeout_seconds,
+        requeue_after=settings.requeue_after_seconds,
+        interval=settings.reaper_interval_seconds,
+        in_broker=lambda: job_ids_in_broker(client, settings.queue),
+        send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -32,9 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = database
         app.state.celery = make_celery(settings)
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        reaper = make_reaper(settings, database, app.state.celery, app.state.redis)
+        if settings.reaper_interval_seconds > 0:
+            reaper.start()
         try:
             yield
         finally:
+            reaper.stop()
             app.state.redis.close()
             database.dispose()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,49 @@ class Settings(BaseSettings):
         0.5, gt=0, description="Workers write progress to the database at most this often."
     )
     log_level: str = Field("info", description="Log level of server and worker.")
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="A running job's worker renews its lease this often."
+    )
+    lease_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this is taken to have lost "
+        "its worker: it is re-queued (or fails `worker_lost` once out of attempts).",
+    )
+    reaper_interval_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How often `trainjob serve` looks for lost jobs and unsent messages "
+        "(0 turns the reaper off).",
+    )
+    requeue_after_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A queued job whose message is older than this and no longer in the "
+        "broker (a Redis restart, a failed publish) is sent again.",
+    )
+    shutdown_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="On SIGTERM a worker checkpoints its job at the next optimizer step and "
+        "hands it back; after this long it stops anyway (the job is then re-queued by the "
+        "reaper).",
+    )
+    test_faults: str | None = Field(
+        None,
+        description="Testing only: faults a worker injects into every job, comma-separated: "
+        "`nan` (non-finite inputs), `oom` (out of memory at every micro-batch), `slow=SECONDS` "
+        "(a pause per micro-batch).",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Settings:
+        if self.lease_timeout_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                "lease_timeout_seconds must be at least 3 × heartbeat_seconds, so that one "
+                "late heartbeat does not hand a live job to another worker"
+            )
+        return self
 
     @property
     def effective_database_url(self) -> str:

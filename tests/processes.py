@@ -52,18 +52,15 @@ def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM to the leader (as Docker and `trainjob serve` stop a worker), then clear
+    the group: pool children may outlive their parent."""
     if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
-    # Pool children may outlive their parent: clear the group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def wait_until_ready(

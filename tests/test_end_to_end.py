@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app.db import upgrade
 from tests.processes import (
     TRAINJOB,
     free_port,
@@ -39,11 +40,17 @@ SPEC: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def service(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, queue_name: str
+    tmp_path_factory: pytest.TempPathFactory,
+    make_postgres_database: Callable[[], str],
+    queue_name: str,
 ) -> Iterator[httpx.Client]:
+    # A database of its own: the API's reaper would otherwise send the queued jobs that
+    # other tests leave behind to this module's worker.
+    database_url = make_postgres_database()
+    upgrade(database_url)
     logs = tmp_path_factory.mktemp("e2e")
     env = service_env(
-        database_url=postgres_url,
+        database_url=database_url,
         redis_url="redis://127.0.0.1:6379/0",
         queue=f"{queue_name}-e2e",
         home=str(logs / "home"),

@@ -7,27 +7,30 @@ Imported inside the task only, so the worker's parent process never loads torch
 from __future__ import annotations
 
 import logging
-import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import sqlalchemy.exc
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import default_store
 from app.db import Database
 from app.errors import NotFound
 from app.jobs.models import Job
-from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job
+from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back
+from app.jobs.service import mark_unsent
 from app.jobs.spec import JobSpec
 from app.settings import Settings
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, train
+from worker.faults import fault_hook
+from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
-from worker.progress_writer import ProgressWriter
+from worker.progress_writer import ProgressWriter, retry_database
 
 logger = logging.getLogger(__name__)
-
-
-def worker_name() -> str:
-    return socket.gethostname()
 
 
 def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Checkpoint | None:
@@ -50,22 +53,65 @@ def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Ch
     )
 
 
-def run_job(job_id: str, settings: Settings) -> None:
+def run_job(
+    job_id: str, settings: Settings, *, worker: str, enqueue: Callable[[str], bool]
+) -> None:
+    """Claim `job_id` for `worker` and train it to an outcome; `enqueue` re-sends the job
+    when it is handed back (shutdown, connection lost)."""
     database = Database(settings.effective_database_url)
     publisher = LivePublisher(settings.redis_url)
     try:
         with database.session() as session:
-            claim = claim_job(session, job_id=job_id, worker=worker_name())
+            claim = claim_job(
+                session,
+                job_id=job_id,
+                worker=worker,
+                lease_timeout=settings.lease_timeout_seconds,
+            )
             session.commit()
             job = session.get(Job, job_id) if claim else None
         if claim is None or job is None:
-            logger.info("job %s is not queued (a duplicate delivery or a cancel): skipped", job_id)
+            logger.info(
+                "job %s is not claimable (a duplicate, a cancel, a live run): skipped", job_id
+            )
             return
+        logger.info(
+            "job %s: attempt %d (lease %d) on %s from step %d",
+            job_id,
+            claim.attempt,
+            claim.lease,
+            worker,
+            claim.resumed_from_step,
+        )
         publisher.publish(job_id, [{"type": "status", "data": {"status": "running"}}])
-        _train_claimed(database, settings, publisher, claim, JobSpec.model_validate(job.spec))
+        spec = JobSpec.model_validate(job.spec)
+        outcome = _train_claimed(database, settings, publisher, claim, spec)
+        if outcome is not None:
+            _record(database, settings, publisher, claim, outcome, enqueue)
     finally:
         publisher.close()
         database.dispose()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: finished (succeeded/failed/cancelled) or handed back (queued)."""
+
+    status: str
+    error: tuple[str, str] | None = None
+    hand_back: str | None = None  # the reason, when the job goes back to the queue
+    counted: bool = True
+    runtime_seconds: float | None = None
+
+
+# Failures of the service around the run, not of the job: retried up to max_attempts.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ConnectionError,
+)
 
 
 def _train_claimed(
@@ -74,13 +120,21 @@ def _train_claimed(
     publisher: LivePublisher,
     claim: Claim,
     spec: JobSpec,
-) -> None:
+) -> Outcome | None:
+    keeper = LeaseKeeper(
+        database,
+        claim,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        max_runtime_seconds=spec.max_runtime_seconds,
+    )
     writer = ProgressWriter(
         database,
         claim,
         default_store(settings.checkpoint_dir),
         publisher,
-        settings.progress_flush_seconds,
+        keeper,
+        flush_seconds=settings.progress_flush_seconds,
+        give_up_seconds=settings.lease_timeout_seconds,
     )
     callbacks = Callbacks(
         on_start=writer.on_start,
@@ -89,30 +143,95 @@ def _train_claimed(
         on_checkpoint=writer.on_checkpoint,
         should_stop=writer.should_stop,
     )
-    status, error = "succeeded", None
+    keeper.start()
     try:
-        result = train(spec, callbacks, resume=latest_checkpoint(database, settings, claim.job_id))
-        if result.status == "stopped":
-            status = "cancelled"
-    except LeaseLost:
-        logger.warning(
-            "job %s: lease lost to another worker; stopping without writing", claim.job_id
+        result = train(
+            spec,
+            callbacks,
+            resume=latest_checkpoint(database, settings, claim.job_id),
+            micro_batch_hook=fault_hook(settings.test_faults),
         )
-        return
+        writer.flush(required=True)
+    except LeaseLost:
+        logger.warning("job %s: lease lost to another run; stopping without writing", claim.job_id)
+        return None
     except TrainingError as failure:
-        status, error = "failed", (failure.type, failure.message)
+        return Outcome("failed", (failure.type, failure.message))
+    except INFRASTRUCTURE_ERRORS:
+        logger.exception("job %s: connection lost", claim.job_id)
+        return Outcome("queued", hand_back="connection_lost")
     except Exception as failure:
         logger.exception("job %s failed", claim.job_id)
-        status, error = "failed", ("internal_error", f"{type(failure).__name__}: {failure}")
-    try:
-        writer.flush()
+        return Outcome("failed", ("internal_error", f"{type(failure).__name__}: {failure}"))
+    finally:
+        keeper.stop()
+    runtime = keeper.runtime_seconds()
+    if result.status == "completed":
+        return Outcome("succeeded", runtime_seconds=runtime)
+    if result.stop_reason == "shutdown":
+        return Outcome("queued", hand_back="shutdown", counted=False, runtime_seconds=runtime)
+    if result.stop_reason == "timeout":
+        message = (
+            f"ran {runtime:.0f} s, over max_runtime_seconds={spec.max_runtime_seconds}; "
+            f"the checkpoint at step {result.step} is kept"
+        )
+        return Outcome("failed", ("timeout", message), runtime_seconds=runtime)
+    return Outcome("cancelled", runtime_seconds=runtime)
+
+
+def _record(
+    database: Database,
+    settings: Settings,
+    publisher: LivePublisher,
+    claim: Claim,
+    outcome: Outcome,
+    enqueue: Callable[[str], bool],
+) -> None:
+    def write() -> bool:
         with database.session() as session:
-            finish_job(session, claim=claim, status=status, error=error)
+            if outcome.hand_back is not None:
+                requeued = hand_back(
+                    session,
+                    claim=claim,
+                    reason=outcome.hand_back,
+                    counted=outcome.counted,
+                    runtime_seconds=outcome.runtime_seconds,
+                )
+            else:
+                finish_job(
+                    session,
+                    claim=claim,
+                    status=outcome.status,
+                    error=outcome.error,
+                    runtime_seconds=outcome.runtime_seconds,
+                )
+                requeued = False
             session.commit()
+        return requeued
+
+    try:
+        requeued = retry_database(
+            write, settings.lease_timeout_seconds, f"outcome of {claim.job_id}"
+        )
     except LeaseLost:
-        logger.warning("job %s: lease lost before recording %s", claim.job_id, status)
+        logger.warning("job %s: lease lost before recording %s", claim.job_id, outcome.status)
         return
-    data = {"status": status} | (
-        {"error": {"type": error[0], "message": error[1]}} if error else {}
-    )
+    except INFRASTRUCTURE_ERRORS:
+        # The job stays `running` with a stale lease: the reaper re-queues it.
+        logger.exception("job %s: could not record %s", claim.job_id, outcome.status)
+        return
+    if requeued:
+        logger.info("job %s handed back (%s)", claim.job_id, outcome.hand_back)
+        if not enqueue(claim.job_id):
+            with database.session() as session:
+                mark_unsent(session, job_id=claim.job_id)
+                session.commit()
+        publisher.publish(
+            claim.job_id,
+            [{"type": "status", "data": {"status": "queued", "reason": outcome.hand_back}}],
+        )
+        return
+    data: dict[str, object] = {"status": outcome.status}
+    if outcome.error is not None and outcome.status == "failed":
+        data["error"] = {"type": outcome.error[0], "message": outcome.error[1]}
     publisher.publish(claim.job_id, [{"type": "status", "data": data}])

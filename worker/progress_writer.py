@@ -3,14 +3,23 @@
 Steps can take a millisecond; one write per step would make the database the
 bottleneck. Metrics and events wait in memory and go out together at most every
 `flush_seconds` (and at every checkpoint and at the end), in one transaction that
-also renews the heartbeat and reads the cancel flag.
+also renews the lease and reads the cancel and release flags.
+
+A database blip does not stop training: what could not be written stays pending and
+goes out with the next flush. Checkpoints and the final flush must be written, and
+are retried until `give_up_seconds` (the lease timeout: after that the job may be
+someone else's, and the fenced writes would say so).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import CheckpointStore
@@ -18,7 +27,26 @@ from app.db import Database
 from app.jobs.runs import Claim, record_progress
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.trainer import StepMetrics
+from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_PAUSE_SECONDS = 1.0
+
+
+def retry_database(operation: Callable[[], T], give_up_seconds: float, what: str) -> T:
+    """Run `operation`, retrying connection errors for up to `give_up_seconds`."""
+    deadline = time.monotonic() + give_up_seconds
+    while True:
+        try:
+            return operation()
+        except DBAPIError as error:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("%s failed (%s); retrying", what, type(error.orig).__name__)
+            time.sleep(RETRY_PAUSE_SECONDS)
 
 
 def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
@@ -36,24 +64,29 @@ class ProgressWriter:
         claim: Claim,
         store: CheckpointStore,
         publisher: LivePublisher,
+        keeper: LeaseKeeper,
+        *,
         flush_seconds: float,
+        give_up_seconds: float,
     ) -> None:
         self.database = database
         self.claim = claim
         self.store = store
         self.publisher = publisher
+        self.keeper = keeper
         self.flush_seconds = flush_seconds
+        self.give_up_seconds = give_up_seconds
         self.pending_metrics: list[dict[str, Any]] = []
         self.pending_events: list[tuple[str, dict[str, Any]]] = []
         self.job_values: dict[str, Any] = {}
         self.last_flush = time.monotonic()
-        self.cancel_requested = False
+        self.failing_since: float | None = None
 
     # ---- engine callbacks
 
     def on_start(self, done_steps: int, total_steps: int) -> None:
         self.job_values["max_steps"] = total_steps
-        self.flush()
+        self.flush(required=True)
 
     def on_step(self, metrics: StepMetrics) -> None:
         values = finite_or_none(metrics.to_dict())
@@ -68,41 +101,60 @@ class ProgressWriter:
             metrics=values,
         )
         if time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
+            self.flush(required=False)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind != "checkpoint":  # save_checkpoint records that one with the bytes
             self.pending_events.append((kind, finite_or_none(data)))
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        self.flush()
-        with self.database.session() as session:
-            checkpoints_service.save_checkpoint(
-                session,
-                claim=self.claim,
-                store=self.store,
-                step=checkpoint.step,
-                weights=checkpoint.weights,
-                state=checkpoint.state,
-                loss=checkpoint.loss,
-            )
-            session.commit()
+        self.flush(required=True)
+
+        def save() -> None:
+            with self.database.session() as session:
+                checkpoints_service.save_checkpoint(
+                    session,
+                    claim=self.claim,
+                    store=self.store,
+                    step=checkpoint.step,
+                    weights=checkpoint.weights,
+                    state=checkpoint.state,
+                    loss=checkpoint.loss,
+                )
+                session.commit()
+
+        retry_database(save, self.give_up_seconds, f"checkpoint of {self.claim.job_id}")
         self.publisher.publish(
             self.claim.job_id, [{"type": "checkpoint", "data": {"step": checkpoint.step}}]
         )
 
     def should_stop(self) -> str | None:
-        if not self.cancel_requested and time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-        return "cancelled" if self.cancel_requested else None
+        if time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush(required=False)
+        return self.keeper.stop_reason()
 
     # ---- writing
 
-    def flush(self) -> None:
+    def flush(self, *, required: bool = True) -> None:
+        """Write what is pending. Not `required`: on a connection error keep it for the
+        next flush (up to `give_up_seconds` of failures); `required`: retry until then."""
+        if required:
+            retry_database(self._write, self.give_up_seconds, f"progress of {self.claim.job_id}")
+            return
+        try:
+            self._write()
+        except DBAPIError:
+            now = time.monotonic()
+            self.failing_since = self.failing_since or now
+            if now - self.failing_since >= self.give_up_seconds:
+                raise
+            logger.warning("job %s: progress write failed; kept for later", self.claim.job_id)
+            self.last_flush = now
+
+    def _write(self) -> None:
         metrics, events = self.pending_metrics, self.pending_events
-        self.pending_metrics, self.pending_events = [], []
         with self.database.session() as session:
-            self.cancel_requested = record_progress(
+            heartbeat = record_progress(
                 session,
                 claim=self.claim,
                 job_values=self.job_values,
@@ -110,6 +162,10 @@ class ProgressWriter:
                 events=events,
             )
             session.commit()
+        # Only once committed: a failed write keeps everything for the next try.
+        self.pending_metrics, self.pending_events = [], []
+        self.failing_since = None
+        self.keeper.observe(heartbeat)
         self.last_flush = time.monotonic()
         live = [{"type": "metrics", "data": metric} for metric in metrics]
         live += [{"type": kind, "data": data} for kind, data in events]

@@ -14,7 +14,7 @@ from app.db import utcnow
 from app.errors import NotFound
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
-from app.jobs.runs import Claim, LeaseLost, append_events
+from app.jobs.runs import LIVE_STATUSES, Claim, LeaseLost, append_events
 
 
 class NoCheckpoint(NotFound):
@@ -34,7 +34,7 @@ def save_checkpoint(
     """Store a checkpoint's bytes and metadata, if the job is still this worker's."""
     owned = session.execute(
         update(Job)
-        .where(Job.id == claim.job_id, Job.lease == claim.lease)
+        .where(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
         .values(heartbeat_at=utcnow())
         .returning(Job.id)
     ).first()

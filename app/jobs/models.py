@@ -45,12 +45,20 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_type: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Runs that count against max_attempts (a run handed back at shutdown does not).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set when the job's worker is shutting down: it checkpoints and hands the job back.
+    release_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255))
     # Bumped by every claim; writes of a worker carry the lease they claimed with.
     lease: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the job's message was last published; None: not (successfully) sent yet.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Training time of all attempts so far, for the spec's max_runtime_seconds.
+    runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -59,6 +67,24 @@ class Job(Base):
     )
 
     __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+
+
+class JobAttempt(Base):
+    """One run of a job on a worker; `attempt` is the lease the run claimed with."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resumed_from_step: Mapped[int] = mapped_column(Integer, default=0)
+    # None while running; then succeeded, cancelled, shutdown, worker_lost, or the
+    # error type of a failure (nan_loss, out_of_memory, timeout, ...).
+    reason: Mapped[str | None] = mapped_column(String(32))
+    # Whether the run counts against max_attempts.
+    counted: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class JobEvent(Base):

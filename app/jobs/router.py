@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, status
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.jobs import service as jobs_service
 from app.jobs.schemas import (
+    AttemptList,
+    AttemptPublic,
     EventList,
     EventPublic,
     JobList,
@@ -36,7 +38,9 @@ def submit_job(
     """Validate a job spec, store the job as `queued`, and send it to the workers."""
     job = jobs_service.create_job(session, spec=spec)
     session.commit()
-    enqueue_training(celery, job_id=job.id, queue=settings.queue)
+    if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
+        jobs_service.mark_unsent(session, job_id=job.id)
+        session.commit()
     return jobs_service.to_public(job)
 
 
@@ -108,3 +112,27 @@ def list_events(
     rows, has_more = jobs_service.list_events(session, job_id=job_id, after=after, limit=limit)
     data = [EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data) for e in rows]
     return EventList(data=data, has_more=has_more)
+
+
+@router.get("/{job_id}/attempts", response_model=AttemptList, responses=ERRORS)
+def list_attempts(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="attempt number cursor")] = None,
+    limit: Limit = 100,
+) -> AttemptList:
+    """Every run of the job, oldest first: worker, times, step resumed from, why it ended."""
+    rows, has_more = jobs_service.list_attempts(session, job_id=job_id, after=after, limit=limit)
+    data = [
+        AttemptPublic(
+            attempt=row.attempt,
+            worker=row.worker,
+            started_at=row.started_at,
+            ended_at=row.ended_at,
+            resumed_from_step=row.resumed_from_step,
+            reason=row.reason,
+            counted=row.counted,
+        )
+        for row in rows
+    ]
+    return AttemptList(data=data, has_more=has_more)

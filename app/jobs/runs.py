@@ -1,24 +1,28 @@
-"""The writes a worker makes for the job it runs: claim, progress, outcome.
+"""The writes a worker makes for the job it runs: claim, heartbeat, progress, outcome.
 
-Every write after the claim is conditional on the lease the claim returned, so a
-worker that lost the job (a duplicate delivery, a stale run) can never overwrite
-the work of the job's current owner.
+The database, not the broker, decides who trains a job. A claim is one conditional
+update that bumps the job's `lease` (its fencing epoch) and returns it; every later
+write carries that lease and the statuses a live run can be in, so a worker that lost
+the job (a duplicate delivery, a run the reaper gave up on) can never overwrite the
+work of the job's current owner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.checkpoints.models import Checkpoint
 from app.db import utcnow
-from app.jobs.models import Job, JobEvent, JobMetric
+from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
+LIVE_STATUSES = ("running", "cancelling")
 
 
 class LeaseLost(Exception):
@@ -30,32 +34,92 @@ class Claim:
     job_id: str
     lease: int
     attempt: int
+    resumed_from_step: int
+    runtime_seconds: float
 
 
-def claim_job(session: Session, *, job_id: str, worker: str) -> Claim | None:
-    """Take a queued job; None when it is not queued (a duplicate delivery, a cancel)."""
+@dataclass(frozen=True)
+class Heartbeat:
+    """What the owner of a running job learns each time it renews its lease."""
+
+    cancel_requested: bool
+    release_requested: bool
+
+
+def claimable(now: datetime, lease_timeout: float) -> ColumnElement[bool]:
+    """Queued, or running with a heartbeat older than the lease: its worker is gone."""
+    stale = Job.heartbeat_at < now - timedelta(seconds=lease_timeout)
+    return and_(
+        Job.attempts < Job.max_attempts,
+        or_(Job.status == "queued", and_(Job.status == "running", stale)),
+    )
+
+
+def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: float) -> Claim | None:
+    """Take the job for `worker`; None when it is not claimable (a duplicate delivery, a
+    cancel, a live run elsewhere, attempts used up): the caller then writes nothing."""
     now = utcnow()
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.id == job_id, claimable(now, lease_timeout))
         .values(
             status="running",
             attempts=Job.attempts + 1,
             lease=Job.lease + 1,
             worker=worker,
             heartbeat_at=now,
-            started_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            release_requested=False,
         )
-        .returning(Job.lease, Job.attempts)
+        .returning(Job.lease, Job.attempts, Job.runtime_seconds)
     ).first()
     if row is None:
         return None
-    append_events(session, job_id, [("status", {"status": "running", "worker": worker})])
-    return Claim(job_id=job_id, lease=row.lease, attempt=row.attempts)
+    end_open_attempts(session, job_id, reason="worker_lost", now=now)
+    # The run resumes from the newest checkpoint: what an earlier run recorded past it
+    # (metrics flushed between that checkpoint and its death) is trained again.
+    resumed = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+    resumed_from_step = resumed or 0
+    session.execute(
+        delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > resumed_from_step)
+    )
+    session.execute(update(Job).where(Job.id == job_id).values(step=resumed_from_step))
+    session.add(
+        JobAttempt(
+            job_id=job_id,
+            attempt=row.lease,
+            worker=worker,
+            started_at=now,
+            resumed_from_step=resumed_from_step,
+            counted=True,
+        )
+    )
+    data = {"status": "running", "worker": worker, "attempt": row.attempts}
+    append_events(session, job_id, [("status", data | {"resumed_from_step": resumed_from_step})])
+    return Claim(
+        job_id=job_id,
+        lease=row.lease,
+        attempt=row.attempts,
+        resumed_from_step=resumed_from_step,
+        runtime_seconds=row.runtime_seconds,
+    )
 
 
-def _owned(claim: Claim) -> Any:
-    return (Job.id == claim.job_id) & (Job.lease == claim.lease)
+def _owned(claim: Claim) -> ColumnElement[bool]:
+    return and_(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
+
+
+def renew_lease(session: Session, *, claim: Claim, runtime_seconds: float) -> Heartbeat:
+    """Renew the lease, record the training time, and read the flags a worker obeys."""
+    row = session.execute(
+        update(Job)
+        .where(_owned(claim))
+        .values(heartbeat_at=utcnow(), runtime_seconds=runtime_seconds)
+        .returning(Job.cancel_requested, Job.release_requested)
+    ).first()
+    if row is None:
+        raise LeaseLost(claim.job_id)
+    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
 def record_progress(
@@ -65,20 +129,20 @@ def record_progress(
     job_values: dict[str, Any],
     metrics: Sequence[dict[str, Any]],
     events: Sequence[tuple[str, dict[str, Any]]],
-) -> bool:
-    """Write a batch of steps and events; returns whether a cancel was requested."""
+) -> Heartbeat:
+    """Write a batch of steps and events; renews the lease like a heartbeat."""
     row = session.execute(
         update(Job)
-        .where(_owned(claim), Job.status.in_(("running", "cancelling")))
+        .where(_owned(claim))
         .values(heartbeat_at=utcnow(), **job_values)
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.release_requested)
     ).first()
     if row is None:
         raise LeaseLost(claim.job_id)
     if metrics:
         session.execute(insert(JobMetric), [metric_row(claim.job_id, m) for m in metrics])
     append_events(session, claim.job_id, events)
-    return bool(row.cancel_requested)
+    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
 def finish_job(
@@ -88,21 +152,112 @@ def finish_job(
     status: str,
     error: tuple[str, str] | None = None,
     event_data: dict[str, Any] | None = None,
+    runtime_seconds: float | None = None,
 ) -> None:
-    """Record the outcome: succeeded, failed or cancelled."""
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "heartbeat_at": utcnow()}
+    """Record the outcome: succeeded, failed or cancelled. Final: no retry follows."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "finished_at": now, "heartbeat_at": now}
+    if runtime_seconds is not None:
+        values["runtime_seconds"] = runtime_seconds
     if error is not None:
         values |= {"error_type": error[0], "error_message": error[1]}
-    changed = session.execute(
-        update(Job).where(_owned(claim), Job.status.in_(("running", "cancelling"))).values(**values)
-    ).rowcount  # type: ignore[attr-defined]
-    if not changed:
-        raise LeaseLost(claim.job_id)
+    _update_owned(session, claim, values)
+    end_attempt(session, claim, reason=error[0] if error else status, now=now)
     data = {"status": status, **(event_data or {})}
     if error is not None:
         data |= {"error": {"type": error[0], "message": error[1]}}
         append_events(session, claim.job_id, [("error", {"type": error[0], "message": error[1]})])
     append_events(session, claim.job_id, [("status", data)])
+
+
+def hand_back(
+    session: Session,
+    *,
+    claim: Claim,
+    reason: str,
+    counted: bool,
+    runtime_seconds: float | None = None,
+) -> bool:
+    """Put the job back in the queue for another run.
+
+    `shutdown` (the worker was asked to stop) is not counted against max_attempts; an
+    infrastructure failure is, and fails the job `reason` once attempts are used up.
+    Returns whether the job was re-queued (the caller then sends its message).
+    """
+    now = utcnow()
+    job = session.execute(
+        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(_owned(claim))
+    ).first()
+    if job is None:
+        raise LeaseLost(claim.job_id)
+    attempts = job.attempts if counted else job.attempts - 1
+    if job.cancel_requested:
+        finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)
+        return False
+    if attempts >= job.max_attempts:
+        message = f"{reason}: no attempts left ({job.max_attempts} used)"
+        error = (reason, message)
+        finish_job(
+            session, claim=claim, status="failed", error=error, runtime_seconds=runtime_seconds
+        )
+        return False
+    values: dict[str, Any] = {
+        "status": "queued",
+        "attempts": attempts,
+        "worker": None,
+        "release_requested": False,
+        # The caller sends the message right after the commit (and clears this if
+        # that fails), as the API does for a new job.
+        "enqueued_at": now,
+    }
+    if runtime_seconds is not None:
+        values["runtime_seconds"] = runtime_seconds
+    # Conditional on no cancel: one that lands after the read above must not be lost.
+    requeued = session.execute(
+        update(Job).where(_owned(claim), Job.cancel_requested.is_(False)).values(**values)
+    ).rowcount  # type: ignore[attr-defined]
+    if not requeued:
+        finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)
+        return False
+    end_attempt(session, claim, reason=reason, now=now, counted=counted)
+    append_events(session, claim.job_id, [("status", {"status": "queued", "reason": reason})])
+    return True
+
+
+def request_release(session: Session, *, worker: str) -> int:
+    """Ask the runs of a shutting-down worker to checkpoint and hand their jobs back."""
+    return int(
+        session.execute(
+            update(Job)
+            .where(Job.worker == worker, Job.status == "running")
+            .values(release_requested=True)
+        ).rowcount  # type: ignore[attr-defined]
+    )
+
+
+def _update_owned(session: Session, claim: Claim, values: dict[str, Any]) -> None:
+    changed = session.execute(update(Job).where(_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    if not changed:
+        raise LeaseLost(claim.job_id)
+
+
+def end_attempt(
+    session: Session, claim: Claim, *, reason: str, now: datetime, counted: bool = True
+) -> None:
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == claim.job_id, JobAttempt.attempt == claim.lease)
+        .values(ended_at=now, reason=reason, counted=counted)
+    )
+
+
+def end_open_attempts(session: Session, job_id: str, *, reason: str, now: datetime) -> None:
+    """Close the history row of a run that stopped without saying so (its worker died)."""
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_(None))
+        .values(ended_at=now, reason=reason)
+    )
 
 
 def metric_row(job_id: str, metric: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class JobPublic(_TimesInUtc):
     metrics: dict[str, Any] | None
     error: JobError | None
     attempts: int
+    max_attempts: int
+    worker: str | None
+    runtime_seconds: float
     cancel_requested: bool
     created_at: datetime
     started_at: datetime | None
@@ -57,6 +60,24 @@ class JobPublic(_TimesInUtc):
 
 class JobList(BaseModel):
     data: list[JobPublic]
+    has_more: bool
+
+
+class AttemptPublic(_TimesInUtc):
+    attempt: int
+    worker: str
+    started_at: datetime
+    ended_at: datetime | None
+    resumed_from_step: int
+    # None while the run goes on; then succeeded, cancelled, shutdown, worker_lost or an
+    # error type (nan_loss, out_of_memory, timeout, ...).
+    reason: str | None
+    # Whether the run counts against max_attempts (a shutdown hand-back does not).
+    counted: bool
+
+
+class AttemptList(BaseModel):
+    data: list[AttemptPublic]
     has_more: bool
 
 

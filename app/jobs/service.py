@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.db import utcnow
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
 from app.jobs.ids import is_job_id, new_job_id
-from app.jobs.models import Job, JobEvent, JobMetric
+from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
 from app.jobs.spec import JobSpec
 
@@ -36,8 +36,14 @@ def create_job(session: Session, *, spec: JobSpec) -> Job:
         samples_seen=0,
         tokens_seen=0,
         attempts=0,
+        max_attempts=spec.max_attempts,
         cancel_requested=False,
+        release_requested=False,
         lease=0,
+        runtime_seconds=0.0,
+        # Sent right after the commit; if that fails the route clears it, and if the
+        # process dies in between the reaper finds no message and sends one.
+        enqueued_at=utcnow(),
     )
     session.add(job)
     session.flush()
@@ -113,6 +119,30 @@ def list_events(
     return events[:limit], len(events) > limit
 
 
+def mark_unsent(session: Session, *, job_id: str) -> None:
+    """The job's message could not be published: the reaper sends it on its next pass."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=None)
+    )
+
+
+def list_attempts(
+    session: Session, *, job_id: str, after: int | None, limit: int
+) -> tuple[list[JobAttempt], bool]:
+    """The job's runs, oldest first, from the cursor `after` (an attempt number)."""
+    get_job(session, job_id=job_id)
+    query = (
+        select(JobAttempt)
+        .where(JobAttempt.job_id == job_id)
+        .order_by(JobAttempt.attempt)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(JobAttempt.attempt > after)
+    attempts = list(session.scalars(query))
+    return attempts[:limit], len(attempts) > limit
+
+
 def list_metrics(
     session: Session, *, job_id: str, after_step: int | None, limit: int
 ) -> tuple[list[JobMetric], bool]:
@@ -153,6 +183,9 @@ def to_public(job: Job) -> JobPublic:
         metrics=job.metrics,
         error=error,
         attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        worker=job.worker,
+        runtime_seconds=job.runtime_seconds,
         cancel_requested=job.cancel_requested,
         created_at=job.created_at,
         started_at=job.started_at,

@@ -30,6 +30,8 @@ DATASET_ENTRY_POINT_GROUP = "trainjob.datasets"
 MAX_MICRO_BATCH_SIZE = 4096
 MAX_ACCUMULATION_STEPS = 4096
 MAX_BATCH_SIZE = 65536
+MAX_ATTEMPTS = 10
+MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 MAX_STEPS = 1_000_000
 MAX_EPOCHS = 1000
 MAX_PARAMETERS = 200_000_000
@@ -243,6 +245,11 @@ class JobSpec(_Strict):
     device: Device = "auto"
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
     eval_every: int = Field(0, ge=0, le=MAX_STEPS)
+    # How many runs may end in an infrastructure failure (worker lost, lease expired,
+    # connection lost) before the job fails; deterministic failures never retry.
+    max_attempts: int = Field(3, ge=1, le=MAX_ATTEMPTS)
+    # Training time over all attempts; on expiry the job checkpoints and fails `timeout`.
+    max_runtime_seconds: int | None = Field(None, ge=1, le=MAX_RUNTIME_SECONDS)
 
     @field_validator("model", mode="before")
     @classmethod

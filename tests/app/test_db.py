@@ -9,9 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from app.db import (
+    Base,
     Database,
     DatabaseNotMigrated,
     current_revision,
@@ -23,7 +26,14 @@ from app.db import (
 from app.main import create_app
 from app.settings import Settings
 
-TABLES = {"jobs", "job_events", "job_metrics", "checkpoints", "checkpoint_chunks"}
+TABLES = {
+    "jobs",
+    "job_attempts",
+    "job_events",
+    "job_metrics",
+    "checkpoints",
+    "checkpoint_chunks",
+}
 
 
 def tables(url: str) -> set[str]:
@@ -49,6 +59,17 @@ def test_upgrade_from_empty_to_head_and_downgrade_to_base_on_postgres(
         database.dispose()
     downgrade(url)
     assert tables(url) == set()
+
+
+def test_the_migrated_schema_is_the_schema_of_the_models(database: Database) -> None:
+    # `database` is migrated to head (Postgres and SQLite): no difference may remain.
+    import app.checkpoints.models
+    import app.jobs.models  # noqa: F401
+
+    with database.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    assert differences == []
 
 
 def test_an_unmigrated_database_is_refused_with_a_clear_message(

@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=1, help="training processes (default 1: one per GPU)"
     )
 
+    commands.add_parser(
+        "reaper",
+        help="run the reaper alone (re-queues lost runs, re-sends lost messages)",
+        description=(
+            "Every TRAINJOB_REAPER_INTERVAL_SECONDS: re-queue running jobs whose worker "
+            "stopped heartbeating, and send queued jobs whose message is missing from Redis. "
+            "`trainjob serve` runs it already; use this where no API process runs."
+        ),
+    )
+
     database = commands.add_parser("db", help="database migrations")
     database.add_argument(
         "action", choices=["upgrade", "downgrade", "current"], help="migrate, or show the revision"
@@ -88,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve.serve_command(args.host, args.port, with_worker=not args.no_worker)
     if args.command == "worker":
         return serve.worker_command(args.queues, args.concurrency)
+    if args.command == "reaper":
+        return serve.reaper_command()
     if args.command == "db":
         return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")

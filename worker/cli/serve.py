@@ -14,14 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.settings import Settings, get_settings
 from worker.cli.embedded_redis import EmbeddedRedis
 
 logger = logging.getLogger("trainjob.serve")
-
-WORKER_STOP_SECONDS = 60
 
 
 def _check_migrated(settings: Settings) -> str | None:
@@ -60,7 +59,7 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
         )
     finally:
         if worker is not None:
-            _stop(worker)
+            _stop(worker, settings.shutdown_timeout_seconds + 10)
         if embedded_redis is not None:
             embedded_redis.stop()
 
@@ -84,17 +83,18 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(WORKER_STOP_SECONDS)
-    except subprocess.TimeoutExpired:
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the worker's main process only: it hands its job back with a checkpoint
+    (worker/shutdown.py) and exits. Then clear the group, pool children included."""
+    if process.poll() is None:
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    process.wait()
 
 
 def _run_api(settings: Settings, host: str, port: int) -> int:
@@ -134,20 +134,26 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def _cannot_connect(settings: Settings) -> str | None:
+    """Why a command that needs the database and Redis cannot start, if it cannot."""
+    if settings.redis_url is None:
+        return "TRAINJOB_REDIS_URL is not set"
+    return _check_migrated(settings)
+
+
 def worker_command(queues: str | None, concurrency: int) -> int:
     settings = get_settings()
-    if settings.redis_url is None:
-        print("trainjob worker: TRAINJOB_REDIS_URL is not set", file=sys.stderr)
-        return 2
-    problem = _check_migrated(settings)
+    problem = _cannot_connect(settings)
     if problem:
         print(f"trainjob worker: {problem}", file=sys.stderr)
         return 2
     # Never initialise CUDA in the parent; NVML answers "is CUDA there?" without it.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from worker.celery_app import make_celery
+    from worker.shutdown import install_graceful_shutdown
 
     celery = make_celery(settings)
+    install_graceful_shutdown(settings)
     celery.worker_main(
         [
             "worker",
@@ -156,12 +162,46 @@ def worker_command(queues: str | None, concurrency: int) -> int:
             "--concurrency", str(concurrency),
             "--pool", "prefork",
             "--max-tasks-per-child", "1",
-            "--hostname", f"trainjob@{socket.gethostname()}",
+            # Unique per process: a shutting-down worker finds its jobs by this name.
+            "--hostname", f"trainjob-{os.getpid()}@{socket.gethostname()}",
             "--without-gossip",
             "--without-mingle",
         ]
     )  # fmt: skip
     return 0
+
+
+def reaper_command() -> int:
+    settings = get_settings()
+    problem = _cannot_connect(settings)
+    if problem:
+        print(f"trainjob reaper: {problem}", file=sys.stderr)
+        return 2
+    import redis
+
+    from app.main import make_reaper
+    from worker.celery_app import make_celery
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(message)s")
+    database = Database(settings.effective_database_url)
+    assert settings.redis_url is not None  # _cannot_connect said so
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    reaper = make_reaper(settings, database, make_celery(settings), client)
+    interval = settings.reaper_interval_seconds or 10.0
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stop)
+    try:
+        while True:
+            try:
+                reaper.run_once()
+            except Exception:  # a blip: the next pass tries again
+                logger.exception("reaper pass failed")
+            time.sleep(interval)
+    except _Stop:
+        return 0
+    finally:
+        client.close()
+        database.dispose()
 
 
 def db_command(action: str, revision: str | None) -> int:

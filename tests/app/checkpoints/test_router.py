@@ -20,7 +20,7 @@ def test_weights_are_404_until_a_checkpoint_exists_then_stream(
     missing = client.get(f"/v1/jobs/{job['id']}/weights")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "no_checkpoint"
     with database.session() as session:
-        claim = runs.claim_job(session, job_id=job["id"], worker="w")
+        claim = runs.claim_job(session, job_id=job["id"], worker="w", lease_timeout=60)
         assert claim is not None
         for step in (1, 2):
             checkpoints_service.save_checkpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "batch_size": 8
 def claimed_job(database: Database) -> runs.Claim:
     with database.session() as session:
         job = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC))
-        claim = runs.claim_job(session, job_id=job.id, worker="w")
+        claim = runs.claim_job(session, job_id=job.id, worker="w", lease_timeout=60)
         session.commit()
     assert claim is not None
     return claim
@@ -101,7 +102,7 @@ def test_saving_the_same_step_again_replaces_it(database: Database) -> None:
 
 def test_a_stale_lease_cannot_save_a_checkpoint(database: Database) -> None:
     claim = claimed_job(database)
-    stale = runs.Claim(job_id=claim.job_id, lease=claim.lease + 1, attempt=1)
+    stale = dataclasses.replace(claim, lease=claim.lease + 1)
     with database.session() as session, pytest.raises(runs.LeaseLost):
         checkpoints_service.save_checkpoint(
             session, claim=stale, store=DatabaseStore(), step=1, weights=b"w", state=b"s", loss=None

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
-from app.db import Database
+from app.db import Database, utcnow
 from app.jobs import runs
+from app.jobs.models import Job
+from app.main import create_app
 from app.settings import Settings
 
 SPEC: dict[str, Any] = {
@@ -22,7 +26,11 @@ SPEC: dict[str, Any] = {
 }
 JOB_FIELDS = {
     "id", "name", "status", "spec", "batch_size", "micro_batch_size", "accumulation_steps",
-    "progress", "metrics", "error", "attempts", "created_at", "started_at", "finished_at",
+    "progress", "metrics", "error", "attempts", "max_attempts", "worker", "runtime_seconds",
+    "created_at", "started_at", "finished_at",
+}  # fmt: skip
+ATTEMPT_FIELDS = {
+    "attempt", "worker", "started_at", "ended_at", "resumed_from_step", "reason", "counted",
 }  # fmt: skip
 
 
@@ -44,6 +52,8 @@ def test_submit_returns_the_queued_job_and_enqueues_only_its_id(
     assert job["progress"] == {"step": 0, "max_steps": 3, "epoch": 0, "samples_seen": 0,
                                "tokens_seen": 0}  # fmt: skip
     assert job["spec"]["batch_size"] == 8 and job["error"] is None
+    assert (job["attempts"], job["max_attempts"], job["worker"]) == (0, 3, None)
+    assert job["runtime_seconds"] == 0.0
     assert redis_client.llen(settings.queue) == before + 1
     message = json.loads(redis_client.lindex(settings.queue, 0))  # type: ignore[arg-type]
     assert message["headers"]["task"] == "trainjob.train_job"
@@ -119,7 +129,7 @@ def test_cancel_queued_is_immediate_and_cancel_finished_is_409(client: TestClien
 def test_cancel_running_job_becomes_cancelling(client: TestClient, database: Database) -> None:
     job = submit(client)
     with database.session() as session:
-        runs.claim_job(session, job_id=job["id"], worker="w")
+        runs.claim_job(session, job_id=job["id"], worker="w", lease_timeout=60)
         session.commit()
     response = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "cancelling"
@@ -130,7 +140,7 @@ def test_metrics_and_events_have_their_documented_shapes(
 ) -> None:
     job = submit(client)
     with database.session() as session:
-        claim = runs.claim_job(session, job_id=job["id"], worker="w")
+        claim = runs.claim_job(session, job_id=job["id"], worker="w", lease_timeout=60)
         assert claim is not None
         metrics = [
             {"step": s, "loss": 1.0, "lr": 0.1, "grad_norm": 0.2, "samples_per_sec": 50.0,
@@ -151,3 +161,66 @@ def test_metrics_and_events_have_their_documented_shapes(
     after = client.get(f"/v1/jobs/{job['id']}/events", params={"after": events["data"][1]["id"]})
     assert [e["type"] for e in after.json()["data"]] == ["overflow_skip"]
     assert client.get("/v1/jobs/job_000000000000000000000000/events").status_code == 404
+
+
+def test_attempts_list_every_run_of_the_job_oldest_first(
+    client: TestClient, database: Database
+) -> None:
+    job = submit(client)
+    with database.session() as session:
+        first = runs.claim_job(session, job_id=job["id"], worker="w1", lease_timeout=60)
+        assert first is not None
+        runs.hand_back(session, claim=first, reason="shutdown", counted=False)
+        runs.claim_job(session, job_id=job["id"], worker="w2", lease_timeout=60)
+        session.execute(  # w2 stops renewing its lease
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=120))
+        )
+        runs.claim_job(session, job_id=job["id"], worker="w3", lease_timeout=60)
+        session.commit()
+
+    page = client.get(f"/v1/jobs/{job['id']}/attempts").json()
+    assert set(page) == {"data", "has_more"} and page["has_more"] is False
+    assert all(set(row) == ATTEMPT_FIELDS for row in page["data"])
+    assert [(r["attempt"], r["worker"], r["reason"], r["counted"]) for r in page["data"]] == [
+        (1, "w1", "shutdown", False), (2, "w2", "worker_lost", True), (3, "w3", None, True),
+    ]  # fmt: skip
+    assert [r["resumed_from_step"] for r in page["data"]] == [0, 0, 0]
+    assert page["data"][0]["ended_at"] and page["data"][2]["ended_at"] is None
+    assert page["data"][0]["started_at"].endswith("+00:00")  # times say they are UTC
+    current = client.get(f"/v1/jobs/{job['id']}").json()
+    assert (current["status"], current["worker"], current["attempts"]) == ("running", "w3", 2)
+
+    first_page = client.get(f"/v1/jobs/{job['id']}/attempts", params={"limit": 2}).json()
+    assert [r["attempt"] for r in first_page["data"]] == [1, 2] and first_page["has_more"]
+    rest = client.get(f"/v1/jobs/{job['id']}/attempts", params={"after": 2, "limit": 2}).json()
+    assert [r["attempt"] for r in rest["data"]] == [3] and rest["has_more"] is False
+
+
+def test_attempts_of_an_unknown_job_are_404_and_bad_pages_422(client: TestClient) -> None:
+    missing = client.get("/v1/jobs/job_000000000000000000000000/attempts")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    job = submit(client)
+    assert client.get(f"/v1/jobs/{job['id']}/attempts").json() == {"data": [], "has_more": False}
+    for params in ({"limit": 0}, {"limit": 101}, {"after": -1}):
+        response = client.get(f"/v1/jobs/{job['id']}/attempts", params=params)
+        assert response.status_code == 422 and "error" in response.json()
+
+
+def test_submit_with_the_broker_away_keeps_the_job_queued_for_the_reaper(
+    settings: Settings, database: Database
+) -> None:
+    away = settings.model_copy(
+        update={"redis_url": "redis://127.0.0.1:1/0", "reaper_interval_seconds": 0}
+    )
+    with TestClient(create_app(away)) as client:
+        started = time.monotonic()
+        job = submit(client)
+        assert time.monotonic() - started < 5  # the publish retries briefly, then gives up
+        assert job["status"] == "queued"
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    with database.session() as session:
+        stored = session.get(Job, job["id"])
+        assert stored is not None and stored.status == "queued"
+        assert stored.enqueued_at is None  # the reaper's next pass sends it

@@ -622,6 +622,8 @@ def full_spec() -> dict[str, Any]:
         "device": "cuda",
         "checkpoint_every": 50,
         "eval_every": 25,
+        "max_attempts": 5,
+        "max_runtime_seconds": 3600,
     }
 
 

@@ -64,3 +64,50 @@ def test_serve_from_a_fresh_home_trains_a_job_and_ctrl_c_leaves_nothing(tmp_path
     wait_for(lambda: not any(alive(pid) for pid in children), 10, "the service's processes to exit")
     assert (home / "trainjob.db").exists() and (home / "redis.rdb").exists()
     assert f"trainjob is serving at {url}" in log.read_text()
+
+
+def test_ctrl_c_mid_job_hands_it_back_and_the_next_serve_finishes_it(tmp_path: Path) -> None:
+    home, port = tmp_path / "home", free_port()
+    env = service_env(home=str(home), heartbeat_seconds="0.2", test_faults="slow=0.02")
+    url = f"http://127.0.0.1:{port}"
+    spec = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "micro_batch_size": 8,
+            "accumulation_steps": 2, "max_steps": 100, "checkpoint_every": 5}  # fmt: skip
+
+    def serve(log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as output:
+            process = subprocess.Popen([*TRAINJOB, "serve", "--port", str(port)], env=env,
+                                       stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        wait_until_ready(url, process, log)
+        return process
+
+    first = serve(tmp_path / "first.log")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            job_id = client.post("/v1/jobs", json=spec).json()["id"]
+
+            def training() -> bool:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                return job["status"] == "running" and job["progress"]["step"] >= 10
+
+            wait_for(training, 60, "the job to train past step 10")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(90) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = serve(tmp_path / "second.log")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            done = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=120)
+            attempts = client.get(f"/v1/jobs/{job_id}/attempts").json()["data"]
+        second.send_signal(signal.SIGINT)
+        assert second.wait(90) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert [(a["reason"], a["counted"]) for a in attempts] == [
+        ("shutdown", False),
+        ("succeeded", True),
+    ]
+    assert attempts[1]["resumed_from_step"] >= 10

@@ -1,0 +1,124 @@
+"""Publishing a job's message, and finding which jobs Redis still holds a message for.
+
+Against the real Redis: the reaper trusts this scan to decide whether to send a job again,
+so it must read the exact shapes kombu writes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from app import queue as queue_module
+from app.jobs.ids import new_job_id
+from app.queue import UNACKED_KEY, enqueue_training, job_ids_in_broker, task_id_for
+from app.settings import Settings
+from tests.conftest import REDIS_URL
+from worker.celery_app import make_celery
+
+
+@pytest.fixture
+def queue(queue_name: str, redis_client: redis.Redis) -> Iterator[str]:
+    """A queue of this test's own, deleted afterwards."""
+    name = f"{queue_name}-scan-{secrets.token_hex(4)}"
+    yield name
+    redis_client.delete(name)
+
+
+@pytest.fixture
+def celery(queue: str, tmp_path: Path) -> Iterator[Celery]:
+    app = make_celery(Settings(home=tmp_path, redis_url=REDIS_URL, queue=queue))
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def unacked(redis_client: redis.Redis) -> Iterator[list[str]]:
+    """Fields this test adds to kombu's hash of delivered, unacknowledged messages."""
+    fields: list[str] = []
+    yield fields
+    if fields:
+        redis_client.hdel(UNACKED_KEY, *fields)
+
+
+def test_a_sent_job_is_found_until_its_message_is_gone(
+    celery: Celery, queue: str, redis_client: redis.Redis
+) -> None:
+    job_id = new_job_id()
+    assert enqueue_training(celery, job_id=job_id, queue=queue) is True
+    [raw] = redis_client.lrange(queue, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["id"].startswith(f"{job_id}:")
+    assert message["headers"]["argsrepr"] == repr([job_id])  # the id and nothing else
+    assert job_id in job_ids_in_broker(redis_client, queue)
+
+    redis_client.delete(queue)  # Redis restarted without its data, say
+    assert job_id not in job_ids_in_broker(redis_client, queue)
+
+
+def test_a_message_delivered_but_not_acknowledged_is_found(
+    celery: Celery, queue: str, redis_client: redis.Redis, unacked: list[str]
+) -> None:
+    job_id = new_job_id()
+    assert enqueue_training(celery, job_id=job_id, queue=queue)
+    raw = redis_client.rpop(queue)  # a worker took it and runs it (acks late)
+    assert isinstance(raw, bytes) and redis_client.llen(queue) == 0
+    tag = f"test-{secrets.token_hex(8)}"
+    unacked.append(tag)
+    # kombu's Redis transport keeps [message, exchange, routing key] under the delivery tag.
+    redis_client.hset(UNACKED_KEY, tag, json.dumps([json.loads(raw), "", queue]))
+
+    assert job_id in job_ids_in_broker(redis_client, queue)
+
+
+def test_a_hand_made_unacked_entry_in_kombus_shape_is_found(
+    queue: str, redis_client: redis.Redis, unacked: list[str]
+) -> None:
+    job_id = new_job_id()
+    message = {"body": "", "headers": {"id": task_id_for(job_id)}, "properties": {}}
+    tag = f"test-{secrets.token_hex(8)}"
+    unacked.append(tag)
+    redis_client.hset(UNACKED_KEY, tag, json.dumps([message, "", queue]))
+    assert job_id in job_ids_in_broker(redis_client, queue)
+
+
+def test_malformed_entries_are_skipped(
+    celery: Celery, queue: str, redis_client: redis.Redis, unacked: list[str]
+) -> None:
+    job_id = new_job_id()
+    garbage: list[bytes | str] = [
+        b"not json", b"\xff\xfe", "null", "42", '"text"', "[]", "[1, 2]", "{}",
+        '{"headers": null}', '{"headers": {}}', '{"headers": {"id": 7}}', "[{}]",
+    ]  # fmt: skip
+    redis_client.rpush(queue, *garbage)
+    assert enqueue_training(celery, job_id=job_id, queue=queue)
+    redis_client.rpush(queue, *garbage)
+    tags = [f"test-{secrets.token_hex(8)}" for _ in garbage]
+    unacked.extend(tags)
+    redis_client.hset(UNACKED_KEY, mapping=dict(zip(tags, garbage, strict=True)))
+
+    found = job_ids_in_broker(redis_client, queue)
+
+    assert job_id in found
+    assert not found & {"7", "42", "1", "text", "None", ""}
+
+
+@pytest.mark.parametrize("count", [4, 5])
+def test_a_long_queue_is_read_page_by_page(
+    celery: Celery,
+    queue: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+) -> None:
+    monkeypatch.setattr(queue_module, "SCAN_PAGE", 2)
+    job_ids = {new_job_id() for _ in range(count)}
+    for job_id in job_ids:
+        assert enqueue_training(celery, job_id=job_id, queue=queue)
+    assert job_ids <= job_ids_in_broker(redis_client, queue)

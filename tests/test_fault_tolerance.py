@@ -1,0 +1,296 @@
+"""Fault tolerance with real processes: workers killed, stopped, duplicated, Redis restarted.
+
+An API process (which runs the reaper) and `trainjob worker` processes share a fresh
+Postgres database. Timings are shortened (heartbeat 0.2 s, lease 2 s) and workers
+inject `slow` (a pause per micro-batch, weights unchanged) so that a job can be
+interrupted mid-run. Final weights are compared byte for byte with `trainjob run`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.db import upgrade
+from app.queue import enqueue_training
+from app.settings import Settings
+from tests.conftest import wait_for
+from tests.processes import (
+    TRAINJOB,
+    free_port,
+    running,
+    service_env,
+    stop_group,
+    wait_for_status,
+    wait_until_ready,
+)
+from worker.celery_app import make_celery
+
+SPEC: dict[str, Any] = {
+    "model": {"type": "mlp", "hidden_sizes": [16]},
+    "dataset": {"type": "digits"},
+    "micro_batch_size": 8,
+    "accumulation_steps": 2,
+    "max_steps": 60,
+    "checkpoint_every": 5,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
+    "seed": 3,
+    "device": "cpu",
+}
+SLOW = "slow=0.02"  # 60 steps of 2 micro-batches: about 3 s of training
+FINISHED = {"succeeded", "failed", "cancelled"}
+FAST_TIMINGS = {
+    "heartbeat_seconds": "0.2",
+    "lease_timeout_seconds": "2",
+    "reaper_interval_seconds": "0.5",
+    "requeue_after_seconds": "3",
+    "progress_flush_seconds": "0.2",
+    "shutdown_timeout_seconds": "20",
+}
+
+
+@dataclass
+class Cluster:
+    client: httpx.Client
+    env: dict[str, str]
+    logs: Path
+    settings: Settings
+
+    def worker(self, name: str, faults: str | None = SLOW) -> AbstractContextManager[Any]:
+        env = self.env | ({"TRAINJOB_TEST_FAULTS": faults} if faults else {})
+        return running(["worker"], env, self.logs / f"{name}.log")
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}").json()
+        return job
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self.client.get(f"/v1/jobs/{job_id}/attempts").json()["data"]
+        return data
+
+    def status_events(self, job_id: str) -> list[str]:
+        events = self.client.get(f"/v1/jobs/{job_id}/events", params={"limit": 100}).json()
+        return [event["data"]["status"] for event in events["data"] if event["type"] == "status"]
+
+    def weights(self, job_id: str) -> bytes:
+        response = self.client.get(f"/v1/jobs/{job_id}/weights")
+        assert response.status_code == 200
+        return response.content
+
+
+def wait_for_worker(log: Path) -> None:
+    """Celery prints 'ready.' once the worker consumes its queue."""
+    wait_for(lambda: log.exists() and "ready." in log.read_text(), 60, f"{log.name} ready", 0.1)
+
+
+def wait_for_checkpoint(cluster: Cluster, job_id: str, at_least: int) -> dict[str, Any]:
+    def checkpointed() -> dict[str, Any] | None:
+        job = cluster.job(job_id)
+        assert job["status"] not in FINISHED, job
+        steps = [
+            c["step"] for c in cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+        ]
+        return job if job["status"] == "running" and steps and max(steps) >= at_least else None
+
+    found: dict[str, Any] = wait_for(checkpointed, 60, f"a checkpoint ≥ {at_least}", 0.05)
+    return found
+
+
+def start_api(env: dict[str, str], logs: Path) -> Iterator[httpx.Client]:
+    port = free_port()
+    with running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, api, logs / "api.log")
+        with httpx.Client(base_url=url, timeout=10) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_postgres_database: Callable[[], str],
+    queue_name: str,
+) -> Iterator[Cluster]:
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    logs = tmp_path_factory.mktemp("faults")
+    values = {
+        "database_url": database_url,
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "queue": f"{queue_name}-faults",
+        "home": str(logs / "home"),
+    } | FAST_TIMINGS
+    env = service_env(**values)
+    for client in start_api(env, logs):
+        yield Cluster(client, env, logs, Settings(**values))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The weights of an undisturbed run of SPEC."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "spec.json").write_text(json.dumps(SPEC))
+    result = subprocess.run(
+        [*TRAINJOB, "run", str(folder / "spec.json"), "--out", str(folder / "out"), "--quiet"],
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return (folder / "out" / "weights.safetensors").read_bytes()
+
+
+def test_a_killed_worker_s_job_resumes_on_a_new_worker_to_the_same_weights(
+    cluster: Cluster, reference_weights: bytes
+) -> None:
+    with cluster.worker("kill-a") as first:
+        job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
+        wait_for_checkpoint(cluster, job_id, at_least=10)
+        os.killpg(first.pid, signal.SIGKILL)  # the whole worker: parent and training child
+        first.wait(10)
+    with cluster.worker("kill-b"):
+        done = wait_for_status(cluster.client, job_id, FINISHED, timeout=90)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    first_run, second_run = cluster.attempts(job_id)
+    assert first_run["reason"] == "worker_lost" and first_run["counted"]
+    assert second_run["reason"] == "succeeded" and second_run["worker"] != first_run["worker"]
+    assert second_run["resumed_from_step"] >= 10
+    assert cluster.weights(job_id) == reference_weights
+
+
+def test_the_same_job_delivered_twice_at_once_trains_once(cluster: Cluster) -> None:
+    with cluster.worker("twice-a"), cluster.worker("twice-b"):
+        wait_for_worker(cluster.logs / "twice-a.log")
+        wait_for_worker(cluster.logs / "twice-b.log")
+        job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
+        enqueue_training(make_celery(cluster.settings), job_id=job_id, queue=cluster.settings.queue)
+        done = wait_for_status(cluster.client, job_id, FINISHED, timeout=90)
+
+        def refused() -> bool:
+            logs = [(cluster.logs / f"twice-{n}.log").read_text() for n in "ab"]
+            return any(f"job {job_id} is not claimable" in log for log in logs)
+
+        wait_for(refused, 10, "the second delivery to be refused")
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert len(cluster.attempts(job_id)) == 1
+    assert cluster.status_events(job_id) == ["queued", "running", "succeeded"]
+
+
+def test_sigterm_hands_the_job_back_with_a_checkpoint_and_no_attempt_counted(
+    cluster: Cluster, reference_weights: bytes
+) -> None:
+    with cluster.worker("term-a") as first:
+        job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
+        wait_for_checkpoint(cluster, job_id, at_least=5)
+        with cluster.worker("term-b"):
+            wait_for_worker(cluster.logs / "term-b.log")
+            stopped_at = time.monotonic()
+            first.send_signal(signal.SIGTERM)  # the worker's main process, as Docker does
+            first.wait(30)
+            shutdown_seconds = time.monotonic() - stopped_at
+            done = wait_for_status(cluster.client, job_id, FINISHED, timeout=90)
+    assert first.returncode == 0 and shutdown_seconds < 10
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 1
+    handed_back, finished = cluster.attempts(job_id)
+    assert handed_back["reason"] == "shutdown" and not handed_back["counted"]
+    assert finished["reason"] == "succeeded" and finished["resumed_from_step"] > 0
+    assert "queued" in cluster.status_events(job_id)[2:]
+    assert cluster.weights(job_id) == reference_weights
+
+
+@pytest.mark.parametrize(("fault", "error_type"), [("nan", "nan_loss"), ("oom", "out_of_memory")])
+def test_deterministic_failures_fail_at_once_without_retry(
+    cluster: Cluster, fault: str, error_type: str
+) -> None:
+    with cluster.worker(f"fail-{fault}", faults=fault):
+        job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
+        done = wait_for_status(cluster.client, job_id, FINISHED, timeout=60)
+    assert done["status"] == "failed" and done["error"]["type"] == error_type
+    assert done["attempts"] == 1
+    assert [attempt["reason"] for attempt in cluster.attempts(job_id)] == [error_type]
+    assert cluster.status_events(job_id) == ["queued", "running", "failed"]
+
+
+def test_max_runtime_checkpoints_and_fails_with_timeout(cluster: Cluster) -> None:
+    with cluster.worker("runtime"):
+        spec = SPEC | {"max_steps": 1000, "max_runtime_seconds": 2}
+        job_id = cluster.client.post("/v1/jobs", json=spec).json()["id"]
+        done = wait_for_status(cluster.client, job_id, FINISHED, timeout=60)
+    assert done["status"] == "failed" and done["error"]["type"] == "timeout"
+    # Training time counts from the claim (data loading included) over all attempts.
+    assert done["progress"]["step"] < 1000 and done["runtime_seconds"] >= 2
+    checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints[-1]["step"] == done["progress"]["step"]
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def answers() -> bool:
+        probe = subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+        )
+        return probe.stdout.strip() == "PONG"
+
+    wait_for(answers, 10, f"redis-server on {port}", 0.1)
+    return process
+
+
+def test_a_redis_restart_mid_job_still_succeeds_exactly_once(
+    tmp_path: Path,
+    make_postgres_database: Callable[[], str],
+    queue_name: str,
+    reference_weights: bytes,
+) -> None:
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    port = free_port()
+    redis_server = start_redis(port)
+    env = service_env(
+        database_url=database_url,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        queue=f"{queue_name}-restart",
+        home=str(tmp_path / "home"),
+        **FAST_TIMINGS,
+    )
+    try:
+        for client in start_api(env, tmp_path):
+            with running(["worker"], env | {"TRAINJOB_TEST_FAULTS": SLOW}, tmp_path / "w.log"):
+                cluster = Cluster(client, env, tmp_path, Settings())
+                job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+                wait_for_checkpoint(cluster, job_id, at_least=10)
+                os.killpg(redis_server.pid, signal.SIGKILL)  # everything in Redis is lost
+                redis_server.wait(10)
+                redis_server = start_redis(port)
+                done = wait_for_status(client, job_id, FINISHED, timeout=120)
+            attempts = cluster.attempts(job_id)
+            assert done["status"] == "succeeded", done["error"]
+            assert cluster.status_events(job_id).count("succeeded") == 1
+            assert cluster.weights(job_id) == reference_weights
+            # Never two runs at once: each attempt ended before the next one started.
+            for earlier, later in itertools.pairwise(attempts):
+                assert earlier["ended_at"] is not None
+                assert earlier["ended_at"] <= later["started_at"]
+    finally:
+        stop_group(redis_server)
