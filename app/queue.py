@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from celery import Celery
@@ -18,8 +20,10 @@ from worker.celery_app import TRAIN_TASK
 
 logger = logging.getLogger(__name__)
 
-# Where kombu's Redis transport keeps messages delivered to a worker but not yet acked.
+# Where kombu's Redis transport keeps messages delivered to a worker but not yet acked,
+# and when each was delivered (a sorted set of delivery tags scored by time).
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 SCAN_PAGE = 1000
 
 
@@ -62,19 +66,27 @@ def _queue_messages(client: redis.Redis, queue: str) -> Iterator[bytes | str]:
         start += SCAN_PAGE
 
 
-def job_ids_in_broker(client: redis.Redis, queue: str) -> set[str]:
-    """Jobs with a message waiting in `queue` or delivered and not yet acknowledged.
+def job_ids_in_broker(client: redis.Redis, queue: str, *, unacked_max_age: float) -> set[str]:
+    """Jobs with a message waiting in `queue`, or delivered less than `unacked_max_age`
+    seconds ago and not yet acknowledged.
 
-    Reads the whole queue: called only when some queued job is overdue, which is rare
-    (a Redis restart, a publish that failed).
+    An older delivery of a job that is still queued belongs to a worker that died
+    before it could claim the job: kombu would give that message back only after the
+    visibility timeout (days), so it does not count. Reads the whole queue: called
+    only when some queued job is overdue, which is rare (a Redis restart, a lost
+    worker, a publish that failed).
     """
     found: set[str] = set()
     for raw in _queue_messages(client, queue):
         task_id = _task_id(raw)
         if task_id:
             found.add(job_id_of_task(task_id))
-    for _, raw in client.hscan_iter(UNACKED_KEY, count=SCAN_PAGE):
-        task_id = _task_id(raw)
-        if task_id:
-            found.add(job_id_of_task(task_id))
+    since = time.time() - unacked_max_age
+    tags: list[Any] = list(client.zrangebyscore(UNACKED_INDEX_KEY, since, "+inf"))
+    for start in range(0, len(tags), SCAN_PAGE):
+        entries: list[Any] = client.hmget(UNACKED_KEY, tags[start : start + SCAN_PAGE])
+        for entry in entries:
+            task_id = _task_id(entry) if entry is not None else None
+            if task_id:
+                found.add(job_id_of_task(task_id))
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from celery import Celery
 
 from app import queue as queue_module
 from app.jobs.ids import new_job_id
-from app.queue import UNACKED_KEY, enqueue_training, job_ids_in_broker, task_id_for
+from app.queue import (
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    enqueue_training,
+    job_ids_in_broker,
+    task_id_for,
+)
 from app.settings import Settings
 from tests.conftest import REDIS_URL
 from worker.celery_app import make_celery
@@ -45,6 +52,16 @@ def unacked(redis_client: redis.Redis) -> Iterator[list[str]]:
     yield fields
     if fields:
         redis_client.hdel(UNACKED_KEY, *fields)
+        redis_client.zrem(UNACKED_INDEX_KEY, *fields)
+
+
+MAX_AGE = 300.0
+
+
+def deliver(redis_client: redis.Redis, tag: str, entry: bytes | str, age: float = 0.0) -> None:
+    """What kombu's Redis transport records when it hands a message to a worker."""
+    redis_client.hset(UNACKED_KEY, tag, entry)
+    redis_client.zadd(UNACKED_INDEX_KEY, {tag: time.time() - age})
 
 
 def test_a_sent_job_is_found_until_its_message_is_gone(
@@ -56,10 +73,10 @@ def test_a_sent_job_is_found_until_its_message_is_gone(
     message = json.loads(raw)
     assert message["headers"]["id"].startswith(f"{job_id}:")
     assert message["headers"]["argsrepr"] == repr([job_id])  # the id and nothing else
-    assert job_id in job_ids_in_broker(redis_client, queue)
+    assert job_id in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
 
     redis_client.delete(queue)  # Redis restarted without its data, say
-    assert job_id not in job_ids_in_broker(redis_client, queue)
+    assert job_id not in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
 
 
 def test_a_message_delivered_but_not_acknowledged_is_found(
@@ -72,9 +89,9 @@ def test_a_message_delivered_but_not_acknowledged_is_found(
     tag = f"test-{secrets.token_hex(8)}"
     unacked.append(tag)
     # kombu's Redis transport keeps [message, exchange, routing key] under the delivery tag.
-    redis_client.hset(UNACKED_KEY, tag, json.dumps([json.loads(raw), "", queue]))
+    deliver(redis_client, tag, json.dumps([json.loads(raw), "", queue]))
 
-    assert job_id in job_ids_in_broker(redis_client, queue)
+    assert job_id in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
 
 
 def test_a_hand_made_unacked_entry_in_kombus_shape_is_found(
@@ -84,8 +101,21 @@ def test_a_hand_made_unacked_entry_in_kombus_shape_is_found(
     message = {"body": "", "headers": {"id": task_id_for(job_id)}, "properties": {}}
     tag = f"test-{secrets.token_hex(8)}"
     unacked.append(tag)
-    redis_client.hset(UNACKED_KEY, tag, json.dumps([message, "", queue]))
-    assert job_id in job_ids_in_broker(redis_client, queue)
+    deliver(redis_client, tag, json.dumps([message, "", queue]))
+    assert job_id in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
+
+
+def test_an_old_delivery_of_a_never_claimed_job_does_not_count(
+    queue: str, redis_client: redis.Redis, unacked: list[str]
+) -> None:
+    # A worker took the message and died before claiming: kombu would return it only
+    # after the visibility timeout (days), so the reaper must send the job again.
+    job_id = new_job_id()
+    message = {"body": "", "headers": {"id": task_id_for(job_id)}, "properties": {}}
+    tag = f"test-{secrets.token_hex(8)}"
+    unacked.append(tag)
+    deliver(redis_client, tag, json.dumps([message, "", queue]), age=MAX_AGE + 60)
+    assert job_id not in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
 
 
 def test_malformed_entries_are_skipped(
@@ -101,9 +131,10 @@ def test_malformed_entries_are_skipped(
     redis_client.rpush(queue, *garbage)
     tags = [f"test-{secrets.token_hex(8)}" for _ in garbage]
     unacked.extend(tags)
-    redis_client.hset(UNACKED_KEY, mapping=dict(zip(tags, garbage, strict=True)))
+    for tag, entry in zip(tags, garbage, strict=True):
+        deliver(redis_client, tag, entry)
 
-    found = job_ids_in_broker(redis_client, queue)
+    found = job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
 
     assert job_id in found
     assert not found & {"7", "42", "1", "text", "None", ""}
@@ -121,4 +152,4 @@ def test_a_long_queue_is_read_page_by_page(
     job_ids = {new_job_id() for _ in range(count)}
     for job_id in job_ids:
         assert enqueue_training(celery, job_id=job_id, queue=queue)
-    assert job_ids <= job_ids_in_broker(redis_client, queue)
+    assert job_ids <= job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)

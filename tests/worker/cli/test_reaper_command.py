@@ -43,7 +43,11 @@ def test_reaper_re_queues_a_run_whose_worker_stopped_heartbeating(
                           reaper_interval_seconds="0.2", lease_timeout_seconds="5",
                           heartbeat_seconds="1")  # fmt: skip
         with running(["reaper"], env, tmp_path / "reaper.log") as reaper:
-            wait_for(lambda: job_id in job_ids_in_broker(client, queue), 30, "the job re-sent")
+            wait_for(
+                lambda: job_id in job_ids_in_broker(client, queue, unacked_max_age=60),
+                30,
+                "the job re-sent",
+            )
             assert reaper.poll() is None
         with database.session() as session:
             job = session.get(Job, job_id)

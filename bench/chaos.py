@@ -1,0 +1,778 @@
+"""Chaos: jobs through worker processes that are SIGKILLed and restarted at random.
+
+Not part of CI. It starts, on this machine, an API process (`trainjob serve
+--no-worker`, which runs the reaper) and `--workers` worker processes on a fresh
+PostgreSQL database and a queue of their own, submits `--jobs` small jobs, and while
+they train a killer SIGKILLs a random worker's whole process group (the Celery parent
+and its training child) every `--kill-interval` seconds on average (exponentially
+distributed) and starts a fresh worker in its place, until every job has finished,
+`--timeout` passes, or no job has moved for `--stall-timeout` seconds; in the last two
+cases it then waits up to `--grace` seconds without kills for the jobs left. Timings
+are shortened (heartbeat 0.2 s, lease 2 s, reaper every 0.5 s) and the workers inject
+`slow=SECONDS` (a pause per micro-batch that leaves the weights alone) so that jobs
+last a few seconds and are killed mid-run.
+
+It then prints, from the API:
+
+* submitted, succeeded, failed (by error type);
+* lost: submitted jobs that did not end `succeeded` (failed, cancelled or never
+  finished) - must be 0;
+* overlap: jobs two of whose runs (GET /v1/jobs/{id}/attempts, [started_at,
+  ended_at), an open run lasting to the end) overlap in time - must be 0;
+* weights differ: succeeded jobs whose final weights differ byte for byte from an
+  undisturbed `trainjob run` of the same spec - must be 0;
+
+and kills, runs per job, the reasons runs ended, what the worker logs say about fenced
+runs and refused duplicate deliveries, the messages killed workers left in kombu's
+`unacked` hash, where the messages of each lost job are, and the wall time. The exit
+status is 1 when lost, overlap or weights differ is not 0, 2 when the cluster could
+not be set up, and 130 on Ctrl-C. All processes, the run's Redis keys and the
+temporary database are removed at the end, Ctrl-C included.
+
+    .venv/bin/python bench/chaos.py                     # 30 jobs, 2 workers
+    .venv/bin/python bench/chaos.py --jobs 6 --keep-logs /tmp/chaos-logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+
+from app.db import upgrade
+
+TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+# As in tests/test_fault_tolerance.py: a lost worker is noticed within about 2.5 s.
+TIMINGS = {
+    "heartbeat_seconds": "0.2",
+    "lease_timeout_seconds": "2",
+    "reaper_interval_seconds": "0.5",
+    "requeue_after_seconds": "3",
+    "progress_flush_seconds": "0.2",
+    "shutdown_timeout_seconds": "20",
+}
+_BASE: dict[str, Any] = {
+    "model": {"type": "mlp", "hidden_sizes": [16]},
+    "dataset": {"type": "digits"},
+    "micro_batch_size": 8,
+    "accumulation_steps": 2,
+    "max_steps": 60,
+    "checkpoint_every": 5,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
+    "seed": 3,
+    "device": "cpu",
+}
+# Submitted round robin; each variant's reference weights are computed once.
+VARIANTS: list[dict[str, Any]] = [
+    _BASE,
+    _BASE
+    | {
+        "micro_batch_size": 4,
+        "accumulation_steps": 4,
+        "max_steps": 30,
+        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9},
+        "lr_schedule": {"type": "linear", "warmup_steps": 3},
+        "seed": 7,
+    },
+    _BASE
+    | {
+        "model": {"type": "mlp", "hidden_sizes": [32, 16], "dropout": 0.1},
+        "micro_batch_size": 6,
+        "accumulation_steps": 3,
+        "max_steps": 40,
+        "grad_clip_norm": 1.0,
+        "seed": 11,
+    },
+]
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: stop and clean up."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="N jobs through worker processes that a killer SIGKILLs and restarts at "
+        "random; checks that no job is lost, none is trained by two workers at once, and "
+        "every job ends at the weights of an undisturbed run.",
+    )
+    parser.add_argument("--jobs", type=int, default=30, help="jobs to submit (30)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    parser.add_argument(
+        "--kill-interval",
+        type=float,
+        default=4.0,
+        metavar="SECONDS",
+        help="mean seconds between kills, exponentially distributed (4)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the killer's RNG (0)")
+    parser.add_argument(
+        "--slow",
+        type=float,
+        default=0.01,
+        metavar="SECONDS",
+        help="the workers' injected pause per micro-batch (TRAINJOB_TEST_FAULTS=slow=...; 0.01)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=10,
+        help="max_attempts of each job spec (1..10; 10, the most the API accepts: a job "
+        "killed that often fails worker_lost by design and would count as lost)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="give up waiting for the jobs after this long (900)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="stop the killer when no job has changed status, step or attempts for this long (120)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="when the killer stopped on --timeout or --stall-timeout, wait up to this long "
+        "without kills for the jobs left (60)",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL of the database to use (migrated to head; kept). Default: a "
+        "fresh database trainjob_chaos_<hex> on --postgres-admin, dropped at the end",
+    )
+    parser.add_argument(
+        "--postgres-admin",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="libpq URL to create and drop the temporary database with (%(default)s)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="broker (%(default)s); the run uses a queue of its own, removed at the end",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="write the API, worker and reference logs here and keep them (default: a "
+        "temporary directory, kept only when the run fails)",
+    )
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.workers < 1:
+        parser.error("--jobs and --workers must be at least 1")
+    if args.kill_interval <= 0:
+        parser.error("--kill-interval must be > 0")
+    if not 1 <= args.max_attempts <= 10:
+        parser.error("--max-attempts must be in 1..10")
+    return args
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This environment without TRAINJOB_*, plus `settings`, and one thread: weights are
+    bit-for-bit comparable between processes only with the same thread count."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRAINJOB_")}
+    env |= {f"TRAINJOB_{key.upper()}": value for key, value in settings.items()}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A `trainjob` process in a process group of its own, output to `log`."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [*TRAINJOB, *args],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM to the leader, then SIGKILL to whatever is left of its group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    kill_group(process)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} unreadable)"
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@contextlib.contextmanager
+def database(args: argparse.Namespace) -> Iterator[str]:
+    """The run's database URL: --database-url, or a fresh database dropped afterwards."""
+    if args.database_url:
+        upgrade(args.database_url)
+        yield args.database_url
+        return
+    name = f"trainjob_chaos_{secrets.token_hex(6)}"
+    with psycopg.connect(args.postgres_admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        base = args.postgres_admin.rsplit("/", 1)[0] + "/" + name
+        url = base.replace("postgresql://", "postgresql+psycopg://", 1)
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(args.postgres_admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def clear_queue(redis_url: str, queue: str) -> int:
+    """Remove the run's queue from Redis, and the messages SIGKILLed workers left in
+    kombu's `unacked` hash (they would be redelivered only after the visibility timeout,
+    to a queue nobody reads). Returns how many unacked messages were removed."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+        keys += [key for key in client.scan_iter(match=f"{queue}\x06\x16*")]
+        client.delete(*keys)
+        removed = 0
+        for tag, raw in client.hscan_iter("unacked"):
+            try:
+                _message, exchange, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            if queue in (exchange, routing_key):
+                client.hdel("unacked", tag)
+                client.zrem("unacked_index", tag)
+                removed += 1
+        return removed
+    finally:
+        client.close()
+
+
+def compute_references(workdir: Path) -> list[bytes]:
+    """Each variant's final weights from an undisturbed `trainjob run` (in parallel)."""
+    runs = []
+    for index, spec in enumerate(VARIANTS):
+        folder = workdir / f"reference-{index}"
+        folder.mkdir()
+        (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+        args = ["run", str(folder / "spec.json"), "--out", str(folder / "out"), "--quiet"]
+        runs.append((folder, start(args, clean_env(), folder / "run.log")))
+    try:
+        for folder, process in runs:
+            if process.wait(300) != 0:
+                raise RuntimeError(f"reference run failed:\n{tail(folder / 'run.log')}")
+    finally:
+        for _, process in runs:
+            kill_group(process)
+    return [(folder / "out" / "weights.safetensors").read_bytes() for folder, _ in runs]
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Slot:
+    """One worker position; a kill replaces its process with a fresh one."""
+
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started: int = 0
+
+    @property
+    def node(self) -> str:
+        """The Celery node name `trainjob worker` gives itself (worker/cli/serve.py)."""
+        assert self.process is not None
+        return f"trainjob-{self.process.pid}@{socket.gethostname()}"
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    logs: Path
+    slow: float
+    api: subprocess.Popen[bytes] | None = None
+    client: httpx.Client | None = None
+    slots: list[Slot] = field(default_factory=list)
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def http(self) -> httpx.Client:
+        assert self.client is not None
+        return self.client
+
+    def start_api(self) -> None:
+        port = free_port()
+        log = self.logs / "api.log"
+        self.api = start(["serve", "--no-worker", "--port", str(port)], self.env, log)
+        url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=url, timeout=30)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.api.poll() is not None:
+                raise RuntimeError(f"the API exited with {self.api.returncode}:\n{tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http.get("/readyz", timeout=2).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not get ready in 90 s:\n{tail(log)}")
+            time.sleep(0.2)
+
+    def start_worker(self, slot: Slot) -> None:
+        slot.started += 1
+        log = self.logs / f"worker-{slot.index}-{slot.started:03d}.log"
+        env = self.env | ({"TRAINJOB_TEST_FAULTS": f"slow={self.slow:g}"} if self.slow else {})
+        slot.process = start(["worker"], env, log)
+
+    def start_workers(self, count: int) -> None:
+        for index in range(count):
+            slot = Slot(index)
+            self.slots.append(slot)
+            self.start_worker(slot)
+
+    def stop(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                kill_group(slot.process)
+        for process in self.others:
+            kill_group(process)
+        if self.client is not None:
+            self.client.close()
+        if self.api is not None:
+            stop_group(self.api)
+
+    # ------------------------------------------------------------------- the API
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        response = self.http.post("/v1/jobs", json=spec)
+        if response.status_code != 201:
+            raise RuntimeError(f"submit: {response.status_code} {response.text}")
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100} | ({"status": status} if status else {})
+        while True:
+            page = self.http.get("/v1/jobs", params=params).json()
+            found += page["data"]
+            if not page["has_more"]:
+                return found
+            params["after"] = page["data"][-1]["id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.http.get(f"/v1/jobs/{job_id}").json()
+        return job
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self.http.get(f"/v1/jobs/{job_id}/attempts", params=params).json()
+            found += page["data"]
+            if not page["has_more"]:
+                return found
+            params["after"] = page["data"][-1]["attempt"]
+
+    def weights(self, job_id: str) -> bytes | None:
+        response = self.http.get(f"/v1/jobs/{job_id}/weights")
+        return response.content if response.status_code == 200 else None
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+@dataclass
+class Chaos:
+    kills: int = 0
+    kills_mid_job: int = 0
+    unexpected_exits: int = 0
+    ended: str = ""  # why the killer stopped: all finished, timeout, stalled
+    seconds: float = 0.0  # the killer's phase
+    calm_seconds: float = 0.0  # the calm period after it, when it stopped early
+    finished_in_calm: int = 0
+
+
+def keep_workers_up(cluster: Cluster, chaos: Chaos) -> None:
+    """Replace a worker that exited by itself (and note it)."""
+    for slot in cluster.slots:
+        assert slot.process is not None
+        if slot.process.poll() is None:
+            continue
+        chaos.unexpected_exits += 1
+        say(f"  worker {slot.index} exited by itself ({slot.process.returncode})")
+        kill_group(slot.process)
+        if chaos.unexpected_exits > 5 * len(cluster.slots):
+            log = cluster.logs / f"worker-{slot.index}-{slot.started:03d}.log"
+            raise RuntimeError(f"workers keep exiting:\n{tail(log)}")
+        cluster.start_worker(slot)
+
+
+def kill_one(cluster: Cluster, chaos: Chaos, rng: random.Random, ours: set[str]) -> None:
+    """SIGKILL a random worker's process group (parent and training child) and start a
+    fresh worker in its place."""
+    slot = rng.choice(cluster.slots)
+    assert slot.process is not None
+    running = {j["worker"]: j for j in cluster.jobs("running") if j["id"] in ours}
+    victim = running.get(slot.node)
+    chaos.kills += 1
+    chaos.kills_mid_job += victim is not None
+    kill_group(slot.process)
+    with (cluster.logs / "kills.log").open("a") as kills:
+        what = f"{victim['id']} at step {victim['progress']['step']}" if victim else "no run"
+        kills.write(f"{datetime.now(UTC):%H:%M:%S.%f} {slot.node}: {what}\n")
+    cluster.start_worker(slot)
+
+
+def watch(
+    cluster: Cluster,
+    chaos: Chaos,
+    job_ids: list[str],
+    *,
+    limit: float,
+    stall: float,
+    rng: random.Random | None = None,
+    interval: float = 0.0,
+) -> tuple[str, int]:
+    """Poll the jobs until all have finished, `limit` seconds pass, or no job changes
+    (status, step, attempts) for `stall` seconds; with `rng`, kill a random worker every
+    `interval` seconds on average meanwhile. Returns why it stopped and how many jobs
+    finished while it watched."""
+    ours = set(job_ids)
+    began = last_change = time.monotonic()
+    next_kill = began + rng.expovariate(1 / interval) if rng else float("inf")
+    next_report = began + 15
+    snapshot: list[tuple[str, str, int, int]] = []
+    done_before: int | None = None
+    while True:
+        now = time.monotonic()
+        jobs = [j for j in cluster.jobs() if j["id"] in ours]
+        statuses = Counter(j["status"] for j in jobs)
+        done = sum(statuses[s] for s in FINISHED)
+        done_before = done if done_before is None else done_before
+        state = sorted((j["id"], j["status"], j["progress"]["step"], j["attempts"]) for j in jobs)
+        if state != snapshot:
+            snapshot, last_change = state, now
+        if done == len(ours):
+            return "all finished", done - done_before
+        if now - began > limit:
+            return "timeout", done - done_before
+        if now - last_change > stall:
+            return "stalled", done - done_before
+        if now >= next_report:
+            say(
+                f"  {now - began:5.0f} s: {done}/{len(ours)} finished "
+                f"({statuses['succeeded']} succeeded, {statuses['running']} running, "
+                f"{statuses['queued']} queued), {chaos.kills} kills"
+            )
+            next_report += 15
+        keep_workers_up(cluster, chaos)
+        if rng is not None and now >= next_kill:
+            kill_one(cluster, chaos, rng, ours)
+            next_kill = time.monotonic() + rng.expovariate(1 / interval)
+        time.sleep(max(0.0, min(0.5, next_kill - time.monotonic())))
+
+
+def run_chaos(cluster: Cluster, job_ids: list[str], args: argparse.Namespace) -> Chaos:
+    chaos = Chaos()
+    began = time.monotonic()
+    chaos.ended, _ = watch(
+        cluster,
+        chaos,
+        job_ids,
+        limit=args.timeout,
+        stall=args.stall_timeout,
+        rng=random.Random(args.seed),
+        interval=args.kill_interval,
+    )
+    chaos.seconds = time.monotonic() - began
+    if chaos.ended != "all finished" and args.grace > 0:
+        say(f"the killer stops ({chaos.ended}); up to {args.grace:g} s more without kills")
+        began = time.monotonic()
+        _, chaos.finished_in_calm = watch(
+            cluster, chaos, job_ids, limit=args.grace, stall=args.grace
+        )
+        chaos.calm_seconds = time.monotonic() - began
+    return chaos
+
+
+# --------------------------------------------------------------------------- findings
+
+
+@dataclass
+class Findings:
+    submitted: int = 0
+    succeeded: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    lost: list[str] = field(default_factory=list)
+    overlapping: list[str] = field(default_factory=list)
+    differing: list[str] = field(default_factory=list)
+    compared: int = 0
+    counted_attempts: list[int] = field(default_factory=list)
+    runs: dict[str, int] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+    # For each lost job: its status, attempts, step, and where its messages are.
+    lost_detail: dict[str, str] = field(default_factory=dict)
+    unacked_removed: int = 0
+
+
+def overlaps(runs: list[dict[str, Any]]) -> bool:
+    """Whether two runs' [started_at, ended_at) intervals intersect (an open run: to the end)."""
+    end_of_time = datetime.max.replace(tzinfo=UTC)
+    spans = [
+        (parse_time(r["started_at"]), parse_time(r["ended_at"]) if r["ended_at"] else end_of_time)
+        for r in runs
+    ]
+    return any(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in itertools.combinations(spans, 2))
+
+
+def _job_of(message: Any) -> str:
+    """The job id of a Celery message (its task id is `JOB_ID:SUFFIX`)."""
+    if isinstance(message, bytes | str):
+        message = json.loads(message)
+    return str(message["headers"]["id"]).split(":", 1)[0]
+
+
+def broker_messages(redis_url: str, queue: str) -> dict[str, list[str]]:
+    """Job id → where its messages are in Redis: the queue list, or kombu's `unacked`
+    hash (delivered to a worker, not acknowledged) and for how long."""
+    client = redis.Redis.from_url(redis_url)
+    places: dict[str, list[str]] = {}
+    try:
+        for raw in client.lrange(queue, 0, -1):
+            places.setdefault(_job_of(raw), []).append("in the queue")
+        now = time.time()
+        for tag, raw in client.hscan_iter("unacked"):
+            try:
+                message, exchange, routing_key = json.loads(raw)
+                job_id = _job_of(message)
+            except (ValueError, TypeError, KeyError):
+                continue
+            if queue in (exchange, routing_key):
+                since = client.zscore("unacked_index", tag)
+                age = f" for {now - since:.0f} s" if since else ""
+                places.setdefault(job_id, []).append(f"unacked{age}")
+    finally:
+        client.close()
+    return places
+
+
+def examine(
+    cluster: Cluster, job_ids: list[str], references: list[bytes], messages: dict[str, list[str]]
+) -> Findings:
+    found = Findings(submitted=len(job_ids))
+    for index, job_id in enumerate(job_ids):
+        job = cluster.job(job_id)
+        found.statuses[job["status"]] += 1
+        if job["error"]:
+            found.errors[job["error"]["type"]] += 1
+        found.counted_attempts.append(job["attempts"])
+        runs = cluster.attempts(job_id)
+        found.runs[job_id] = len(runs)
+        found.reasons.update(str(r["reason"]) for r in runs)
+        if overlaps(runs):
+            found.overlapping.append(job_id)
+        if job["status"] == "succeeded":
+            found.succeeded += 1
+            found.compared += 1
+            if cluster.weights(job_id) != references[index % len(references)]:
+                found.differing.append(job_id)
+        else:
+            found.lost.append(job_id)
+            where = ", ".join(messages.get(job_id, [])) or "none in Redis"
+            error = f" {job['error']['type']}" if job["error"] else ""
+            found.lost_detail[job_id] = (
+                f"{job['status']}{error}, {job['attempts']} attempts, {len(runs)} runs, "
+                f"step {job['progress']['step']}; messages: {where}"
+            )
+    return found
+
+
+def count_in_logs(logs: Path, pattern: str, text: str) -> int:
+    return sum(path.read_text(errors="replace").count(text) for path in logs.glob(pattern))
+
+
+def report(
+    args: argparse.Namespace, found: Findings, chaos: Chaos, logs: Path, wall: float
+) -> None:
+    def row(label: str, value: object, note: str = "") -> None:
+        say(f"  {label:<42} {value!s:>8}  {note}".rstrip())
+
+    runs = sorted(found.runs.values())
+    per_job = Counter(runs)
+    unfinished = sum(n for status, n in found.statuses.items() if status not in FINISHED)
+    say("")
+    say(
+        f"chaos: {args.jobs} jobs ({len(VARIANTS)} specs), {args.workers} workers, a SIGKILL "
+        f"every ~{args.kill_interval:g} s (seed {args.seed}), slow={args.slow:g}, "
+        f"max_attempts {args.max_attempts}"
+    )
+    row("submitted", found.submitted)
+    row("succeeded", found.succeeded)
+    errors = ", ".join(f"{kind} {n}" for kind, n in sorted(found.errors.items()))
+    row("failed", found.statuses["failed"], f"({errors})" if errors else "")
+    row("cancelled", found.statuses["cancelled"])
+    row("unfinished at the end", unfinished)
+    row("lost (submitted, not succeeded)", len(found.lost), "must be 0")
+    row("trained by two workers at once", len(found.overlapping), "must be 0")
+    row(
+        "final weights differ from reference",
+        len(found.differing),
+        f"must be 0 ({found.compared} compared)",
+    )
+    row("kills (SIGKILL of a worker's group)", chaos.kills, f"({chaos.kills_mid_job} mid-run)")
+    row("workers that exited by themselves", chaos.unexpected_exits)
+    row("runs (attempts listed)", sum(runs), f"max {max(runs, default=0)} for one job")
+    row("counted attempts", sum(found.counted_attempts), f"max {max(found.counted_attempts)}")
+    spread = ", ".join(f"{n} run{'s' * (n != 1)}: {jobs}" for n, jobs in sorted(per_job.items()))
+    row("jobs by runs", "", spread)
+    reasons = ", ".join(f"{reason} {n}" for reason, n in found.reasons.most_common())
+    row("runs ended by", "", reasons)
+    row("runs fenced off (worker logs: lease lost)", count_in_logs(logs, "worker-*", "lease lost"))
+    row("deliveries refused (not claimable)", count_in_logs(logs, "worker-*", "is not claimable"))
+    row("messages left unacked by killed workers", found.unacked_removed, "(removed at the end)")
+    row("killer phase", f"{chaos.seconds:.1f} s", f"(ended: {chaos.ended})")
+    if chaos.ended != "all finished":
+        row("calm phase after it", f"{chaos.calm_seconds:.1f} s", "(no kills)")
+        row("jobs finished in the calm phase", chaos.finished_in_calm)
+    row("wall time", f"{wall:.1f} s", "(references, setup, jobs, checks)")
+    for label, ids in (("overlapping", found.overlapping), ("differing", found.differing)):
+        if ids:
+            say(f"  {label}: {' '.join(ids)}")
+    for job_id, detail in found.lost_detail.items():
+        say(f"  lost {job_id}: {detail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    if args.keep_logs:
+        workdir = args.keep_logs.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="trainjob-chaos-"))
+    queue = f"chaos-{secrets.token_hex(4)}"
+    status = 2
+    try:
+        say(f"chaos: logs in {workdir}; queue {queue}")
+        say(
+            f"python {platform.python_version()}, {os.cpu_count()} CPUs; reference runs of "
+            f"{len(VARIANTS)} specs ..."
+        )
+        references = compute_references(workdir)
+        with database(args) as url:
+            env = clean_env(
+                database_url=url,
+                redis_url=args.redis_url,
+                queue=queue,
+                home=str(workdir / "home"),
+                **TIMINGS,
+            )
+            cluster = Cluster(env, workdir, args.slow)
+            removed = 0
+            try:
+                cluster.start_api()
+                cluster.start_workers(args.workers)
+                job_ids = [
+                    cluster.submit(
+                        VARIANTS[i % len(VARIANTS)]
+                        | {
+                            "name": f"chaos-{i:03d}",
+                            "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
+                            "max_attempts": args.max_attempts,
+                        }
+                    )
+                    for i in range(args.jobs)
+                ]
+                say(f"submitted {len(job_ids)} jobs; the killer starts")
+                chaos = run_chaos(cluster, job_ids, args)
+                messages = broker_messages(args.redis_url, queue)
+                found = examine(cluster, job_ids, references, messages)
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):  # clean up undisturbed
+                    signal.signal(signum, signal.SIG_IGN)
+                cluster.stop()
+                with contextlib.suppress(redis.RedisError):
+                    removed = clear_queue(args.redis_url, queue)
+        found.unacked_removed = removed
+        report(args, found, chaos, workdir, time.monotonic() - started)
+        bad = found.lost or found.overlapping or found.differing
+        status = 1 if bad else 0
+    except Interrupted as stop:
+        say(f"\nchaos: interrupted ({stop}); cleaned up")
+        status = 130
+    except (RuntimeError, OSError, httpx.HTTPError, psycopg.Error, redis.RedisError) as error:
+        say(f"chaos: {type(error).__name__}: {error}")
+        status = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if args.keep_logs is None and status == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif args.keep_logs is None:
+            say(f"chaos: logs kept in {workdir}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
