@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
+import redis
 from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -33,7 +34,13 @@ def _celery(request: Request) -> Celery:
     return celery
 
 
+def _redis(request: Request) -> redis.Redis:
+    client: redis.Redis = request.app.state.redis
+    return client
+
+
 SessionDep = Annotated[Session, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 DatabaseDep = Annotated[Database, Depends(_database)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
+RedisDep = Annotated[redis.Redis, Depends(_redis)]

@@ -16,6 +16,9 @@ from app.db import Database, require_migrated
 from app.errors import install_error_handlers
 from app.jobs import router as jobs_router
 from app.jobs.reaper import Reaper
+from app.live.channels import ring
+from app.live.hub import LiveHub
+from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
 from app.queue import enqueue_training, job_ids_in_broker
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -31,8 +34,11 @@ def make_reaper(
         lease_timeout=settings.lease_timeout_seconds,
         requeue_after=settings.requeue_after_seconds,
         interval=settings.reaper_interval_seconds,
-        in_broker=lambda: job_ids_in_broker(client, settings.queue),
+        in_broker=lambda: job_ids_in_broker(
+            client, settings.queue, unacked_max_age=settings.requeue_after_seconds
+        ),
         send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
+        ring=lambda job_ids: ring(client, job_ids),
     )
 
 
@@ -51,9 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = make_reaper(settings, database, app.state.celery, app.state.redis)
         if settings.reaper_interval_seconds > 0:
             reaper.start()
+        app.state.hub = LiveHub(database, settings.redis_url)
+        app.state.hub.add_listener(app.state.metrics.observe_event)
+        app.state.hub.start()
         try:
             yield
         finally:
+            await app.state.hub.stop()
             reaper.stop()
             app.state.redis.close()
             database.dispose()
@@ -65,7 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.state.metrics = Metrics(app.state, queue=settings.queue)
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(jobs_router.router)
     app.include_router(checkpoints_router.router)
+    app.include_router(metrics_router)
     return app

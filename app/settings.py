@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,11 +77,29 @@ class Settings(BaseSettings):
         "hands it back; after this long it stops anyway (the job is then re-queued by the "
         "reaper).",
     )
+    stream_keepalive_seconds: float = Field(
+        15.0, gt=0, description="An idle event stream sends a keep-alive comment this often."
+    )
     test_faults: str | None = Field(
         None,
         description="Testing only: faults a worker injects into every job, comma-separated: "
         "`nan` (non-finite inputs), `oom` (out of memory at every micro-batch), `slow=SECONDS` "
         "(a pause per micro-batch).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of server and worker: `text`, or `json` (one object a line, "
+        "with the job id and attempt on every line of a job).",
+    )
+    url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where the command-line client (`trainjob submit`, `status`, ...) finds "
+        "the API.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Sent by the command-line client as `Authorization: Bearer KEY`. A secret: "
+        "never printed or logged.",
     )
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from app.jobs.models import Job
 from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back
 from app.jobs.service import mark_unsent
 from app.jobs.spec import JobSpec
+from app.observability.logs import job_context
 from app.settings import Settings
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.errors import TrainingError
@@ -75,19 +76,20 @@ def run_job(
                 "job %s is not claimable (a duplicate, a cancel, a live run): skipped", job_id
             )
             return
-        logger.info(
-            "job %s: attempt %d (lease %d) on %s from step %d",
-            job_id,
-            claim.attempt,
-            claim.lease,
-            worker,
-            claim.resumed_from_step,
-        )
-        publisher.publish(job_id, [{"type": "status", "data": {"status": "running"}}])
-        spec = JobSpec.model_validate(job.spec)
-        outcome = _train_claimed(database, settings, publisher, claim, spec)
-        if outcome is not None:
-            _record(database, settings, publisher, claim, outcome, enqueue)
+        with job_context(job_id, claim.attempt):  # on every log line of the run
+            logger.info(
+                "job %s: attempt %d (lease %d) on %s from step %d",
+                job_id,
+                claim.attempt,
+                claim.lease,
+                worker,
+                claim.resumed_from_step,
+            )
+            publisher.publish(job_id, [{"type": "status", "data": {"status": "running"}}])
+            spec = JobSpec.model_validate(job.spec)
+            outcome = _train_claimed(database, settings, publisher, claim, spec)
+            if outcome is not None:
+                _record(database, settings, publisher, claim, outcome, enqueue)
     finally:
         publisher.close()
         database.dispose()

@@ -7,6 +7,7 @@ loop reads the flags the renewals bring back (cancel, release) at each window ed
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -35,7 +36,14 @@ class LeaseKeeper:
         self.release_requested = False
         self.lost = False
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="trainjob-lease", daemon=True)
+        # A thread starts with an empty context: run the loop in a copy of the creator's,
+        # so that its log lines carry the job's id and attempt (app/observability/logs.py).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._loop,),
+            name="trainjob-lease",
+            daemon=True,
+        )
 
     def runtime_seconds(self) -> float:
         """Training time of this job over all its attempts."""

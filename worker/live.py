@@ -1,4 +1,8 @@
-"""Live events on Redis pub/sub: at most once, for streaming. Postgres stays the truth."""
+"""Rings the live hub's doorbell on Redis pub/sub after each commit (at most once).
+
+The API's hub reads the events themselves from the database; the payload is for
+other subscribers (e.g. `redis-cli psubscribe 'trainjob:job:*'`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,9 @@ from typing import Any
 
 import redis
 
+from app.live.channels import job_channel
+
 logger = logging.getLogger(__name__)
-
-
-def job_channel(job_id: str) -> str:
-    return f"trainjob:job:{job_id}"
 
 
 class LivePublisher:

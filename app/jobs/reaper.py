@@ -142,8 +142,10 @@ class Reaper:
         interval: float,
         in_broker: Callable[[], set[str]],
         send: Callable[[str], bool],
+        ring: Callable[[list[str]], None] = lambda job_ids: None,
     ) -> None:
         self.database = database
+        self.ring = ring
         self.lease_timeout = lease_timeout
         self.requeue_after = requeue_after
         self.interval = interval
@@ -175,6 +177,8 @@ class Reaper:
         if self._first_pass:  # the startup check of every queued job, a batch per pass
             self._startup_cursor = cursor
             self._first_pass = not complete
+        if changed := report.requeued + report.failed + report.cancelled:
+            self.ring(changed)  # their streams show the new status at once
         for kind in ("requeued", "failed", "cancelled", "sent"):
             if ids := getattr(report, kind):
                 logger.info("reaper: %s %s", kind, ", ".join(ids))

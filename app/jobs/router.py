@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
-from app.deps import CeleryDep, SessionDep, SettingsDep
+from app.deps import CeleryDep, RedisDep, SessionDep, SettingsDep
 from app.jobs import service as jobs_service
 from app.jobs.schemas import (
     AttemptList,
@@ -20,6 +22,8 @@ from app.jobs.schemas import (
     MetricPublic,
 )
 from app.jobs.spec import JobSpec
+from app.live.channels import ring
+from app.live.stream import job_event_stream, parse_last_event_id
 from app.queue import enqueue_training
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -66,10 +70,11 @@ def get_job(job_id: str, session: SessionDep) -> JobPublic:
     response_model=JobPublic,
     responses={**ERRORS, 409: {"description": "the job has already finished"}},
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, session: SessionDep, redis_client: RedisDep) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next optimizer step."""
     job = jobs_service.request_cancel(session, job_id=job_id)
     session.commit()
+    ring(redis_client, [job_id])
     return jobs_service.to_public(job)
 
 
@@ -101,17 +106,75 @@ def list_metrics(
     return MetricList(data=data, has_more=has_more)
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+EVENT_STREAM = "text/event-stream"
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON page of events, or with `Accept: text/event-stream` a "
+        "Server-Sent Events stream: `id:` the event id, `event:` its type, `data:` JSON",
+        "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+    },
+    **ERRORS,
+}
+EventTypes = Annotated[
+    list[str] | None,
+    Query(max_length=20, description="only events of these types, e.g. type=status&type=error"),
+]
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=STREAM_RESPONSE)
 def list_events(
     job_id: str,
+    request: Request,
     session: SessionDep,
     after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
     limit: Limit = 100,
-) -> EventList:
-    """The job's events, oldest first: status, checkpoint, oom_backoff, overflow_skip, ..."""
-    rows, has_more = jobs_service.list_events(session, job_id=job_id, after=after, limit=limit)
+    type: EventTypes = None,
+) -> EventList | StreamingResponse:
+    """The job's events, oldest first: status, metrics (one per step), checkpoint,
+    oom_backoff, overflow_skip, warning, error. With `Accept: text/event-stream`, a live
+    stream of them (see `/events/stream`)."""
+    if EVENT_STREAM in request.headers.get("accept", ""):
+        return _event_stream(job_id, request, session, after)
+    rows, has_more = jobs_service.list_events(
+        session, job_id=job_id, after=after, limit=limit, types=type
+    )
     data = [EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data) for e in rows]
     return EventList(data=data, has_more=has_more)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {EVENT_STREAM: {"schema": {"type": "string"}}}}, **ERRORS},
+)
+def stream_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
+    ones; keep-alive comments while idle; ends after the job's terminal status event."""
+    return _event_stream(job_id, request, session, after)
+
+
+def _event_stream(
+    job_id: str, request: Request, session: Session, after: int | None
+) -> StreamingResponse:
+    jobs_service.get_job(session, job_id=job_id)  # 404 before the stream starts
+    last_id = parse_last_event_id(request.headers.get("last-event-id"))
+    stream = job_event_stream(
+        hub=request.app.state.hub,
+        database=request.app.state.database,
+        job_id=job_id,
+        after=last_id if last_id is not None else (after or 0),
+        keepalive_seconds=request.app.state.settings.stream_keepalive_seconds,
+    )
+    return StreamingResponse(
+        stream,
+        media_type=EVENT_STREAM,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/{job_id}/attempts", response_model=AttemptList, responses=ERRORS)

@@ -141,6 +141,9 @@ def record_progress(
         raise LeaseLost(claim.job_id)
     if metrics:
         session.execute(insert(JobMetric), [metric_row(claim.job_id, m) for m in metrics])
+    # Each step is also a `metrics` event, so that one cursor (the event id) orders
+    # everything a stream sends.
+    append_events(session, claim.job_id, [("metrics", metric_event_data(m)) for m in metrics])
     append_events(session, claim.job_id, events)
     return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
@@ -268,6 +271,12 @@ def metric_row(job_id: str, metric: dict[str, Any]) -> dict[str, Any]:
         "time": datetime.fromtimestamp(metric["time"], UTC),
         "extra": extra,
     }
+
+
+def metric_event_data(metric: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics as the stream sends them: the metrics endpoint's fields."""
+    time = datetime.fromtimestamp(metric["time"], UTC).isoformat()
+    return {key: value for key, value in metric.items() if key != "time"} | {"time": time}
 
 
 def append_events(

@@ -5,6 +5,7 @@ Services flush; the route commits. Writes a worker makes live in `app.jobs.runs`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select, update
@@ -108,13 +109,20 @@ def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any])
 
 
 def list_events(
-    session: Session, *, job_id: str, after: int | None, limit: int
+    session: Session,
+    *,
+    job_id: str,
+    after: int | None,
+    limit: int,
+    types: Sequence[str] | None = None,
 ) -> tuple[list[JobEvent], bool]:
-    """Oldest first from the cursor `after` (an event id)."""
+    """Oldest first from the cursor `after` (an event id), optionally of some types only."""
     get_job(session, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
     if after is not None:
         query = query.where(JobEvent.id > after)
+    if types:
+        query = query.where(JobEvent.type.in_(types))
     events = list(session.scalars(query))
     return events[:limit], len(events) > limit
 

@@ -6,6 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
+
+from app.jobs.schemas import JobStatus
+
+JOB_STATUSES = get_args(JobStatus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +87,91 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="target revision (default: head for upgrade, base for downgrade)",
     )
+    add_client_commands(commands)
     return parser
+
+
+CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "download")
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The HTTP client of a running service; each command takes --url, --api-key, --json."""
+    server = argparse.ArgumentParser(add_help=False)
+    options = server.add_argument_group("server options")
+    options.add_argument("--url", help="the API (default TRAINJOB_URL, http://127.0.0.1:8000)")
+    options.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="sent as Authorization: Bearer KEY (default TRAINJOB_API_KEY; prefer the variable: "
+        "arguments show in process lists)",
+    )
+    options.add_argument(
+        "--json",
+        dest="as_json",
+        action="store_true",
+        help="print the server's JSON (one document) instead of text, for scripts",
+    )
+
+    def client(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[server], help=help, description=description)
+
+    submit = client(
+        "submit",
+        "submit a job spec to the service",
+        "POST SPEC (.json, .yaml or .yml; - for standard input) as a new job and print its id. "
+        "A spec the server rejects exits 1 with one line per bad field.",
+    )
+    submit.add_argument("spec", metavar="SPEC", help="job spec file")
+    submit.add_argument(
+        "--watch", action="store_true", help="then follow it to the end, as `trainjob watch`"
+    )
+
+    status = client("status", "show a job", "Status, progress, loss, batch size, attempts, error.")
+    status.add_argument("job_id", metavar="ID", help="job id")
+    list_command = client("list", "list jobs, newest first", "A table of jobs, newest first.")
+    list_command.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
+    list_command.add_argument("--limit", type=int, metavar="N", help="page size, 1..100 (20)")
+    list_command.add_argument("--after", metavar="ID", help="the page after this job id")
+    watch = client(
+        "watch",
+        "follow a job's progress live until it ends",
+        "A live progress line (step, loss, samples/s, ETA) from the job's event stream, "
+        "then its outcome. Exits 0 if the job succeeded, 1 if it failed or was cancelled.",
+    )
+    watch.add_argument("job_id", metavar="ID", help="job id")
+    cancel = client(
+        "cancel",
+        "cancel a job",
+        "A queued job is cancelled at once; a running one stops at its next optimizer step.",
+    )
+    cancel.add_argument("job_id", metavar="ID", help="job id")
+    events = client("events", "print a job's events", "Status, checkpoint, oom_backoff, ...")
+    events.add_argument("job_id", metavar="ID", help="job id")
+    events.add_argument("--after", type=int, metavar="N", help="only events after id N")
+    download = client(
+        "download",
+        "download a job's weights as safetensors",
+        "Write the final (or latest) weights, or those of checkpoint --step N, to FILE "
+        "(through a temporary file, so FILE is never left half-written).",
+    )
+    download.add_argument("job_id", metavar="ID", help="job id")
+    download.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="where to write (default ID.safetensors, or ID-stepN.safetensors)",
+    )
+    download.add_argument("--step", type=int, metavar="N", help="the checkpoint at step N")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        # Imported here: the other commands need no HTTP client.
+        from worker.cli.client import client_command
+
+        return client_command(args)
     if args.command == "run":
         # Imported here: torch loads only for the commands that train.
         from worker.cli.run import run_command

@@ -17,6 +17,7 @@ import sys
 import time
 
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
+from app.observability.logs import configure_logging, send_celery_logs_to_root
 from app.settings import Settings, get_settings
 from worker.cli.embedded_redis import EmbeddedRedis
 
@@ -36,6 +37,7 @@ def _check_migrated(settings: Settings) -> str | None:
 
 def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
     settings = get_settings()
+    configure_logging(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
     if settings.uses_embedded_database:
         # The embedded SQLite file belongs to this command: keep it at the code's schema.
@@ -99,11 +101,17 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
 
 def _run_api(settings: Settings, host: str, port: int) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from app.main import create_app
 
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, log_level=settings.log_level.lower()
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        # JSON: no handlers of uvicorn's own; its lines, access lines too, reach ours.
+        log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
     )
     server = uvicorn.Server(config)
     if port == 0:  # an ephemeral port: bind first so that we can say which
@@ -115,7 +123,10 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
     else:
         sockets = None
     url = f"http://{host}:{port}"
-    print(f"trainjob is serving at {url}  (API docs: {url}/docs)", flush=True)
+    if settings.log_format == "json":  # every line of the output is then a JSON object
+        logger.info("trainjob is serving at %s  (API docs: %s/docs)", url, url)
+    else:
+        print(f"trainjob is serving at {url}  (API docs: {url}/docs)", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
     # handler it found. Make that handler raise, so our caller's cleanup (worker, Redis)
     # always runs, whatever handler this process inherited.
@@ -143,6 +154,8 @@ def _cannot_connect(settings: Settings) -> str | None:
 
 def worker_command(queues: str | None, concurrency: int) -> int:
     settings = get_settings()
+    configure_logging(settings)
+    send_celery_logs_to_root()
     problem = _cannot_connect(settings)
     if problem:
         print(f"trainjob worker: {problem}", file=sys.stderr)
@@ -156,6 +169,8 @@ def worker_command(queues: str | None, concurrency: int) -> int:
     install_graceful_shutdown(settings)
     celery.worker_main(
         [
+            # JSON logs: no banner, which is many lines of text.
+            *(["--quiet"] if settings.log_format == "json" else []),
             "worker",
             "--loglevel", settings.log_level.upper(),
             "--queues", queues or settings.queue,
@@ -182,7 +197,7 @@ def reaper_command() -> int:
     from app.main import make_reaper
     from worker.celery_app import make_celery
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(message)s")
+    configure_logging(settings)
     database = Database(settings.effective_database_url)
     assert settings.redis_url is not None  # _cannot_connect said so
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)

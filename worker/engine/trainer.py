@@ -70,6 +70,8 @@ class StepMetrics:
     samples_seen: int
     tokens_seen: int
     samples_per_sec: float
+    # Wall time of the step's window (forward, backward, optimizer), without evaluation.
+    step_seconds: float
     micro_batch_size: int
     accumulation_steps: int
     skipped: bool
@@ -366,6 +368,7 @@ def drive(
             samples_seen=progress.samples_seen,
             tokens_seen=progress.tokens_seen,
             samples_per_sec=len(window.indices) / elapsed if elapsed > 0 else 0.0,
+            step_seconds=elapsed,
             micro_batch_size=min(progress.micro_batch_size, len(window.indices)),
             accumulation_steps=math.ceil(len(window.indices) / progress.micro_batch_size),
             skipped=outcome.skipped,

@@ -156,10 +156,15 @@ def test_metrics_and_events_have_their_documented_shapes(
             "time"} <= set(page["data"][0])  # fmt: skip
     assert page["data"][0]["step"] == 2
     events = client.get(f"/v1/jobs/{job['id']}/events").json()
-    assert [e["type"] for e in events["data"]] == ["status", "status", "overflow_skip"]
+    types = ["status", "status", "metrics", "metrics", "metrics", "overflow_skip"]
+    assert [e["type"] for e in events["data"]] == types
     assert set(events["data"][0]) == {"id", "type", "created_at", "data"}
-    after = client.get(f"/v1/jobs/{job['id']}/events", params={"after": events["data"][1]["id"]})
+    assert [e["data"]["step"] for e in events["data"][2:5]] == [1, 2, 3]  # a step each
+    assert set(events["data"][2]["data"]) >= {"step", "loss", "lr", "samples_per_sec", "time"}
+    after = client.get(f"/v1/jobs/{job['id']}/events", params={"after": events["data"][4]["id"]})
     assert [e["type"] for e in after.json()["data"]] == ["overflow_skip"]
+    only = client.get(f"/v1/jobs/{job['id']}/events", params={"type": ["status", "overflow_skip"]})
+    assert [e["type"] for e in only.json()["data"]] == ["status", "status", "overflow_skip"]
     assert client.get("/v1/jobs/job_000000000000000000000000/events").status_code == 404
 
 

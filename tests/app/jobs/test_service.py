@@ -135,7 +135,9 @@ def test_progress_is_written_in_batches_and_read_back_in_step_order(database: Da
         assert [(r.step, r.extra["eval_loss"]) for r in rows] == [(2, 0.25)] and more
         assert jobs_service.get_job(session, job_id=job_id).step == 3
         events, _ = jobs_service.list_events(session, job_id=job_id, after=None, limit=10)
-        assert [e.type for e in events] == ["status", "status", "oom_backoff"]
+        kinds = ["status", "status", "metrics", "metrics", "metrics", "oom_backoff"]
+        assert [e.type for e in events] == kinds
+        assert [e.data["step"] for e in events if e.type == "metrics"] == [1, 2, 3]
 
 
 def test_a_worker_that_lost_its_lease_cannot_write(database: Database) -> None:

@@ -1,0 +1,124 @@
+"""Log lines of the server and the worker: plain text, or one JSON object a line.
+
+Lines written while a job runs carry its id and attempt. They come from a context
+variable that `job_context` sets around the run, and a filter on the handler copies
+them onto every record, whichever logger wrote it, so library lines (SQLAlchemy,
+redis) logged during the run carry them too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from app.settings import Settings
+
+# Celery's worker format: what `trainjob worker` printed before there was a choice.
+TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_attempt: contextvars.ContextVar[int | None] = contextvars.ContextVar("attempt", default=None)
+
+
+@contextmanager
+def job_context(job_id: str, attempt: int) -> Iterator[None]:
+    """Every line logged inside (in this thread, or a thread started with a copy of its
+    context) carries `job_id` and `attempt`."""
+    job_token = _job_id.set(job_id)
+    attempt_token = _attempt.set(attempt)
+    try:
+        yield
+    finally:
+        _attempt.reset(attempt_token)
+        _job_id.reset(job_token)
+
+
+class JobContextFilter(logging.Filter):
+    """Copies the running job's id and attempt onto the record, when there is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job_id = _job_id.get()
+        if job_id is not None:
+            record.job_id = job_id
+            record.attempt = _attempt.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, and
+    job_id, attempt and exc_info when there are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC)
+        entry: dict[str, Any] = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("job_id", "attempt"):
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc_info"] = record.exc_text
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+class TrainjobHandler(logging.StreamHandler[TextIO]):
+    """The root handler `configure_logging` installs: stderr, in the chosen format, with
+    the job context filter."""
+
+    def __init__(self, log_format: str) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(
+            JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+        )
+        self.addFilter(JobContextFilter())
+
+
+def configure_logging(settings: Settings) -> None:
+    """Install the one handler on the root logger (replacing one installed before), at
+    settings.log_level. It never logs the settings: the database URL holds a password."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, TrainjobHandler):
+            root.removeHandler(handler)
+    root.addHandler(TrainjobHandler(settings.log_format))
+    root.setLevel(settings.log_level.upper())
+    # Python warnings (Celery's about running as root, say) become lines like the rest.
+    logging.captureWarnings(True)
+    # Every start checks the schema; alembic would describe its setup at INFO each time.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def send_celery_logs_to_root() -> None:
+    """Celery keeps a root logger that has handlers (worker_hijack_root_logger=False),
+    but gives its task and multiprocessing loggers handlers of their own that do not
+    propagate: take those away, so that every line of a worker has one format."""
+    from celery import signals
+    from celery.utils.log import get_multiprocessing_logger
+
+    def to_root(logger: logging.Logger | None) -> None:
+        if logger is not None:
+            logger.handlers = []
+            logger.propagate = True
+
+    def after_setup_logger(**_: Any) -> None:
+        to_root(get_multiprocessing_logger())
+
+    def after_setup_task_logger(logger: logging.Logger, **_: Any) -> None:
+        to_root(logger)
+
+    signals.after_setup_logger.connect(after_setup_logger, weak=False)
+    signals.after_setup_task_logger.connect(after_setup_task_logger, weak=False)

@@ -1,0 +1,537 @@
+"""The command-line client against a real API and worker (subprocesses, Postgres, Redis).
+
+Most commands run in this process through `main(argv)` with their output captured;
+the acceptance path, `trainjob submit SPEC --watch`, runs as a real `trainjob`
+process. The reconnect test talks to a scripted HTTP server, since breaking the real
+API's stream on cue would need killing it mid-job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.db import upgrade
+from tests.conftest import wait_for
+from tests.processes import (
+    TRAINJOB,
+    free_port,
+    running,
+    service_env,
+    wait_for_status,
+    wait_until_ready,
+)
+from worker.cli.main import main
+from worker.cli.output import ProgressLine
+
+# Small enough to train in about a second on one CPU thread.
+SPEC: dict[str, Any] = {
+    "name": "cli test",
+    "model": {"type": "mlp", "hidden_sizes": [16]},
+    "dataset": {"type": "digits"},
+    "micro_batch_size": 4,
+    "accumulation_steps": 2,
+    "max_steps": 8,
+    "checkpoint_every": 4,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "device": "cpu",
+}
+# Trains until cancelled.
+ENDLESS = {**SPEC, "name": "endless", "max_steps": 1_000_000, "checkpoint_every": 0}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Service:
+    url: str
+    http: httpx.Client
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_postgres_database: Callable[[], str],
+    queue_name: str,
+) -> Iterator[Service]:
+    # A database of its own, so that the reaper never sends this module's worker the
+    # queued jobs other tests leave behind.
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    logs = tmp_path_factory.mktemp("cli")
+    env = service_env(
+        database_url=database_url,
+        redis_url="redis://127.0.0.1:6379/0",
+        queue=f"{queue_name}-cli",
+        home=str(logs / "home"),
+        progress_flush_seconds="0.2",
+        reaper_interval_seconds="2",
+    )
+    port = free_port()
+    with (
+        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
+        running(["worker"], env, logs / "worker.log"),
+    ):
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, api, logs / "api.log")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            yield Service(url=url, http=http)
+
+
+@pytest.fixture
+def trainjob(service: Service, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """`trainjob ARGS --url <the service>` in this process: exit code, stdout, stderr."""
+
+    def run(*args: str) -> Result:
+        code = main([*args, "--url", service.url])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def finished_job(service: Service) -> dict[str, Any]:
+    job = service.http.post("/v1/jobs", json=SPEC).json()
+    done = wait_for_status(service.http, job["id"], TERMINAL, timeout=60)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def running_job(service: Service) -> dict[str, Any]:
+    job = service.http.post("/v1/jobs", json=ENDLESS).json()
+
+    def training() -> bool:
+        current = service.http.get(f"/v1/jobs/{job['id']}").json()
+        return current["status"] == "running" and current["progress"]["step"] > 0
+
+    wait_for(training, 60, "the endless job to train", interval=0.1)
+    return job  # type: ignore[no-any-return]
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(spec))
+    return path
+
+
+# --- submit and watch ----------------------------------------------------------------
+
+
+def test_submit_watch_follows_the_job_and_exits_0_with_the_final_loss(
+    service: Service, tmp_path: Path
+) -> None:
+    spec = write_spec(tmp_path / "spec.json", SPEC)
+    watched = subprocess.run(
+        [*TRAINJOB, "submit", str(spec), "--watch", "--url", service.url],
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert watched.returncode == 0, watched.stderr
+    lines = watched.stdout.splitlines()
+    job = service.http.get(f"/v1/jobs/{lines[0]}").json()
+    assert job["status"] == "succeeded"
+    # Not a terminal: a plain line per step (8 steps → every step), no ANSI codes.
+    assert "\033" not in watched.stdout and "\r" not in watched.stdout
+    assert any(line.startswith("step 8/8 [") and "samples/s" in line for line in lines)
+    assert lines[-1] == (
+        f"{job['id']} succeeded: step 8/8, final loss {job['metrics']['loss']:.4f}, "
+        f"elapsed {lines[-1].rsplit(' ', 1)[-1]}"
+    )
+    assert re.search(r"elapsed \d+:\d\d:\d\d$", lines[-1])
+
+
+def test_watch_of_a_cancelled_job_exits_1_with_its_outcome(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    job = running_job(service)
+    cancelled = trainjob("cancel", job["id"])
+    assert cancelled.code == 0 and cancelled.out.startswith(f"{job['id']} cancelling")
+    watched = trainjob("watch", job["id"])
+    assert watched.code == 1
+    assert f"{job['id']} cancelled: step" in watched.out.splitlines()[-1]
+    assert watched.err.startswith("trainjob: cancelled")
+
+
+def test_watch_of_a_finished_job_prints_its_outcome_at_once(
+    finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    watched = trainjob("watch", finished_job["id"], "--json")
+    assert watched.code == 0
+    assert json.loads(watched.out) == finished_job
+
+
+# --- status, list, events, download ---------------------------------------------------
+
+
+def test_status_summarises_the_job(
+    finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    shown = trainjob("status", finished_job["id"])
+    assert shown.code == 0
+    assert shown.out.splitlines()[0] == f"{finished_job['id']}  cli test"
+    assert "status    succeeded" in shown.out
+    assert "step      8/8" in shown.out
+    assert f"loss      {finished_job['metrics']['loss']:.4f}" in shown.out
+    assert "batch     8 = 4 × 2" in shown.out
+    assert "attempts  1 of 3" in shown.out
+    assert "error     -" in shown.out
+
+
+def test_status_json_is_the_servers_job(
+    finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    shown = trainjob("status", finished_job["id"], "--json")
+    assert shown.code == 0 and json.loads(shown.out) == finished_job
+
+
+def test_list_json_is_the_servers_page_and_the_table_lists_the_same_jobs(
+    service: Service, finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    listed = trainjob("list", "--status", "succeeded", "--limit", "100", "--json")
+    assert listed.code == 0
+    page = json.loads(listed.out)
+    assert set(page) == {"data", "has_more"}
+    assert page == service.http.get("/v1/jobs?status=succeeded&limit=100").json()
+    assert finished_job in page["data"]
+
+    table = trainjob("list", "--status", "succeeded").out.splitlines()
+    assert table[0].split() == ["ID", "STATUS", "STEP", "LOSS", "BATCH", "CREATED", "NAME"]
+    row = next(line for line in table if line.startswith(finished_job["id"]))
+    assert row.split()[1:5] == [
+        "succeeded",
+        "8/8",
+        f"{finished_job['metrics']['loss']:.4f}",
+        "8=4×2",
+    ]
+
+
+def test_list_pages_with_after(
+    service: Service, finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    newest = service.http.get("/v1/jobs?limit=2").json()["data"]
+    assert len(newest) == 2  # this module has submitted more than one job by now
+    after = trainjob("list", "--limit", "1", "--after", newest[0]["id"], "--json")
+    assert [job["id"] for job in json.loads(after.out)["data"]] == [newest[1]["id"]]
+    more = trainjob("list", "--limit", "1")
+    assert f"more: trainjob list --after {newest[0]['id']}" in more.err
+
+
+def test_events_json_is_every_event_of_the_job(
+    service: Service, finished_job: dict[str, Any], trainjob: Callable[..., Result]
+) -> None:
+    shown = trainjob("events", finished_job["id"], "--json")
+    assert shown.code == 0
+    events = json.loads(shown.out)
+    stored = service.http.get(f"/v1/jobs/{finished_job['id']}/events?limit=100").json()
+    assert events == {"data": stored["data"], "has_more": False}
+    types = [event["type"] for event in events["data"]]
+    assert types[0] == "status" and types.count("checkpoint") == 2
+    assert events["data"][-1]["data"]["status"] == "succeeded"
+
+    later = trainjob("events", finished_job["id"], "--after", str(events["data"][1]["id"]))
+    assert [int(line.split()[0]) for line in later.out.splitlines()] == [
+        event["id"] for event in events["data"][2:]
+    ]
+
+
+def test_download_writes_the_bytes_of_get_weights(
+    service: Service,
+    finished_job: dict[str, Any],
+    trainjob: Callable[..., Result],
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "weights.safetensors"
+    downloaded = trainjob("download", finished_job["id"], "-o", str(target))
+    assert downloaded.code == 0
+    expected = service.http.get(f"/v1/jobs/{finished_job['id']}/weights").content
+    assert target.read_bytes() == expected
+    assert downloaded.out.strip() == f"{target} ({len(expected):,} bytes, step 8)"
+    assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
+
+
+def test_download_of_a_step_is_named_after_it_by_default(
+    service: Service,
+    finished_job: dict[str, Any],
+    trainjob: Callable[..., Result],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    downloaded = trainjob("download", finished_job["id"], "--step", "4", "--json")
+    assert downloaded.code == 0
+    target = tmp_path / f"{finished_job['id']}-step4.safetensors"
+    expected = service.http.get(f"/v1/jobs/{finished_job['id']}/weights?step=4").content
+    assert target.read_bytes() == expected
+    assert json.loads(downloaded.out) == {
+        "path": target.name,
+        "size_bytes": len(expected),
+        "step": 4,
+    }
+
+
+def test_download_of_a_missing_checkpoint_is_an_error_and_writes_nothing(
+    service: Service, finished_job: dict[str, Any], trainjob: Callable[..., Result], tmp_path: Path
+) -> None:
+    target = tmp_path / "never.safetensors"
+    downloaded = trainjob("download", finished_job["id"], "--step", "3", "-o", str(target))
+    error = service.http.get(f"/v1/jobs/{finished_job['id']}/weights?step=3").json()["error"]
+    assert downloaded.code == 1
+    assert downloaded.err.strip() == f"trainjob: {error['type']}: {error['message']}"
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- cancel ---------------------------------------------------------------------------
+
+
+def test_cancel_of_a_queued_job_then_again_is_the_servers_conflict(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    # The worker runs one job at a time: behind a running one, the next stays queued.
+    blocker = running_job(service)
+    queued = service.http.post("/v1/jobs", json=SPEC).json()
+    try:
+        first = trainjob("cancel", queued["id"])
+        assert first.code == 0 and first.out.strip() == f"{queued['id']} cancelled"
+        again = trainjob("cancel", queued["id"])
+        answer = service.http.post(f"/v1/jobs/{queued['id']}/cancel")
+        message = answer.json()["error"]
+        assert answer.status_code == 409 and again.code == 1 and again.out == ""
+        assert again.err.strip() == f"trainjob: {message['type']}: {message['message']}"
+    finally:
+        service.http.post(f"/v1/jobs/{blocker['id']}/cancel")
+    wait_for_status(service.http, blocker["id"], TERMINAL, timeout=10)
+
+
+# --- errors and exit codes ------------------------------------------------------------
+
+
+def test_an_unknown_job_exits_1_with_the_servers_not_found_message(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    for command in ("status", "watch", "cancel", "events", "download"):
+        result = trainjob(command, "job_doesnotexist")
+        assert result.code == 1, command
+        message = service.http.get("/v1/jobs/job_doesnotexist").json()["error"]["message"]
+        assert result.err.strip() == f"trainjob: not_found: {message}", command
+
+
+def test_a_rejected_spec_exits_1_with_one_line_per_bad_field(
+    service: Service, trainjob: Callable[..., Result], tmp_path: Path
+) -> None:
+    bad = {**SPEC, "micro_batch_size": 0, "colour": "blue"}
+    submitted = trainjob("submit", str(write_spec(tmp_path / "bad.json", bad)))
+    assert submitted.code == 1 and submitted.out == ""
+    error = service.http.post("/v1/jobs", json=bad).json()["error"]
+    assert submitted.err.splitlines() == [
+        f"trainjob: validation_error: {error['message']}",
+        *(f"  {field['path']}: {field['message']}" for field in error["fields"]),
+    ]
+    assert {field["path"] for field in error["fields"]} >= {"micro_batch_size", "colour"}
+
+
+def test_a_spec_that_cannot_be_read_exits_2_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # a request would exit 3
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, expected in [
+        ("missing.json", "cannot read"),
+        ("broken.yaml", "is not valid YAML"),
+        ("list.json", "must hold one object"),
+    ]:
+        assert main(["submit", str(tmp_path / name), "--url", nowhere]) == 2, name
+        assert expected in capsys.readouterr().err, name
+
+
+def test_an_unreachable_server_exits_3_naming_the_url(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["status", "job_x", "--url", nowhere]) == 3
+    assert capsys.readouterr().err.startswith(f"trainjob: cannot reach the server at {nowhere}")
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as missing_id:
+        main(["download"])
+    assert missing_id.value.code == 2
+    assert main(["status", "job_x", "--url", "localhost:8000"]) == 2
+    assert "--url must start with http://" in capsys.readouterr().err
+
+
+def test_submit_reads_yaml_and_prints_only_the_id(
+    service: Service, trainjob: Callable[..., Result], tmp_path: Path
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: {type: mlp, hidden_sizes: [8]}\ndataset: {type: digits}\n"
+        "micro_batch_size: 4\naccumulation_steps: 1\nmax_steps: 2\ndevice: cpu\n"
+    )
+    submitted = trainjob("submit", str(spec))
+    assert submitted.code == 0
+    job_id = submitted.out.strip()
+    assert service.http.get(f"/v1/jobs/{job_id}").json()["spec"]["max_steps"] == 2
+    wait_for_status(service.http, job_id, TERMINAL, timeout=30)
+
+
+def test_the_url_comes_from_trainjob_url(
+    service: Service,
+    finished_job: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TRAINJOB_URL", service.url)
+    assert main(["status", finished_job["id"]]) == 0
+    assert "succeeded" in capsys.readouterr().out
+
+
+def test_the_client_runs_without_torch(service: Service, finished_job: dict[str, Any]) -> None:
+    script = (
+        "import sys\n"
+        "from worker.cli.main import main\n"
+        f"code = main(['status', {finished_job['id']!r}, '--url', {service.url!r}])\n"
+        "assert 'torch' not in sys.modules and 'app.main' not in sys.modules\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=service_env(), capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- watch's reconnect and the API key, against a scripted server ---------------------
+
+
+class ScriptedApi(BaseHTTPRequestHandler):
+    """A job that runs, a stream that drops after two events, then one that ends it."""
+
+    requests: list[dict[str, str]]
+    streams_served: int
+
+    def do_GET(self) -> None:
+        type(self).requests.append({"path": self.path, **dict(self.headers.items())})
+        if self.path.endswith("/events"):
+            type(self).streams_served += 1
+            if type(self).streams_served == 1:
+                self._send("text/event-stream", STREAM_BEFORE_DROP)
+            else:
+                self._send("text/event-stream", STREAM_AFTER_RECONNECT)
+        else:
+            finished = type(self).streams_served >= 2
+            job = SCRIPTED_FINISHED_JOB if finished else SCRIPTED_JOB
+            self._send("application/json", json.dumps(job).encode())
+
+    def _send(self, content_type: str, body: bytes) -> None:
+        # HTTP/1.0 with no length: the body ends where the connection closes, as a
+        # dropped stream does.
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+SCRIPTED_JOB = {
+    "id": "job_scripted",
+    "status": "running",
+    "batch_size": 8,
+    "progress": {"step": 1, "max_steps": 4},
+    "metrics": {"loss": 0.5},
+    "runtime_seconds": 3.0,
+    "error": None,
+}
+SCRIPTED_FINISHED_JOB = {
+    **SCRIPTED_JOB,
+    "status": "succeeded",
+    "progress": {"step": 4, "max_steps": 4},
+}
+STREAM_BEFORE_DROP = (
+    b"retry: 10\r\n\r\n: keep-alive\r\n\r\n"
+    b'id: 1\r\nevent: status\r\ndata: {"status": "running"}\r\n\r\n'
+    b'id: 2\r\nevent: metrics\r\ndata: {"step": 2, "loss": 1.0, "samples_per_sec": 80}\r\n\r\n'
+    b'id: 3\r\nevent: metrics\r\ndata: {"step": 3, '  # cut off mid-event
+)
+STREAM_AFTER_RECONNECT = (
+    b'id: 3\nevent: metrics\ndata: {"step": 3, "loss": 0.75, "samples_per_sec": 80}\n\n'
+    b'id: 4\nevent: metrics\ndata: {"step": 4, "loss": 0.5, "samples_per_sec": 80}\n\n'
+    b'id: 5\nevent: status\ndata: {"status": "succeeded"}\n\n'
+)
+
+
+@pytest.fixture
+def scripted_api() -> Iterator[tuple[str, type[ScriptedApi]]]:
+    handler = type("Handler", (ScriptedApi,), {"requests": [], "streams_served": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_watch_reconnects_after_the_last_event_id_it_saw(
+    scripted_api: tuple[str, type[ScriptedApi]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, handler = scripted_api
+    monkeypatch.setenv("TRAINJOB_API_KEY", "sekrit-key")
+    assert main(["watch", "job_scripted", "--url", url]) == 0
+    streams = [request for request in handler.requests if request["path"].endswith("/events")]
+    assert [stream.get("Last-Event-ID") for stream in streams] == [None, "2"]
+    assert all(stream["Accept"] == "text/event-stream" for stream in streams)
+    # The key goes to the server on every request, and nowhere else.
+    assert all(request["Authorization"] == "Bearer sekrit-key" for request in handler.requests)
+    out = capsys.readouterr()
+    assert "sekrit" not in out.out + out.err
+    lines = out.out.splitlines()
+    assert lines[0] == "status: running"
+    assert [line.split(" [")[0] for line in lines if line.startswith("step")] == [
+        "step 2/4",
+        "step 3/4",
+        "step 4/4",
+    ]
+    # ETA from the server's rate: 2 steps × 8 samples at 80 samples/s.
+    assert "ETA 0:00:00" in lines[1] and "loss 1.0000" in lines[1]
+    assert lines[-1] == "job_scripted succeeded: step 4/4, final loss 0.5000, elapsed 0:00:03"
+
+
+def test_on_a_terminal_the_progress_line_redraws_in_place() -> None:
+    # Here rather than in a test_output.py: watch is output.ProgressLine's only user.
+    screen = io.StringIO()
+    progress = ProgressLine(max_steps=100, batch_size=32, stream=screen, interactive=True)
+    progress.update(1, 2.5, 1000)
+    progress.note("checkpoint at step 1")
+    progress.update(50, 1.25, 1000)
+    progress.close()
+    first = "step 1/100 [>                       ] loss 2.5000  1,000 samples/s  ETA 0:00:03"
+    half = "step 50/100 [============>           ] loss 1.2500  1,000 samples/s  ETA 0:00:01"
+    assert screen.getvalue() == (
+        f"\r{first}\033[K"
+        f"\r\033[Kcheckpoint at step 1\n{first}"  # the note goes above, the bar is redrawn
+        f"\r{half}\033[K"
+        "\n"
+    )

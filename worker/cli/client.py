@@ -1,0 +1,444 @@
+"""The command-line client: `trainjob submit/status/list/watch/cancel/events/download`.
+
+It talks to the HTTP API only (no torch, no database), so it runs from the API-only
+install. Exit codes: 0 success, 1 the server answered an error or a watched job
+failed or was cancelled, 2 a usage error or an unreadable spec, 3 no server at the URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import yaml
+from pydantic import ValidationError
+
+from app.jobs.schemas import TERMINAL_STATUSES
+from app.settings import Settings
+from worker.cli import output
+from worker.cli.sse import SSEParser
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# A stream that drops is reopened this many times in a row before we give up; any
+# event received resets the count.
+RECONNECT_ATTEMPTS = 6
+RECONNECT_MAX_DELAY_SECONDS = 10.0
+# The server sends keep-alive comments far more often than this; silence this long
+# means the connection is gone even if no socket error says so.
+STREAM_READ_TIMEOUT_SECONDS = 60.0
+REQUEST_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class ApiError(Exception):
+    """The server answered with an error envelope (or some other non-2xx)."""
+
+    def __init__(self, type: str, message: str, fields: list[dict[str, Any]]) -> None:
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+        self.fields = fields
+
+
+class Unreachable(Exception):
+    """No answer from the server at the URL: refused, timed out, or dropped."""
+
+
+class UsageError(Exception):
+    """The command cannot be sent as given: a bad --url, an unreadable spec."""
+
+
+@dataclass
+class Api:
+    """One server: its URL and an httpx client carrying the API key, if any."""
+
+    url: str
+    http: httpx.Client = field(repr=False)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._json("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self._json("POST", path, json=body)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self.transport_errors():
+            response = self.http.request(method, path, **kwargs)
+        raise_for_error(response)
+        try:
+            return response.json()
+        except ValueError:
+            raise _not_trainjob(response) from None
+
+    @contextlib.contextmanager
+    def transport_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TransportError as error:
+            reason = str(error) or type(error).__name__
+            raise Unreachable(f"cannot reach the server at {self.url}: {reason}") from error
+
+
+def connect(url: str, api_key: str | None) -> Api:
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must start with http:// or https://, not {url!r}")
+    headers = {"User-Agent": "trainjob-cli"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return Api(url=url, http=httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT))
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """An error answer as ApiError: the server's envelope, or what we can say about it."""
+    if response.is_success:
+        return
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if not (isinstance(error, dict) and "type" in error and "message" in error):
+        raise _not_trainjob(response)
+    fields = error.get("fields")
+    raise ApiError(
+        str(error["type"]),
+        str(error["message"]),
+        [item for item in fields if isinstance(item, dict)] if isinstance(fields, list) else [],
+    )
+
+
+def _not_trainjob(response: httpx.Response) -> ApiError:
+    # A proxy's error page, or a server that is not trainjob at all.
+    return ApiError(
+        "http_error",
+        f"HTTP {response.status_code} {response.reason_phrase} from {response.url} "
+        f"({response.headers.get('content-type', 'no content type')})",
+        [],
+    )
+
+
+def job_path(job_id: str, *rest: str) -> str:
+    return "/".join(["/v1/jobs", quote(job_id, safe=""), *rest])
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    """The spec file as the mapping to POST; the server validates it (one line per field).
+
+    `-` reads standard input. YAML is read for .yaml/.yml and for stdin (YAML holds JSON).
+    """
+    yaml_file = path == "-" or Path(path).suffix.lower() in {".yaml", ".yml"}
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"cannot read {path}: not UTF-8 text") from error
+    try:
+        data = yaml.safe_load(text) if yaml_file else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        kind = "YAML" if yaml_file else "JSON"
+        raise UsageError(f"{path} is not valid {kind}: {error}") from error
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold one object (a mapping of fields)")
+    return data
+
+
+def print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2))
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def submit(api: Api, spec_path: str, *, watch_after: bool, as_json: bool) -> int:
+    spec = read_spec(spec_path)
+    job = api.post("/v1/jobs", spec)
+    if watch_after:
+        if not as_json:
+            print(job["id"], flush=True)
+        return watch(api, job["id"], as_json=as_json)
+    if as_json:
+        print_json(job)
+    else:
+        print(job["id"])
+    return EXIT_OK
+
+
+def status(api: Api, job_id: str, *, as_json: bool) -> int:
+    job = api.get(job_path(job_id))
+    if as_json:
+        print_json(job)
+    else:
+        print(output.job_summary(job))
+    return EXIT_OK
+
+
+def list_jobs(
+    api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
+) -> int:
+    page = api.get("/v1/jobs", status=status, limit=limit, after=after)
+    if as_json:
+        print_json(page)
+        return EXIT_OK
+    print(output.job_table(page["data"]) if page["data"] else "no jobs")
+    if page["has_more"]:
+        more = f"trainjob list --after {page['data'][-1]['id']}"
+        print(f"more: {more}" + (f" --status {status}" if status else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def cancel(api: Api, job_id: str, *, as_json: bool) -> int:
+    job = api.post(job_path(job_id, "cancel"))
+    if as_json:
+        print_json(job)
+    elif job["status"] == "cancelling":
+        print(f"{job['id']} cancelling: it stops at its next optimizer step")
+    else:
+        print(f"{job['id']} {job['status']}")
+    return EXIT_OK
+
+
+def events(api: Api, job_id: str, *, after: int | None, as_json: bool) -> int:
+    collected: list[dict[str, Any]] = []
+    while True:
+        page = api.get(job_path(job_id, "events"), after=after, limit=100)
+        collected += page["data"]
+        if not as_json:
+            for event in page["data"]:
+                print(output.event_line(event))
+        if not page["has_more"] or not page["data"]:
+            break
+        after = page["data"][-1]["id"]
+    if as_json:
+        # All pages as one document of the server's own shape.
+        print_json({"data": collected, "has_more": False})
+    return EXIT_OK
+
+
+def download(api: Api, job_id: str, *, out: Path | None, step: int | None, as_json: bool) -> int:
+    default_name = (
+        f"{job_id}-step{step}.safetensors" if step is not None else f"{job_id}.safetensors"
+    )
+    target = out if out is not None else Path(default_name)
+    if target.is_dir():
+        target = target / default_name
+    params = {"step": step} if step is not None else {}
+    with (
+        api.transport_errors(),
+        api.http.stream("GET", job_path(job_id, "weights"), params=params) as response,
+    ):
+        if not response.is_success:
+            response.read()
+            raise_for_error(response)
+        size = _write_atomically(target, response.iter_bytes())
+    checkpoint_step = response.headers.get("X-Checkpoint-Step")
+    if as_json:
+        print_json(
+            {
+                "path": str(target),
+                "size_bytes": size,
+                "step": int(checkpoint_step) if checkpoint_step else None,
+            }
+        )
+    else:
+        at = f", step {checkpoint_step}" if checkpoint_step else ""
+        print(f"{target} ({size:,} bytes{at})")
+    return EXIT_OK
+
+
+def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
+    """Write to a temporary file beside `target`, then rename: a dropped download never
+    leaves a truncated file under the real name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+    )
+    size = 0
+    try:
+        with os.fdopen(handle, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+                size += len(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        # mkstemp makes the file private; the weights are as readable as any file we write.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return size
+
+
+# --- watch -------------------------------------------------------------------------
+
+
+def watch(api: Api, job_id: str, *, as_json: bool) -> int:
+    """Follow a job's live events to its end; exit 0 if it succeeded, 1 if not."""
+    job = api.get(job_path(job_id))
+    if job["status"] not in TERMINAL_STATUSES:
+        progress = output.ProgressLine(
+            max_steps=job["progress"].get("max_steps"),
+            batch_size=job["batch_size"],
+            stream=sys.stdout,
+            interactive=sys.stdout.isatty(),
+        )
+        try:
+            _follow(api, job_id, None if as_json else progress)
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"trainjob: stopped watching; {job_id} goes on", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        progress.close()
+        job = api.get(job_path(job_id))
+    return _outcome(job, as_json=as_json)
+
+
+def _outcome(job: dict[str, Any], *, as_json: bool) -> int:
+    if as_json:
+        print_json(job)
+    else:
+        print(output.final_line(job))
+    if job["status"] == "succeeded":
+        return EXIT_OK
+    error = job.get("error") or {"type": job["status"], "message": f"job {job['id']} was cancelled"}
+    print(f"trainjob: {output.format_error(error)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _follow(api: Api, job_id: str, progress: output.ProgressLine | None) -> None:
+    """Read the event stream until the job's terminal status, reconnecting where it drops."""
+    parser = SSEParser()
+    failures = 0
+    while True:
+        received = False
+        try:
+            with api.transport_errors(), contextlib.closing(_stream(api, job_id, parser)) as stream:
+                for event_type, data in stream:
+                    received = True
+                    if event_type == "status" and data.get("status") in TERMINAL_STATUSES:
+                        return
+                    if progress is not None:
+                        _show(event_type, data, progress)
+        except Unreachable as error:
+            reason = str(error)
+        else:
+            reason = f"the event stream at {api.url} ended before the job did"
+        # Perhaps the end came while we were away: a job that is over has nothing to stream.
+        with contextlib.suppress(Unreachable):
+            if api.get(job_path(job_id))["status"] in TERMINAL_STATUSES:
+                return
+        failures = 1 if received else failures + 1
+        if failures > RECONNECT_ATTEMPTS:
+            raise Unreachable(reason)
+        advised = parser.retry_ms / 1000 if parser.retry_ms is not None else 0.5
+        time.sleep(min(RECONNECT_MAX_DELAY_SECONDS, advised * 2 ** (failures - 1)))
+
+
+def _stream(
+    api: Api, job_id: str, parser: SSEParser
+) -> Generator[tuple[str, dict[str, Any]], None, None]:
+    """One connection's events as (type, data); a reconnect resumes after the last id seen."""
+    parser.discard_pending()  # what the last connection left half-sent comes again
+    headers = {"Accept": "text/event-stream"}
+    if parser.last_event_id is not None:
+        headers["Last-Event-ID"] = parser.last_event_id
+    timeout = httpx.Timeout(30.0, connect=5.0, read=STREAM_READ_TIMEOUT_SECONDS)
+    with api.http.stream(
+        "GET", job_path(job_id, "events"), headers=headers, timeout=timeout
+    ) as response:
+        if not response.is_success:
+            response.read()
+            raise_for_error(response)
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            raise ApiError(
+                "no_event_stream",
+                f"{api.url} answered {content_type or 'no content type'} instead of an event "
+                "stream: is it an older trainjob server?",
+                [],
+            )
+        for line in response.iter_lines():
+            event = parser.feed(line)
+            if event is None:
+                continue
+            try:
+                data = json.loads(event.data)
+            except ValueError:
+                continue  # not ours to show; the stream goes on
+            if isinstance(data, dict):
+                yield event.event, data
+
+
+def _show(event_type: str, data: dict[str, Any], progress: output.ProgressLine) -> None:
+    if event_type == "metrics":
+        if isinstance(data.get("step"), int) and isinstance(data.get("loss"), int | float):
+            progress.update(data["step"], data["loss"], data.get("samples_per_sec") or 0.0)
+    elif (note := output.live_event_note(event_type, data)) is not None:
+        progress.note(note)
+
+
+# --- dispatch ----------------------------------------------------------------------
+
+
+def client_command(args: argparse.Namespace) -> int:
+    """Run one client subcommand; errors become a line on stderr and an exit code."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"trainjob: invalid settings: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    api_key = args.api_key
+    if api_key is None and settings.api_key is not None:
+        api_key = settings.api_key.get_secret_value()
+    try:
+        api = connect(args.url or settings.url, api_key)
+        with api.http:
+            return _dispatch(api, args)
+    except UsageError as error:
+        print(f"trainjob: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as error:
+        print(f"trainjob: {error.type}: {error.message}", file=sys.stderr)
+        for item in error.fields:
+            print(f"  {item.get('path') or 'body'}: {item.get('message')}", file=sys.stderr)
+        return EXIT_FAILED
+    except Unreachable as error:
+        print(f"trainjob: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print("trainjob: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(api: Api, args: argparse.Namespace) -> int:
+    as_json: bool = args.as_json
+    if args.command == "submit":
+        return submit(api, args.spec, watch_after=args.watch, as_json=as_json)
+    if args.command == "status":
+        return status(api, args.job_id, as_json=as_json)
+    if args.command == "list":
+        return list_jobs(
+            api, status=args.status, limit=args.limit, after=args.after, as_json=as_json
+        )
+    if args.command == "watch":
+        return watch(api, args.job_id, as_json=as_json)
+    if args.command == "cancel":
+        return cancel(api, args.job_id, as_json=as_json)
+    if args.command == "events":
+        return events(api, args.job_id, after=args.after, as_json=as_json)
+    if args.command == "download":
+        return download(api, args.job_id, out=args.output, step=args.step, as_json=as_json)
+    raise AssertionError(f"unhandled command {args.command}")
