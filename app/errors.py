@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 class AppError(Exception):
     status_code = 400
     type = "bad_request"
+    # Response headers the error calls for (WWW-Authenticate, Retry-After, ...).
+    headers: dict[str, str] = {}  # noqa: RUF012 (read-only per class)
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -47,9 +49,17 @@ class ServiceUnavailable(AppError):
     type = "unavailable"
 
 
-def envelope(status_code: int, type: str, message: str, **details: Any) -> JSONResponse:
+def envelope(
+    status_code: int,
+    type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **details: Any,
+) -> JSONResponse:
     return JSONResponse(
-        status_code=status_code, content={"error": {"type": type, "message": message, **details}}
+        status_code=status_code,
+        content={"error": {"type": type, "message": message, **details}},
+        headers=headers,
     )
 
 
@@ -71,7 +81,9 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, error: AppError) -> JSONResponse:
-        return envelope(error.status_code, error.type, error.message, **error.details)
+        return envelope(
+            error.status_code, error.type, error.message, headers=error.headers, **error.details
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:

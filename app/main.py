@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 import redis
 from celery import Celery
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import health
+from app.auth.deps import AuthGate
 from app.checkpoints import router as checkpoints_router
 from app.db import Database, require_migrated
 from app.errors import install_error_handlers
 from app.jobs import router as jobs_router
 from app.jobs.reaper import Reaper
+from app.limits import BodySizeLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
@@ -39,6 +42,7 @@ def make_reaper(
         ),
         send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
         ring=lambda job_ids: ring(client, job_ids),
+        idempotency_ttl_hours=settings.idempotency_ttl_hours,
     )
 
 
@@ -52,6 +56,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         assert settings.redis_url is not None, "TRAINJOB_REDIS_URL is not set"
         app.state.settings = settings
         app.state.database = database
+        app.state.auth_gate = AuthGate(database, settings.auth)
+        if not app.state.auth_gate.required():
+            logger.warning(
+                "authentication is OFF: no API key exists, so anyone who can reach this "
+                "service can submit and read jobs. Create one with "
+                "`trainjob keys create --tenant NAME` (or set TRAINJOB_AUTH=required)."
+            )
         app.state.celery = make_celery(settings)
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         reaper = make_reaper(settings, database, app.state.celery, app.state.redis)
@@ -77,6 +88,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.state.metrics = Metrics(app.state, queue=settings.queue)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:  # no CORS unless asked for: the API is not for other sites
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        )
+    # Outermost: a large body is refused before anything reads it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs_router.router)
     app.include_router(checkpoints_router.router)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = Field(
         15.0, gt=0, description="An idle event stream sends a keep-alive comment this often."
     )
+    auth: Literal["auto", "required"] = Field(
+        "auto",
+        description="`auto`: API keys are required once any key has been created; "
+        "`required`: always.",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        100, ge=1, description="A tenant's queued and running jobs; more submits get 429."
+    )
+    idempotency_ttl_hours: float = Field(
+        48.0, ge=24, description="How long an Idempotency-Key of a submit is remembered."
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Requests with a larger body are refused with 413."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (comma-separated); none by default.",
+    )
     test_faults: str | None = Field(
         None,
         description="Testing only: faults a worker injects into every job, comma-separated: "
@@ -101,6 +119,13 @@ class Settings(BaseSettings):
         description="Sent by the command-line client as `Authorization: Bearer KEY`. A secret: "
         "never printed or logged.",
     )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> Settings:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
+from app.auth.deps import PrincipalDep
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.schemas import CheckpointList, CheckpointPublic
 from app.deps import DatabaseDep, SessionDep, SettingsDep
@@ -20,9 +21,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "no such job or 
 def list_checkpoints(
     job_id: str,
     session: SessionDep,
+    principal: PrincipalDep,
     after_step: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> CheckpointList:
+    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
     rows, has_more = checkpoints_service.list_checkpoints(
         session, job_id=job_id, after_step=after_step, limit=limit
     )
@@ -43,11 +46,12 @@ def download_weights(
     session: SessionDep,
     database: DatabaseDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     step: Annotated[int | None, Query(ge=0)] = None,
 ) -> StreamingResponse:
     """The model weights as safetensors: the final weights once the job succeeded
     (its last checkpoint), else the latest checkpoint, or the one at `step`."""
-    jobs_service.get_job(session, job_id=job_id)
+    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
     checkpoint = checkpoints_service.find_checkpoint(session, job_id=job_id, step=step)
     # The body streams after this request's session has closed: read with a session of its own.
 

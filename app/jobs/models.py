@@ -32,6 +32,8 @@ class Job(Base):
     # so the newest-first list and its `after` cursor need only the primary key.
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(128))
+    # The tenant of the API key that submitted it ("default" while auth is off).
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
     status: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     batch_size: Mapped[int] = mapped_column(Integer)
@@ -66,7 +68,11 @@ class Job(Base):
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
 
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_tenant_id", "tenant", "id"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
+    )
 
 
 class JobAttempt(Base):
@@ -116,3 +122,18 @@ class JobMetric(Base):
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # Everything else the engine reports for the step (eval_loss, skipped, ...).
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class IdempotencyKey(Base):
+    """A submit's Idempotency-Key: the same key and body again returns the same job."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the normalised spec: the same key with another body is a conflict.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)

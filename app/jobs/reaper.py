@@ -20,6 +20,7 @@ from sqlalchemy import or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
+from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts
 
@@ -143,8 +144,10 @@ class Reaper:
         in_broker: Callable[[], set[str]],
         send: Callable[[str], bool],
         ring: Callable[[list[str]], None] = lambda job_ids: None,
+        idempotency_ttl_hours: float | None = None,
     ) -> None:
         self.database = database
+        self.idempotency_ttl_hours = idempotency_ttl_hours
         self.ring = ring
         self.lease_timeout = lease_timeout
         self.requeue_after = requeue_after
@@ -177,6 +180,10 @@ class Reaper:
         if self._first_pass:  # the startup check of every queued job, a batch per pass
             self._startup_cursor = cursor
             self._first_pass = not complete
+        if self.idempotency_ttl_hours is not None:
+            with self.database.session() as session:
+                forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
+                session.commit()
         if changed := report.requeued + report.failed + report.cancelled:
             self.ring(changed)  # their streams show the new status at once
         for kind in ("requeued", "failed", "cancelled", "sent"):

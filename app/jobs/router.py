@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.auth.deps import PrincipalDep
+from app.auth.service import Principal
 from app.deps import CeleryDep, RedisDep, SessionDep, SettingsDep
+from app.errors import AppError
+from app.jobs import idempotency
 from app.jobs import service as jobs_service
 from app.jobs.schemas import (
     AttemptList,
@@ -35,13 +40,75 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=ERRORS)
+class TooManyJobs(AppError):
+    status_code = 429
+    type = "too_many_jobs"
+    headers = {"Retry-After": "30"}  # noqa: RUF012
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="the same key and body from the same tenant return the same job",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={
+        **ERRORS,
+        200: {"description": "an earlier submit with this Idempotency-Key and body"},
+        409: {"description": "the Idempotency-Key was used with another body"},
+        429: {"description": "the tenant has too many queued and running jobs"},
+    },
+)
 def submit_job(
-    spec: JobSpec, session: SessionDep, settings: SettingsDep, celery: CeleryDep
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    principal: PrincipalDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobPublic:
     """Validate a job spec, store the job as `queued`, and send it to the workers."""
-    job = jobs_service.create_job(session, spec=spec)
-    session.commit()
+    tenant, ttl = principal.tenant, settings.idempotency_ttl_hours
+    if idempotency_key is not None:
+        earlier = idempotency.replay(
+            session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=ttl
+        )
+        if earlier is not None:
+            response.status_code = status.HTTP_200_OK
+            return jobs_service.to_public(earlier)
+    active = jobs_service.count_active(session, tenant=tenant)
+    if active >= settings.max_active_jobs_per_tenant:
+        raise TooManyJobs(
+            f"tenant {tenant!r} has {active} queued or running jobs, the most allowed; "
+            "retry when some have finished"
+        )
+    try:
+        job = jobs_service.create_job(session, spec=spec, tenant=tenant)
+        if idempotency_key is not None:
+            idempotency.remember(
+                session, tenant=tenant, key=idempotency_key, spec=spec, job_id=job.id
+            )
+        session.commit()
+    except IntegrityError:  # the same key, committed by a concurrent submit just now
+        session.rollback()
+        assert idempotency_key is not None
+        earlier = idempotency.replay(
+            session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=ttl
+        )
+        if earlier is None:
+            raise
+        response.status_code = status.HTTP_200_OK
+        return jobs_service.to_public(earlier)
     if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
         jobs_service.mark_unsent(session, job_id=job.id)
         session.commit()
@@ -51,18 +118,22 @@ def submit_job(
 @router.get("", response_model=JobList, responses=ERRORS)
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     limit: Limit = 20,
     after: Annotated[str | None, Query(max_length=40, description="job id cursor")] = None,
 ) -> JobList:
     """Jobs newest first; pass the last id of a page as `after` for the next page."""
-    jobs, has_more = jobs_service.list_jobs(session, status=status, limit=limit, after=after)
+    jobs, has_more = jobs_service.list_jobs(
+        session, status=status, limit=limit, after=after, tenant=principal.scope
+    )
     return JobList(data=[jobs_service.to_public(job) for job in jobs], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-def get_job(job_id: str, session: SessionDep) -> JobPublic:
-    return jobs_service.to_public(jobs_service.get_job(session, job_id=job_id))
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    job = jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
+    return jobs_service.to_public(job)
 
 
 @router.post(
@@ -70,9 +141,11 @@ def get_job(job_id: str, session: SessionDep) -> JobPublic:
     response_model=JobPublic,
     responses={**ERRORS, 409: {"description": "the job has already finished"}},
 )
-def cancel_job(job_id: str, session: SessionDep, redis_client: RedisDep) -> JobPublic:
+def cancel_job(
+    job_id: str, session: SessionDep, redis_client: RedisDep, principal: PrincipalDep
+) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next optimizer step."""
-    job = jobs_service.request_cancel(session, job_id=job_id)
+    job = jobs_service.request_cancel(session, job_id=job_id, tenant=principal.scope)
     session.commit()
     ring(redis_client, [job_id])
     return jobs_service.to_public(job)
@@ -82,12 +155,13 @@ def cancel_job(job_id: str, session: SessionDep, redis_client: RedisDep) -> JobP
 def list_metrics(
     job_id: str,
     session: SessionDep,
+    principal: PrincipalDep,
     after_step: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricList:
     """Per-optimizer-step metrics in step order."""
     rows, has_more = jobs_service.list_metrics(
-        session, job_id=job_id, after_step=after_step, limit=limit
+        session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
     data = [
         MetricPublic(
@@ -126,6 +200,7 @@ def list_events(
     job_id: str,
     request: Request,
     session: SessionDep,
+    principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
     limit: Limit = 100,
     type: EventTypes = None,
@@ -134,9 +209,9 @@ def list_events(
     oom_backoff, overflow_skip, warning, error. With `Accept: text/event-stream`, a live
     stream of them (see `/events/stream`)."""
     if EVENT_STREAM in request.headers.get("accept", ""):
-        return _event_stream(job_id, request, session, after)
+        return _event_stream(job_id, request, session, after, principal)
     rows, has_more = jobs_service.list_events(
-        session, job_id=job_id, after=after, limit=limit, types=type
+        session, job_id=job_id, after=after, limit=limit, types=type, tenant=principal.scope
     )
     data = [EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data) for e in rows]
     return EventList(data=data, has_more=has_more)
@@ -151,17 +226,19 @@ def stream_events(
     job_id: str,
     request: Request,
     session: SessionDep,
+    principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
     ones; keep-alive comments while idle; ends after the job's terminal status event."""
-    return _event_stream(job_id, request, session, after)
+    return _event_stream(job_id, request, session, after, principal)
 
 
 def _event_stream(
-    job_id: str, request: Request, session: Session, after: int | None
+    job_id: str, request: Request, session: Session, after: int | None, principal: Principal
 ) -> StreamingResponse:
-    jobs_service.get_job(session, job_id=job_id)  # 404 before the stream starts
+    # 404 (another tenant's job included) before the stream starts.
+    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
     last_id = parse_last_event_id(request.headers.get("last-event-id"))
     stream = job_event_stream(
         hub=request.app.state.hub,
@@ -181,11 +258,14 @@ def _event_stream(
 def list_attempts(
     job_id: str,
     session: SessionDep,
+    principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, description="attempt number cursor")] = None,
     limit: Limit = 100,
 ) -> AttemptList:
     """Every run of the job, oldest first: worker, times, step resumed from, why it ended."""
-    rows, has_more = jobs_service.list_attempts(session, job_id=job_id, after=after, limit=limit)
+    rows, has_more = jobs_service.list_attempts(
+        session, job_id=job_id, after=after, limit=limit, tenant=principal.scope
+    )
     data = [
         AttemptPublic(
             attempt=row.attempt,

@@ -40,6 +40,7 @@ class JobError(BaseModel):
 class JobPublic(_TimesInUtc):
     id: str
     name: str | None
+    tenant: str
     status: JobStatus
     spec: dict[str, Any]
     batch_size: int

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app.auth.service import DEFAULT_TENANT
 from app.db import utcnow
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
 from app.jobs.ids import is_job_id, new_job_id
@@ -19,12 +20,13 @@ from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
 from app.jobs.spec import JobSpec
 
 
-def create_job(session: Session, *, spec: JobSpec) -> Job:
+def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT) -> Job:
     """Insert a queued job for a validated spec."""
     micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
     assert isinstance(micro, int) and spec.batch_size is not None
     job = Job(
         id=new_job_id(),
+        tenant=tenant,
         name=spec.name,
         status="queued",
         spec=spec.model_dump(mode="json"),
@@ -52,19 +54,26 @@ def create_job(session: Session, *, spec: JobSpec) -> Job:
     return job
 
 
-def get_job(session: Session, *, job_id: str) -> Job:
-    """The job, or JobNotFound."""
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
+    """The job, or JobNotFound; with `tenant`, another tenant's job is not found either."""
     job = session.get(Job, job_id) if is_job_id(job_id) else None
-    if job is None:
+    if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
     return job
 
 
 def list_jobs(
-    session: Session, *, status: str | None, limit: int, after: str | None
+    session: Session,
+    *,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    tenant: str | None = None,
 ) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:
@@ -73,9 +82,9 @@ def list_jobs(
     return jobs[:limit], len(jobs) > limit
 
 
-def request_cancel(session: Session, *, job_id: str) -> Job:
+def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
     """Queued: cancelled at once. Running: cancelling until the worker stops at a window edge."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, tenant=tenant)
     if job.status in TERMINAL_STATUSES:
         raise JobAlreadyFinished(job_id, job.status)
     if job.status == "cancelling":
@@ -95,7 +104,7 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     ).rowcount  # type: ignore[attr-defined]
     session.expire(job)
     if not changed:  # the status moved under us: try again against the new one
-        return request_cancel(session, job_id=job_id)
+        return request_cancel(session, job_id=job_id, tenant=tenant)
     add_event(session, job_id=job_id, type="status", data={"status": values["status"]})
     return job
 
@@ -115,9 +124,10 @@ def list_events(
     after: int | None,
     limit: int,
     types: Sequence[str] | None = None,
+    tenant: str | None = None,
 ) -> tuple[list[JobEvent], bool]:
     """Oldest first from the cursor `after` (an event id), optionally of some types only."""
-    get_job(session, job_id=job_id)
+    get_job(session, job_id=job_id, tenant=tenant)
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
     if after is not None:
         query = query.where(JobEvent.id > after)
@@ -125,6 +135,18 @@ def list_events(
         query = query.where(JobEvent.type.in_(types))
     events = list(session.scalars(query))
     return events[:limit], len(events) > limit
+
+
+def count_active(session: Session, *, tenant: str) -> int:
+    """The tenant's queued and running jobs, for the per-tenant cap."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant == tenant, Job.status.in_(("queued", "running", "cancelling")))
+        )
+        or 0
+    )
 
 
 def mark_unsent(session: Session, *, job_id: str) -> None:
@@ -135,10 +157,10 @@ def mark_unsent(session: Session, *, job_id: str) -> None:
 
 
 def list_attempts(
-    session: Session, *, job_id: str, after: int | None, limit: int
+    session: Session, *, job_id: str, after: int | None, limit: int, tenant: str | None = None
 ) -> tuple[list[JobAttempt], bool]:
     """The job's runs, oldest first, from the cursor `after` (an attempt number)."""
-    get_job(session, job_id=job_id)
+    get_job(session, job_id=job_id, tenant=tenant)
     query = (
         select(JobAttempt)
         .where(JobAttempt.job_id == job_id)
@@ -152,10 +174,10 @@ def list_attempts(
 
 
 def list_metrics(
-    session: Session, *, job_id: str, after_step: int | None, limit: int
+    session: Session, *, job_id: str, after_step: int | None, limit: int, tenant: str | None = None
 ) -> tuple[list[JobMetric], bool]:
     """Per-step metrics in step order from the cursor `after_step`."""
-    get_job(session, job_id=job_id)
+    get_job(session, job_id=job_id, tenant=tenant)
     query = (
         select(JobMetric)
         .where(JobMetric.job_id == job_id)
@@ -176,6 +198,7 @@ def to_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id,
         name=job.name,
+        tenant=job.tenant,
         status=job.status,
         spec=job.spec,
         batch_size=job.batch_size,

@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth.deps import AdminDep
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES
 from app.jobs.schemas import JobStatus
@@ -190,7 +191,8 @@ metrics_router = APIRouter(tags=["monitoring"])
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-def metrics(request: Request) -> Response:
-    """Prometheus metrics of this API process."""
+def metrics(request: Request, _: AdminDep) -> Response:
+    """Prometheus metrics of this API process. Their labels name every tenant's jobs, so
+    with auth on they need an admin key (give the scraper one)."""
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

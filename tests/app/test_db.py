@@ -33,6 +33,8 @@ TABLES = {
     "job_metrics",
     "checkpoints",
     "checkpoint_chunks",
+    "api_keys",
+    "idempotency_keys",
 }
 
 

@@ -78,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
 
+    keys = commands.add_parser(
+        "keys",
+        help="API keys: create (printed once), list, revoke",
+        description=(
+            "Manage API keys in the service's database. Once any key exists, every request "
+            "but /healthz and /readyz needs `Authorization: Bearer KEY`."
+        ),
+    )
+    key_actions = keys.add_subparsers(dest="key_action", required=True, metavar="ACTION")
+    create = key_actions.add_parser("create", help="create a key for a tenant; prints it once")
+    create.add_argument("--tenant", required=True, help="the tenant the key's jobs belong to")
+    create.add_argument("--admin", action="store_true", help="sees and manages every tenant")
+    create.add_argument("--name", help="a note, e.g. who holds the key")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    listing = key_actions.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = key_actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the key's id (from `trainjob keys list`)")
+
     database = commands.add_parser("db", help="database migrations")
     database.add_argument(
         "action", choices=["upgrade", "downgrade", "current"], help="migrate, or show the revision"
@@ -185,6 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve.worker_command(args.queues, args.concurrency)
     if args.command == "reaper":
         return serve.reaper_command()
+    if args.command == "keys":
+        from worker.cli.keys import keys_command
+
+        return keys_command(
+            args.key_action,
+            tenant=getattr(args, "tenant", None),
+            admin=getattr(args, "admin", False),
+            name=getattr(args, "name", None),
+            key_id=getattr(args, "key_id", None),
+            as_json=getattr(args, "json", False),
+        )
     if args.command == "db":
         return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")

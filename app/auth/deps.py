@@ -1,0 +1,86 @@
+"""Who the request is: `PrincipalDep`, from `Authorization: Bearer KEY`.
+
+Auth is on when TRAINJOB_AUTH=required, or (the default, `auto`) as soon as any key has
+been created, revoked ones included: revoking every key must not open the service.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from app.auth import service as auth_service
+from app.auth.models import ApiKey
+from app.auth.service import OPEN, Principal
+from app.db import Database
+from app.errors import AppError
+
+RECHECK_SECONDS = 2.0
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    type = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
+
+
+class Forbidden(AppError):
+    status_code = 403
+    type = "forbidden"
+
+
+class AuthGate:
+    """Whether keys are required; `auto` looks for a key at most every 2 s until one exists."""
+
+    def __init__(self, database: Database, mode: str) -> None:
+        self.database = database
+        self.mode = mode
+        self._on = mode == "required"
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def required(self) -> bool:
+        if self._on:
+            return True
+        with self._lock:
+            if time.monotonic() - self._checked_at >= RECHECK_SECONDS:
+                with self.database.session() as session:
+                    self._on = session.scalar(select(ApiKey.id).limit(1)) is not None
+                self._checked_at = time.monotonic()
+        return self._on
+
+
+def bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def principal_of(request: Request) -> Principal:
+    gate: AuthGate = request.app.state.auth_gate
+    if not gate.required():
+        return OPEN
+    key = bearer_key(request)
+    if key is None:
+        raise Unauthorized("an API key is required: send `Authorization: Bearer KEY`")
+    database: Database = request.app.state.database
+    with database.session() as session:
+        principal = auth_service.authenticate(session, key=key)
+    if principal is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return principal
+
+
+def admin_of(request: Request) -> Principal:
+    principal = principal_of(request)
+    if not principal.admin:
+        raise Forbidden("this needs an admin key")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
+AdminDep = Annotated[Principal, Depends(admin_of)]

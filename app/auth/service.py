@@ -1,0 +1,92 @@
+"""API keys and who a request is: create, list, revoke, authenticate."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.auth.keys import key_hash, looks_like_a_key, new_key
+from app.auth.models import ApiKey
+from app.db import utcnow
+from app.errors import InvalidRequest, NotFound
+
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking. Admins see every tenant's jobs."""
+
+    tenant: str
+    admin: bool
+    key_id: str | None = None
+
+    @property
+    def scope(self) -> str | None:
+        """The tenant whose jobs this principal may see; None: all of them."""
+        return None if self.admin else self.tenant
+
+
+# Auth is off (no key exists): everyone is an admin of the one default tenant.
+OPEN = Principal(tenant=DEFAULT_TENANT, admin=True)
+
+
+def create_key(
+    session: Session, *, tenant: str, admin: bool, name: str | None = None
+) -> tuple[ApiKey, str]:
+    """A new key for `tenant`; returns the row and the key, which is not stored."""
+    if not TENANT_PATTERN.match(tenant):
+        raise InvalidRequest(
+            "a tenant is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            fields=[{"path": "tenant", "message": "invalid tenant name"}],
+        )
+    key_id, key = new_key()
+    row = ApiKey(
+        id=key_id,
+        tenant=tenant,
+        admin=admin,
+        name=name,
+        key_hash=key_hash(key),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def list_keys(session: Session, *, tenant: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    return list(session.scalars(query))
+
+
+def revoke_key(session: Session, *, key_id: str) -> ApiKey:
+    """Revoke a key; requests with it are refused from now on."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"no API key {key_id!r}")
+    if row.revoked_at is None:
+        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked_at=utcnow()))
+        session.refresh(row)
+    return row
+
+
+def any_active_key(session: Session) -> bool:
+    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+
+
+def authenticate(session: Session, *, key: str) -> Principal | None:
+    """The principal of a presented key; None when unknown, malformed or revoked."""
+    if not looks_like_a_key(key):
+        return None
+    row = session.scalars(
+        select(ApiKey).where(ApiKey.key_hash == key_hash(key), ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        return None
+    return Principal(tenant=row.tenant, admin=row.admin, key_id=row.id)

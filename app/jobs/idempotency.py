@@ -1,0 +1,82 @@
+"""Idempotent submits: the same Idempotency-Key and body from a tenant is one job.
+
+The key's row is inserted in the transaction that creates the job, under a primary
+key of (tenant, key): of two identical submits racing, one commits and the other
+fails on the key and replays the winner's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Conflict
+from app.jobs.models import IdempotencyKey, Job
+from app.jobs.schemas import as_utc
+from app.jobs.spec import JobSpec
+
+
+class IdempotencyKeyReused(Conflict):
+    type = "idempotency_key_reused"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was used with a different body; use a new key",
+            idempotency_key=key,
+        )
+
+
+def request_hash(spec: JobSpec) -> str:
+    """Of the normalised spec: key order and defaults spelled out or not do not matter."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replay(
+    session: Session, *, tenant: str, key: str, spec: JobSpec, ttl_hours: float
+) -> Job | None:
+    """The job an earlier submit with this key made; None for a new (or expired) key.
+    The same key with another body raises IdempotencyKeyReused."""
+    row = session.get(IdempotencyKey, (tenant, key))
+    if row is None:
+        return None
+    created_at = as_utc(row.created_at)
+    if created_at is not None and created_at < utcnow() - timedelta(hours=ttl_hours):
+        session.delete(row)  # expired: the key may be used afresh
+        session.flush()
+        return None
+    if row.request_hash != request_hash(spec):
+        raise IdempotencyKeyReused(key)
+    return session.get(Job, row.job_id)
+
+
+def remember(session: Session, *, tenant: str, key: str, spec: JobSpec, job_id: str) -> None:
+    session.add(
+        IdempotencyKey(
+            tenant=tenant,
+            key=key,
+            request_hash=request_hash(spec),
+            job_id=job_id,
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+
+
+def forget_expired(session: Session, *, ttl_hours: float, limit: int = 1000) -> int:
+    """Delete keys past their lifetime (a bounded batch); the reaper calls it."""
+    cutoff = utcnow() - timedelta(hours=ttl_hours)
+    expired = select(IdempotencyKey.tenant, IdempotencyKey.key).where(
+        IdempotencyKey.created_at < cutoff
+    )
+    rows = session.execute(expired.limit(limit)).all()
+    for tenant, key in rows:
+        session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
+        )
+    return len(rows)

@@ -1,0 +1,91 @@
+"""`trainjob keys create|list|revoke`: API keys, managed on the server's database.
+
+Run where TRAINJOB_DATABASE_URL (or the embedded SQLite under TRAINJOB_HOME) is the
+service's. The key is printed once, on create; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.auth import service as auth_service
+from app.auth.models import ApiKey
+from app.db import Database, DatabaseNotMigrated, require_migrated
+from app.errors import InvalidRequest, NotFound
+from app.settings import get_settings
+
+
+def _described(row: ApiKey) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "tenant": row.tenant,
+        "admin": row.admin,
+        "name": row.name,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
+def _create(session: Session, tenant: str, admin: bool, name: str | None, as_json: bool) -> None:
+    row, key = auth_service.create_key(session, tenant=tenant, admin=admin, name=name)
+    session.commit()
+    if as_json:
+        print(json.dumps(_described(row) | {"key": key}))
+        return
+    role = "admin key" if row.admin else "key"
+    print(f"{role} {row.id} for tenant {row.tenant!r} (shown once, store it now):")
+    print(key)
+
+
+def _list(session: Session, tenant: str | None, as_json: bool) -> None:
+    listed = [_described(row) for row in auth_service.list_keys(session, tenant=tenant)]
+    if as_json:
+        print(json.dumps({"data": listed}))
+        return
+    print(f"{'ID':<14} {'TENANT':<20} {'ROLE':<6} {'REVOKED':<8} NAME")
+    for item in listed:
+        role = "admin" if item["admin"] else "user"
+        revoked = "yes" if item["revoked_at"] else "no"
+        print(f"{item['id']:<14} {item['tenant']:<20} {role:<6} {revoked:<8} {item['name'] or ''}")
+
+
+def _revoke(session: Session, key_id: str) -> None:
+    row = auth_service.revoke_key(session, key_id=key_id)
+    session.commit()
+    print(f"key {row.id} of tenant {row.tenant!r} is revoked")
+
+
+def keys_command(
+    action: str,
+    *,
+    tenant: str | None,
+    admin: bool,
+    name: str | None,
+    key_id: str | None,
+    as_json: bool,
+) -> int:
+    database = Database(get_settings().effective_database_url)
+    try:
+        require_migrated(database)
+        with database.session() as session:
+            if action == "create" and tenant is not None:
+                _create(session, tenant, admin, name, as_json)
+            elif action == "list":
+                _list(session, tenant, as_json)
+            elif action == "revoke" and key_id is not None:
+                _revoke(session, key_id)
+            else:
+                raise AssertionError(f"unhandled keys action {action!r}")
+    except DatabaseNotMigrated as error:
+        print(f"trainjob keys: {error}", file=sys.stderr)
+        return 2
+    except (NotFound, InvalidRequest) as error:
+        print(f"trainjob keys: {error.message}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    return 0
