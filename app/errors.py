@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,33 @@ class ServiceUnavailable(AppError):
     type = "unavailable"
 
 
+class FieldError(BaseModel):
+    path: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    # Errors add details of their own (job_id, status, limit_bytes, ...).
+    model_config = ConfigDict(extra="allow")
+    type: str
+    message: str
+    fields: list[FieldError] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for a route's error statuses, each with the envelope's schema."""
+    return {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in descriptions.items()
+    }
+
+
 def envelope(
     status_code: int,
     type: str,
@@ -72,10 +100,24 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
         context = item.get("ctx") or {}
         if "field" in context:
             location, message = [str(context["field"])], str(context["message"])
+        if item.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            offset = location[0] if location else "?"
+            location = []
+            message = f"not valid JSON: {context.get('error', message)} (at character {offset})"
         fields.append(
             {"path": ".".join(location), "message": message.removeprefix("Value error, ")}
         )
     return fields
+
+
+def _unparseable(cause: BaseException) -> str:
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(cause, ValueError):  # int() refuses more than 4300 digits
+        return "a number too long"
+    return type(cause).__name__
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -93,6 +135,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and error.__cause__ is not None:
+            # FastAPI's answer when the JSON parser itself fails rather than finding a syntax
+            # error (that is its 422 json_invalid): a body that is not UTF-8, nested deeper
+            # than Python's recursion limit, or a number too long to convert. One answer,
+            # 422, for every body that is not JSON.
+            reason = f"not valid JSON: {_unparseable(error.__cause__)}"
+            return envelope(
+                422, "validation_error", f"body: {reason}", fields=[{"path": "", "message": reason}]
+            )
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return envelope(
             error.status_code, kinds.get(error.status_code, "http_error"), str(error.detail)

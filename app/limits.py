@@ -59,18 +59,29 @@ class BodySizeLimit:
                     return
         received = 0
         started = False
+        too_large = False
+        replaced = False  # the app's own answer swapped for the 413
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, replaced
+            if replaced:
+                return
+            if too_large and not started:
+                # The app caught BodyTooLarge (FastAPI turns any failure to read the body
+                # into a 400) and answers on its own: the client gets the 413 instead.
+                replaced = started = True
+                await _refuse(send, self.max_bytes)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 

@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import health
 from app.auth.deps import AuthGate
 from app.checkpoints import router as checkpoints_router
+from app.dashboard import router as dashboard_router
 from app.db import Database, require_migrated
 from app.errors import install_error_handlers
 from app.jobs import router as jobs_router
@@ -101,4 +102,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router.router)
     app.include_router(checkpoints_router.router)
     app.include_router(metrics_router)
+    app.include_router(dashboard_router.router)  # also `/` → `/dashboard`
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from app.settings import Settings
+from worker.presence import presence_step
 
 TRAIN_TASK = "trainjob.train_job"
 
@@ -45,4 +46,6 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
     )
+    # Workers announce themselves in Redis for the dashboard (worker/presence.py).
+    app.steps["consumer"].add(presence_step(settings))
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -11,10 +11,17 @@ from app.auth.deps import PrincipalDep
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.schemas import CheckpointList, CheckpointPublic
 from app.deps import DatabaseDep, SessionDep, SettingsDep
+from app.errors import error_responses
 from app.jobs import service as jobs_service
 
-router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
-ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "no such job or checkpoint"}}
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["checkpoints"],
+    responses=error_responses({401: "an API key is needed, or it is unknown or revoked"}),
+)
+ERRORS = error_responses({404: "no such job or checkpoint", 422: "invalid request"})
+# Steps are 32-bit in the database: past that a request is a 422, not a database error.
+MAX_STEP = 2**31 - 1
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
@@ -22,7 +29,7 @@ def list_checkpoints(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=0)] = None,
+    after_step: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> CheckpointList:
     jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
@@ -47,7 +54,7 @@ def download_weights(
     database: DatabaseDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-    step: Annotated[int | None, Query(ge=0)] = None,
+    step: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
 ) -> StreamingResponse:
     """The model weights as safetensors: the final weights once the job succeeded
     (its last checkpoint), else the latest checkpoint, or the one at `step`."""

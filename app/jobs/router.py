@@ -6,15 +6,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth.deps import PrincipalDep
 from app.auth.service import Principal
 from app.deps import CeleryDep, RedisDep, SessionDep, SettingsDep
-from app.errors import AppError
+from app.errors import AppError, error_responses
 from app.jobs import idempotency
 from app.jobs import service as jobs_service
+from app.jobs.ids import JOB_ID_PATTERN
 from app.jobs.schemas import (
     AttemptList,
     AttemptPublic,
@@ -31,13 +33,17 @@ from app.live.channels import ring
 from app.live.stream import job_event_stream, parse_last_event_id
 from app.queue import enqueue_training
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    responses=error_responses({401: "an API key is needed, or it is unknown or revoked"}),
+)
 
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "no such job"},
-    422: {"description": "invalid request"},
-}
+# Cursors are bounded by their columns: past them a request is a 422, not a database error.
+MAX_INT32 = 2**31 - 1  # steps, attempt numbers
+MAX_INT64 = 2**63 - 1  # event ids
+ERRORS = error_responses({404: "no such job", 422: "invalid request"})
 
 
 class TooManyJobs(AppError):
@@ -52,7 +58,9 @@ IdempotencyKeyHeader = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=255,
-        description="the same key and body from the same tenant return the same job",
+        pattern=r"^[\x20-\x7e]+$",
+        description="printable ASCII, e.g. a UUID: the same key and body from the same "
+        "tenant return the same job",
     ),
 ]
 
@@ -63,9 +71,14 @@ IdempotencyKeyHeader = Annotated[
     response_model=JobPublic,
     responses={
         **ERRORS,
-        200: {"description": "an earlier submit with this Idempotency-Key and body"},
-        409: {"description": "the Idempotency-Key was used with another body"},
-        429: {"description": "the tenant has too many queued and running jobs"},
+        200: {"model": JobPublic, "description": "an earlier submit with this key and body"},
+        **error_responses(
+            {
+                409: "the Idempotency-Key was used with another body",
+                413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
+                429: "the tenant has too many queued and running jobs",
+            }
+        ),
     },
 )
 def submit_job(
@@ -121,7 +134,9 @@ def list_jobs(
     principal: PrincipalDep,
     status: JobStatus | None = None,
     limit: Limit = 20,
-    after: Annotated[str | None, Query(max_length=40, description="job id cursor")] = None,
+    after: Annotated[
+        str | None, Query(pattern=JOB_ID_PATTERN.pattern, description="job id cursor")
+    ] = None,
 ) -> JobList:
     """Jobs newest first; pass the last id of a page as `after` for the next page."""
     jobs, has_more = jobs_service.list_jobs(
@@ -139,7 +154,7 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPub
 @router.post(
     "/{job_id}/cancel",
     response_model=JobPublic,
-    responses={**ERRORS, 409: {"description": "the job has already finished"}},
+    responses={**ERRORS, **error_responses({409: "the job has already finished"})},
 )
 def cancel_job(
     job_id: str, session: SessionDep, redis_client: RedisDep, principal: PrincipalDep
@@ -156,7 +171,7 @@ def list_metrics(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=0)] = None,
+    after_step: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricList:
     """Per-optimizer-step metrics in step order."""
@@ -181,18 +196,30 @@ def list_metrics(
 
 
 EVENT_STREAM = "text/event-stream"
+# One event of the stream, the way OpenAPI 3.2's itemSchema describes text/event-stream
+# (and schemathesis reads `schema` of an event stream before 3.2): not the raw text.
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "the event id"},
+        "event": {"type": "string", "description": "the event type"},
+        "data": {"type": "string", "description": "the event's data as JSON"},
+    },
+}
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON page of events, or with `Accept: text/event-stream` a "
         "Server-Sent Events stream: `id:` the event id, `event:` its type, `data:` JSON",
-        "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+        "content": {EVENT_STREAM: {"schema": SSE_EVENT}},
     },
     **ERRORS,
 }
 EventTypes = Annotated[
-    list[str] | None,
+    list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]] | None,
     Query(max_length=20, description="only events of these types, e.g. type=status&type=error"),
 ]
+EventCursor = Annotated[int | None, Query(ge=0, le=MAX_INT64, description="event id cursor")]
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=STREAM_RESPONSE)
@@ -201,7 +228,7 @@ def list_events(
     request: Request,
     session: SessionDep,
     principal: PrincipalDep,
-    after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
+    after: EventCursor = None,
     limit: Limit = 100,
     type: EventTypes = None,
 ) -> EventList | StreamingResponse:
@@ -220,14 +247,14 @@ def list_events(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {EVENT_STREAM: {"schema": {"type": "string"}}}}, **ERRORS},
+    responses={200: {"content": {EVENT_STREAM: {"schema": SSE_EVENT}}}, **ERRORS},
 )
 def stream_events(
     job_id: str,
     request: Request,
     session: SessionDep,
     principal: PrincipalDep,
-    after: Annotated[int | None, Query(ge=0, description="event id cursor")] = None,
+    after: EventCursor = None,
 ) -> StreamingResponse:
     """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
     ones; keep-alive comments while idle; ends after the job's terminal status event."""
@@ -259,7 +286,9 @@ def list_attempts(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after: Annotated[int | None, Query(ge=0, description="attempt number cursor")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_INT32, description="attempt number cursor")
+    ] = None,
     limit: Limit = 100,
 ) -> AttemptList:
     """Every run of the job, oldest first: worker, times, step resumed from, why it ended."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
@@ -39,6 +40,8 @@ MAX_PARAMETERS = 200_000_000
 # built-in models keep for backward. 2**32 fp32 elements is 16 GiB: beyond any
 # single accelerator we run on once multiplied by the layers that store them.
 MAX_ACTIVATION_ELEMENTS = 2**32
+# The deepest a spec goes is model.hidden_sizes[0]; a plugin's own fields get room to spare.
+MAX_NESTING = 32
 
 
 class _Strict(BaseModel):
@@ -189,7 +192,8 @@ def _parse_registry_entry(
             "object_type", "{what} must be an object with a 'type'", {"what": what}
         )
     type_name = value.get("type")
-    if type_name in builtins:
+    # A list or an object is no type name (and is unhashable: no `in` on a dict).
+    if isinstance(type_name, str) and type_name in builtins:
         return builtins[type_name].model_validate(value)
     if isinstance(type_name, str) and type_name in plugin_names(group):
         return plugin_class.model_validate(value)
@@ -278,12 +282,14 @@ class JobSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _reject_non_finite_numbers(cls, data: Any) -> Any:
-        # JSON has no NaN/Infinity, but Python's json module reads them: refuse early
-        # so that no bound is silently compared against a NaN.
-        for path, number in _walk_floats(data, ()):
-            if not math.isfinite(number):
-                raise ValueError(f"{'.'.join(map(str, path))}: numbers must be finite")
+    def _reject_unstorable_values(cls, data: Any) -> Any:
+        # Before any field is read, over the raw body: JSON has no NaN/Infinity, but
+        # Python's json module reads them (and 1e400 as inf), so no bound may be
+        # compared against a NaN; PostgreSQL text cannot hold a NUL character; and a
+        # body nested hundreds deep would exhaust the stack of any recursive walk.
+        problem = _first_unstorable_value(data)
+        if problem is not None:
+            raise _field_error(*problem)
         return data
 
     @model_validator(mode="after")
@@ -429,16 +435,28 @@ def _field_error(field: str, message: str) -> PydanticCustomError:
     )
 
 
-def _walk_floats(data: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], float]]:
-    if isinstance(data, float):
-        return [(path, data)]
-    if isinstance(data, dict):
-        return [item for key, value in data.items() for item in _walk_floats(value, (*path, key))]
-    if isinstance(data, list | tuple):
-        return [
-            item for index, value in enumerate(data) for item in _walk_floats(value, (*path, index))
-        ]
-    return []
+def _first_unstorable_value(data: Any) -> tuple[str, str] | None:
+    """(dotted path, message) of the shallowest non-finite number, string with a NUL
+    character or object nested deeper than MAX_NESTING; None if there is none.
+    Breadth-first without recursion, so that no depth of input can overflow the stack."""
+    pending: deque[tuple[tuple[Any, ...], Any]] = deque([((), data)])
+    while pending:
+        path, value = pending.popleft()
+        where = ".".join(map(str, path))
+        if isinstance(value, float) and not math.isfinite(value):
+            return where, "numbers must be finite"
+        if isinstance(value, str) and "\x00" in value:
+            return where, "must not contain a NUL character (\\u0000)"
+        if isinstance(value, dict | list | tuple) and len(path) >= MAX_NESTING:
+            return where, f"nested deeper than {MAX_NESTING} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return where, "keys must not contain a NUL character (\\u0000)"
+                pending.append(((*path, key), item))
+        elif isinstance(value, list | tuple):
+            pending.extend(((*path, index), item) for index, item in enumerate(value))
+    return None
 
 
 def _input_shape(dataset: BaseModel) -> tuple[int, ...] | None:

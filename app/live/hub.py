@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 PAGE = 1000
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+STOP_SECONDS = 5.0
 # A job followed for the listeners only is dropped after this long without events.
 FORGET_AFTER_SECONDS = 900.0
 # Batches a stream may have waiting before it is told to catch up from the database.
@@ -97,6 +98,8 @@ class LiveHub:
         self._watched: dict[str, _Watched] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Reads started by rings: kept, so that stop() can cancel them too.
+        self._reads: set[asyncio.Task[None]] = set()
 
     # ---- streams
 
@@ -207,7 +210,9 @@ class LiveHub:
                             channel = channel.decode()
                         job_id = channel.removeprefix(CHANNEL_PREFIX)
                         if job_id in self._watched or self._listeners:
-                            asyncio.create_task(self._ring(job_id))  # noqa: RUF006
+                            read = asyncio.create_task(self._ring(job_id))
+                            self._reads.add(read)
+                            read.add_done_callback(self._reads.discard)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: streams still get the periodic reads
@@ -230,9 +235,11 @@ class LiveHub:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._poll())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._reads]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # Bounded: a read stuck in a database call must not hold up the shutdown.
+            await asyncio.wait(tasks, timeout=STOP_SECONDS)
         self._tasks = []
+        self._reads.clear()

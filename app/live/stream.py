@@ -103,4 +103,9 @@ def parse_last_event_id(value: Any) -> int | None:
     if value is None:
         return None
     text = str(value).strip()
-    return int(text) if text.isdigit() else None
+    # isdigit() alone passes "²" and 5,000 digits, both of which int() refuses, and ids
+    # past a 64-bit column, which the database refuses.
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    number = int(text)
+    return number if number < 2**63 else None

@@ -1,0 +1,56 @@
+"""What `GET /v1/dashboard` returns: the state of the service at a glance."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+# Times as the jobs API writes them (UTC, `+00:00`), also for SQLite's naive datetimes.
+from app.jobs.schemas import JobProgress, JobStatus
+from app.jobs.schemas import _TimesInUtc as TimesInUtc
+
+
+class RunningJob(TimesInUtc):
+    """A running (or cancelling) job, with the numbers the jobs table shows."""
+
+    id: str
+    name: str | None
+    status: JobStatus
+    progress: JobProgress
+    batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    loss: float | None = Field(description="the latest optimizer step's loss")
+    samples_per_sec: float | None
+    worker: str | None = Field(description="node name of the worker running it")
+    started_at: datetime | None
+
+
+class WorkerPublic(TimesInUtc):
+    """A worker that announced itself within the last few heartbeats."""
+
+    name: str = Field(description="Celery node name, trainjob-PID@HOST (jobs' `worker`)")
+    hostname: str
+    pid: int
+    device: str = Field(description="`cuda` or `cpu`, from the driver, not from PyTorch")
+    cuda_visible_devices: str | None = Field(None, description="as set for the worker")
+    queues: list[str]
+    job_id: str | None = Field(description="the job it runs now, if you may see it")
+    started_at: datetime
+    last_seen: datetime
+
+
+class FinishedCounts(BaseModel):
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class Dashboard(TimesInUtc):
+    counts: dict[JobStatus, int] = Field(description="jobs by status, every status present")
+    queue_depth: int = Field(description="training messages waiting in the broker's queue")
+    running: list[RunningJob] = Field(description="running and cancelling jobs, newest first")
+    workers: list[WorkerPublic]
+    finished_last_hour: FinishedCounts
+    time: datetime

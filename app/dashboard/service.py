@@ -1,0 +1,170 @@
+"""The dashboard's numbers, each from one bounded query.
+
+Counts by status are one GROUP BY (the (tenant, status) and (status, id) indexes);
+jobs finished in the last hour are a range on `ix_jobs_finished_at`; the running list
+is capped at `RUNNING_LIMIT`; workers are the live presence keys their main processes
+write (worker/presence.py), found with SCAN, never KEYS, which would block Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, get_args
+
+import redis
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.dashboard.schemas import Dashboard, FinishedCounts, RunningJob, WorkerPublic
+from app.db import utcnow
+from app.jobs.models import Job
+from app.jobs.runs import LIVE_STATUSES
+from app.jobs.schemas import JobProgress, JobStatus, as_utc
+from worker.presence import KEY_PREFIX
+
+logger = logging.getLogger(__name__)
+
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+RUNNING_LIMIT = 100
+# Enough for any fleet we expect; past it the list is cut rather than the page slowed.
+WORKERS_LIMIT = 500
+SCAN_COUNT = 100
+FINISHED_WINDOW = timedelta(hours=1)
+
+
+def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
+    """Jobs by status, every status present (0 when none)."""
+    query = select(Job.status, func.count()).group_by(Job.status)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    counts: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
+    for status, count in session.execute(query):
+        counts[status] = count
+    return counts
+
+
+def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
+    """Jobs that reached each terminal status at or after `since`."""
+    query = (
+        select(Job.status, func.count())
+        .where(Job.finished_at >= since, Job.status.in_(("succeeded", "failed", "cancelled")))
+        .group_by(Job.status)
+    )
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    counts = {status: count for status, count in session.execute(query)}
+    return FinishedCounts(
+        succeeded=counts.get("succeeded", 0),
+        failed=counts.get("failed", 0),
+        cancelled=counts.get("cancelled", 0),
+    )
+
+
+def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_LIMIT) -> list[Job]:
+    """Running and cancelling jobs, newest first, at most `limit`."""
+    query = select(Job).where(Job.status.in_(LIVE_STATUSES)).order_by(Job.id.desc()).limit(limit)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    return list(session.scalars(query))
+
+
+def _number(metrics: dict[str, Any] | None, key: str) -> float | None:
+    value = (metrics or {}).get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def to_running(job: Job) -> RunningJob:
+    return RunningJob(
+        id=job.id,
+        name=job.name,
+        status=job.status,  # a live status, from the query
+        progress=JobProgress(
+            step=job.step,
+            max_steps=job.max_steps,
+            epoch=job.epoch,
+            samples_seen=job.samples_seen,
+            tokens_seen=job.tokens_seen,
+        ),
+        batch_size=job.batch_size,
+        micro_batch_size=job.micro_batch_size,
+        accumulation_steps=job.accumulation_steps,
+        loss=_number(job.metrics, "loss"),
+        samples_per_sec=_number(job.metrics, "samples_per_sec"),
+        worker=job.worker,
+        started_at=as_utc(job.started_at),
+    )
+
+
+def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[dict[str, Any]]:
+    """The presence records of workers whose key has not expired, by name."""
+    keys: list[bytes | str] = []
+    cursor = 0
+    while True:
+        cursor, page = client.scan(cursor, match=KEY_PREFIX + "*", count=SCAN_COUNT)
+        keys.extend(page)
+        if cursor == 0 or len(keys) >= limit:
+            break
+    # SCAN may return a key twice; a key may expire between SCAN and MGET (None).
+    keys = sorted(set(keys))[:limit]
+    records = []
+    for raw in client.mget(keys) if keys else []:
+        if raw is None:
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            logger.warning("dashboard: a worker presence key is not JSON; skipped")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return sorted(records, key=lambda record: str(record.get("name", "")))
+
+
+def jobs_of_workers(
+    session: Session, *, names: Sequence[str], tenant: str | None
+) -> dict[str, str]:
+    """The live job of each named worker (the newest, should one run several)."""
+    if not names:
+        return {}
+    query = (
+        select(Job.worker, Job.id)
+        .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names))
+        .order_by(Job.id)
+    )
+    if tenant is not None:  # another tenant's job stays hidden; the worker does not
+        query = query.where(Job.tenant == tenant)
+    return {worker: job_id for worker, job_id in session.execute(query) if worker is not None}
+
+
+def to_workers(records: Sequence[dict[str, Any]], jobs: dict[str, str]) -> list[WorkerPublic]:
+    workers = []
+    for record in records:
+        try:
+            worker = WorkerPublic.model_validate(record | {"job_id": None})
+        except ValidationError:  # a record of another version: leave it out
+            logger.warning("dashboard: skipped an unreadable worker presence record")
+            continue
+        worker.job_id = jobs.get(worker.name)
+        workers.append(worker)
+    return workers
+
+
+def read_dashboard(
+    session: Session, client: redis.Redis, *, queue: str, tenant: str | None
+) -> Dashboard:
+    """Everything `GET /v1/dashboard` shows, for the jobs `tenant` may see (None: all)."""
+    now = utcnow()
+    records = live_workers(client)
+    names = [str(record.get("name")) for record in records]
+    return Dashboard(
+        counts=job_counts(session, tenant=tenant),
+        queue_depth=client.llen(queue),
+        running=[to_running(job) for job in running_jobs(session, tenant=tenant)],
+        workers=to_workers(records, jobs_of_workers(session, names=names, tenant=tenant)),
+        finished_last_hour=finished_since(session, since=now - FINISHED_WINDOW, tenant=tenant),
+        time=now,
+    )
