@@ -5,6 +5,11 @@ table, opens its page, watches the loss curve grow from the live event stream, c
 it through the confirm dialog and sees it end `cancelled`. Screenshots of both pages
 are saved as test artifacts (TRAINJOB_TEST_ARTIFACTS, else the test's tmp_path).
 
+With API keys on (two tenants' keys on a database of its own, no worker: the job stays
+queued), the page asks for a key, shows nothing of one tenant's job under another
+tenant's key, shows it once its own tenant's key is entered through the page's "API key"
+control, and drops it again when that key is forgotten.
+
 Chromium and chromedriver come from the system (`apt-get install chromium
 chromium-driver`); selenium is told where they are, so it never tries to download a
 browser. Without them the test is skipped, except in CI (CI=true), where it fails.
@@ -16,12 +21,13 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
 
-from app.db import upgrade
+from app.auth.service import create_key
+from app.db import Database, upgrade
 from tests.conftest import REDIS_URL, wait_for
 from tests.processes import free_port, running, service_env, wait_until_ready
 
@@ -85,6 +91,42 @@ def service(
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, api, logs / "api.log")
         yield url
+
+
+class KeyedService(NamedTuple):
+    url: str
+    acme: str
+    bravo: str
+
+
+@pytest.fixture
+def keyed_service(
+    tmp_path: Path, make_postgres_database: Callable[[], str], queue_name: str
+) -> Iterator[KeyedService]:
+    """The API alone (no worker) on a database of its own with a key for each of two
+    tenants: auth is on from the first key."""
+    _require_browser()
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    database = Database(database_url)
+    try:
+        with database.session() as session:
+            _, acme = create_key(session, tenant="acme", admin=False)
+            _, bravo = create_key(session, tenant="bravo", admin=False)
+            session.commit()
+    finally:
+        database.dispose()
+    env = service_env(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        queue=f"{queue_name}-browser-keys",
+        home=str(tmp_path / "home"),
+    )
+    port = free_port()
+    with running(["serve", "--no-worker", "--port", str(port)], env, tmp_path / "api.log") as api:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, api, tmp_path / "api.log")
+        yield KeyedService(url, acme, bravo)
 
 
 @pytest.fixture
@@ -176,4 +218,105 @@ def test_a_job_is_followed_live_in_the_browser_and_cancelled_from_its_page(
 
     # Nothing the page did broke the CSP or threw: the console has no errors.
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_the_page_asks_for_a_key_and_shows_only_that_key_s_tenant_s_jobs(
+    keyed_service: KeyedService, browser: Any, artifacts: Path
+) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    url = keyed_service.url
+    response = httpx.post(
+        f"{url}/v1/jobs",
+        json=SPEC | {"name": "acme's job (browser test)"},
+        headers={"Authorization": f"Bearer {keyed_service.acme}"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    row = f'tr[data-job-id="{job_id}"]'
+
+    def one(selector: str) -> Any:
+        found = browser.find_elements(By.CSS_SELECTOR, selector)
+        return found[0] if found else None
+
+    # A new key may reload the page: an element found just before is then stale.
+    def shown(selector: str) -> bool:
+        try:
+            element = one(selector)
+            return element is not None and element.is_displayed()
+        except StaleElementReferenceException:
+            return False
+
+    def text(selector: str) -> str | None:
+        try:
+            element = one(selector)
+            return None if element is None else str(element.text)
+        except StaleElementReferenceException:
+            return None
+
+    def rows() -> int:
+        return len(browser.find_elements(By.CSS_SELECTOR, "tr[data-job-id]"))
+
+    def enter_key(key: str) -> None:
+        one("#key-input").clear()
+        one("#key-input").send_keys(key)
+        one('#key-form button[type="submit"]').click()
+        wait_for(lambda: not shown("#key-form"), 10, "the key form to close")
+
+    # No key yet: the API answers 401, the page asks for one and lists nothing.
+    browser.get(f"{url}/dashboard")
+    wait_for(lambda: shown("#key-form"), 10, "the page to ask for an API key")
+    wait_for(lambda: text("#connection-text") == "API key needed", 10, "the 401 state")
+    assert shown("#key-input")
+    assert not shown("#key-button")
+    assert rows() == 0
+    assert not shown("#jobs-empty")  # nothing was listed, not even "no jobs"
+    prompt = artifacts / "dashboard-key-prompt.png"
+    browser.save_screenshot(str(prompt))
+    print(f"\nscreenshot: {prompt}")
+
+    # Tenant bravo's key: the list loads (empty), and acme's job is not in it.
+    enter_key(keyed_service.bravo)
+    wait_for(lambda: shown("#jobs-empty"), 10, "bravo's (empty) job list")
+    assert one("#connection").get_attribute("data-state") == "live"
+    assert one(row) is None
+    assert rows() == 0
+    wait_for(lambda: text("#stat-queued") == "0", 10, "bravo's counts")
+    stored = browser.execute_script("return sessionStorage.getItem('trainjob.apiKey')")
+    assert stored == keyed_service.bravo
+    assert browser.execute_script("return localStorage.length") == 0
+
+    # Change the key with the page's own control: acme's key shows acme's queued job.
+    assert shown("#key-button")
+    one("#key-button").click()
+    wait_for(lambda: shown("#key-form"), 5, "the key form to open again")
+    enter_key(keyed_service.acme)
+    wait_for(lambda: shown(f'{row}[data-status="queued"]'), 10, "acme's job in the list")
+    assert text(f"{row} .job-name") == "acme's job (browser test)"
+    assert not shown("#jobs-empty")
+    assert rows() == 1
+    wait_for(lambda: text("#stat-queued") == "1", 10, "acme's counts")
+
+    # Forget the key: the page asks again, and what acme's key showed is gone with it.
+    one("#key-button").click()
+    wait_for(lambda: shown("#key-forget"), 5, "the key form's Forget button")
+    one("#key-forget").click()
+    wait_for(
+        lambda: text("#connection-text") == "API key needed" and rows() == 0,
+        10,
+        "the page to ask again, with acme's job no longer listed",
+    )
+    assert shown("#key-form")
+    assert text("#stat-queued") == "–"
+    assert browser.execute_script("return sessionStorage.getItem('trainjob.apiKey')") is None
+
+    # The only console errors are the refused (401) requests made without a key.
+    errors = [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if entry["level"] == "SEVERE" and "status of 401" not in entry["message"]
+    ]
     assert errors == []

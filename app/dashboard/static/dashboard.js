@@ -176,6 +176,8 @@ function handleFailure(error) {
   }
 }
 
+// A new or forgotten key starts the page over (the key stays in sessionStorage): what
+// the previous key could see must not stay on screen while the next key is refused.
 function setupKeyForm() {
   const form = $("key-form");
   $("key-button").hidden = !apiKey();
@@ -183,16 +185,11 @@ function setupKeyForm() {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     setApiKey($("key-input").value.trim());
-    $("key-input").value = "";
-    form.hidden = true;
-    $("key-button").hidden = !apiKey();
-    route();
+    location.reload();
   });
   $("key-forget").addEventListener("click", () => {
     setApiKey(null);
-    form.hidden = true;
-    $("key-button").hidden = true;
-    route();
+    location.reload();
   });
 }
 
