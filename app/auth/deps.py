@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import service as auth_service
 from app.auth.models import ApiKey
@@ -43,6 +44,15 @@ class AuthGate:
         self._checked_at = 0.0
         self._lock = threading.Lock()
 
+    def known(self) -> bool | None:
+        """What required() says when it can say it without a query; None when it is
+        time to look in the database again."""
+        if self._on:
+            return True
+        if time.monotonic() - self._checked_at < RECHECK_SECONDS:
+            return False
+        return None
+
     def required(self) -> bool:
         if self._on:
             return True
@@ -60,23 +70,31 @@ def bearer_key(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def principal_of(request: Request) -> Principal:
+def _authenticate(database: Database, key: str) -> Principal | None:
+    with database.session() as session:
+        return auth_service.authenticate(session, key=key)
+
+
+# Async, with its queries sent to the thread pool: most requests need none here (the
+# gate's answer is cached for 2 s), and then no thread hop either.
+async def principal_of(request: Request) -> Principal:
     gate: AuthGate = request.app.state.auth_gate
-    if not gate.required():
+    required = gate.known()
+    if required is None:
+        required = await run_in_threadpool(gate.required)
+    if not required:
         return OPEN
     key = bearer_key(request)
     if key is None:
         raise Unauthorized("an API key is required: send `Authorization: Bearer KEY`")
-    database: Database = request.app.state.database
-    with database.session() as session:
-        principal = auth_service.authenticate(session, key=key)
+    principal = await run_in_threadpool(_authenticate, request.app.state.database, key)
     if principal is None:
         raise Unauthorized("the API key is unknown or revoked")
     return principal
 
 
-def admin_of(request: Request) -> Principal:
-    principal = principal_of(request)
+async def admin_of(request: Request) -> Principal:
+    principal = await principal_of(request)
     if not principal.admin:
         raise Forbidden("this needs an admin key")
     return principal

@@ -266,6 +266,9 @@ def _event_stream(
 ) -> StreamingResponse:
     # 404 (another tenant's job included) before the stream starts.
     jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
+    # The stream lasts as long as the job and reads through the hub: give the request's
+    # connection back now. Held until the response ends, 30 streams took the whole pool.
+    session.close()
     last_id = parse_last_event_id(request.headers.get("last-event-id"))
     stream = job_event_stream(
         hub=request.app.state.hub,

@@ -83,6 +83,8 @@ class _Watched:
     cursor: int
     subscriptions: set[Subscription] = field(default_factory=set)
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A read is waiting to start: it will see whatever a ring now announces.
+    read_pending: bool = False
     last_event_at: float = field(default_factory=time.monotonic)
     finished: bool = False
 
@@ -149,9 +151,17 @@ class LiveHub:
     async def refresh(self, job_id: str) -> None:
         """Read the job's new events once and hand them to its streams."""
         watched = self._watched.get(job_id)
-        if watched is None:
-            return
-        async with watched.fetching:  # one read per job at a time; later rings coalesce
+        if watched is None or watched.read_pending:
+            return  # the pending read starts after this ring: it covers it
+        watched.read_pending = True
+        try:
+            # A worker's flush rings once per event, all at once: let the rest of the
+            # burst arrive (and coalesce here) before reading.
+            await asyncio.sleep(0)
+            await watched.fetching.acquire()  # one read per job at a time
+        finally:
+            watched.read_pending = False
+        try:
             while True:
                 batch = await asyncio.to_thread(events_after, self.database, job_id, watched.cursor)
                 if not batch:
@@ -174,6 +184,8 @@ class LiveHub:
                     self._tell_listeners(job_id, event)
                 if len(batch) < PAGE:
                     return
+        finally:
+            watched.fetching.release()
 
     def _tell_listeners(self, job_id: str, event: LiveEvent) -> None:
         for listener in self._listeners:
