@@ -12,7 +12,6 @@ from app.checkpoints import service as checkpoints_service
 from app.checkpoints.schemas import CheckpointList, CheckpointPublic
 from app.deps import DatabaseDep, SessionDep, SettingsDep
 from app.errors import error_responses
-from app.jobs import service as jobs_service
 
 router = APIRouter(
     prefix="/v1/jobs",
@@ -32,9 +31,8 @@ def list_checkpoints(
     after_step: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> CheckpointList:
-    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
     rows, has_more = checkpoints_service.list_checkpoints(
-        session, job_id=job_id, after_step=after_step, limit=limit
+        session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
     data = [
         CheckpointPublic(step=c.step, created_at=c.created_at, size_bytes=c.size_bytes, loss=c.loss)
@@ -58,8 +56,9 @@ def download_weights(
 ) -> StreamingResponse:
     """The model weights as safetensors: the final weights once the job succeeded
     (its last checkpoint), else the latest checkpoint, or the one at `step`."""
-    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
-    checkpoint = checkpoints_service.find_checkpoint(session, job_id=job_id, step=step)
+    checkpoint = checkpoints_service.find_checkpoint(
+        session, job_id=job_id, step=step, tenant=principal.scope
+    )
     # The body streams after this request's session has closed: read with a session of its own.
 
     def chunks() -> object:

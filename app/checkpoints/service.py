@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.checkpoints.models import Checkpoint
 from app.checkpoints.store import CheckpointStore, store_for
-from app.db import utcnow
+from app.db import page, utcnow
 from app.errors import NotFound
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
@@ -69,25 +69,26 @@ def save_checkpoint(
 
 
 def list_checkpoints(
-    session: Session, *, job_id: str, after_step: int | None, limit: int
+    session: Session,
+    *,
+    job_id: str,
+    after_step: int | None,
+    limit: int,
+    tenant: str | None = None,
 ) -> tuple[list[Checkpoint], bool]:
     """A job's checkpoints in step order."""
-    jobs_service.get_job(session, job_id=job_id)
-    query = (
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job_id)
-        .order_by(Checkpoint.step)
-        .limit(limit + 1)
-    )
+    jobs_service.get_job(session, job_id=job_id, tenant=tenant)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
     if after_step is not None:
         query = query.where(Checkpoint.step > after_step)
-    checkpoints = list(session.scalars(query))
-    return checkpoints[:limit], len(checkpoints) > limit
+    return page(session, query, limit)
 
 
-def find_checkpoint(session: Session, *, job_id: str, step: int | None = None) -> Checkpoint:
+def find_checkpoint(
+    session: Session, *, job_id: str, step: int | None = None, tenant: str | None = None
+) -> Checkpoint:
     """The checkpoint at `step`, or the latest one; NoCheckpoint when there is none."""
-    jobs_service.get_job(session, job_id=job_id)
+    jobs_service.get_job(session, job_id=job_id, tenant=tenant)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id)
     if step is not None:
         query = query.where(Checkpoint.step == step)

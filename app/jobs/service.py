@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.service import DEFAULT_TENANT
-from app.db import utcnow
+from app.db import page, utcnow
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
 from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
@@ -71,15 +71,14 @@ def list_jobs(
     tenant: str | None = None,
 ) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    query = select(Job).order_by(Job.id.desc())
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:
         query = query.where(Job.id < after)
-    jobs = list(session.scalars(query))
-    return jobs[:limit], len(jobs) > limit
+    return page(session, query, limit)
 
 
 def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
@@ -128,13 +127,12 @@ def list_events(
 ) -> tuple[list[JobEvent], bool]:
     """Oldest first from the cursor `after` (an event id), optionally of some types only."""
     get_job(session, job_id=job_id, tenant=tenant)
-    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
     if after is not None:
         query = query.where(JobEvent.id > after)
     if types:
         query = query.where(JobEvent.type.in_(types))
-    events = list(session.scalars(query))
-    return events[:limit], len(events) > limit
+    return page(session, query, limit)
 
 
 def count_active(session: Session, *, tenant: str) -> int:
@@ -161,16 +159,10 @@ def list_attempts(
 ) -> tuple[list[JobAttempt], bool]:
     """The job's runs, oldest first, from the cursor `after` (an attempt number)."""
     get_job(session, job_id=job_id, tenant=tenant)
-    query = (
-        select(JobAttempt)
-        .where(JobAttempt.job_id == job_id)
-        .order_by(JobAttempt.attempt)
-        .limit(limit + 1)
-    )
+    query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
     if after is not None:
         query = query.where(JobAttempt.attempt > after)
-    attempts = list(session.scalars(query))
-    return attempts[:limit], len(attempts) > limit
+    return page(session, query, limit)
 
 
 def list_metrics(
@@ -178,16 +170,10 @@ def list_metrics(
 ) -> tuple[list[JobMetric], bool]:
     """Per-step metrics in step order from the cursor `after_step`."""
     get_job(session, job_id=job_id, tenant=tenant)
-    query = (
-        select(JobMetric)
-        .where(JobMetric.job_id == job_id)
-        .order_by(JobMetric.step)
-        .limit(limit + 1)
-    )
+    query = select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
     if after_step is not None:
         query = query.where(JobMetric.step > after_step)
-    metrics = list(session.scalars(query))
-    return metrics[:limit], len(metrics) > limit
+    return page(session, query, limit)
 
 
 def to_public(job: Job) -> JobPublic:
