@@ -30,6 +30,8 @@ class Checkpoint(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     weights_bytes: Mapped[int] = mapped_column(BigInteger)
     loss: Mapped[float | None] = mapped_column(Float)
+    # Of the last evaluation at or before this step; what `keep_checkpoints.best` ranks by.
+    eval_loss: Mapped[float | None] = mapped_column(Float)
     storage: Mapped[str] = mapped_column(String(16))  # "database" or "directory"
 
     __table_args__ = (UniqueConstraint("job_id", "step"),)

@@ -97,13 +97,53 @@ class PluginModelSpec(BaseModel):
     type: str
 
 
+class _HfModelSpec(_Strict):
+    """A Hugging Face transformers model (the worker needs the `trainjob[hf]` extra).
+
+    `pretrained` is a directory under one of the worker's TRAINJOB_HF_MODEL_DIRS, or a
+    model name already in the worker's Hugging Face cache: loading never downloads, never
+    runs code from the model's repository and reads safetensors weights only. `config`
+    starts from scratch: a transformers config as a JSON object with its `model_type`.
+    """
+
+    pretrained: str | None = Field(None, min_length=1, max_length=512)
+    config: dict[str, Any] | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _HfModelSpec:
+        if (self.pretrained is None) == (self.config is None):
+            raise _field_error("model.pretrained", "give exactly one of pretrained and config")
+        if self.config is not None and not isinstance(self.config.get("model_type"), str):
+            raise _field_error(
+                "model.config.model_type", "is required: the transformers model type, e.g. 'gpt2'"
+            )
+        return self
+
+
+class HfCausalLmSpec(_HfModelSpec):
+    type: Literal["hf-causal-lm"] = "hf-causal-lm"
+
+
+class HfSequenceClassificationSpec(_HfModelSpec):
+    type: Literal["hf-sequence-classification"] = "hf-sequence-classification"
+
+
 BUILTIN_MODELS: dict[str, type[BaseModel]] = {
     "mlp": MlpSpec,
     "cnn": CnnSpec,
     "tiny-gpt": TinyGptSpec,
+    "hf-causal-lm": HfCausalLmSpec,
+    "hf-sequence-classification": HfSequenceClassificationSpec,
 }
 
-ModelSpec = MlpSpec | CnnSpec | TinyGptSpec | PluginModelSpec
+ModelSpec = (
+    MlpSpec
+    | CnnSpec
+    | TinyGptSpec
+    | HfCausalLmSpec
+    | HfSequenceClassificationSpec
+    | PluginModelSpec
+)
 
 
 # ---------------------------------------------------------------- datasets
@@ -140,6 +180,35 @@ class TinyTextSpec(_Strict):
         return self
 
 
+FILE_ID_PATTERN = r"^file_[0-9a-f]{24}$"
+FileFormat = Literal["jsonl", "csv", "npz"]
+Tokenizer = Literal["byte", "char", "model"]
+
+
+class FileDatasetSpec(_Strict):
+    """A file uploaded through /v1/files (see docs/files.md for the formats).
+
+    What the rows hold (text, prompt/completion, features with a label or a target,
+    arrays) is read from the file when it is validated; `format` overrides the format
+    detected from the file's name. Text is tokenized byte-level by default (`char`: the
+    training file's characters; `model`: the Hugging Face model's own tokenizer, the
+    default for hf-* models) and cut to `max_length` tokens.
+    """
+
+    type: Literal["file"] = "file"
+    file_id: str = Field(pattern=FILE_ID_PATTERN)
+    validation_file_id: str | None = Field(None, pattern=FILE_ID_PATTERN)
+    format: FileFormat | None = None
+    max_length: int = Field(256, ge=2, le=8192)
+    tokenizer: Tokenizer | None = None
+    # Held out from the training file when there is no validation file.
+    eval_fraction: float = Field(0.0, ge=0.0, le=0.5)
+
+    @property
+    def file_ids(self) -> list[str]:
+        return [self.file_id] + ([self.validation_file_id] if self.validation_file_id else [])
+
+
 class PluginDatasetSpec(BaseModel):
     """A dataset registered through the `trainjob.datasets` entry point group."""
 
@@ -151,11 +220,15 @@ BUILTIN_DATASETS: dict[str, type[BaseModel]] = {
     "synthetic-classification": SyntheticClassificationSpec,
     "digits": DigitsSpec,
     "tiny-text": TinyTextSpec,
+    "file": FileDatasetSpec,
 }
 
-DatasetSpec = SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | PluginDatasetSpec
+DatasetSpec = (
+    SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec | PluginDatasetSpec
+)
 
 # What each built-in model needs from its data: flat features, images, or tokens.
+# A file's kind is known only once it is validated: the submit route checks those.
 _MODEL_INPUT_KIND = {"mlp": "features", "cnn": "images", "tiny-gpt": "tokens"}
 _DATASET_INPUT_KINDS = {
     "synthetic-classification": {"features"},
@@ -223,6 +296,15 @@ class LrScheduleSpec(_Strict):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
 
+class KeepCheckpointsSpec(_Strict):
+    """Checkpoint retention: the `last` newest and the `best` lowest-eval_loss (train loss
+    when the job has no evaluation). The latest checkpoint, which a resumed run starts
+    from, and the best one are never deleted."""
+
+    last: int = Field(1, ge=1, le=10_000)
+    best: int = Field(0, ge=0, le=10_000)
+
+
 Precision = Literal["fp32", "fp64", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -249,6 +331,8 @@ class JobSpec(_Strict):
     device: Device = "auto"
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
     eval_every: int = Field(0, ge=0, le=MAX_STEPS)
+    # None keeps every checkpoint.
+    keep_checkpoints: KeepCheckpointsSpec | None = None
     # How many runs may end in an infrastructure failure (worker lost, lease expired,
     # connection lost) before the job fails; deterministic failures never retry.
     max_attempts: int = Field(3, ge=1, le=MAX_ATTEMPTS)

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 import app.checkpoints.models
+import app.files.models
 import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db import Base
 

@@ -35,6 +35,9 @@ TABLES = {
     "checkpoint_chunks",
     "api_keys",
     "idempotency_keys",
+    "files",
+    "file_chunks",
+    "job_files",
 }
 
 

@@ -122,14 +122,14 @@ REGISTRY_CASES = [
         base_spec(model={"type": "resnet"}),
         "model",
         "unknown model type 'resnet'",
-        "known: cnn, mlp, tiny-gpt",
+        "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, tiny-gpt",
     ),
     _case(
         "unknown-dataset-type",
         base_spec(dataset={"type": "imagenet"}),
         "dataset",
         "unknown dataset type 'imagenet'",
-        "known: digits, synthetic-classification, tiny-text",
+        "known: digits, file, synthetic-classification, tiny-text",
     ),
     _case("model-without-type", base_spec(model={"hidden_sizes": [8]}), "model", "known:"),
     _case("model-not-an-object", base_spec(model="mlp"), "model", "must be an object"),
@@ -622,6 +622,7 @@ def full_spec() -> dict[str, Any]:
         "device": "cuda",
         "checkpoint_every": 50,
         "eval_every": 25,
+        "keep_checkpoints": {"last": 3, "best": 2},
         "max_attempts": 5,
         "max_runtime_seconds": 3600,
     }
@@ -700,12 +701,12 @@ def test_plugin_names_is_cached() -> None:
 
 def test_known_types_are_builtins_plus_installed_plugins() -> None:
     models, datasets = known_models(), known_datasets()
-    assert {"cnn", "mlp", "tiny-gpt"} <= set(models) and models == sorted(models)
-    assert {"digits", "synthetic-classification", "tiny-text"} <= set(datasets)
-    assert set(models) - {"cnn", "mlp", "tiny-gpt"} == plugin_names(MODEL_ENTRY_POINT_GROUP)
-    assert set(datasets) - {"digits", "synthetic-classification", "tiny-text"} == plugin_names(
-        DATASET_ENTRY_POINT_GROUP
-    )
+    builtin_models = {"cnn", "mlp", "tiny-gpt", "hf-causal-lm", "hf-sequence-classification"}
+    builtin_datasets = {"digits", "synthetic-classification", "tiny-text", "file"}
+    assert builtin_models <= set(models) and models == sorted(models)
+    assert builtin_datasets <= set(datasets)
+    assert set(models) - builtin_models == plugin_names(MODEL_ENTRY_POINT_GROUP)
+    assert set(datasets) - builtin_datasets == plugin_names(DATASET_ENTRY_POINT_GROUP)
 
 
 @pytest.mark.usefixtures("my_model_plugin")
@@ -722,9 +723,16 @@ def test_registered_plugin_model_is_accepted() -> None:
 
 @pytest.mark.usefixtures("my_model_plugin")
 def test_registered_plugin_model_is_listed_among_known_models() -> None:
-    assert known_models() == ["cnn", "mlp", "my-model", "tiny-gpt"]
+    assert known_models() == [
+        "cnn",
+        "hf-causal-lm",
+        "hf-sequence-classification",
+        "mlp",
+        "my-model",
+        "tiny-gpt",
+    ]
     assert_rejected(
-        base_spec(model={"type": "resnet"}), "model", "known: cnn, mlp, my-model, tiny-gpt"
+        base_spec(model={"type": "resnet"}), "model", "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, my-model, tiny-gpt"
     )
 
 
@@ -734,7 +742,7 @@ def test_plugin_model_name_is_not_a_dataset() -> None:
         base_spec(dataset={"type": "my-model"}),
         "dataset",
         "unknown dataset type 'my-model'",
-        "known: digits, synthetic-classification, tiny-text",
+        "known: digits, file, synthetic-classification, tiny-text",
     )
 
 
