@@ -36,6 +36,21 @@ class Settings(BaseSettings):
         description="Store checkpoint bytes in this directory instead of the database "
         "(it must be shared by the API and every worker).",
     )
+    files_dir: Path | None = Field(
+        None,
+        description="Store uploaded files in this directory instead of the database (it must "
+        "be shared by the API and every worker).",
+    )
+    max_file_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Uploads to /v1/files larger than this are refused with 413 (1 GiB).",
+    )
+    hf_model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories (separated by `:`) a job's `model.pretrained` path may be "
+        "in; a name that is no path is looked up in the worker's Hugging Face cache, offline.",
+    )
     queue: str = Field("gpu", description="Celery queue the training task is routed to.")
     host: str = Field("127.0.0.1", description="Address `trainjob serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `trainjob serve` listens on.")
@@ -125,6 +140,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("hf_model_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(part) for part in value.split(":") if part.strip()]
         return value
 
     @model_validator(mode="after")

@@ -229,7 +229,13 @@ DatasetSpec = (
 
 # What each built-in model needs from its data: flat features, images, or tokens.
 # A file's kind is known only once it is validated: the submit route checks those.
-_MODEL_INPUT_KIND = {"mlp": "features", "cnn": "images", "tiny-gpt": "tokens"}
+_MODEL_INPUT_KIND = {
+    "mlp": "features",
+    "cnn": "images",
+    "tiny-gpt": "tokens",
+    "hf-causal-lm": "tokens",
+    "hf-sequence-classification": "labelled_text",
+}
 _DATASET_INPUT_KINDS = {
     "synthetic-classification": {"features"},
     "digits": {"features", "images"},
@@ -453,7 +459,8 @@ class JobSpec(_Strict):
             return self  # a plugin: the worker checks when it builds
         if model_kind not in data_kinds:
             fitting = sorted(
-                name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds
+                [name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds]
+                + ["file"]
             )
             raise _field_error(
                 "dataset.type",
