@@ -84,3 +84,29 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
 
     job: dict = wait_for(reached, timeout, f"job {job_id} to reach {statuses}", interval=0.1)  # type: ignore[type-arg]
     return job
+
+
+@contextmanager
+def api_and_worker(
+    logs: Path,
+    *,
+    with_worker: bool = True,
+    worker_env: dict[str, str] | None = None,
+    **settings: str,
+) -> Iterator[httpx.Client]:
+    """An API (`trainjob serve --no-worker`) and, with `with_worker`, one worker (its
+    environment plus `worker_env`), on the given TRAINJOB_* settings; yields a client of
+    the API, and stops both after."""
+    env = service_env(**settings)
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        api = stack.enter_context(
+            running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log")
+        )
+        if with_worker:
+            worker = env | (worker_env or {})
+            stack.enter_context(running(["worker"], worker, logs / "worker.log"))
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, api, logs / "api.log")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client

@@ -16,14 +16,7 @@ import httpx
 import pytest
 
 from app.db import upgrade
-from tests.processes import (
-    TRAINJOB,
-    free_port,
-    running,
-    service_env,
-    wait_for_status,
-    wait_until_ready,
-)
+from tests.processes import TRAINJOB, api_and_worker, service_env, wait_for_status
 
 SPEC: dict[str, Any] = {
     "model": {"type": "tiny-gpt", "n_layer": 1, "n_embd": 32, "block_size": 64},
@@ -49,22 +42,15 @@ def service(
     database_url = make_postgres_database()
     upgrade(database_url)
     logs = tmp_path_factory.mktemp("e2e")
-    env = service_env(
+    with api_and_worker(
+        logs,
         database_url=database_url,
         redis_url="redis://127.0.0.1:6379/0",
         queue=f"{queue_name}-e2e",
         home=str(logs / "home"),
         progress_flush_seconds="0.2",
-    )
-    port = free_port()
-    with (
-        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
-        running(["worker"], env, logs / "worker.log"),
-    ):
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, logs / "api.log")
-        with httpx.Client(base_url=url, timeout=10) as client:
-            yield client
+    ) as client:
+        yield client
 
 
 def test_submitted_job_succeeds_with_the_weights_of_trainjob_run(

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.db import upgrade
 from tests.conftest import wait_for
-from tests.processes import free_port, running, service_env, wait_until_ready
+from tests.processes import api_and_worker
 
 SPEC: dict[str, Any] = {
     "model": {"type": "mlp", "hidden_sizes": [16]},
@@ -40,24 +40,18 @@ def service(
     database_url = make_postgres_database()
     upgrade(database_url)
     logs = tmp_path_factory.mktemp("stream")
-    env = service_env(
+    with api_and_worker(
+        logs,
+        # About 4 s of training: long enough to join it in the middle.
+        worker_env={"TRAINJOB_TEST_FAULTS": "slow=0.015"},
         database_url=database_url,
         redis_url="redis://127.0.0.1:6379/0",
         queue=f"{queue_name}-stream",
         home=str(logs / "home"),
         progress_flush_seconds="0.1",
         stream_keepalive_seconds="1",
-    )
-    port = free_port()
-    with (
-        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
-        # About 4 s of training: long enough to join it in the middle.
-        running(["worker"], env | {"TRAINJOB_TEST_FAULTS": "slow=0.015"}, logs / "worker.log"),
-    ):
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, logs / "api.log")
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield client
+    ) as client:
+        yield client
 
 
 def read_events(
