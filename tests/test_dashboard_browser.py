@@ -194,6 +194,8 @@ def test_a_job_is_followed_live_in_the_browser_and_cancelled_from_its_page(
     wait_for(lambda: points() >= first + 10, 30, "the loss curve to grow")
     assert int(one("#lr-chart").get_attribute("data-points")) > 0
     assert one("#loss-chart path.series-loss") is not None
+    # eval_every 25: the evaluations are a second series of points on the loss chart.
+    wait_for(lambda: one("#loss-chart circle.series-eval"), 30, "an eval loss point")
     wait_for(lambda: one("#checkpoints tr[data-step]"), 30, "a checkpoint in the table")
     download = one("#checkpoints tr[data-step] a.download").get_attribute("href")
     assert f"/v1/jobs/{job_id}/weights?step=" in download

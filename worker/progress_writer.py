@@ -120,6 +120,7 @@ class ProgressWriter:
                     weights=checkpoint.weights,
                     state=checkpoint.state,
                     loss=checkpoint.loss,
+                    eval_loss=checkpoint.eval_loss,
                 )
                 session.commit()
 

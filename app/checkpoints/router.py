@@ -35,7 +35,13 @@ def list_checkpoints(
         session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
     data = [
-        CheckpointPublic(step=c.step, created_at=c.created_at, size_bytes=c.size_bytes, loss=c.loss)
+        CheckpointPublic(
+            step=c.step,
+            created_at=c.created_at,
+            size_bytes=c.size_bytes,
+            loss=c.loss,
+            eval_loss=c.eval_loss,
+        )
         for c in rows
     ]
     return CheckpointList(data=data, has_more=has_more)

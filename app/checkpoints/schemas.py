@@ -12,6 +12,8 @@ class CheckpointPublic(_TimesInUtc):
     created_at: datetime
     size_bytes: int
     loss: float | None
+    # Of the last evaluation at or before this step; null before the first one.
+    eval_loss: float | None
 
 
 class CheckpointList(BaseModel):

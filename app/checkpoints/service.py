@@ -1,20 +1,26 @@
-"""Checkpoints of a job: save (fenced by the worker's lease), list, find, read."""
+"""Checkpoints of a job: save (fenced by the worker's lease) and prune, list, find, read."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.checkpoints import retention
 from app.checkpoints.models import Checkpoint
-from app.checkpoints.store import CheckpointStore, store_for
+from app.checkpoints.store import CheckpointStore, DatabaseStore, store_for
 from app.db import page, utcnow
 from app.errors import NotFound
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, Claim, LeaseLost, append_events
+from app.jobs.spec import KeepCheckpointsSpec
+
+logger = logging.getLogger(__name__)
 
 
 class NoCheckpoint(NotFound):
@@ -30,13 +36,15 @@ def save_checkpoint(
     weights: bytes,
     state: bytes,
     loss: float | None,
+    eval_loss: float | None = None,
 ) -> Checkpoint:
-    """Store a checkpoint's bytes and metadata, if the job is still this worker's."""
+    """Store a checkpoint's bytes and metadata, if the job is still this worker's, then
+    delete those that the job's `keep_checkpoints` no longer keeps."""
     owned = session.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
         .values(heartbeat_at=utcnow())
-        .returning(Job.id)
+        .returning(Job.spec)
     ).first()
     if owned is None:
         raise LeaseLost(claim.job_id)
@@ -44,15 +52,18 @@ def save_checkpoint(
         select(Checkpoint).where(Checkpoint.job_id == claim.job_id, Checkpoint.step == step)
     ).first()
     if existing is not None:  # an earlier attempt got this far: same step, same bytes
-        store.delete(session, existing)
+        (_store_holding(existing, store) or store).delete(session, existing)
         session.delete(existing)
         session.flush()
+    # JSON has no NaN or infinity (an fp16 overflow has both): store them as unknown.
+    loss, eval_loss = _finite_or_none(loss), _finite_or_none(eval_loss)
     checkpoint = Checkpoint(
         job_id=claim.job_id,
         step=step,
         size_bytes=len(weights) + len(state),
         weights_bytes=len(weights),
         loss=loss,
+        eval_loss=eval_loss,
         storage=store.name,
         created_at=utcnow(),
     )
@@ -60,12 +71,64 @@ def save_checkpoint(
     session.flush()
     store.write(session, checkpoint, "weights", weights)
     store.write(session, checkpoint, "state", state)
+    size = checkpoint.size_bytes
     append_events(
         session,
         claim.job_id,
-        [("checkpoint", {"step": step, "size_bytes": checkpoint.size_bytes, "loss": loss})],
+        [("checkpoint", {"step": step, "size_bytes": size, "loss": loss, "eval_loss": eval_loss})],
     )
+    keep = owned.spec.get("keep_checkpoints")
+    if keep is not None:
+        policy = KeepCheckpointsSpec.model_validate(keep)
+        prune_checkpoints(session, job_id=claim.job_id, policy=policy, store=store)
     return checkpoint
+
+
+def prune_checkpoints(
+    session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: CheckpointStore
+) -> list[int]:
+    """Delete the job's checkpoints that `policy` does not keep; their steps, ascending.
+
+    Bytes go from the store each was written to; in a directory, once the transaction
+    commits. `store` is the worker's: the one that knows the directory."""
+    # All of a job's rows, but few: this runs at every save, so at most last + best + 1.
+    rows = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+    ).all()
+    candidates = [retention.Candidate(row.step, row.loss, row.eval_loss) for row in rows]
+    kept = retention.steps_to_keep(candidates, last=policy.last, best=policy.best)
+    pruned = []
+    for row in rows:
+        if row.step in kept:
+            continue
+        holder = _store_holding(row, store)
+        if holder is None:
+            logger.warning(
+                "job %s: checkpoint at step %d is in a %s store this worker cannot reach; kept",
+                job_id,
+                row.step,
+                row.storage,
+            )
+            continue
+        holder.discard(session, row)
+        session.delete(row)
+        pruned.append(row.step)
+    session.flush()
+    return pruned
+
+
+def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> CheckpointStore | None:
+    """The store with the checkpoint's bytes: `store`, or the database; None when they are
+    in a directory `store` does not know (the checkpoint directory setting was changed)."""
+    if checkpoint.storage == store.name:
+        return store
+    if checkpoint.storage == DatabaseStore.name:
+        return DatabaseStore()
+    return None
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def list_checkpoints(

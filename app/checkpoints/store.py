@@ -7,12 +7,13 @@ mounted bucket and keeps large blobs out of the database.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, event, select
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.checkpoints.models import Checkpoint, CheckpointChunk
 
@@ -28,6 +29,9 @@ class CheckpointStore(Protocol):
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]: ...
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None: ...
+
+    # For a checkpoint whose row this transaction deletes: its bytes go only if it commits.
+    def discard(self, session: Session, checkpoint: Checkpoint) -> None: ...
 
 
 class DatabaseStore:
@@ -66,6 +70,9 @@ class DatabaseStore:
             delete(CheckpointChunk).where(CheckpointChunk.checkpoint_id == checkpoint.id)
         )
 
+    def discard(self, session: Session, checkpoint: Checkpoint) -> None:
+        self.delete(session, checkpoint)  # the chunks are rows: they go with the transaction
+
 
 class DirectoryStore:
     name = "directory"
@@ -73,8 +80,11 @@ class DirectoryStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def step_directory(self, checkpoint: Checkpoint) -> Path:
+        return self.root / checkpoint.job_id / f"step-{checkpoint.step:07d}"
+
     def path(self, checkpoint: Checkpoint, part: str) -> Path:
-        return self.root / checkpoint.job_id / f"step-{checkpoint.step:07d}" / f"{part}.bin"
+        return self.step_directory(checkpoint) / f"{part}.bin"
 
     def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None:
         target = self.path(checkpoint, part)
@@ -89,8 +99,36 @@ class DirectoryStore:
                 yield chunk
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None:
-        for part in PARTS:
-            self.path(checkpoint, part).unlink(missing_ok=True)
+        _remove_step_directory(self.step_directory(checkpoint))
+
+    def discard(self, session: Session, checkpoint: Checkpoint) -> None:
+        # Files are not rolled back: deleted before a commit that then fails, they would
+        # leave a row (perhaps the one a resume starts from) without its bytes.
+        session.info.setdefault(_DISCARDED_DIRECTORIES, []).append(self.step_directory(checkpoint))
+
+
+_DISCARDED_DIRECTORIES = "trainjob_discarded_checkpoint_directories"
+
+
+def _remove_step_directory(directory: Path) -> None:
+    for part in PARTS:
+        (directory / f"{part}.bin").unlink(missing_ok=True)
+        (directory / f"{part}.partial").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # already gone, or holding something not ours
+        directory.rmdir()
+
+
+@event.listens_for(Session, "after_commit")
+def _remove_discarded_directories(session: Session) -> None:
+    for directory in session.info.pop(_DISCARDED_DIRECTORIES, ()):
+        _remove_step_directory(directory)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _keep_discarded_directories(session: Session, transaction: SessionTransaction) -> None:
+    # A transaction that ends without a commit (rollback, close) deleted no rows.
+    if transaction.parent is None:
+        session.info.pop(_DISCARDED_DIRECTORIES, None)
 
 
 def store_for(storage: str, checkpoint_dir: Path | None) -> CheckpointStore:

@@ -32,6 +32,8 @@ class Checkpoint:
     weights: bytes  # safetensors
     state: bytes  # torch.save of plain containers and tensors
     loss: float | None = None
+    # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
+    eval_loss: float | None = None
 
     def write(self, directory: Path) -> None:
         """Write both files, the state last: a directory with a state file is complete."""
@@ -44,8 +46,13 @@ class Checkpoint:
     @classmethod
     def read(cls, directory: Path) -> Checkpoint:
         state = (directory / STATE_FILE).read_bytes()
-        step = int(unpack_state(state)["step"])
-        return cls(step=step, weights=(directory / WEIGHTS_FILE).read_bytes(), state=state)
+        unpacked = unpack_state(state)
+        return cls(
+            step=int(unpacked["step"]),
+            weights=(directory / WEIGHTS_FILE).read_bytes(),
+            state=state,
+            eval_loss=unpacked.get("eval_loss"),
+        )
 
 
 def weights_to_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:

@@ -610,10 +610,12 @@ function eventSummary(event) {
       if (data.error) parts.push(`— ${data.error.type}: ${data.error.message}`);
       return parts.join(" ");
     }
-    case "checkpoint":
-      return isNumber(data.size_bytes)
-        ? `step ${fmtInt(data.step)} · ${fmtBytes(data.size_bytes)}`
-        : `step ${fmtInt(data.step)}`;
+    case "checkpoint": {
+      const parts = [`step ${fmtInt(data.step)}`];
+      if (isNumber(data.size_bytes)) parts.push(fmtBytes(data.size_bytes));
+      if (isNumber(data.eval_loss)) parts.push(`eval loss ${fmtLoss(data.eval_loss)}`);
+      return parts.join(" · ");
+    }
     case "oom_backoff":
       return `out of memory at step ${fmtInt(data.step)}: `
         + `micro-batch ${data.old_micro_batch_size} → ${data.new_micro_batch_size}`;
@@ -653,6 +655,7 @@ function renderCheckpoints(jobId, checkpoints) {
     return el("tr", { "data-step": checkpoint.step },
       el("td", { class: "num" }, fmtInt(checkpoint.step)),
       el("td", { class: "num" }, fmtLoss(checkpoint.loss)),
+      el("td", { class: "num eval-loss" }, fmtLoss(checkpoint.eval_loss)),
       el("td", { class: "num" }, fmtBytes(checkpoint.size_bytes)),
       el("td", { title: fmtDateTime(checkpoint.created_at) }, fmtClock(checkpoint.created_at)),
       el("td", { class: "right" }, link));

@@ -39,3 +39,23 @@ def test_weights_are_404_until_a_checkpoint_exists_then_stream(
     named = client.get(f"/v1/jobs/{job['id']}/weights", params={"step": 1})
     assert named.content == b"weights-1"
     assert client.get(f"/v1/jobs/{job['id']}/weights", params={"step": 7}).status_code == 404
+
+
+def test_listed_checkpoints_carry_eval_loss_and_pruned_ones_are_gone(
+    client: TestClient, database: Database
+) -> None:
+    spec = {**SPEC, "keep_checkpoints": {"last": 1, "best": 1}}
+    job = client.post("/v1/jobs", json=spec).json()
+    with database.session() as session:
+        claim = runs.claim_job(session, job_id=job["id"], worker="w", lease_timeout=60)
+        assert claim is not None
+        for step, eval_loss in ((1, None), (2, 0.4), (3, 0.6), (4, 0.5)):
+            checkpoints_service.save_checkpoint(
+                session, claim=claim, store=DatabaseStore(), step=step, weights=b"w",
+                state=b"s", loss=1.0, eval_loss=eval_loss,
+            )  # fmt: skip
+        session.commit()
+    listed = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [(c["step"], c["eval_loss"]) for c in listed] == [(2, 0.4), (4, 0.5)]
+    assert client.get(f"/v1/jobs/{job['id']}/weights", params={"step": 3}).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/weights").headers["x-checkpoint-step"] == "4"

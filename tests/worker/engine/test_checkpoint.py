@@ -1,0 +1,68 @@
+"""Checkpoints remember the last evaluation: at or before their step, the same step's
+evaluation first, and across a resume from a checkpoint written to a directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.trainer import Callbacks, StepMetrics, train
+
+from .conftest import make_spec
+
+
+def last_eval_at_or_before(steps: list[StepMetrics], step: int) -> float | None:
+    evaluated = [m.eval_loss for m in steps if m.eval_loss is not None and m.step <= step]
+    return evaluated[-1] if evaluated else None
+
+
+def test_a_checkpoint_remembers_the_last_evaluation_at_or_before_its_step() -> None:
+    steps: list[StepMetrics] = []
+    saved: list[Checkpoint] = []
+    spec = make_spec(max_steps=9, eval_every=3, checkpoint_every=2)
+    train(spec, Callbacks(on_step=steps.append, on_checkpoint=saved.append))
+    assert [m.step for m in steps if m.eval_loss is not None] == [3, 6, 9]
+    assert [c.step for c in saved] == [2, 4, 6, 8, 9]
+    # At steps 6 and 9 both are due: the evaluation runs first, the checkpoint has it.
+    assert [c.eval_loss for c in saved] == [last_eval_at_or_before(steps, c.step) for c in saved]
+    assert saved[0].eval_loss is None and saved[2].eval_loss == steps[5].eval_loss
+
+
+def test_without_a_held_out_split_checkpoints_have_no_eval_loss() -> None:
+    saved: list[Checkpoint] = []
+    dataset = {"type": "synthetic-classification", "n_samples": 96, "n_features": 6}
+    spec = make_spec(max_steps=4, eval_every=1, checkpoint_every=2,
+                     dataset={**dataset, "eval_fraction": 0.0})  # fmt: skip
+    train(spec, Callbacks(on_checkpoint=saved.append))
+    assert [(c.step, c.eval_loss) for c in saved] == [(2, None), (4, None)]
+
+
+def test_a_resumed_run_s_checkpoints_still_know_the_last_eval_loss(tmp_path: Path) -> None:
+    spec = make_spec(max_steps=10, eval_every=4, checkpoint_every=1)
+    steps: list[StepMetrics] = []
+    uninterrupted: list[Checkpoint] = []
+    whole = train(spec, Callbacks(on_step=steps.append, on_checkpoint=uninterrupted.append))
+
+    # Stops after step 4's evaluation; its checkpoint goes to disk and back.
+    stopped: list[Checkpoint] = []
+    train(
+        spec,
+        Callbacks(
+            on_checkpoint=stopped.append,
+            should_stop=lambda: "stopped" if stopped and stopped[-1].step == 4 else None,
+        ),
+    )
+    stopped[-1].write(tmp_path / "step-4")
+    read = Checkpoint.read(tmp_path / "step-4")
+    assert steps[3].eval_loss is not None and read.eval_loss == steps[3].eval_loss
+    # The job runner builds its resume checkpoint from bytes alone: the state carries it.
+    bare = Checkpoint(step=read.step, weights=read.weights, state=read.state)
+    resumed: list[Checkpoint] = []
+    rest = train(spec, Callbacks(on_checkpoint=resumed.append), resume=bare)
+
+    assert [c.step for c in resumed] == [5, 6, 7, 8, 9, 10]
+    assert [(c.step, c.eval_loss) for c in resumed] == [
+        (c.step, c.eval_loss) for c in uninterrupted[4:]
+    ]
+    assert resumed[0].eval_loss == steps[3].eval_loss  # step 5: no evaluation of its own
+    assert rest.weights == whole.weights  # remembering it changes nothing trained
