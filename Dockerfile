@@ -41,17 +41,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The Celery parent forks the training child, so it must not initialise CUDA: NVML
 # answers torch.cuda.is_available() without doing so.
 ENV PYTORCH_NVML_BASED_CUDA_CHECK=1
+# Hugging Face models load from TRAINJOB_HF_MODEL_DIRS or the cache under HF_HOME (mount
+# a volume there) and never download: the code asks for local files only, and this makes
+# every Hugging Face library in the image offline too.
+ENV HF_HUB_OFFLINE=1 \
+    HF_HOME=/var/lib/trainjob/huggingface
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin trainjob \
     && install -d -o trainjob -g trainjob /var/lib/trainjob
 WORKDIR /srv/trainjob
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY worker/ worker/
+# `hf`: transformers for hf-* models (a few tens of MB beside CUDA's gigabytes).
 # Keep the base image's CUDA torch: the constraint pins it, so pip fails loudly instead
 # of replacing it with a different build should the `worker` extra ever disagree.
 RUN python -c 'from importlib.metadata import version; print("torch==" + version("torch"))' \
         > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[worker]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[worker,hf]" \
     && rm -rf /tmp/torch-constraint.txt build ./*.egg-info
 USER trainjob
 CMD ["trainjob", "worker"]

@@ -1,0 +1,409 @@
+"""Hugging Face transformers models: `hf-causal-lm` and `hf-sequence-classification`.
+
+Loading is offline and runs no code from a model's repository: `pretrained` is either
+a directory inside one of the worker's TRAINJOB_HF_MODEL_DIRS or a model name already in
+the worker's Hugging Face cache; weights are read from safetensors files only (a
+pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
+`config` builds a new model from a transformers config, refused before any memory is
+allocated if it is over the spec's parameter bound.
+
+Each model is wrapped so that the engine sees what it sees of the built-in models:
+`forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
+transformers model's own (no wrapper prefix, tied weights stored once), so that a
+checkpoint's weights file loads with `from_pretrained` next to the model's config.
+
+transformers is imported only when an hf-* model is built: it is the optional
+`trainjob[hf]` extra, and importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from app.jobs.spec import MAX_PARAMETERS, HfCausalLmSpec, HfSequenceClassificationSpec
+from app.settings import get_settings
+from worker.engine.data_types import DataInfo
+from worker.engine.errors import TrainingError
+
+if TYPE_CHECKING:
+    from worker.datafiles.tokenizers import TextTokenizer
+
+HfModelSpec = HfCausalLmSpec | HfSequenceClassificationSpec
+
+# Files any saved transformers tokenizer has at least one of.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A transformers error message can list every known model type: keep the job's short.
+_MAX_MESSAGE = 600
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_hf_causal_lm(spec: HfCausalLmSpec, info: DataInfo) -> nn.Module:
+    """A causal language model: logits [batch, tokens, vocabulary]."""
+    transformers = _import_transformers()
+    model: Any  # a transformers PreTrainedModel
+    if spec.config is not None:
+        config = _config_from_spec(transformers, spec.config)
+        model = _from_config(transformers.AutoModelForCausalLM, config)
+    else:
+        directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
+        with _transformers_errors("model.pretrained"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, **_OFFLINE_AND_SAFE, use_safetensors=True
+            )
+    # A sequence of n tokens gives n-1 input positions.
+    _check_fits_data(
+        model, info, longest_input=None if info.max_length is None else info.max_length - 1
+    )
+    return CausalLm(model)
+
+
+def build_hf_sequence_classification(
+    spec: HfSequenceClassificationSpec, info: DataInfo
+) -> nn.Module:
+    """A sequence classifier: logits [batch, classes], read at each sequence's last real
+    token (decoders) or its first token (encoders)."""
+    if info.num_classes is None:
+        raise TrainingError(
+            "invalid_data", "hf-sequence-classification needs a labelled data set (num_classes)"
+        )
+    transformers = _import_transformers()
+    auto_class = transformers.AutoModelForSequenceClassification
+    model: Any  # a transformers PreTrainedModel
+    if spec.config is not None:
+        config = _config_from_spec(transformers, {**spec.config, "num_labels": info.num_classes})
+        model = _from_config(auto_class, config)
+    else:
+        directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
+        with _transformers_errors("model.pretrained"):
+            saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
+            # A head saved for another number of classes is replaced by a fresh one.
+            model = auto_class.from_pretrained(
+                directory,
+                **_OFFLINE_AND_SAFE,
+                use_safetensors=True,
+                num_labels=info.num_classes,
+                ignore_mismatched_sizes=saved.num_labels != info.num_classes,
+            )
+    if model.config.pad_token_id is None:
+        # Decoders refuse batches of more than one sequence without a pad token id; the
+        # wrapper pools by the attention mask, so the value only has to be a token id.
+        model.config.pad_token_id = info.pad_id or 0
+    _check_fits_data(model, info, longest_input=info.max_length)
+    return SequenceClassifier(model)
+
+
+# Offline, and no code from the model's directory: every loader gets these.
+_OFFLINE_AND_SAFE: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+
+
+def _import_transformers() -> ModuleType:
+    try:
+        import transformers
+    except ImportError as error:
+        raise TrainingError(
+            "invalid_spec",
+            "Hugging Face models need the transformers library: install trainjob[hf] on the worker",
+        ) from error
+    return transformers
+
+
+@contextmanager
+def _transformers_errors(field: str) -> Iterator[None]:
+    """Whatever transformers raises about a user's model is the spec's fault, never an
+    internal error: report it as invalid_spec with transformers' own words."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as error:
+        message = " ".join(str(error).split())[:_MAX_MESSAGE] or type(error).__name__
+        raise TrainingError("invalid_spec", f"{field}: {message}") from error
+
+
+def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
+    """A transformers config from the spec's JSON; unknown keys are refused (a typo would
+    otherwise be stored and silently ignored)."""
+    values = dict(values)
+    model_type = values.pop("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise TrainingError(
+            "invalid_spec",
+            f"model.config.model_type: unknown transformers model type {model_type!r}",
+        )
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    with _transformers_errors("model.config"):
+        known = (
+            set(config_class().to_dict())
+            | set(config_class.attribute_map)
+            | set(inspect.signature(config_class.__init__).parameters)
+            | {"num_labels"}
+        )
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainingError(
+            "invalid_spec",
+            f"model.config: {', '.join(unknown)} not known to transformers' "
+            f"{config_class.__name__}",
+        )
+    with _transformers_errors("model.config"):
+        return transformers.AutoConfig.for_model(model_type, **values)
+
+
+def _from_config(auto_class: Any, config: Any) -> Any:
+    with _transformers_errors("model.config"):
+        # Counted on the meta device first: a config of absurd sizes is refused before it
+        # allocates anything.
+        with torch.device("meta"):
+            skeleton = auto_class.from_config(config, trust_remote_code=False)
+        parameters = sum(parameter.numel() for parameter in skeleton.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise TrainingError(
+                "invalid_spec",
+                f"model.config: has {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}",
+            )
+        return auto_class.from_config(config, trust_remote_code=False)
+
+
+def _check_fits_data(model: Any, info: DataInfo, longest_input: int | None) -> None:
+    """Token ids past the embedding table or positions past the model's would fail deep
+    inside a forward pass: say which field to change instead."""
+    # Training never reads back a cache: don't build one.
+    model.config.use_cache = False
+    embeddings = model.get_input_embeddings().num_embeddings
+    if info.vocab_size is not None and info.vocab_size > embeddings:
+        raise TrainingError(
+            "invalid_spec",
+            f"model: its vocabulary has {embeddings} tokens but the data's tokenizer uses "
+            f"{info.vocab_size}; use a config with vocab_size >= {info.vocab_size} or the "
+            "model's own tokenizer",
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and longest_input is not None and longest_input > positions:
+        raise TrainingError(
+            "invalid_spec",
+            f"model: it takes at most {positions} positions but the data has sequences of "
+            f"{longest_input}; lower dataset.max_length or raise the model's positions",
+        )
+
+
+# ---------------------------------------------------------------- where a model is
+
+
+def resolve_pretrained(pretrained: str, allowed_dirs: Sequence[Path]) -> Path:
+    """The local directory `pretrained` names: a path inside one of `allowed_dirs`, or a
+    model name's snapshot in the Hugging Face cache. Never downloads."""
+    if not _looks_like_path(pretrained):
+        return _cached_snapshot(pretrained)
+    try:
+        directory = Path(pretrained).expanduser().resolve()
+        inside = any(directory.is_relative_to(Path(root).resolve()) for root in allowed_dirs)
+        is_directory = inside and directory.is_dir()
+    except (OSError, RuntimeError) as error:  # a name too long, an unknown ~user
+        raise TrainingError(
+            "invalid_spec", f"model.pretrained: {pretrained!r} is not a usable path: {error}"
+        ) from error
+    if not inside:
+        where = "" if allowed_dirs else " (the worker has none configured)"
+        raise TrainingError(
+            "invalid_spec",
+            f"model.pretrained: {pretrained!r} is not inside the worker's "
+            f"TRAINJOB_HF_MODEL_DIRS{where}",
+        )
+    if not is_directory:
+        raise TrainingError("invalid_spec", f"model.pretrained: {pretrained!r} is not a directory")
+    return directory
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    if pretrained.startswith((".", "~")) or Path(pretrained).is_absolute():
+        return True
+    # Anything that exists on disk is a path: transformers would load a directory of
+    # that name from the worker's working directory before it looked at the cache.
+    try:
+        return Path(pretrained).exists()
+    except OSError:  # e.g. a name too long for the file system: no Hub name either
+        return False
+
+
+def _cached_snapshot(name: str) -> Path:
+    _import_transformers()  # huggingface_hub comes with it
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except HFValidationError as error:
+        raise TrainingError(
+            "invalid_spec",
+            f"model.pretrained: {name!r} is neither a directory nor a Hugging Face model name",
+        ) from error
+    except Exception as error:
+        raise TrainingError(
+            "invalid_spec",
+            f"model.pretrained: {name!r} is not in the worker's Hugging Face cache; downloads "
+            "are off (put the model in the cache, or in a directory of TRAINJOB_HF_MODEL_DIRS)",
+        ) from error
+
+
+# ---------------------------------------------------------------- wrappers
+
+
+class CausalLm(nn.Module):
+    """Right padding with causal attention: real tokens never attend to padding, so a
+    sequence's logits do not depend on how much padding its micro-batch has."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        _save_and_load_as_transformers(self)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=_long_mask(attention_mask)).logits
+
+
+class SequenceClassifier(nn.Module):
+    """Decoders score every token and transformers keeps the last one that is not the pad
+    token id, which is wrong for a text whose own last token has that id. The wrapper
+    takes the per-token scores and picks each sequence's last real token by the attention
+    mask instead. Encoders (BERT-like) read their first token and return [batch, classes]
+    themselves; their scores are used as they are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        _save_and_load_as_transformers(self)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        head = getattr(self.model, "score", None)
+        if head is None:
+            head = getattr(self.model, "classifier", None)
+        per_token: list[torch.Tensor] = []
+        # Registered per call, not in __init__: a hook closing over this wrapper would
+        # follow a deep copy of it and write into the original.
+        handle = (
+            head.register_forward_hook(lambda _module, _inputs, output: per_token.append(output))
+            if isinstance(head, nn.Module)
+            else None
+        )
+        try:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=_long_mask(attention_mask)
+            ).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        if len(per_token) == 1 and per_token[0].dim() == 3:
+            return per_token[0][
+                torch.arange(len(input_ids), device=input_ids.device),
+                _last_real_token(input_ids, attention_mask),
+            ]
+        return logits
+
+
+def _long_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    # transformers reads 1 as "attend" from integer masks; a batch moved to a float dtype
+    # or a boolean mask becomes that form.
+    return None if attention_mask is None else (attention_mask != 0).long()
+
+
+def _last_real_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    length = input_ids.shape[-1]
+    if attention_mask is None:
+        return torch.full((len(input_ids),), length - 1, device=input_ids.device)
+    positions = torch.arange(length, device=input_ids.device)
+    return (positions * (attention_mask != 0)).argmax(-1)
+
+
+# The wrapper's own state dict would prefix every key with "model." and store tied
+# weights (GPT-2's lm_head and token embeddings) twice, which safetensors refuses.
+_INNER = "model."
+
+
+def _save_and_load_as_transformers(wrapper: nn.Module) -> None:
+    wrapper.register_state_dict_post_hook(_state_dict_as_transformers)
+    wrapper.register_load_state_dict_pre_hook(_load_state_dict_as_transformers)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: name} of parameters that are the same tensor as an earlier one."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(parameter), name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
+def _state_dict_as_transformers(
+    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any
+) -> None:
+    aliases = _tied_aliases(wrapper.get_submodule("model"))
+    for key in [key for key in state_dict if key.startswith(prefix + _INNER)]:
+        value = state_dict.pop(key)
+        name = key[len(prefix + _INNER) :]
+        if name not in aliases:
+            state_dict[prefix + name] = value
+
+
+def _load_state_dict_as_transformers(
+    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[prefix + _INNER + key[len(prefix) :]] = state_dict.pop(key)
+    for alias, name in _tied_aliases(wrapper.get_submodule("model")).items():
+        if prefix + _INNER + name in state_dict:
+            state_dict[prefix + _INNER + alias] = state_dict[prefix + _INNER + name]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class PretrainedTokenizer:
+    """A transformers tokenizer as the data loader's TextTokenizer.
+
+    `encode` adds what the tokenizer adds by default (BERT's [CLS] … [SEP], Llama's
+    <s>; GPT-2 adds nothing) and nothing else.
+    """
+
+    tokenizer: Any
+    vocab_size: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+
+def load_tokenizer(spec: HfModelSpec) -> TextTokenizer | None:
+    """The tokenizer saved with a pretrained model; None for a `config` model or a
+    directory without one."""
+    if spec.pretrained is None:
+        return None
+    directory = resolve_pretrained(spec.pretrained, get_settings().hf_model_dirs)
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    transformers = _import_transformers()
+    with _transformers_errors("model.pretrained (its tokenizer)"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **_OFFLINE_AND_SAFE)
+    pad_id = next(
+        (
+            token_id
+            for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+            if isinstance(token_id, int)
+        ),
+        0,
+    )
+    # len() counts tokens added after training the vocabulary; vocab_size does not.
+    return PretrainedTokenizer(tokenizer, vocab_size=len(tokenizer), pad_id=pad_id)
