@@ -18,15 +18,23 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True)
 class Batch:
     inputs: torch.Tensor
+    # Integer classes or tokens (cross-entropy), or float targets (squared error).
     targets: torch.Tensor
+    # 1 for real tokens, 0 for padding, for models that read padded rows of text.
+    attention_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device, float_dtype: torch.dtype) -> Batch:
-        inputs = self.inputs
-        if inputs.is_floating_point():
-            inputs = inputs.to(device=device, dtype=float_dtype, non_blocking=True)
-        else:
-            inputs = inputs.to(device=device, non_blocking=True)
-        return Batch(inputs, self.targets.to(device=device, non_blocking=True))
+        return Batch(
+            _to(self.inputs, device, float_dtype),
+            _to(self.targets, device, float_dtype),
+            None if self.attention_mask is None else _to(self.attention_mask, device, float_dtype),
+        )
+
+
+def _to(tensor: torch.Tensor, device: torch.device, float_dtype: torch.dtype) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=float_dtype, non_blocking=True)
+    return tensor.to(device=device, non_blocking=True)
 
 
 class SampleSet(Protocol):
@@ -39,7 +47,7 @@ class SampleSet(Protocol):
         ...
 
     def tokens(self, indices: list[int]) -> int:
-        """Target tokens in these samples; 0 for data that has no tokens."""
+        """Tokens the model reads in these samples; 0 for data that has no tokens."""
         ...
 
     def collate(self, indices: list[int]) -> Batch: ...
@@ -53,6 +61,12 @@ class DataInfo:
     num_classes: int | None = None
     vocab_size: int | None = None
     max_length: int | None = None
+    # Regression: the number of float targets per sample (the model's outputs).
+    target_size: int | None = None
+    # Text: the token that pads rows, for models that must recognise it.
+    pad_id: int | None = None
+    # Classification from a file: the label each class index stands for.
+    class_labels: tuple[int | str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,18 +99,66 @@ class TensorClassificationSet:
         return Batch(self.features[index], self.labels[index])
 
 
+class TensorRegressionSet:
+    """Features and float targets (N × target_size); one loss unit per sample."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(features) != len(targets):
+            raise ValueError("features and targets differ in length")
+        if not targets.is_floating_point() or targets.dim() != 2:
+            raise ValueError("targets must be floats shaped N × target_size")
+        self.features = features
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def loss_units(self, indices: list[int]) -> int:
+        return len(indices)
+
+    def tokens(self, indices: list[int]) -> int:
+        return 0
+
+    def collate(self, indices: list[int]) -> Batch:
+        index = torch.tensor(indices, dtype=torch.long)
+        return Batch(self.features[index], self.targets[index])
+
+
 class TokenSequenceSet:
     """Variable-length token sequences for next-token prediction, right-padded per batch.
 
     A sequence of n tokens gives n-1 (input, target) positions; padded positions get
     IGNORE_INDEX as target, so the loss units of a batch are its real target tokens.
+    With `loss_starts` (prompt/completion), the tokens before a sequence's loss start
+    (its prompt) are read but never predicted: their targets are IGNORE_INDEX too, and
+    only the tokens from the loss start on are loss units.
     """
 
-    def __init__(self, sequences: list[torch.Tensor], pad_id: int = 0) -> None:
-        if any(len(sequence) < 2 for sequence in sequences):
-            raise ValueError("every sequence needs at least two tokens")
-        self.sequences = [sequence.long() for sequence in sequences]
-        self.target_counts = [len(sequence) - 1 for sequence in sequences]
+    def __init__(
+        self,
+        sequences: list[torch.Tensor],
+        pad_id: int = 0,
+        loss_starts: list[int] | None = None,
+    ) -> None:
+        if loss_starts is None:
+            loss_starts = [1] * len(sequences)
+        if len(loss_starts) != len(sequences):
+            raise ValueError("one loss start per sequence")
+        # The first token has nothing before it to be predicted from.
+        self.loss_starts = [max(1, start) for start in loss_starts]
+        if any(
+            len(sequence) <= start
+            for sequence, start in zip(sequences, self.loss_starts, strict=True)
+        ):
+            raise ValueError("every sequence needs at least one target token")
+        # Any integer dtype: a file's tokens are kept compact and widened per batch.
+        self.sequences = sequences
+        self.input_counts = [len(sequence) - 1 for sequence in sequences]
+        # Counted here, on the host: the window's normaliser, known before any backward.
+        self.target_counts = [
+            len(sequence) - start
+            for sequence, start in zip(sequences, self.loss_starts, strict=True)
+        ]
         self.pad_id = pad_id
 
     def __len__(self) -> int:
@@ -106,15 +168,52 @@ class TokenSequenceSet:
         return sum(self.target_counts[index] for index in indices)
 
     def tokens(self, indices: list[int]) -> int:
-        return self.loss_units(indices)
+        return sum(self.input_counts[index] for index in indices)
 
     def collate(self, indices: list[int]) -> Batch:
-        width = max(self.target_counts[index] for index in indices)
+        width = max(self.input_counts[index] for index in indices)
         inputs = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
         for row, index in enumerate(indices):
             sequence = self.sequences[index]
-            length = len(sequence) - 1
+            length = self.input_counts[index]
+            start = self.loss_starts[index]
             inputs[row, :length] = sequence[:-1]
-            targets[row, :length] = sequence[1:]
+            # Position i predicts token i+1: targets from the loss start on.
+            targets[row, start - 1 : length] = sequence[start:]
         return Batch(inputs, targets)
+
+
+class TextClassificationSet:
+    """Token sequences with one class label each, right-padded per batch with an
+    attention mask; one loss unit per sample."""
+
+    def __init__(self, sequences: list[torch.Tensor], labels: torch.Tensor, pad_id: int) -> None:
+        if len(sequences) != len(labels):
+            raise ValueError("sequences and labels differ in length")
+        if any(len(sequence) == 0 for sequence in sequences):
+            raise ValueError("every sequence needs at least one token")
+        self.sequences = sequences
+        self.lengths = [len(sequence) for sequence in sequences]
+        self.labels = labels.long()
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def loss_units(self, indices: list[int]) -> int:
+        return len(indices)
+
+    def tokens(self, indices: list[int]) -> int:
+        return sum(self.lengths[index] for index in indices)
+
+    def collate(self, indices: list[int]) -> Batch:
+        width = max(self.lengths[index] for index in indices)
+        inputs = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, index in enumerate(indices):
+            length = self.lengths[index]
+            inputs[row, :length] = self.sequences[index]
+            mask[row, :length] = 1
+        index_tensor = torch.tensor(indices, dtype=torch.long)
+        return Batch(inputs, self.labels[index_tensor], attention_mask=mask)

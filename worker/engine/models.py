@@ -20,6 +20,13 @@ def _require(value: int | None, what: str, model: str) -> int:
     return value
 
 
+def _outputs(info: DataInfo, model: str) -> int:
+    """One output per class, or per float target for regression."""
+    if info.target_size is not None:
+        return info.target_size
+    return _require(info.num_classes, "classes or regression targets", model)
+
+
 def build_mlp(spec: MlpSpec, info: DataInfo) -> nn.Module:
     if info.input_shape is None:
         raise TrainingError("invalid_spec", "model 'mlp' needs a data set of features")
@@ -29,7 +36,7 @@ def build_mlp(spec: MlpSpec, info: DataInfo) -> nn.Module:
         layers += [nn.Linear(width_in, width_out), nn.GELU()]
         if spec.dropout:
             layers.append(nn.Dropout(spec.dropout))
-    layers.append(nn.Linear(widths[-1], _require(info.num_classes, "classes", "mlp")))
+    layers.append(nn.Linear(widths[-1], _outputs(info, "mlp")))
     return nn.Sequential(*layers)
 
 
@@ -52,7 +59,7 @@ def build_cnn(spec: CnnSpec, info: DataInfo) -> nn.Module:
     ]
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
-    layers.append(nn.Linear(spec.hidden_size, _require(info.num_classes, "classes", "cnn")))
+    layers.append(nn.Linear(spec.hidden_size, _outputs(info, "cnn")))
     return nn.Sequential(*layers)
 
 
@@ -127,4 +134,11 @@ class TinyGpt(nn.Module):
 
 
 def build_tiny_gpt(spec: TinyGptSpec, info: DataInfo) -> nn.Module:
+    # A sequence of n tokens gives n-1 input positions, each needing a position embedding.
+    if info.max_length is not None and info.max_length - 1 > spec.block_size:
+        raise TrainingError(
+            "invalid_spec",
+            f"model.block_size must be at least dataset.max_length - 1 = {info.max_length - 1}, "
+            f"not {spec.block_size}",
+        )
     return TinyGpt(spec, _require(info.vocab_size, "a token vocabulary", "tiny-gpt"))

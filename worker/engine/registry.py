@@ -18,11 +18,17 @@ from app.jobs.spec import (
     DATASET_ENTRY_POINT_GROUP,
     MODEL_ENTRY_POINT_GROUP,
     DatasetSpec,
+    FileDatasetSpec,
+    HfCausalLmSpec,
+    HfSequenceClassificationSpec,
+    JobSpec,
     ModelSpec,
     known_datasets,
     known_models,
 )
-from worker.engine import datasets, models
+from worker.datafiles.load import FileSource, load_file_dataset
+from worker.datafiles.tokenizers import TextTokenizer
+from worker.engine import datasets, hf, models
 from worker.engine.data_types import DataInfo, DataSplits
 from worker.engine.errors import TrainingError
 
@@ -33,6 +39,8 @@ BUILTIN_MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "mlp": models.build_mlp,
     "cnn": models.build_cnn,
     "tiny-gpt": models.build_tiny_gpt,
+    "hf-causal-lm": hf.build_hf_causal_lm,
+    "hf-sequence-classification": hf.build_hf_sequence_classification,
 }
 
 BUILTIN_DATASET_BUILDERS: dict[str, DatasetBuilder] = {
@@ -60,7 +68,23 @@ def build_model(spec: ModelSpec, info: DataInfo) -> nn.Module:
     return cast(nn.Module, plugin(spec.model_dump(), info))
 
 
-def build_dataset(spec: DatasetSpec, seed: int) -> DataSplits:
+def build_dataset(
+    spec: DatasetSpec,
+    seed: int,
+    files: FileSource | None = None,
+    tokenizer: TextTokenizer | None = None,
+) -> DataSplits:
+    """A data set's splits. A `file` data set reads its files through `files` (only the
+    service has them) and encodes text with `tokenizer` (None: byte or char level)."""
+    if isinstance(spec, FileDatasetSpec):
+        if files is None:
+            raise TrainingError(
+                "invalid_spec",
+                "dataset type 'file' trains on files uploaded to the service (POST /v1/files): "
+                "submit this job to the service; a local run trains on the built-in and "
+                "plugin data sets only",
+            )
+        return load_file_dataset(spec, seed, files, tokenizer)
     name = str(spec.type)
     if name in BUILTIN_DATASET_BUILDERS:
         return BUILTIN_DATASET_BUILDERS[name](spec, seed)
@@ -70,3 +94,22 @@ def build_dataset(spec: DatasetSpec, seed: int) -> DataSplits:
             "invalid_spec", f"unknown dataset type {name!r}; known: {', '.join(known_datasets())}"
         )
     return cast(DataSplits, plugin(spec.model_dump(), seed))
+
+
+def model_tokenizer(spec: JobSpec) -> TextTokenizer | None:
+    """The tokenizer a file data set's text is encoded with when the model brings one: a
+    Hugging Face model's own (dataset.tokenizer "model" or unset; None when the model has
+    none saved, which means byte level). None also for "byte" and "char", which the
+    loader builds, and for every other data set."""
+    dataset = spec.dataset
+    if not isinstance(dataset, FileDatasetSpec) or dataset.tokenizer in ("byte", "char"):
+        return None
+    if isinstance(spec.model, HfCausalLmSpec | HfSequenceClassificationSpec):
+        return hf.load_tokenizer(spec.model)
+    if dataset.tokenizer == "model":
+        raise TrainingError(
+            "invalid_spec",
+            "dataset.tokenizer 'model' needs a Hugging Face model (hf-causal-lm, "
+            f"hf-sequence-classification), not {spec.model.type!r}: use 'byte' or 'char'",
+        )
+    return None

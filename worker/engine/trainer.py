@@ -19,6 +19,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.jobs.spec import JobSpec
+from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
     Checkpoint,
@@ -34,13 +35,15 @@ from worker.engine.devices import resolve_device
 from worker.engine.errors import TrainingError
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import PrecisionPlan, plan_precision
-from worker.engine.registry import build_dataset, build_model
+from worker.engine.registry import build_dataset, build_model, model_tokenizer
 from worker.engine.window import (
     MicroBatchHook,
     MicroBatchOutOfMemory,
     StepParts,
     WindowOutcome,
+    forward,
     run_window,
+    sum_loss,
 )
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
@@ -114,6 +117,9 @@ class Progress:
     samples_seen: int = 0
     tokens_seen: int = 0
     skipped_updates: int = 0
+    # Of the last evaluation at or before `step`; kept in checkpoints, so that the next
+    # checkpoint of a resumed run still knows it.
+    eval_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,12 +179,15 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
         )
 
 
-def prepare_run(spec: JobSpec) -> Run:
-    """Build data, model, optimizer, schedule and scaler from the spec, seeded."""
+def prepare_run(spec: JobSpec, files: FileSource | None = None) -> Run:
+    """Build data, model, optimizer, schedule and scaler from the spec, seeded.
+
+    `files` brings an uploaded file's bytes to a local path: only the service has them.
+    """
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
     seed_everything(spec.seed)
-    data = build_dataset(spec.dataset, spec.seed)
+    data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
     model = build_model(spec.model, data.info).to(device=device, dtype=precision.parameter_dtype)
@@ -210,6 +219,7 @@ def make_checkpoint(run: Run, loss: float | None) -> Checkpoint:
         "samples_seen": progress.samples_seen,
         "tokens_seen": progress.tokens_seen,
         "skipped_updates": progress.skipped_updates,
+        "eval_loss": progress.eval_loss,
         "training": _training_fields(run.spec),
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
@@ -217,7 +227,13 @@ def make_checkpoint(run: Run, loss: float | None) -> Checkpoint:
         "rng": capture_rng(),
     }
     weights = weights_to_bytes(parts.model, {"step": str(progress.step)})
-    return Checkpoint(step=progress.step, weights=weights, state=pack_state(state), loss=loss)
+    return Checkpoint(
+        step=progress.step,
+        weights=weights,
+        state=pack_state(state),
+        loss=loss,
+        eval_loss=progress.eval_loss,
+    )
 
 
 def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
@@ -239,6 +255,8 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
         samples_seen=state["samples_seen"],
         tokens_seen=state["tokens_seen"],
         skipped_updates=state["skipped_updates"],
+        # Absent from checkpoints written before evaluations were remembered.
+        eval_loss=state.get("eval_loss"),
     )
 
 
@@ -279,31 +297,30 @@ def run_window_with_backoff(
 
 
 @torch.no_grad()
-def evaluate(run: Run, data: SampleSet) -> tuple[float, float]:
-    """Loss per unit and accuracy per unit on a held-out split."""
+def evaluate(run: Run, data: SampleSet) -> tuple[float, float | None]:
+    """Loss per unit and accuracy per unit on a held-out split. Regression (float
+    targets): the mean squared error per sample, and no accuracy."""
     model, precision = run.parts.model, run.precision
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
     correct = torch.zeros((), dtype=torch.int64, device=precision.device)
     units = 0
+    regression = False
     size = max(1, run.progress.micro_batch_size)
     for start in range(0, len(data), size):
         indices = list(range(start, min(start + size, len(data))))
         batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
         with precision.autocast():
-            logits = model(batch.inputs)
-        logits = logits.to(precision.parameter_dtype)
-        loss_sum += torch.nn.functional.cross_entropy(
-            logits.flatten(0, -2),
-            batch.targets.flatten(),
-            reduction="sum",
-            ignore_index=IGNORE_INDEX,
-        )
-        predicted = logits.argmax(dim=-1)
-        correct += ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
+            outputs = forward(model, batch)
+        outputs = outputs.to(precision.parameter_dtype)
+        loss_sum += sum_loss(outputs, batch.targets)
+        regression = batch.targets.is_floating_point()
+        if not regression:
+            predicted = outputs.argmax(dim=-1)
+            correct += ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
         units += data.loss_units(indices)
     model.train()
-    return loss_sum.item() / units, correct.item() / units
+    return loss_sum.item() / units, None if regression else correct.item() / units
 
 
 def _due(step: int, every: int) -> bool:
@@ -315,9 +332,10 @@ def train(
     callbacks: Callbacks | None = None,
     resume: Checkpoint | None = None,
     micro_batch_hook: MicroBatchHook | None = None,
+    files: FileSource | None = None,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec)
+    run = prepare_run(spec, files)
     if resume is not None:
         restore_checkpoint(run, resume)
     return drive(run, callbacks, micro_batch_hook)
@@ -372,6 +390,8 @@ def drive(
         eval_loss = eval_accuracy = None
         if run.data.eval is not None and _due(progress.step, spec.eval_every):
             eval_loss, eval_accuracy = evaluate(run, run.data.eval)
+            # Before this step's checkpoint below, which remembers it.
+            progress.eval_loss = eval_loss
         metrics = StepMetrics(
             step=progress.step,
             epoch=window.epoch,

@@ -2,8 +2,9 @@
 
 The rules (see docs/accumulation.md for why each one exists):
 - every micro-batch adds sum_loss / window_units, where window_units (samples, or
-  non-padding target tokens) is counted on the host before the first backward, so
-  the update equals the one a single batch of the whole window would give;
+  target tokens that carry loss: not padding, not a prompt) is counted on the host
+  before the first backward, so the update equals the one a single batch of the whole
+  window would give;
 - one unscale, one clip of the whole window's gradient, one optimizer step, one
   scaler update, one scheduler step, one zero_grad per window;
 - no host sync inside the micro-batch loop: the loss is summed on the device and
@@ -16,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +76,25 @@ class StepParts:
         )
 
 
-def sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over loss units; padding targets count for nothing."""
+def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's outputs; models of padded text also get the batch's attention mask."""
+    if batch.attention_mask is None:
+        return cast(torch.Tensor, model(batch.inputs))
+    return cast(torch.Tensor, model(batch.inputs, attention_mask=batch.attention_mask))
+
+
+def sum_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The batch's loss summed over its loss units.
+
+    Integer targets (classes, tokens): cross-entropy, padding targets count for nothing.
+    Float targets (regression): squared error summed over each sample's targets, so that
+    divided by the samples it is the mean per sample of its squared error. The choice
+    reads the dtype only: no host sync.
+    """
+    if targets.is_floating_point():
+        return F.mse_loss(outputs, targets, reduction="sum")
     return F.cross_entropy(
-        logits.flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+        outputs.flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
     )
 
 
@@ -104,12 +121,12 @@ def accumulate_gradients(
             if hook is not None:
                 hook(len(indices), batch)
             with precision.autocast():
-                logits = model(batch.inputs)
-            loss = sum_loss(logits.to(precision.parameter_dtype), batch.targets)
+                outputs = forward(model, batch)
+            loss = sum_loss(outputs.to(precision.parameter_dtype), batch.targets)
             loss_sum += loss.detach()
             scaler.scale(loss / window_units).backward()
             # Drop this micro-batch's graph before the next one builds its own.
-            del logits, loss, batch
+            del outputs, loss, batch
     except torch.OutOfMemoryError:
         # Handled outside the except block: the traceback's frames hold activations.
         out_of_memory = True

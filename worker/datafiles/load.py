@@ -1,0 +1,446 @@
+"""Reading validated files into the engine's sample sets.
+
+The rows are parsed by the same functions that validated them (`validate`), so a file
+that trains is a file that passed. What each kind becomes:
+
+- text: token sequences cut to `max_length` tokens for next-token prediction; a row
+  too short to predict anything (one token) is skipped;
+- prompt_completion: the prompt's tokens followed by the completion's, cut to
+  `max_length`; only completion tokens are loss units (the prompt's targets are
+  IGNORE_INDEX); a row whose completion is cut away entirely is skipped;
+- labelled_text: token sequences with a class, padded per batch with an attention mask;
+- classification / regression (CSV, NPZ): feature tensors with class indices, or with
+  float targets shaped N × target_size.
+
+Classes are the training file's distinct labels in sorted order, numbered from 0; a
+validation file may use only those. Without a validation file, `eval_fraction` of the
+training rows is held out by a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.jobs.spec import FileDatasetSpec
+from worker.datafiles.tokenizers import ByteTokenizer, CharTokenizer, TextTokenizer
+from worker.datafiles.validate import (
+    CLASSIFICATION,
+    DAMAGED_ARCHIVE,
+    LABELLED_TEXT,
+    PROMPT_COMPLETION,
+    REGRESSION,
+    CsvReader,
+    JsonlRow,
+    Label,
+    RowProblem,
+    check_x_header,
+    npz_array_names,
+    npz_kind,
+    open_npy,
+    parse_csv_header,
+    parse_csv_row,
+    read_jsonl,
+    read_npy_data,
+    typed_csv_labels,
+)
+from worker.engine.data_types import (
+    DataInfo,
+    DataSplits,
+    SampleSet,
+    TensorClassificationSet,
+    TensorRegressionSet,
+    TextClassificationSet,
+    TokenSequenceSet,
+)
+from worker.engine.errors import TrainingError
+
+# A file id to a local path holding the file's bytes, named `<file id>.<format>`.
+FileSource = Callable[[str], Path]
+
+
+def load_file_dataset(
+    spec: FileDatasetSpec, seed: int, source: FileSource, tokenizer: TextTokenizer | None
+) -> DataSplits:
+    """The training split (and held-out split) of a file dataset.
+
+    `tokenizer` is the model's own, for text; None picks from `spec.tokenizer`:
+    byte-level, or `char` (the training file's characters).
+    """
+    train_path = source(spec.file_id)
+    validation_path = source(spec.validation_file_id) if spec.validation_file_id else None
+    format = spec.format or file_format(train_path)
+    if format == "jsonl":
+        return _text_splits(spec, seed, train_path, validation_path, tokenizer)
+    train = _read_table(spec.file_id, train_path, format)
+    held_out = None
+    if validation_path is not None:
+        assert spec.validation_file_id is not None
+        held_out = _read_table(
+            spec.validation_file_id,
+            validation_path,
+            spec.format or file_format(validation_path),
+            integer_labels=train.integer_labels,
+        )
+        _check_same_shape(train, held_out)
+    return _table_splits(spec, seed, train, held_out)
+
+
+def file_format(path: Path) -> str:
+    """jsonl, csv or npz: from the name's suffix, else from the first bytes."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix in (".csv", ".npz"):
+        return suffix[1:]
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK"):
+        return "npz"
+    return "jsonl" if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "csv"
+
+
+def _invalid(file_id: str, message: str) -> TrainingError:
+    return TrainingError("invalid_data", f"file {file_id}: {message}")
+
+
+def _held_out_order(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows): a seeded shuffle cut like the built-in data sets'."""
+    if eval_fraction == 0:
+        return list(range(count)), []
+    # Shuffle once with the seed so the held-out split is not the file's tail.
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = count - round(count * eval_fraction)
+    return order[:cut], order[cut:]
+
+
+def _class_indices(
+    file_id: str, labels: np.ndarray[Any, Any], classes: np.ndarray[Any, Any]
+) -> torch.Tensor:
+    """Each label's index among the sorted training classes; unknown labels fail."""
+    known = np.isin(labels, classes)
+    if not known.all():
+        raise _invalid(file_id, _unknown_labels({str(label) for label in labels[~known]}))
+    return torch.from_numpy(np.searchsorted(classes, labels).astype(np.int64))
+
+
+def _unknown_labels(unknown: set[str]) -> str:
+    shown = sorted(unknown)
+    return (
+        "labels the training file does not have: "
+        + ", ".join(shown[:5])
+        + (", …" if len(shown) > 5 else "")
+    )
+
+
+# ---------------------------------------------------------------- text
+
+
+@dataclass
+class _EncodedText:
+    kind: str
+    sequences: list[torch.Tensor] = field(default_factory=list)
+    loss_starts: list[int] = field(default_factory=list)
+    labels: list[Label] = field(default_factory=list)
+    skipped: int = 0
+
+    def take(self, rows: list[int]) -> _EncodedText:
+        return _EncodedText(
+            self.kind,
+            [self.sequences[row] for row in rows],
+            [self.loss_starts[row] for row in rows],
+            [self.labels[row] for row in rows] if self.labels else [],
+        )
+
+
+def _jsonl_rows(file_id: str, path: Path) -> Iterator[JsonlRow]:
+    kind = None
+    for number, row in read_jsonl(path):
+        if isinstance(row, RowProblem):
+            raise _invalid(file_id, f"line {number}: {row}")
+        if kind is None:
+            kind = row.kind
+        elif row.kind != kind:
+            raise _invalid(file_id, f"line {number}: a {row.kind} row among {kind} rows")
+        yield row
+
+
+def _char_tokenizer(file_id: str, path: Path, max_length: int) -> CharTokenizer:
+    # Characters past max_length are cut before they become tokens: leave them out.
+    return CharTokenizer.from_texts(
+        (row.prompt + row.loss_text)[:max_length] for row in _jsonl_rows(file_id, path)
+    )
+
+
+def _encode(
+    file_id: str, path: Path, tokenizer: TextTokenizer, max_length: int
+) -> _EncodedText | None:
+    encoded: _EncodedText | None = None
+    for row in _jsonl_rows(file_id, path):
+        if encoded is None:
+            encoded = _EncodedText(row.kind)
+        if row.kind == PROMPT_COMPLETION:
+            prompt = tokenizer.encode(row.prompt)
+            ids = (prompt + tokenizer.encode(row.completion))[:max_length]
+            loss_start = max(1, len(prompt))
+            usable = len(ids) > loss_start  # at least one completion token survives the cut
+        else:
+            ids = tokenizer.encode(row.text)[:max_length]
+            loss_start = 1
+            usable = len(ids) >= (1 if row.kind == LABELLED_TEXT else 2)
+        if not usable:
+            encoded.skipped += 1
+            continue
+        if max(ids) >= tokenizer.vocab_size or min(ids) < 0:
+            raise TrainingError(
+                "invalid_spec",
+                f"the tokenizer gave token id {max(ids)} outside its vocabulary of "
+                f"{tokenizer.vocab_size}",
+            )
+        encoded.sequences.append(torch.tensor(ids, dtype=torch.int32))
+        encoded.loss_starts.append(loss_start)
+        if row.label is not None:
+            encoded.labels.append(row.label)
+    return encoded
+
+
+def _text_splits(
+    spec: FileDatasetSpec,
+    seed: int,
+    train_path: Path,
+    validation_path: Path | None,
+    tokenizer: TextTokenizer | None,
+) -> DataSplits:
+    if tokenizer is None:
+        if spec.tokenizer == "char":
+            tokenizer = _char_tokenizer(spec.file_id, train_path, spec.max_length)
+        else:
+            tokenizer = ByteTokenizer()
+    train = _encode(spec.file_id, train_path, tokenizer, spec.max_length)
+    if train is None or not train.sequences:
+        raise _invalid(
+            spec.file_id, f"no row has enough tokens to train on (max_length {spec.max_length})"
+        )
+    # The whole training file's labels, before any are held out.
+    classes = np.unique(np.array(train.labels)) if train.kind == LABELLED_TEXT else None
+    held_out: _EncodedText | None = None
+    if validation_path is not None:
+        assert spec.validation_file_id is not None
+        if (spec.format or file_format(validation_path)) != "jsonl":
+            raise _invalid(spec.validation_file_id, "is not JSONL, but the training file is")
+        held_out = _encode(spec.validation_file_id, validation_path, tokenizer, spec.max_length)
+        if held_out is not None and held_out.kind != train.kind:
+            raise _invalid(
+                spec.validation_file_id,
+                f"holds {held_out.kind} rows, but the training file holds {train.kind} rows",
+            )
+    else:
+        train_rows, held_rows = _held_out_order(len(train.sequences), spec.eval_fraction, seed)
+        held_out = train.take(held_rows)
+        train = train.take(train_rows)
+    if held_out is not None and not held_out.sequences:
+        held_out = None
+    info = DataInfo(
+        vocab_size=tokenizer.vocab_size, max_length=spec.max_length, pad_id=tokenizer.pad_id
+    )
+    if classes is None:
+        return DataSplits(
+            _token_sequences(train, tokenizer),
+            _token_sequences(held_out, tokenizer) if held_out else None,
+            info,
+        )
+    info = replace(info, num_classes=len(classes), class_labels=tuple(classes.tolist()))
+    held_id = spec.validation_file_id or spec.file_id
+    return DataSplits(
+        _labelled_texts(spec.file_id, train, classes, tokenizer),
+        _labelled_texts(held_id, held_out, classes, tokenizer) if held_out else None,
+        info,
+    )
+
+
+def _labelled_texts(
+    file_id: str, encoded: _EncodedText, classes: np.ndarray[Any, Any], tokenizer: TextTokenizer
+) -> TextClassificationSet:
+    labels = _class_indices(file_id, np.array(encoded.labels), classes)
+    return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
+
+
+def _token_sequences(encoded: _EncodedText, tokenizer: TextTokenizer) -> TokenSequenceSet:
+    loss_starts = encoded.loss_starts if encoded.kind == PROMPT_COMPLETION else None
+    return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, loss_starts)
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclass
+class _Table:
+    """Feature rows with their labels (classification) or float targets (regression)."""
+
+    file_id: str
+    kind: str
+    features: torch.Tensor
+    labels: np.ndarray[Any, Any] | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def integer_labels(self) -> bool:
+        return self.labels is not None and self.labels.dtype.kind in "iu"
+
+
+def _read_table(
+    file_id: str, path: Path, format: str, integer_labels: bool | None = None
+) -> _Table:
+    """A CSV or NPZ file's rows. `integer_labels` (a validation file's) follows the
+    training file's reading of CSV labels: integers, or the strings as written."""
+    try:
+        if format == "csv":
+            return _read_csv(file_id, path, integer_labels)
+        if format == "npz":
+            return _read_npz(file_id, path)
+    except RowProblem as problem:
+        raise _invalid(file_id, str(problem)) from None
+    except DAMAGED_ARCHIVE as error:
+        raise _invalid(file_id, f"cannot be read ({error})") from None
+    raise _invalid(file_id, f"is a {format} file, but the training file holds rows of features")
+
+
+def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
+    # Flat float32 arrays, not a list per row: a Python float costs six times as much.
+    features, targets = array("f"), array("f")
+    rows = 0
+    raw_labels: list[str] = []
+    # One string object per distinct label, however many rows repeat it.
+    distinct: dict[str, str] = {}
+    with CsvReader(path).open() as reader:
+        header = reader.header()
+        if header is None:
+            raise RowProblem("the file is empty")
+        try:
+            layout = parse_csv_header(header)
+        except RowProblem as problem:
+            raise RowProblem(f"line {reader.line}: {problem}") from None
+        for cells in reader.rows():
+            try:
+                row, target = parse_csv_row(layout, cells)
+            except RowProblem as problem:
+                raise RowProblem(f"line {reader.line}: {problem}") from None
+            rows += 1
+            features.extend(row)
+            if isinstance(target, str):
+                raw_labels.append(distinct.setdefault(target, target))
+            else:
+                targets.append(target)
+    features_tensor = torch.from_numpy(np.array(features, dtype=np.float32).reshape(rows, -1))
+    if layout.kind == REGRESSION:
+        target_tensor = torch.from_numpy(np.array(targets, dtype=np.float32).reshape(rows, 1))
+        return _Table(file_id, REGRESSION, features_tensor, targets=target_tensor)
+    if integer_labels is None:
+        typed = typed_csv_labels(raw_labels)
+        labels = np.array([typed[label] for label in raw_labels])
+    elif integer_labels:
+        not_integers = {label for label in raw_labels if _int_or_none(label) is None}
+        if not_integers:
+            raise RowProblem(_unknown_labels(not_integers))
+        labels = np.array([int(label) for label in raw_labels], dtype=np.int64)
+    else:
+        labels = np.array(raw_labels)
+    return _Table(file_id, CLASSIFICATION, features_tensor, labels=labels)
+
+
+def _int_or_none(label: str) -> int | None:
+    try:
+        return int(label)
+    except ValueError:
+        return None
+
+
+def _read_npz(file_id: str, path: Path) -> _Table:
+    with zipfile.ZipFile(path) as archive:
+        if not {"x", "y"} <= set(npz_array_names(archive)):
+            raise RowProblem("the archive needs arrays 'x' and 'y'")
+        with open_npy(archive, "x") as (x_header, x_stream):
+            check_x_header(x_header)
+            x = read_npy_data(x_header, x_stream)
+        with open_npy(archive, "y") as (y_header, y_stream):
+            kind = npz_kind(y_header)
+            y = read_npy_data(y_header, y_stream)
+    if len(x) != len(y):
+        raise RowProblem(f"'x' has {len(x)} rows but 'y' has {len(y)}")
+    # float64 stays float64 (an fp64 run keeps every digit); anything else trains as float32.
+    features = torch.from_numpy(x.astype(np.float64 if x.dtype == np.float64 else np.float32))
+    if kind == REGRESSION:
+        targets = torch.from_numpy(y.astype(np.float64 if y.dtype == np.float64 else np.float32))
+        return _Table(file_id, REGRESSION, features, targets=targets.reshape(len(y), -1))
+    return _Table(file_id, CLASSIFICATION, features, labels=y.astype(np.int64))
+
+
+def _check_same_shape(train: _Table, held_out: _Table) -> None:
+    if held_out.kind != train.kind:
+        raise _invalid(
+            held_out.file_id,
+            f"holds {held_out.kind} rows, but the training file holds {train.kind} rows",
+        )
+    if held_out.features.shape[1:] != train.features.shape[1:]:
+        raise _invalid(
+            held_out.file_id,
+            f"rows of shape {list(held_out.features.shape[1:])}, but the training file's are "
+            f"{list(train.features.shape[1:])}",
+        )
+    if (
+        train.targets is not None
+        and held_out.targets is not None
+        and held_out.targets.shape[1] != train.targets.shape[1]
+    ):
+        raise _invalid(
+            held_out.file_id,
+            f"{held_out.targets.shape[1]} targets per row, but the training file has "
+            f"{train.targets.shape[1]}",
+        )
+
+
+def _table_set(table: _Table, rows: list[int] | None, classes: Any) -> SampleSet:
+    index = None if rows is None else torch.tensor(rows, dtype=torch.long)
+    features = table.features if index is None else table.features[index]
+    if table.kind == REGRESSION:
+        assert table.targets is not None
+        targets = table.targets if index is None else table.targets[index]
+        return TensorRegressionSet(features, targets)
+    assert table.labels is not None
+    labels = _class_indices(table.file_id, table.labels, classes)
+    return TensorClassificationSet(features, labels if index is None else labels[index])
+
+
+def _table_splits(
+    spec: FileDatasetSpec, seed: int, train: _Table, held_out: _Table | None
+) -> DataSplits:
+    input_shape = tuple(train.features.shape[1:])
+    classes = None
+    if train.kind == REGRESSION:
+        assert train.targets is not None
+        info = DataInfo(input_shape=input_shape, target_size=int(train.targets.shape[1]))
+    else:
+        assert train.labels is not None
+        classes = np.unique(train.labels)
+        info = DataInfo(
+            input_shape=input_shape,
+            num_classes=len(classes),
+            class_labels=tuple(classes.tolist()),
+        )
+    if held_out is not None:
+        return DataSplits(
+            _table_set(train, None, classes), _table_set(held_out, None, classes), info
+        )
+    train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
+    return DataSplits(
+        _table_set(train, train_rows, classes),
+        _table_set(train, held_rows, classes) if held_rows else None,
+        info,
+    )

@@ -1,0 +1,618 @@
+"""Checks an uploaded file once, streaming it, and says what it holds or what is wrong.
+
+Messages name lines as an editor shows them (1-based; a CSV header is line 1), so a
+user can jump straight to the problem. The row parsers here are shared with
+`worker.datafiles.load`: what passes validation is exactly what trains.
+
+numpy only: the validation task must not pay for importing torch, and nothing in a
+file is ever unpickled (NPZ arrays of Python objects are refused from their header).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+FORMATS = ("jsonl", "csv", "npz")
+TEXT, PROMPT_COMPLETION, LABELLED_TEXT = "text", "prompt_completion", "labelled_text"
+CLASSIFICATION, REGRESSION = "classification", "regression"
+
+MAX_ERRORS = 20
+MAX_LISTED_LABELS = 1000
+# A column with more distinct values than this is a quantity to predict, not a class.
+MAX_CLASSES = 10_000
+# An NPZ array is compressed: its header says how large it unpacks, and a worker must
+# hold it in memory to train.
+MAX_ARRAY_BYTES = 8 * 2**30
+# Elements of x checked for NaN at a time: bounds validation's memory for any x.
+_SCAN_ELEMENTS = 1 << 20
+
+Label = int | str
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    status: Literal["valid", "invalid"]
+    kind: str | None
+    errors: list[str]
+    stats: dict[str, Any]
+
+
+class RowProblem(Exception):
+    """What is wrong with one row or line; the caller says where it is."""
+
+
+class _Problems:
+    """The first MAX_ERRORS messages, and a count of the rest."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.count = 0
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.messages) < MAX_ERRORS:
+            self.messages.append(message)
+
+    def listed(self) -> list[str]:
+        if self.count <= MAX_ERRORS:
+            return list(self.messages)
+        shown = self.messages[: MAX_ERRORS - 1]
+        return [*shown, f"… and {self.count - len(shown)} more"]
+
+
+def validate_file(path: Path, format: str) -> ValidationReport:
+    """Stream the file once: its kind and stats, or up to MAX_ERRORS messages."""
+    problems = _Problems()
+    kind: str | None = None
+    stats: dict[str, Any] = {"rows": 0}
+    if format not in _VALIDATORS:
+        problems.add(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+    elif path.stat().st_size == 0:
+        problems.add("the file is empty")
+    else:
+        kind, stats = _VALIDATORS[format](path, problems)
+    if problems.count:
+        return ValidationReport("invalid", kind, problems.listed(), {"rows": stats.get("rows", 0)})
+    return ValidationReport("valid", kind, [], stats)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- labels
+
+
+class LabelSet:
+    """The distinct class labels of a file, kept in the one type the file gives them."""
+
+    def __init__(self, column: str = "label") -> None:
+        self.column = column
+        self.values: set[Label] = set()
+        self._first: tuple[int, type] | None = None
+
+    def add(self, label: Label, line: int) -> None:
+        if self._first is None:
+            self._first = (line, type(label))
+        elif type(label) is not self._first[1]:
+            first_line, first_type = self._first
+            raise RowProblem(
+                f'"{self.column}" is {_type_name(type(label))} but at line {first_line} it is '
+                f"{_type_name(first_type)}: use one type for every label"
+            )
+        if label not in self.values and len(self.values) >= MAX_CLASSES:
+            raise RowProblem(
+                f'more than {MAX_CLASSES:,} distinct values of "{self.column}": a classification '
+                'needs classes (to predict numbers, use a CSV "target" column or a float y)'
+            )
+        self.values.add(label)
+
+    def sorted(self) -> list[Label]:
+        return sorted(self.values)  # one type, checked in add
+
+    def stats(self) -> dict[str, Any]:
+        labels = self.sorted()
+        return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
+
+
+def _type_name(kind: type) -> str:
+    return "a string" if kind is str else "an integer"
+
+
+def typed_csv_labels(raw_labels: Iterable[str]) -> dict[str, Label]:
+    """A CSV's labels: integers when every one reads as an integer, else the strings."""
+    raw = set(raw_labels)
+    try:
+        return {label: int(label) for label in raw}
+    except ValueError:
+        return {label: label for label in raw}
+
+
+# ---------------------------------------------------------------- JSONL
+
+
+@dataclass(frozen=True)
+class JsonlRow:
+    """One JSONL line: `text` (text, labelled_text) or `prompt` + `completion`."""
+
+    kind: str
+    text: str = ""
+    prompt: str = ""
+    completion: str = ""
+    label: Label | None = None
+
+    @property
+    def loss_text(self) -> str:
+        """The text the model is trained to produce: a completion, never its prompt."""
+        return self.completion if self.kind == PROMPT_COMPLETION else self.text
+
+
+_KIND_KEYS = {
+    TEXT: '"text"',
+    PROMPT_COMPLETION: '"prompt" and "completion"',
+    LABELLED_TEXT: '"text" and "label"',
+}
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _string(row: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    if key not in row:
+        raise RowProblem(f'missing "{key}"')
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowProblem(f'"{key}" must be a string, not {_json_type(value)}')
+    if not value and not allow_empty:
+        raise RowProblem(f'"{key}" is empty')
+    return value
+
+
+def _label(value: object) -> Label:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RowProblem(f'"label" must be an integer or a string, not {_json_type(value)}')
+    if value == "":
+        raise RowProblem('"label" is empty')
+    return value
+
+
+def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
+    """One line of a JSONL file; None for a blank line. Raises RowProblem."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowProblem(
+            f"not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1})"
+        ) from None
+    # A byte order mark, as some editors write at the start of a file.
+    line = line.removeprefix("\ufeff")
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise RowProblem(f"bad JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise RowProblem("bad JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise RowProblem(f"expected a JSON object, got {_json_type(value)}")
+    # An empty prompt is allowed: the completion alone then carries the loss.
+    if "prompt" in value or "completion" in value:
+        return JsonlRow(
+            PROMPT_COMPLETION,
+            prompt=_string(value, "prompt", allow_empty=True),
+            completion=_string(value, "completion"),
+        )
+    if "label" in value:
+        return JsonlRow(LABELLED_TEXT, text=_string(value, "text"), label=_label(value["label"]))
+    if "text" in value:
+        return JsonlRow(TEXT, text=_string(value, "text"))
+    keys = ", ".join(_short(key) for key in list(value)[:5]) or "none"
+    raise RowProblem(f'missing "text" (or "prompt" and "completion"); the keys are: {keys}')
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
+    """(line number, row or what is wrong with it) for every non-blank line, streamed."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                row = parse_jsonl_line(raw)
+            except RowProblem as problem:
+                yield number, problem
+                continue
+            if row is not None:
+                yield number, row
+
+
+def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
+    kind: str | None = None
+    kind_line = rows = tokens = max_row_bytes = 0
+    labels = LabelSet()
+    for number, row in read_jsonl(path):
+        rows += 1
+        try:
+            if isinstance(row, RowProblem):
+                raise row
+            if kind is None:
+                kind, kind_line = row.kind, number
+            elif row.kind != kind:
+                raise RowProblem(
+                    f"has {_KIND_KEYS[row.kind]} but line {kind_line} has {_KIND_KEYS[kind]}: "
+                    "every line must hold the same kind of row"
+                )
+            if row.label is not None:
+                labels.add(row.label, number)
+        except RowProblem as problem:
+            problems.add(f"line {number}: {problem}")
+            continue
+        loss_bytes = len(row.loss_text.encode("utf-8"))
+        tokens += loss_bytes
+        row_bytes = len(row.prompt.encode("utf-8")) + loss_bytes
+        max_row_bytes = max(max_row_bytes, row_bytes)
+    if rows == 0:
+        problems.add("the file has no rows (only blank lines)")
+    stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}
+    if kind == LABELLED_TEXT:
+        stats |= labels.stats()
+    return kind, stats
+
+
+# ---------------------------------------------------------------- CSV
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """What a CSV header says: its columns, which are features, which is the target."""
+
+    kind: str
+    columns: list[str]
+    feature_columns: list[int]
+    target_column: int
+
+    @property
+    def target_name(self) -> str:
+        return self.columns[self.target_column]
+
+
+def parse_csv_header(cells: list[str]) -> CsvLayout:
+    names = [cell.strip() for cell in cells]
+    for index, name in enumerate(names):
+        if not name:
+            raise RowProblem(f"column {index + 1} of the header has no name")
+        if names.index(name) != index:
+            raise RowProblem(f"column {_short(name)} appears twice in the header")
+    has_label, has_target = "label" in names, "target" in names
+    if has_label and has_target:
+        raise RowProblem(
+            'the header has both "label" and "target": keep "label" for classification '
+            'or "target" for regression'
+        )
+    if not has_label and not has_target:
+        header = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+        raise RowProblem(
+            'missing a "label" column (classification) or a "target" column (regression); '
+            f"the header is: {header}"
+        )
+    target = names.index("label" if has_label else "target")
+    features = [index for index in range(len(names)) if index != target]
+    if not features:
+        raise RowProblem(f"no feature columns besides {_short(names[target])}")
+    return CsvLayout(CLASSIFICATION if has_label else REGRESSION, names, features, target)
+
+
+def _number(cell: str, layout: CsvLayout, index: int) -> float:
+    where = f"column {index + 1} ({_short(layout.columns[index])})"
+    try:
+        value = float(cell)
+    except ValueError:
+        raise RowProblem(f"{where} is not a number: {_short(cell)}") from None
+    if math.isnan(value):
+        raise RowProblem(f"{where} is NaN")
+    if math.isinf(value):
+        raise RowProblem(f"{where} is infinite")
+    return value
+
+
+def parse_csv_row(layout: CsvLayout, cells: list[str]) -> tuple[list[float], str | float]:
+    """(features, raw label or numeric target) of one data row. Raises RowProblem."""
+    if len(cells) != len(layout.columns):
+        raise RowProblem(f"{len(cells)} columns, but the header has {len(layout.columns)}")
+    features = [_number(cells[index], layout, index) for index in layout.feature_columns]
+    if layout.kind == REGRESSION:
+        return features, _number(cells[layout.target_column], layout, layout.target_column)
+    label = cells[layout.target_column].strip()
+    if not label:
+        raise RowProblem('"label" is empty')
+    return features, label
+
+
+def _utf8_lines(handle: IO[bytes]) -> Iterator[str]:
+    """Lines decoded one at a time, so a bad byte is reported at its own line."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RowProblem(
+                f"line {number}: not valid UTF-8 (byte {raw[error.start]:#04x} "
+                f"at byte {error.start + 1})"
+            ) from None
+        yield line.removeprefix("\ufeff") if number == 1 else line
+
+
+@dataclass
+class CsvReader:
+    """Streams a CSV's header, then its data rows with their line numbers.
+
+    `line` is the current line as an editor shows it. Raises RowProblem (with its line)
+    for a file that cannot be read on: bad UTF-8, a malformed quote.
+    """
+
+    path: Path
+    line: int = 0
+    _reader: Any = field(default=None, repr=False)
+
+    @contextmanager
+    def open(self) -> Iterator[CsvReader]:
+        with self.path.open("rb") as handle:
+            self._reader = csv.reader(_utf8_lines(handle))
+            yield self
+
+    def _next(self) -> list[str] | None:
+        try:
+            cells: list[str] | None = next(self._reader, None)
+        except csv.Error as error:
+            raise RowProblem(f"line {self._reader.line_num}: {error}") from None
+        self.line = self._reader.line_num
+        return cells
+
+    def header(self) -> list[str] | None:
+        while (cells := self._next()) is not None:
+            if cells:
+                return cells
+        return None
+
+    def rows(self) -> Iterator[list[str]]:
+        while (cells := self._next()) is not None:
+            if cells:  # a blank line
+                yield cells
+
+
+def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
+    rows = 0
+    raw_labels = LabelSet()
+    layout: CsvLayout | None = None
+    try:
+        with CsvReader(path).open() as reader:
+            header = reader.header()
+            if header is None:
+                problems.add("the file is empty")
+                return None, {"rows": 0}
+            try:
+                layout = parse_csv_header(header)
+            except RowProblem as problem:
+                problems.add(f"line {reader.line}: {problem}")
+                return None, {"rows": 0}
+            for cells in reader.rows():
+                rows += 1
+                try:
+                    _, target = parse_csv_row(layout, cells)
+                    if isinstance(target, str):
+                        raw_labels.add(target, reader.line)
+                except RowProblem as problem:
+                    problems.add(f"line {reader.line}: {problem}")
+    except RowProblem as problem:
+        problems.add(str(problem))
+    if layout is None:
+        return None, {"rows": rows}
+    if rows == 0 and problems.count == 0:
+        problems.add("the file has a header but no rows")
+    stats: dict[str, Any] = {"rows": rows, "input_shape": [len(layout.feature_columns)]}
+    if layout.kind == CLASSIFICATION:
+        labels = LabelSet()
+        for value in typed_csv_labels(str(label) for label in raw_labels.values).values():
+            labels.values.add(value)
+        stats |= labels.stats()
+    else:
+        stats["target_size"] = 1
+    return layout.kind, stats
+
+
+# ---------------------------------------------------------------- NPZ
+
+
+# What reading a damaged, truncated, encrypted or exotically compressed zip can raise.
+DAMAGED_ARCHIVE = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    name: str
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype[Any]
+
+    @property
+    def size_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@contextmanager
+def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, IO[bytes]]]:
+    """An array's header, and the stream positioned at its data. Unpickles nothing."""
+    with archive.open(f"{name}.npy") as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(stream)
+        except ValueError as error:
+            raise RowProblem(f"array {name!r} is not a valid .npy array ({error})") from None
+        yield NpyHeader(name, tuple(shape), fortran_order, dtype), stream
+
+
+def npz_array_names(archive: zipfile.ZipFile) -> list[str]:
+    return sorted(name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy"))
+
+
+def read_npy_data(header: NpyHeader, stream: IO[bytes]) -> np.ndarray[Any, Any]:
+    """The array's data, after open_npy has read its header."""
+    data = stream.read(header.size_bytes)
+    if len(data) != header.size_bytes:
+        raise RowProblem(f"array {header.name!r} is truncated")
+    order: Literal["F", "C"] = "F" if header.fortran_order else "C"
+    return np.frombuffer(data, dtype=header.dtype).reshape(header.shape, order=order)
+
+
+def check_x_header(x: NpyHeader) -> None:
+    _check_numbers(x)
+    if len(x.shape) < 2:
+        raise RowProblem(
+            f"array 'x' must have one row per sample (at least 2 dimensions: N×…), "
+            f"not shape {x.shape}"
+        )
+    if math.prod(x.shape[1:]) == 0:
+        raise RowProblem(f"array 'x' has no values per row (shape {x.shape})")
+
+
+def npz_kind(y: NpyHeader) -> str:
+    """classification for integer y (one class per row), regression for float y."""
+    if not y.dtype.hasobject and y.dtype.kind not in "biuf":
+        raise RowProblem(
+            f"'y' must hold integer classes (classification) or float targets (regression), "
+            f"not {y.dtype}"
+        )
+    _check_numbers(y)
+    if y.dtype.kind in "biu":
+        if len(y.shape) != 1:
+            raise RowProblem(f"integer 'y' (classes) must be 1-D, not shape {y.shape}")
+        return CLASSIFICATION
+    if len(y.shape) not in (1, 2):
+        raise RowProblem(f"float 'y' (targets) must be N or N×targets, not shape {y.shape}")
+    return REGRESSION
+
+
+def _check_numbers(array: NpyHeader) -> None:
+    if array.dtype.hasobject:
+        raise RowProblem(
+            f"array {array.name!r} holds Python objects (dtype object), which are never "
+            "unpickled: save numbers"
+        )
+    if array.dtype.kind not in "biuf":
+        raise RowProblem(f"array {array.name!r} must hold numbers, not {array.dtype}")
+    if array.size_bytes > MAX_ARRAY_BYTES:
+        raise RowProblem(
+            f"array {array.name!r} unpacks to {array.size_bytes:,} bytes; "
+            f"the limit is {MAX_ARRAY_BYTES:,}"
+        )
+
+
+def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
+    """The first row (0-based) holding NaN or inf, reading a chunk of x at a time."""
+    total = math.prod(header.shape)
+    rows = header.shape[0]
+    row_size = total // rows if rows else 0
+    done = 0
+    while done < total:
+        count = min(_SCAN_ELEMENTS, total - done)
+        data = stream.read(count * header.dtype.itemsize)
+        if len(data) != count * header.dtype.itemsize:
+            raise RowProblem(f"array {header.name!r} is truncated")
+        chunk = np.frombuffer(data, dtype=header.dtype)
+        bad = np.flatnonzero(~np.isfinite(chunk))
+        if len(bad):
+            element = done + int(bad[0])
+            return element % rows if header.fortran_order else element // row_size
+        done += count
+    return None
+
+
+def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        problems.add("not an NPZ archive (numpy.savez writes one: a zip of .npy arrays)")
+        return None, {"rows": 0}
+    try:
+        with archive:
+            return _validate_npz_arrays(archive, problems)
+    except RowProblem as problem:
+        problems.add(str(problem))
+    except DAMAGED_ARCHIVE as error:
+        problems.add(f"the archive is damaged ({error})")
+    return None, {"rows": 0}
+
+
+def _validate_npz_arrays(
+    archive: zipfile.ZipFile, problems: _Problems
+) -> tuple[str | None, dict[str, Any]]:
+    names = npz_array_names(archive)
+    missing = [name for name in ("x", "y") if name not in names]
+    if missing:
+        held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
+        raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
+    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
+        check_x_header(x)
+        kind = npz_kind(y)
+        if x.shape[0] != y.shape[0]:
+            raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise RowProblem("'x' and 'y' have no rows")
+        if x.dtype.kind == "f":
+            bad_row = _first_non_finite_row(x, x_stream)
+            if bad_row is not None:
+                problems.add(f"'x' has NaN or infinite values in row {bad_row + 1}")
+        targets = read_npy_data(y, y_stream)
+    stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+    if kind == REGRESSION:
+        bad = np.flatnonzero(~np.isfinite(targets.reshape(len(targets), -1)).all(axis=1))
+        if len(bad):
+            problems.add(f"'y' has NaN or infinite values in row {int(bad[0]) + 1}")
+        stats["target_size"] = 1 if targets.ndim == 1 else int(targets.shape[1])
+        return kind, stats
+    distinct = np.unique(targets)
+    if len(distinct) > MAX_CLASSES:
+        problems.add(
+            f"'y' has {len(distinct):,} distinct classes, more than {MAX_CLASSES:,}: "
+            "to predict numbers, save 'y' as floats"
+        )
+    labels = [int(value) for value in distinct]
+    stats |= {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
+    return kind, stats
+
+
+_VALIDATORS: dict[str, Callable[[Path, _Problems], tuple[str | None, dict[str, Any]]]] = {
+    "jsonl": _validate_jsonl,
+    "csv": _validate_csv,
+    "npz": _validate_npz,
+}
