@@ -17,13 +17,15 @@ from app.checkpoints import router as checkpoints_router
 from app.dashboard import router as dashboard_router
 from app.db import Database, require_migrated
 from app.errors import install_error_handlers
+from app.files import router as files_router
+from app.files.multipart import MAX_FORM_OVERHEAD_BYTES
 from app.jobs import router as jobs_router
 from app.jobs.reaper import Reaper
-from app.limits import BodySizeLimit
+from app.limits import BodySizeLimit, PathLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
-from app.queue import enqueue_training, job_ids_in_broker
+from app.queue import enqueue_training, enqueue_validation, job_ids_in_broker
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -42,6 +44,9 @@ def make_reaper(
             client, settings.queue, unacked_max_age=settings.requeue_after_seconds
         ),
         send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
+        send_validation=lambda file_id: enqueue_validation(
+            celery, file_id=file_id, queue=settings.queue
+        ),
         ring=lambda job_ids: ring(client, job_ids),
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
     )
@@ -93,14 +98,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
         )
-    # Outermost: a large body is refused before anything reads it.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: a large body is refused before anything reads it. Uploads have their own
+    # cap, with room for the multipart boundaries and fields around the file.
+    upload_limit = PathLimit(settings.max_file_bytes, slack_bytes=2 * MAX_FORM_OVERHEAD_BYTES)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={files_router.PATH: upload_limit},
+    )
     app.include_router(health.router)
     app.include_router(jobs_router.router)
     app.include_router(checkpoints_router.router)
+    app.include_router(files_router.router)
     app.include_router(metrics_router)
     app.include_router(dashboard_router.router)  # also `/` → `/dashboard`
     return app

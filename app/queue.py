@@ -1,7 +1,9 @@
-"""Sending a job to the workers, and finding which jobs the broker still holds.
+"""Sending a job (or a file's validation) to the workers, and finding which the broker
+still holds.
 
-The message carries the job id and nothing else; its task id starts with the job id,
-so that the reaper can tell which queued jobs still have a message in Redis.
+The message carries the job id (the file id) and nothing else; its task id starts with
+that id, so that the reaper can tell which queued jobs and validating files still have
+a message in Redis.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker.celery_app import TRAIN_TASK
+from worker.celery_app import TRAIN_TASK, VALIDATE_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,17 @@ def enqueue_training(celery: Celery, *, job_id: str, queue: str) -> bool:
     return True
 
 
+def enqueue_validation(celery: Celery, *, file_id: str, queue: str) -> bool:
+    """Publish the validation of an uploaded file; False (logged) when the broker cannot be
+    reached (the file stays `validating` and the reaper sends it again later)."""
+    try:
+        celery.send_task(VALIDATE_TASK, args=[file_id], queue=queue, task_id=task_id_for(file_id))
+    except Exception:
+        logger.exception("could not enqueue the validation of file %s", file_id)
+        return False
+    return True
+
+
 def _task_id(raw: bytes | str) -> str | None:
     try:
         message = json.loads(raw)
@@ -67,8 +80,8 @@ def _queue_messages(client: redis.Redis, queue: str) -> Iterator[bytes | str]:
 
 
 def job_ids_in_broker(client: redis.Redis, queue: str, *, unacked_max_age: float) -> set[str]:
-    """Jobs with a message waiting in `queue`, or delivered less than `unacked_max_age`
-    seconds ago and not yet acknowledged.
+    """Jobs (and files to validate) with a message waiting in `queue`, or delivered less
+    than `unacked_max_age` seconds ago and not yet acknowledged.
 
     An older delivery of a job that is still queued belongs to a worker that died
     before it could claim the job: kombu would give that message back only after the

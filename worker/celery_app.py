@@ -12,6 +12,7 @@ from app.settings import Settings
 from worker.presence import presence_step
 
 TRAIN_TASK = "trainjob.train_job"
+VALIDATE_TASK = "trainjob.validate_file"
 
 
 def broker_url(redis_url: str) -> str:
@@ -32,11 +33,17 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
         worker_concurrency=1,
+        # A fresh child imports torch before it says it is up (worker/tasks.py preloads
+        # the engine); Celery's default 4 s would SIGKILL it on a loaded machine.
+        worker_proc_alive_timeout=120.0,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         task_track_started=True,
         task_ignore_result=True,
-        task_routes={TRAIN_TASK: {"queue": settings.queue}},
+        task_routes={
+            TRAIN_TASK: {"queue": settings.queue},
+            VALIDATE_TASK: {"queue": settings.queue},
+        },
         task_default_queue=settings.queue,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -7,8 +7,11 @@ Imported inside the task only, so the worker's parent process never loads torch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 import sqlalchemy.exc
@@ -17,12 +20,14 @@ from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import default_store
 from app.db import Database
 from app.errors import NotFound
+from app.files import usage as files_usage
 from app.jobs.models import Job
 from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back
 from app.jobs.service import mark_unsent
-from app.jobs.spec import JobSpec
+from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.observability.logs import job_context
 from app.settings import Settings
+from worker.datafiles.fetch import RunFiles
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, train
@@ -62,6 +67,8 @@ def run_job(
     database = Database(settings.effective_database_url)
     publisher = LivePublisher(settings.redis_url)
     try:
+        if not _files_ready(database, publisher, job_id):
+            return
         with database.session() as session:
             claim = claim_job(
                 session,
@@ -93,6 +100,42 @@ def run_job(
     finally:
         publisher.close()
         database.dispose()
+
+
+def _files_ready(database: Database, publisher: LivePublisher, job_id: str) -> bool:
+    """Whether the job's files (if it trains on uploaded files) are all valid. A job
+    waiting for a file's validation stays queued and unsent: the validation (or the
+    reaper) sends it again. One whose file turned out invalid fails `invalid_data`."""
+    with database.session() as session:
+        blocker = files_usage.blocking_file(session, job_id=job_id)
+        if blocker is None:
+            return True
+        if blocker.status == "validating":
+            mark_unsent(session, job_id=job_id)
+            session.commit()
+            logger.info("job %s waits for file %s to be validated", job_id, blocker.id)
+            return False
+        message = files_usage.invalid_file_message(blocker)
+        failed = files_usage.fail_queued_jobs(session, messages={job_id: message})
+        session.commit()
+    if failed:
+        logger.info("job %s failed: %s", job_id, message)
+        error = {"type": files_usage.INVALID_DATA, "message": message}
+        publisher.publish(
+            job_id, [{"type": "status", "data": {"status": "failed", "error": error}}]
+        )
+    return False
+
+
+@contextmanager
+def run_files(database: Database, settings: Settings, spec: JobSpec) -> Iterator[RunFiles | None]:
+    """The uploaded files of a run, fetched on first use into a directory of the run's
+    own (deleted after it); None for a built-in or plugin dataset."""
+    if not isinstance(spec.dataset, FileDatasetSpec):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="trainjob-run-") as directory:
+        yield RunFiles(database, files_dir=settings.files_dir, directory=Path(directory))
 
 
 @dataclass(frozen=True)
@@ -147,12 +190,14 @@ def _train_claimed(
     )
     keeper.start()
     try:
-        result = train(
-            spec,
-            callbacks,
-            resume=latest_checkpoint(database, settings, claim.job_id),
-            micro_batch_hook=fault_hook(settings.test_faults),
-        )
+        with run_files(database, settings, spec) as files:
+            result = train(
+                spec,
+                callbacks,
+                resume=latest_checkpoint(database, settings, claim.job_id),
+                micro_batch_hook=fault_hook(settings.test_faults),
+                files=files,
+            )
         writer.flush(required=True)
     except LeaseLost:
         logger.warning("job %s: lease lost to another run; stopping without writing", claim.job_id)

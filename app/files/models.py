@@ -36,7 +36,11 @@ class DataFile(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_files_tenant_id", "tenant", "id"),)
+    __table_args__ = (
+        Index("ix_files_tenant_id", "tenant", "id"),
+        # The reaper's look for files whose validation message was lost.
+        Index("ix_files_status_id", "status", "id"),
+    )
 
 
 class FileChunk(Base):

@@ -76,6 +76,8 @@ IdempotencyKeyHeader = Annotated[
             {
                 409: "the Idempotency-Key was used with another body",
                 413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
+                422: "an invalid spec, or a dataset file that is unknown, invalid or "
+                "does not fit the model",
                 429: "the tenant has too many queued and running jobs",
             }
         ),
@@ -90,7 +92,8 @@ def submit_job(
     principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobPublic:
-    """Validate a job spec, store the job as `queued`, and send it to the workers."""
+    """Validate a job spec, store the job as `queued`, and send it to the workers (a job
+    whose dataset file is still validating is sent when the file is valid)."""
     tenant, ttl = principal.tenant, settings.idempotency_ttl_hours
     if idempotency_key is not None:
         earlier = idempotency.replay(
@@ -122,6 +125,8 @@ def submit_job(
             raise
         response.status_code = status.HTTP_200_OK
         return jobs_service.to_public(earlier)
+    if jobs_service.waits_for_files(job):  # a file is still validating: that task sends it
+        return jobs_service.to_public(job)
     if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
         jobs_service.mark_unsent(session, job_id=job.id)
         session.commit()

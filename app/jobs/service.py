@@ -13,15 +13,23 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
+from app.files import usage as files_usage
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
 from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
-from app.jobs.spec import JobSpec
+from app.jobs.spec import FileDatasetSpec, JobSpec
 
 
 def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT) -> Job:
-    """Insert a queued job for a validated spec."""
+    """Insert a queued job for a validated spec. A file dataset's files must be the
+    tenant's and fit the model (else InvalidRequest); while one is still validating, the
+    job is stored unsent, and the file's validation sends it."""
+    waits_for_files = False
+    if isinstance(spec.dataset, FileDatasetSpec):
+        waits_for_files = not files_usage.check_dataset_files(
+            session, dataset=spec.dataset, model_type=spec.model.type, tenant=tenant
+        )
     micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
     assert isinstance(micro, int) and spec.batch_size is not None
     job = Job(
@@ -46,12 +54,19 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         runtime_seconds=0.0,
         # Sent right after the commit; if that fails the route clears it, and if the
         # process dies in between the reaper finds no message and sends one.
-        enqueued_at=utcnow(),
+        enqueued_at=None if waits_for_files else utcnow(),
     )
     session.add(job)
     session.flush()
+    if isinstance(spec.dataset, FileDatasetSpec):
+        files_usage.link_job_files(session, job_id=job.id, dataset=spec.dataset)
     add_event(session, job_id=job.id, type="status", data={"status": "queued"})
     return job
+
+
+def waits_for_files(job: Job) -> bool:
+    """A new job stored unsent: it waits for its files' validation, which sends it."""
+    return job.enqueued_at is None and job.status == "queued"
 
 
 def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:

@@ -199,7 +199,8 @@ class FileDatasetSpec(_Strict):
     file_id: str = Field(pattern=FILE_ID_PATTERN)
     validation_file_id: str | None = Field(None, pattern=FILE_ID_PATTERN)
     format: FileFormat | None = None
-    max_length: int = Field(256, ge=2, le=8192)
+    # 128 tokens fit tiny-gpt's default block_size (max_length - 1 positions).
+    max_length: int = Field(128, ge=2, le=8192)
     tokenizer: Tokenizer | None = None
     # Held out from the training file when there is no validation file.
     eval_fraction: float = Field(0.0, ge=0.0, le=0.5)
@@ -449,6 +450,51 @@ class JobSpec(_Strict):
     def _exactly_one_length(self) -> JobSpec:
         if (self.max_steps is None) == (self.epochs is None):
             raise _field_error("max_steps", "give exactly one of max_steps and epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> JobSpec:
+        dataset = self.dataset
+        if (
+            self.eval_every > 0
+            and isinstance(dataset, FileDatasetSpec)
+            and dataset.validation_file_id is None
+            and dataset.eval_fraction == 0
+        ):
+            raise _field_error(
+                "eval_every",
+                "there is nothing to evaluate on: give dataset.validation_file_id or "
+                "a dataset.eval_fraction above 0",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_tokenizer_needs_a_model_that_has_one(self) -> JobSpec:
+        if (
+            isinstance(self.dataset, FileDatasetSpec)
+            and self.dataset.tokenizer == "model"
+            and not isinstance(self.model, HfCausalLmSpec | HfSequenceClassificationSpec)
+        ):
+            raise _field_error(
+                "dataset.tokenizer",
+                f"'model' needs a Hugging Face model (hf-*), not {self.model.type!r}; "
+                "use 'byte' or 'char'",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _file_sequences_fit_tiny_gpt(self) -> JobSpec:
+        # Whatever the file holds, its texts are cut to max_length tokens: n tokens give
+        # n-1 (input, target) positions, as for tiny-text below.
+        if (
+            isinstance(self.model, TinyGptSpec)
+            and isinstance(self.dataset, FileDatasetSpec)
+            and self.dataset.max_length - 1 > self.model.block_size
+        ):
+            raise _field_error(
+                "model.block_size",
+                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
+            )
         return self
 
     @model_validator(mode="after")

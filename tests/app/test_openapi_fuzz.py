@@ -25,6 +25,9 @@ from schemathesis.python import asgi
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import DatabaseStore
 from app.db import Database, upgrade
+from app.files import service as files_service
+from app.files.models import JobFile
+from app.files.store import DatabaseFileStore
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
@@ -61,8 +64,16 @@ def _seed(database: Database) -> list[str]:
         )  # fmt: skip
         runs.finish_job(session, claim=claim, status="succeeded")
         jobs_service.request_cancel(session, job_id=cancelled.id)
+        # An uploaded file a queued job uses: it can be read, and its DELETE is a 409.
+        upload = files_service.Upload(
+            session, store=DatabaseFileStore(), tenant="default", filename="seed.jsonl"
+        )
+        upload.write(b'{"text": "seed"}\n')
+        data_file = upload.finish(format="jsonl")
+        waiting = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC))
+        session.add(JobFile(job_id=waiting.id, file_id=data_file.id, role="train"))
         session.commit()
-        return [done.id, cancelled.id]
+        return [done.id, cancelled.id, data_file.id]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -153,8 +164,9 @@ def test_no_server_error_schema_violation_or_bare_error(
     )
     def run(case: Any, job_id: str | None) -> None:
         # Random ids are all 404s: mix in the real ones so the route past the lookup runs.
-        if job_id is not None and "job_id" in (case.path_parameters or {}):
-            case.path_parameters["job_id"] = job_id
+        name = "file_id" if job_id is not None and job_id.startswith("file_") else "job_id"
+        if job_id is not None and name in (case.path_parameters or {}):
+            case.path_parameters[name] = job_id
         case.call_and_validate(checks=CHECKS, additional_checks=[error_envelope])
 
     run()

@@ -1,4 +1,5 @@
-"""The command-line client: `trainjob submit/status/list/watch/cancel/events/download`.
+"""The command-line client: `trainjob submit/status/list/watch/cancel/events/download`
+(and `trainjob files`, in worker/cli/files.py).
 
 It talks to the HTTP API only (no torch, no database), so it runs from the API-only
 install. Exit codes: 0 success, 1 the server answered an error or a watched job
@@ -441,4 +442,8 @@ def _dispatch(api: Api, args: argparse.Namespace) -> int:
         return events(api, args.job_id, after=args.after, as_json=as_json)
     if args.command == "download":
         return download(api, args.job_id, out=args.output, step=args.step, as_json=as_json)
+    if args.command == "files":
+        from worker.cli.files import files_command  # it builds on this module
+
+        return files_command(api, args)
     raise AssertionError(f"unhandled command {args.command}")

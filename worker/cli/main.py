@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from app.files.formats import FORMATS
+from app.files.schemas import FileStatus
 from app.jobs.schemas import JobStatus
 
 JOB_STATUSES = get_args(JobStatus)
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "download")
+CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "download", "files")
+FILE_STATUSES = get_args(FileStatus)
 
 
 def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -183,6 +186,50 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="where to write (default ID.safetensors, or ID-stepN.safetensors)",
     )
     download.add_argument("--step", type=int, metavar="N", help="the checkpoint at step N")
+    add_files_commands(commands, server)
+
+
+def add_files_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], server: argparse.ArgumentParser
+) -> None:
+    """`trainjob files upload|list|rm`, with the client's --url, --api-key and --json."""
+    files = commands.add_parser(
+        "files",
+        help="data files to train on: upload, list, rm",
+        description="Upload a dataset file (JSONL, CSV or NPZ) to the service, list the "
+        "files, delete one. A job trains on a file with "
+        '`"dataset": {"type": "file", "file_id": ID}`.',
+    )
+    actions = files.add_subparsers(dest="files_action", required=True, metavar="ACTION")
+    upload = actions.add_parser(
+        "upload",
+        parents=[server],
+        help="upload a file; prints it, validating",
+        description="Stream PATH to the service. It comes back `validating`; a worker then "
+        "checks it once. With --wait, wait for that check: exit 0 if the file is valid, "
+        "1 if it is invalid (with its errors, by line or row).",
+    )
+    upload.add_argument("path", type=Path, metavar="PATH", help="the file")
+    upload.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="default: from the name (.jsonl or .json, .csv, .npz)",
+    )
+    upload.add_argument("--wait", action="store_true", help="wait until it is valid or invalid")
+    listing = actions.add_parser(
+        "list", parents=[server], help="list files, newest first", description="A table."
+    )
+    listing.add_argument("--status", choices=FILE_STATUSES, help="only files in this status")
+    listing.add_argument("--limit", type=int, metavar="N", help="page size, 1..100 (20)")
+    listing.add_argument("--after", metavar="ID", help="the page after this file id")
+    remove = actions.add_parser(
+        "rm",
+        parents=[server],
+        help="delete a file",
+        description="Delete the file and its bytes; refused (exit 1) while a queued or "
+        "running job uses it.",
+    )
+    remove.add_argument("file_id", metavar="ID", help="file id")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

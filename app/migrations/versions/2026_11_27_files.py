@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_files_tenant_id", "files", ["tenant", "id"], unique=False)
+    op.create_index("ix_files_status_id", "files", ["status", "id"], unique=False)
     op.create_table(
         "file_chunks",
         sa.Column("file_id", sa.String(length=40), nullable=False),
@@ -63,5 +64,6 @@ def downgrade() -> None:
     op.drop_index("ix_job_files_file_id", table_name="job_files")
     op.drop_table("job_files")
     op.drop_table("file_chunks")
+    op.drop_index("ix_files_status_id", table_name="files")
     op.drop_index("ix_files_tenant_id", table_name="files")
     op.drop_table("files")

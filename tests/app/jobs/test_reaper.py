@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select, text, update
 
 from app.db import Database, upgrade, utcnow
+from app.files.models import DataFile
 from app.jobs import reaper as reaper_module
 from app.jobs import runs
 from app.jobs import service as jobs_service
@@ -31,6 +32,7 @@ from app.jobs.reaper import Reaper, ReapReport
 from app.main import create_app
 from app.queue import enqueue_training
 from app.settings import Settings
+from tests.app.files.stored_files import add_file, create_job, text_job_spec
 from tests.app.jobs.helpers import (
     LEASE,
     age_heartbeat,
@@ -69,7 +71,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     if request.param == "postgres":
         db = Database(request.getfixturevalue("reaper_postgres_url"))
         with db.engine.begin() as connection:
-            connection.execute(text("TRUNCATE jobs CASCADE"))
+            connection.execute(text("TRUNCATE jobs, files CASCADE"))
     else:
         path = tmp_path / "reaper.db"
         shutil.copyfile(request.getfixturevalue("migrated_sqlite_file"), path)
@@ -403,5 +405,103 @@ def test_the_api_runs_the_reaper_against_the_real_broker(
             wait_for(lambda: messages_for(lost), timeout=5, what="the lost run's message")
         assert load(database, lost).status == "queued"
         assert messages_for(held) == 1  # found in Redis by the start's check: not sent again
+    finally:
+        redis_client.delete(queue)
+
+
+# ---------------------------------------------------------------- jobs on uploaded files
+
+
+def make_file_reaper(database: Database, broker: FakeBroker) -> Reaper:
+    """A reaper that also sends validations again (to the same fake broker)."""
+    reaper = make_reaper(database, broker)
+    reaper.send_validation = broker.send
+    return reaper
+
+
+def set_uploaded_at(database: Database, file_id: str, seconds_ago: float) -> None:
+    with database.session() as session:
+        session.execute(
+            update(DataFile)
+            .where(DataFile.id == file_id)
+            .values(created_at=utcnow() - timedelta(seconds=seconds_ago))
+        )
+        session.commit()
+
+
+def set_file_status(database: Database, file_id: str, status: str) -> None:
+    with database.session() as session:
+        session.execute(update(DataFile).where(DataFile.id == file_id).values(status=status))
+        session.commit()
+
+
+def test_a_job_waiting_for_a_validating_file_is_never_sent(database: Database) -> None:
+    train = add_file(database)
+    waiting = create_job(database, text_job_spec(train))
+    unsent = create(database)
+    set_enqueued_at(database, unsent, None)
+    broker = FakeBroker()
+    reaper = make_reaper(database, broker)
+
+    assert reaper.run_once().sent == [unsent]  # the first pass, which checks every queued job
+    assert reaper.run_once() == ReapReport()
+    assert enqueued_at(database, waiting) is None
+
+    # Valid now, but its validation could not send the job: the reaper does.
+    set_file_status(database, train, "valid")
+    assert reaper.run_once().sent == [waiting] and broker.sent == [unsent, waiting]
+
+
+def test_a_validation_whose_message_was_lost_is_sent_again(database: Database) -> None:
+    lost, queued, recent, valid = (add_file(database) for _ in range(4))
+    for file_id in (lost, queued, valid):
+        set_uploaded_at(database, file_id, REQUEUE_AFTER * 2)
+    set_file_status(database, valid, "valid")
+    broker = FakeBroker(holds={queued})  # behind a long job in the queue, still there
+    reaper = started(database, broker)
+    reaper.send_validation = broker.send
+
+    assert reaper.run_once() == ReapReport(validations=[lost])
+    assert broker.sent == [lost] and broker.scans == 1
+    assert reaper.run_once() == ReapReport()  # its message is in the broker now
+    assert recent not in broker.sent
+
+
+def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reaper_module, "BATCH", 2)
+    stuck = [add_file(database) for _ in range(5)]
+    for file_id in stuck:
+        set_uploaded_at(database, file_id, REQUEUE_AFTER * 2)
+    broker = FakeBroker(reachable=False)
+    reaper = make_file_reaper(database, broker)
+
+    assert reaper.run_once().validations == []  # the broker is away: nothing skipped
+    broker.reachable = True
+    sent = [file_id for _ in range(3) for file_id in reaper.run_once().validations]
+
+    assert sent == sorted(stuck)  # in id order, a batch per pass, each file once
+    assert reaper.run_once() == ReapReport()  # from the start again: all in the broker
+
+
+def test_the_api_sends_a_lost_validation_to_the_real_broker(
+    database: Database, settings: Settings, redis_client: redis.Redis
+) -> None:
+    queue = f"{settings.queue}-api-reaper-{secrets.token_hex(4)}"
+    fast = settings.model_copy(update={"queue": queue, "reaper_interval_seconds": 0.05})
+    lost = add_file(database)
+    set_uploaded_at(database, lost, fast.requeue_after_seconds * 2)
+
+    def validation_messages() -> list[dict[str, Any]]:
+        messages = [json.loads(raw)["headers"] for raw in redis_client.lrange(queue, 0, -1)]
+        return [m for m in messages if m["id"].startswith(lost)]
+
+    try:
+        with TestClient(create_app(fast)):
+            wait_for(validation_messages, timeout=5, what="the lost validation's message")
+        [message] = validation_messages()
+        assert message["task"] == "trainjob.validate_file"
+        assert message["argsrepr"] == repr([lost])
     finally:
         redis_client.delete(queue)

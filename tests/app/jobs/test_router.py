@@ -79,7 +79,8 @@ def test_invalid_spec_is_422_listing_each_bad_field(client: TestClient) -> None:
     paths = {field["path"] for field in error["fields"]}
     assert {"model", "precision", "extra"} <= paths
     model_error = next(f for f in error["fields"] if f["path"] == "model")
-    assert "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, tiny-gpt" in model_error["message"]
+    known = "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, tiny-gpt"
+    assert known in model_error["message"]
 
 
 def test_cross_field_errors_name_their_field(client: TestClient) -> None:

@@ -732,7 +732,9 @@ def test_registered_plugin_model_is_listed_among_known_models() -> None:
         "tiny-gpt",
     ]
     assert_rejected(
-        base_spec(model={"type": "resnet"}), "model", "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, my-model, tiny-gpt"
+        base_spec(model={"type": "resnet"}),
+        "model",
+        "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, my-model, tiny-gpt",
     )
 
 

@@ -77,7 +77,10 @@ def test_bad_spec_exits_non_zero_with_one_line_per_bad_field(tmp_path: Path) -> 
     assert result.returncode == 2
     lines = [line.strip() for line in result.stderr.splitlines()[1:]]
     assert len(lines) == 3
-    assert lines[0].startswith("model: unknown model type 'resnet'; known: cnn, hf-causal-lm, hf-sequence-classification, mlp, tiny-gpt")
+    assert lines[0].startswith(
+        "model: unknown model type 'resnet'; "
+        "known: cnn, hf-causal-lm, hf-sequence-classification, mlp, tiny-gpt"
+    )
     assert lines[1].startswith("precision:") and lines[2].startswith("seed:")
     assert not (tmp_path / "out").exists()
 

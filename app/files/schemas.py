@@ -1,0 +1,36 @@
+"""What the API returns for uploaded files."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.files.formats import FileFormat
+from app.jobs.schemas import _TimesInUtc
+
+FileStatus = Literal["validating", "valid", "invalid"]
+
+
+class FilePublic(_TimesInUtc):
+    id: str
+    tenant: str
+    filename: str
+    format: FileFormat
+    kind: str | None = Field(
+        description="what the rows hold, found by validation: text, prompt_completion, "
+        "labelled_text, classification or regression; null until then"
+    )
+    size_bytes: int
+    sha256: str = Field(description="hex SHA-256 of the file's bytes")
+    status: FileStatus
+    errors: list[str] = Field(description="what validation found wrong, with line or row numbers")
+    stats: dict[str, Any] | None = Field(description="rows, tokens, classes, ...; once valid")
+    created_at: datetime
+    validated_at: datetime | None
+
+
+class FileList(BaseModel):
+    data: list[FilePublic]
+    has_more: bool

@@ -1,0 +1,157 @@
+"""Where uploaded files' bytes live: chunked in the database (default) or in a directory.
+
+The same two choices as checkpoints (app/checkpoints/store.py), for the same reasons.
+Both write as the upload arrives and read one chunk at a time, so a file of a GiB never
+sits whole in the API's or a worker's memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sqlalchemy import delete, event, insert, select
+from sqlalchemy.orm import Session, SessionTransaction
+
+from app.checkpoints.store import CHUNK_BYTES
+from app.files.models import DataFile, FileChunk
+
+
+class FileWriter(Protocol):
+    def write(self, data: bytes) -> None:
+        """Append at most CHUNK_BYTES."""
+
+    def finish(self) -> None:
+        """Make the bytes written so far the file's content (the row commits after)."""
+
+    def discard(self) -> None:
+        """Drop what was written: the upload failed or was refused."""
+
+
+class FileStore(Protocol):
+    name: str
+
+    def writer(self, session: Session, data_file: DataFile) -> FileWriter: ...
+
+    def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]: ...
+
+    def delete(self, session: Session, data_file: DataFile) -> None: ...
+
+
+class DatabaseFileWriter:
+    def __init__(self, session: Session, file_id: str) -> None:
+        self.session = session
+        self.file_id = file_id
+        self.seq = 0
+
+    def write(self, data: bytes) -> None:
+        # A Core insert: no ORM object keeps the chunk alive once it has been sent.
+        self.session.execute(
+            insert(FileChunk), {"file_id": self.file_id, "seq": self.seq, "data": data}
+        )
+        self.seq += 1
+
+    def finish(self) -> None:
+        pass  # the chunks become visible with the row, at the route's commit
+
+    def discard(self) -> None:
+        pass  # the route rolls the transaction back, chunks and all
+
+
+class DatabaseFileStore:
+    name = "database"
+
+    def writer(self, session: Session, data_file: DataFile) -> FileWriter:
+        return DatabaseFileWriter(session, data_file.id)
+
+    def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
+        # One chunk per query: a large file never sits whole in memory.
+        seq = 0
+        while (
+            chunk := session.scalar(
+                select(FileChunk.data).where(
+                    FileChunk.file_id == data_file.id, FileChunk.seq == seq
+                )
+            )
+        ) is not None:
+            yield chunk
+            seq += 1
+
+    def delete(self, session: Session, data_file: DataFile) -> None:
+        session.execute(delete(FileChunk).where(FileChunk.file_id == data_file.id))
+
+
+class DirectoryFileWriter:
+    def __init__(self, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self.partial = target.with_name(f"{target.name}.partial")
+        self.handle: BinaryIO = self.partial.open("wb")
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data)
+
+    def finish(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.partial.replace(self.target)  # readers never see half a file
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.partial.unlink(missing_ok=True)
+        self.target.unlink(missing_ok=True)  # finished, but the row did not commit
+
+
+class DirectoryFileStore:
+    name = "directory"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, data_file: DataFile) -> Path:
+        return self.root / data_file.id
+
+    def writer(self, session: Session, data_file: DataFile) -> FileWriter:
+        return DirectoryFileWriter(self.path(data_file))
+
+    def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
+        with self.path(data_file).open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk
+
+    def delete(self, session: Session, data_file: DataFile) -> None:
+        # A file is not rolled back: it goes once the row's deletion commits, else a failed
+        # commit would leave a row without its bytes.
+        session.info.setdefault(_UNLINK_ON_COMMIT, []).append(self.path(data_file))
+
+
+_UNLINK_ON_COMMIT = "trainjob_files_to_unlink"
+
+
+@event.listens_for(Session, "after_commit")
+def _unlink_deleted_files(session: Session) -> None:
+    for path in session.info.pop(_UNLINK_ON_COMMIT, ()):
+        path.unlink(missing_ok=True)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _keep_files_of_uncommitted_deletes(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the outer transaction ended; a commit popped them already
+        session.info.pop(_UNLINK_ON_COMMIT, None)
+
+
+def store_for(storage: str, files_dir: Path | None) -> FileStore:
+    """The store a file's bytes were written to."""
+    if storage == "directory":
+        if files_dir is None:
+            raise RuntimeError("file stored in a directory, but TRAINJOB_FILES_DIR is unset")
+        return DirectoryFileStore(files_dir)
+    return DatabaseFileStore()
+
+
+def default_store(files_dir: Path | None) -> FileStore:
+    """The store new uploads go to."""
+    return DirectoryFileStore(files_dir) if files_dir is not None else DatabaseFileStore()

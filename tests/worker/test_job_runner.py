@@ -1,0 +1,111 @@
+"""The worker's run of a job on uploaded files, in this process on Postgres and SQLite:
+it waits while a file is validating, fails on an invalid file, and otherwise trains on
+the file's bytes fetched into a directory of its own."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from app.db import Database
+from app.files.models import DataFile
+from app.jobs import service as jobs_service
+from app.settings import Settings
+from tests.app.files.stored_files import (
+    TEXT_STATS,
+    add_file,
+    create_job,
+    events,
+    load_job,
+    text_job_spec,
+)
+from tests.app.jobs.helpers import set_enqueued_at
+from worker import job_runner
+from worker.job_runner import run_job
+
+TEXT = "".join(
+    f'{{"text": "row {i}: the quick brown fox jumps over the lazy dog"}}\n' for i in range(12)
+).encode()
+
+
+def never_enqueue(job_id: str) -> bool:
+    raise AssertionError(f"job {job_id} was handed back")
+
+
+@pytest.fixture
+def run_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the run's temporary directories go."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+def set_status(database: Database, file_id: str, status: str, errors: list[str]) -> None:
+    with database.session() as session:
+        values = {"status": status, "errors": errors, "kind": "text", "stats": TEXT_STATS}
+        session.execute(update(DataFile).where(DataFile.id == file_id).values(**values))
+        session.commit()
+
+
+def test_a_job_whose_file_is_validating_is_left_queued_and_unsent(
+    database: Database, settings: Settings
+) -> None:
+    file_id = add_file(database, content=TEXT)
+    job_id = create_job(database, text_job_spec(file_id))
+    set_enqueued_at(database, job_id, 0)  # as if a message reached a worker after all
+
+    run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
+
+    job = load_job(database, job_id)
+    assert (job.status, job.attempts, job.enqueued_at) == ("queued", 0, None)
+
+
+def test_a_job_whose_file_turned_out_invalid_fails_invalid_data(
+    database: Database, settings: Settings
+) -> None:
+    file_id = add_file(database, content=TEXT)
+    job_id = create_job(database, text_job_spec(file_id))
+    set_status(database, file_id, "invalid", ["line 7: missing 'text'"])
+
+    run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type, job.attempts) == ("failed", "invalid_data", 0)
+    assert job.error_message is not None and "line 7: missing 'text'" in job.error_message
+    assert events(database, job_id)[-1][1]["status"] == "failed"
+
+
+def test_a_job_on_a_valid_file_trains_on_its_bytes_in_a_directory_removed_after(
+    database: Database, settings: Settings, run_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched: list[Path] = []
+
+    class RecordedRunFiles(job_runner.RunFiles):
+        def __call__(self, file_id: str) -> Path:
+            path = super().__call__(file_id)
+            fetched.append(path)
+            return path
+
+    monkeypatch.setattr(job_runner, "RunFiles", RecordedRunFiles)
+    file_id = add_file(database, content=TEXT)
+    held_out = add_file(database, content=TEXT[: len(TEXT) // 3])
+    spec = text_job_spec(file_id, validation_file_id=held_out) | {"eval_every": 1}
+    job_id = create_job(database, spec)
+    set_status(database, file_id, "valid", [])
+    set_status(database, held_out, "valid", [])
+
+    run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
+
+    job = load_job(database, job_id)
+    assert job.status == "succeeded", job.error_message
+    assert job.step == 3 and job.tokens_seen > 0
+    with database.session() as session:
+        metrics, _ = jobs_service.list_metrics(session, job_id=job_id, after_step=None, limit=10)
+    assert all(metric.extra.get("eval_loss") is not None for metric in metrics)
+    assert sorted(path.stem for path in fetched) == sorted([file_id, held_out])
+    assert all(path.parent.parent == run_tmp for path in fetched)
+    assert not any(path.parent.exists() for path in fetched)

@@ -1,0 +1,136 @@
+"""`trainjob files upload|list|rm`: the service's data files, through its HTTP API.
+
+The upload streams the file from disk (httpx reads it 64 KiB at a time), so a file of
+a GiB needs no more memory here than a small one. Exit codes as for the other client
+commands; `upload --wait` exits 1 when validation finds the file invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from worker.cli import output
+from worker.cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_json, raise_for_error
+
+# Writing a large file takes as long as it takes; each read or write may stall this long.
+UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+POLL_SECONDS = 0.5
+
+
+def file_path(file_id: str) -> str:
+    return f"/v1/files/{quote(file_id, safe='')}"
+
+
+def files_command(api: Api, args: argparse.Namespace) -> int:
+    as_json: bool = args.as_json
+    if args.files_action == "upload":
+        return upload(api, args.path, file_format=args.format, wait=args.wait, as_json=as_json)
+    if args.files_action == "list":
+        return list_files(
+            api, status=args.status, limit=args.limit, after=args.after, as_json=as_json
+        )
+    if args.files_action == "rm":
+        return remove(api, args.file_id, as_json=as_json)
+    raise AssertionError(f"unhandled files action {args.files_action}")
+
+
+def upload(api: Api, path: Path, *, file_format: str | None, wait: bool, as_json: bool) -> int:
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from error
+    with handle, api.transport_errors():
+        response = api.http.post(
+            "/v1/files",
+            files={"file": (path.name, handle, "application/octet-stream")},
+            data={"format": file_format} if file_format else None,
+            timeout=UPLOAD_TIMEOUT,
+        )
+    raise_for_error(response)
+    data_file: dict[str, Any] = response.json()
+    if wait:
+        if not as_json:
+            print(file_line(data_file), flush=True)
+        data_file = wait_for_validation(api, data_file["id"])
+    if as_json:
+        print_json(data_file)
+    else:
+        print(file_line(data_file))
+    if data_file["status"] == "invalid":
+        print(f"trainjob: {data_file['id']} is invalid:", file=sys.stderr)
+        for problem in data_file["errors"]:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def wait_for_validation(api: Api, file_id: str) -> dict[str, Any]:
+    """Poll the file until a worker has validated it (Ctrl-C stops waiting, not the check)."""
+    while True:
+        data_file: dict[str, Any] = api.get(file_path(file_id))
+        if data_file["status"] != "validating":
+            return data_file
+        time.sleep(POLL_SECONDS)
+
+
+def list_files(
+    api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
+) -> int:
+    page = api.get("/v1/files", status=status, limit=limit, after=after)
+    if as_json:
+        print_json(page)
+        return EXIT_OK
+    print(file_table(page["data"]) if page["data"] else "no files")
+    if page["has_more"]:
+        more = f"trainjob files list --after {page['data'][-1]['id']}"
+        print(f"more: {more}" + (f" --status {status}" if status else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def remove(api: Api, file_id: str, *, as_json: bool) -> int:
+    with api.transport_errors():
+        response = api.http.delete(file_path(file_id))
+    raise_for_error(response)
+    if as_json:
+        print_json({"id": file_id, "deleted": True})
+    else:
+        print(f"{file_id} deleted")
+    return EXIT_OK
+
+
+def file_line(data_file: dict[str, Any]) -> str:
+    """One line: id, name, format, size, status, and what validation found."""
+    line = (
+        f"{data_file['id']}  {data_file['filename']}  {data_file['format']}  "
+        f"{data_file['size_bytes']:,} bytes  {data_file['status']}"
+    )
+    rows = (data_file.get("stats") or {}).get("rows")
+    if data_file["status"] == "valid" and isinstance(rows, int):
+        line += f": {data_file.get('kind')}, {rows:,} rows"
+    return line
+
+
+def file_table(files: list[dict[str, Any]]) -> str:
+    """The `trainjob files list` table: one row per file."""
+    header = ("ID", "STATUS", "FORMAT", "KIND", "SIZE", "ROWS", "CREATED", "FILENAME")
+    rows = [
+        (
+            data_file["id"],
+            data_file["status"],
+            data_file["format"],
+            data_file.get("kind") or "",
+            f"{data_file['size_bytes']:,}",
+            str((data_file.get("stats") or {}).get("rows", "")),
+            str(data_file.get("created_at") or "")[:19].replace("T", " "),
+            data_file["filename"],
+        )
+        for data_file in files
+    ]
+    return output.table(header, rows)
