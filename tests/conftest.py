@@ -10,9 +10,11 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -89,6 +91,42 @@ def settings(database: Database, queue_name: str, tmp_path: Path) -> Settings:
         redis_url=REDIS_URL,
         queue=queue_name,
     )
+
+
+StartService = Callable[..., AbstractContextManager[httpx.Client]]
+
+
+@pytest.fixture(scope="session")
+def start_service(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_postgres_database: Callable[[], str],
+    queue_name: str,
+) -> StartService:
+    """`with start_service(name, **settings) as client:` an API and a worker (real
+    processes) on a new Postgres database and a queue of their own — the API's reaper
+    would otherwise send queued jobs other tests leave behind to this worker. Settings
+    are TRAINJOB_* values; `worker_env` adds to the worker's environment."""
+    from tests.processes import api_and_worker  # it imports this module
+
+    @contextmanager
+    def start(
+        name: str, *, worker_env: dict[str, str] | None = None, **settings: str
+    ) -> Iterator[httpx.Client]:
+        database_url = make_postgres_database()
+        upgrade(database_url)
+        logs = tmp_path_factory.mktemp(name)
+        with api_and_worker(
+            logs,
+            worker_env=worker_env,
+            database_url=database_url,
+            redis_url=REDIS_URL,
+            queue=f"{queue_name}-{name}",
+            home=str(logs / "home"),
+            **settings,
+        ) as client:
+            yield client
+
+    return start
 
 
 def wait_for(

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from app.db import upgrade
-from tests.processes import TRAINJOB, api_and_worker, service_env, wait_for_status
+from tests.conftest import StartService
+from tests.processes import TRAINJOB, service_env, wait_for_status
 
 SPEC: dict[str, Any] = {
     "model": {"type": "tiny-gpt", "n_layer": 1, "n_embd": 32, "block_size": 64},
@@ -32,24 +32,8 @@ SPEC: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_postgres_database: Callable[[], str],
-    queue_name: str,
-) -> Iterator[httpx.Client]:
-    # A database of its own: the API's reaper would otherwise send the queued jobs that
-    # other tests leave behind to this module's worker.
-    database_url = make_postgres_database()
-    upgrade(database_url)
-    logs = tmp_path_factory.mktemp("e2e")
-    with api_and_worker(
-        logs,
-        database_url=database_url,
-        redis_url="redis://127.0.0.1:6379/0",
-        queue=f"{queue_name}-e2e",
-        home=str(logs / "home"),
-        progress_flush_seconds="0.2",
-    ) as client:
+def service(start_service: StartService) -> Iterator[httpx.Client]:
+    with start_service("e2e", progress_flush_seconds="0.2") as client:
         yield client
 
 

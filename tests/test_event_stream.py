@@ -8,7 +8,7 @@ end: in order, no gaps, no repeats.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.db import upgrade
-from tests.conftest import wait_for
-from tests.processes import api_and_worker
+from tests.conftest import StartService, wait_for
 
 SPEC: dict[str, Any] = {
     "model": {"type": "mlp", "hidden_sizes": [16]},
@@ -32,22 +30,11 @@ SPEC: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_postgres_database: Callable[[], str],
-    queue_name: str,
-) -> Iterator[httpx.Client]:
-    database_url = make_postgres_database()
-    upgrade(database_url)
-    logs = tmp_path_factory.mktemp("stream")
-    with api_and_worker(
-        logs,
+def service(start_service: StartService) -> Iterator[httpx.Client]:
+    with start_service(
+        "stream",
         # About 4 s of training: long enough to join it in the middle.
         worker_env={"TRAINJOB_TEST_FAULTS": "slow=0.015"},
-        database_url=database_url,
-        redis_url="redis://127.0.0.1:6379/0",
-        queue=f"{queue_name}-stream",
-        home=str(logs / "home"),
         progress_flush_seconds="0.1",
         stream_keepalive_seconds="1",
     ) as client:

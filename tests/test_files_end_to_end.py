@@ -21,30 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from app.db import upgrade
-from tests.conftest import wait_for
-from tests.processes import api_and_worker, wait_for_status
+from tests.conftest import StartService, wait_for
+from tests.processes import wait_for_status
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_postgres_database: Callable[[], str],
-    queue_name: str,
-) -> Iterator[httpx.Client]:
-    database_url = make_postgres_database()
-    upgrade(database_url)
-    logs = tmp_path_factory.mktemp("files-e2e")
-    with api_and_worker(
-        logs,
-        database_url=database_url,
-        redis_url="redis://127.0.0.1:6379/0",
-        queue=f"{queue_name}-files",
-        home=str(logs / "home"),
-        progress_flush_seconds="0.2",
-    ) as client:
+def service(start_service: StartService) -> Iterator[httpx.Client]:
+    with start_service("files-e2e", progress_flush_seconds="0.2") as client:
         yield client
 
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.db import upgrade
-from tests.conftest import REDIS_URL
-from tests.processes import api_and_worker
+from tests.conftest import StartService
 from tests.worker.cli.test_client import Result
 from worker.cli.main import main
 
@@ -20,22 +18,8 @@ MAX_FILE_BYTES = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_postgres_database: Callable[[], str],
-    queue_name: str,
-) -> Iterator[httpx.Client]:
-    database_url = make_postgres_database()
-    upgrade(database_url)
-    logs = tmp_path_factory.mktemp("files-cli")
-    with api_and_worker(
-        logs,
-        database_url=database_url,
-        redis_url=REDIS_URL,
-        queue=f"{queue_name}-files-cli",
-        home=str(logs / "home"),
-        max_file_bytes=str(MAX_FILE_BYTES),
-    ) as client:
+def service(start_service: StartService) -> Iterator[httpx.Client]:
+    with start_service("files-cli", max_file_bytes=str(MAX_FILE_BYTES)) as client:
         yield client
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from app.jobs.spec import FileDatasetSpec, JobSpec, TinyGptSpec
@@ -285,8 +286,15 @@ def test_tiny_gpt_block_size_must_cover_max_length() -> None:
 
 
 def test_the_model_tokenizer_needs_a_hugging_face_model(files: Files) -> None:
+    # The spec refuses it at submit; a spec stored before that rule still fails cleanly.
+    with pytest.raises(ValidationError, match=r"dataset\.tokenizer"):
+        file_spec(model=TINY_GPT, dataset={"tokenizer": "model"})
+    spec = file_spec(model=TINY_GPT)
+    stored = spec.model_copy(
+        update={"dataset": spec.dataset.model_copy(update={"tokenizer": "model"})}
+    )
     files.jsonl(TRAIN_ID, [{"text": "abc"}])
     with pytest.raises(TrainingError) as failure:
-        prepare_run(file_spec(model=TINY_GPT, dataset={"tokenizer": "model"}), files=files)
+        prepare_run(stored, files=files)
     assert failure.value.type == "invalid_spec"
     assert "dataset.tokenizer 'model' needs a Hugging Face model" in failure.value.message
