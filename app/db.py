@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, MetaData, Select, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 T = TypeVar("T")
 
@@ -37,6 +38,14 @@ def page(session: Session, query: Select[T], limit: int) -> tuple[list[T], bool]
     """One page of an ordered query, and whether more rows follow it (one extra row read)."""
     rows = list(session.scalars(query.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def max_connections(engine: Engine) -> int:
+    """How many connections the engine's pool hands out at most at once."""
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        return pool.size() + max(pool._max_overflow, 0)
+    return 1_000_000  # a pool without a bound (SQLite's NullPool, a StaticPool)
 
 
 def make_engine(url: str) -> Engine:

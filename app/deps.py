@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 import redis
 from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from app.db import Database
+from app.db import Database, max_connections
 from app.settings import Settings
 
 
@@ -25,17 +25,36 @@ async def _database(request: Request) -> Database:
     return database
 
 
+# Threads of the routes (anyio's default limiter) that must stay free of database waits:
+# a `def` route's response is validated in another thread hop while its session still
+# holds a connection. Were every thread waiting for a connection, held by routes waiting
+# for a thread, nothing would move until the pool's 30 s timeout (bench/api.py found it).
+THREADS_KEPT_FREE = 16
+# Connections left to the hub, the reaper and streamed downloads, which use their own.
+CONNECTIONS_KEPT_FREE = 5
+
+
+def session_slots(database: Database) -> anyio.Semaphore:
+    """How many request sessions may be open at once; the others wait in the event loop,
+    holding no thread, until one closes."""
+    threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    connections = max_connections(database.engine) - CONNECTIONS_KEPT_FREE
+    return anyio.Semaphore(max(1, min(threads - THREADS_KEPT_FREE, connections)))
+
+
 async def _session(request: Request) -> AsyncIterator[Session]:
     # Opening a session is free: it connects at its first query, in the route's thread.
     database: Database = request.app.state.database
-    session = database.sessions()
-    try:
-        yield session
-    finally:
-        if session.in_transaction():  # it holds a connection: the rollback is I/O
-            await run_in_threadpool(session.close)
-        else:
-            session.close()
+    async with request.app.state.session_slots:
+        session = database.sessions()
+        try:
+            yield session
+        finally:
+            if session.in_transaction():  # it holds a connection: the rollback is I/O
+                # Not on the routes' thread limiter, as FastAPI exits `def` dependencies.
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+            else:
+                session.close()
 
 
 async def _settings(request: Request) -> Settings:

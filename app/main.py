@@ -16,6 +16,7 @@ from app.auth.deps import AuthGate
 from app.checkpoints import router as checkpoints_router
 from app.dashboard import router as dashboard_router
 from app.db import Database, require_migrated
+from app.deps import session_slots
 from app.errors import install_error_handlers
 from app.files import router as files_router
 from app.files.multipart import MAX_FORM_OVERHEAD_BYTES
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         assert settings.redis_url is not None, "TRAINJOB_REDIS_URL is not set"
         app.state.settings = settings
         app.state.database = database
+        app.state.session_slots = session_slots(database)
         app.state.auth_gate = AuthGate(database, settings.auth)
         if not app.state.auth_gate.required():
             logger.warning(

@@ -31,6 +31,8 @@ uvicorn with the same settings on another port. Then, one after the other:
 (d) dispatch: with that worker idle, 20 tiny jobs one at a time; `started_at -
     created_at` of each (both server timestamps: the API's insert, the worker's claim),
     and from the worker's log the part between receiving the message and the claim.
+    Idle: the fresh pool child forked after each job has loaded the engine (its log
+    line), then 0.5 s more; how long that load takes is reported beside.
 
 HTTP load comes from `wrk` (one thread) when it is installed, else from an asyncio
 httpx client; the httpx client is also measured against the bare endpoint, so the
@@ -41,7 +43,7 @@ missed target is printed, not an error: the exit status is 1 only when something
 answered wrongly (an HTTP error, a stream that missed events), 2 when the stack could
 not be set up, 130 on Ctrl-C.
 
-    .venv/bin/python bench/api.py                    # the full run, about 9 minutes
+    .venv/bin/python bench/api.py                    # the full run, about 10 minutes
     .venv/bin/python bench/api.py --smoke            # every measurement, tiny, seconds
     .venv/bin/python bench/api.py --only streams --keep-logs /tmp/api-bench
 """
@@ -136,7 +138,7 @@ class Scale:
     stream_steps: int
     stream_seconds: float  # about how long the streamed job trains
     dispatches: int
-    idle_seconds: float  # pause before each dispatch: the worker's pool forks a fresh child
+    idle_seconds: float  # pause before each dispatch, once the worker's fresh child is ready
     settle_seconds: float  # PostgreSQL's table statistics unchanged this long: flushed
 
 
@@ -151,11 +153,11 @@ FULL = Scale(
     stream_steps=200,
     stream_seconds=15.0,
     dispatches=20,
-    idle_seconds=1.5,
+    idle_seconds=0.5,
     settle_seconds=11.0,
 )
 SMOKE = Scale(
-    round_seconds=0.3,
+    round_seconds=0.1,
     rounds=1,
     submit_clients=4,
     get_clients=8,
@@ -164,8 +166,8 @@ SMOKE = Scale(
     streams=5,
     stream_steps=5,
     stream_seconds=0.3,
-    dispatches=2,
-    idle_seconds=0.5,
+    dispatches=1,  # the worker has run (e)'s job: this one waits for a fresh child too
+    idle_seconds=0.1,
     settle_seconds=0.0,
 )
 
@@ -488,11 +490,13 @@ class Stack:
     queue: str = field(default_factory=lambda: f"bench-api-{secrets.token_hex(4)}")
     api: subprocess.Popen[bytes] | None = None
     bare: subprocess.Popen[bytes] | None = None
+    layered: subprocess.Popen[bytes] | None = None  # bench/bare_app.py --layers, for (b)
     worker: subprocess.Popen[bytes] | None = None
     redis: subprocess.Popen[bytes] | None = None  # a private redis-server
     redis_url: str = ""
     api_url: str = ""
     bare_url: str = ""
+    layered_url: str = ""
     created: bool = False
 
     @property
@@ -555,10 +559,24 @@ class Stack:
         self.api = start(serve, self.env(), self.logs / "api.log")
         bare = [*BARE_APP, "--port", str(bare_port)]
         self.bare = start(bare, self.env(), self.logs / "bare.log")
+        if "get" in (self.args.only or PHASES):  # it starts while the others do
+            layered_port = free_port()
+            self.layered_url = f"http://127.0.0.1:{layered_port}"
+            layered = [*BARE_APP, "--port", str(layered_port), "--layers"]
+            self.layered = start(layered, self.env(), self.logs / "layered.log")
         ready = answers(f"{self.api_url}/readyz", self.api, self.logs / "api.log")
         wait_until(ready, 90, "the API", self.logs / "api.log")
         ready = answers(f"{self.bare_url}/bare", self.bare, self.logs / "bare.log")
         wait_until(ready, 60, "the bare app", self.logs / "bare.log")
+        if self.layered is not None:
+            ready = answers(f"{self.layered_url}/readyz", self.layered, self.logs / "layered.log")
+            wait_until(ready, 90, "the layered app", self.logs / "layered.log")
+
+    def stop_layered(self) -> None:
+        """Its reaper and live hub are a second API's: gone once (b) is measured."""
+        if self.layered is not None:
+            stop_group(self.layered)
+            self.layered = None
 
     def start_worker(self, slow: float) -> None:
         log = self.logs / "worker.log"
@@ -577,13 +595,13 @@ class Stack:
         wait_until(ready, 90, "the worker", log)
 
     def stop(self) -> None:
-        processes = [p for p in (self.worker, self.api, self.bare) if p is not None]
+        processes = [p for p in (self.worker, self.api, self.bare, self.layered) if p is not None]
         for process in processes:  # all at once: each takes a moment to shut down
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for process in processes:
             stop_group(process)
-        self.worker = self.api = self.bare = None
+        self.worker = self.api = self.bare = self.layered = None
         if self.redis is not None:  # private: it goes with its queue
             stop_group(self.redis)
             self.redis = None
@@ -659,6 +677,7 @@ class Results:
     plans: dict[str, str] = field(default_factory=dict)
     dispatch_ms: list[float] = field(default_factory=list)
     dispatch_in_worker_ms: list[float] = field(default_factory=list)
+    preload_seconds: list[float] = field(default_factory=list)  # a pool child's engine import
     streams: StreamReport | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -716,12 +735,15 @@ def measure_get(
             results.problems.append(f"GET ({name}): {errors} errors")
 
 
+# Each probe is the job GET's route (an `async def` with one hop to the thread pool)
+# stopped one layer short; the last row is the `def` route the job GET used to be.
 LAYERS = (
     ("app middleware, async route", "/bench/async"),
-    ("+ a thread-pool hop (def route)", "/bench/sync"),
-    ("+ its dependencies (session, auth)", "/bench/deps"),
-    ("+ session.get(Job, id)", "/bench/query/{job_id}"),
+    ("+ its dependencies (database, principal)", "/bench/deps"),
+    ("+ one hop to the thread pool", "/bench/hop"),
+    ("+ session.get(Job, id) in that hop", "/bench/query/{job_id}"),
 )
+FOR_COMPARISON = ("for comparison: a `def` route, no work", "/bench/sync")
 
 
 def measure_layers(
@@ -729,16 +751,13 @@ def measure_layers(
 ) -> None:
     """The job GET one layer at a time (bench/bare_app.py --layers), each round paired
     with one of the bare endpoint: where the job GET's time goes."""
-    log = stack.logs / "layers.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    layered = start([*BARE_APP, "--port", str(port), "--layers"], stack.env(), log)
+    url = stack.layered_url
     try:
-        wait_until(answers(f"{url}/readyz", layered, log), 90, "the layered app", log)
         clients, seconds = scale.get_clients, scale.round_seconds
         bare = Request(("/bare",))
         paths = [(name, url, path) for name, path in LAYERS]
         paths.append(("the job GET (+ its response model)", stack.api_url, "/v1/jobs/{job_id}"))
+        paths.append((FOR_COMPARISON[0], url, FOR_COMPARISON[1]))
         ratios: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         for _ in range(min(3, scale.rounds)):  # a diagnosis: three rounds are enough
             for name, base, path in paths:
@@ -752,7 +771,7 @@ def measure_layers(
             if summary.errors:
                 results.problems.append(f"layer {name}: {summary.errors} errors")
     finally:
-        stop_group(layered)
+        stack.stop_layered()
 
 
 def stored_job_rows(count: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -1036,9 +1055,12 @@ def measure_dispatch(stack: Stack, scale: Scale, results: Results) -> None:
         stack.start_worker(slow=0.0)
     stack.wait_worker_ready()
     dispatched: list[str] = []
+    log = stack.logs / "worker.log"
     with httpx.Client(base_url=stack.api_url, timeout=30) as client:
         for _ in range(scale.dispatches):
-            time.sleep(scale.idle_seconds)  # after a job the pool forks a fresh child
+            # Idle: after a job the pool forks a fresh child, which loads the engine.
+            wait_until(lambda: child_ready(log), 120, "the worker's pool child", log)
+            time.sleep(scale.idle_seconds)
             response = client.post("/v1/jobs", json=SPEC | {"name": "bench dispatch"})
             response.raise_for_status()
             job_id = response.json()["id"]
@@ -1055,7 +1077,8 @@ def measure_dispatch(stack: Stack, scale: Scale, results: Results) -> None:
             started = datetime.fromisoformat(job["started_at"])
             results.dispatch_ms.append((started - created).total_seconds() * 1e3)
             dispatched.append(job_id)
-    results.dispatch_in_worker_ms = received_to_claimed(stack.logs / "worker.log", dispatched)
+    results.dispatch_in_worker_ms = received_to_claimed(log, dispatched)
+    results.preload_seconds = [seconds for seconds, _ in preloads(log)]
 
 
 # Celery's "Task ...[job_id:suffix] received" (the worker's main process) and the run's
@@ -1063,6 +1086,31 @@ def measure_dispatch(stack: Stack, scale: Scale, results: Results) -> None:
 LOG_TIME = r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):"
 RECEIVED = re.compile(LOG_TIME + r".*Task \S+\[(job_[0-9a-f]{24}):[0-9a-f]+\] received")
 CLAIMED = re.compile(LOG_TIME + r".*\] job (job_[0-9a-f]{24}): attempt ")
+
+
+# worker/tasks.py: each pool child, as it starts, loads the engine before it takes a job.
+PRELOADED = re.compile(
+    LOG_TIME + r".*\] (?:preloaded the engine in ([0-9.]+) s|preloading the engine failed)"
+)
+
+
+def preloads(log: Path) -> list[tuple[float, str]]:
+    """(seconds, log time) of each pool child's engine preload so far; NaN: it failed."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = PRELOADED.match(line)
+        if match:
+            found.append((float(match[2]) if match[2] else float("nan"), match[1]))
+    return found
+
+
+def child_ready(log: Path) -> bool:
+    """The worker's pool has a child that has loaded the engine and has no task yet: one
+    child per task received, plus the one waiting."""
+    received = sum(
+        1 for line in log.read_text(errors="replace").splitlines() if RECEIVED.match(line)
+    )
+    return len(preloads(log)) > received
 
 
 def received_to_claimed(log: Path, job_ids: Sequence[str]) -> list[float]:
@@ -1185,6 +1233,14 @@ def report(results: Results, scale: Scale, machine: list[str], wall: float) -> l
                     "    of which in the worker: received -> claimed",
                     f"p50 {percentile(in_worker, 0.5):,.0f}  "
                     f"p99 {percentile(in_worker, 0.99):,.0f} ms (worker log)",
+                )
+            )
+        if results.preload_seconds:
+            preload = sorted(results.preload_seconds)
+            lines.append(
+                row(
+                    f"    a fresh pool child loads the engine, {len(preload)} children",
+                    f"p50 {percentile(preload, 0.5):.2f}  max {preload[-1]:.2f} s (before a job)",
                 )
             )
     if results.streams is not None:

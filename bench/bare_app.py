@@ -8,13 +8,17 @@ so the access log is on as it is for the API). Whatever the API answers slower t
 this is the cost of the service itself.
 
 With `--layers` it serves the real app (`app.main.create_app`, the TRAINJOB_* settings
-of the environment) plus probe routes that each stop one layer short of the job GET,
-so that bench/api.py can say where the job GET's time goes:
+of the environment) plus probe routes that each stop one layer short of the job GET
+(an `async def` route that reads the job in one hop to the thread pool), so that
+bench/api.py can say where the job GET's time goes:
 
     /bench/async             an `async def` route: the app's middleware and FastAPI
-    /bench/sync              a `def` route: + a hop to the thread pool
-    /bench/deps              + the job GET's dependencies (session, principal), no query
-    /bench/query/{job_id}    + `session.get(Job, id)`: the job GET without its response
+    /bench/deps              + the job GET's dependencies (database, principal)
+    /bench/hop               + one hop to the thread pool, doing nothing there
+    /bench/query/{job_id}    + `session.get(Job, id)` in that hop: the job GET without
+                             its response model
+    /bench/sync              for comparison, a `def` route doing nothing (FastAPI's hops
+                             to the thread pool: the route's and its response's)
 
     .venv/bin/python bench/bare_app.py --port 8001
     .venv/bin/python bench/bare_app.py --port 8002 --layers
@@ -27,11 +31,13 @@ from collections.abc import Sequence
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from uvicorn.config import LOGGING_CONFIG
 
 # At module level: FastAPI reads the probe routes' annotations from these globals.
 from app.auth.deps import PrincipalDep
-from app.deps import SessionDep
+from app.db import Database
+from app.deps import DatabaseDep
 from app.jobs.models import Job
 from app.main import create_app
 from app.settings import get_settings
@@ -47,6 +53,15 @@ def create_bare_app() -> FastAPI:
     return app
 
 
+def _nothing(tenant: str | None) -> dict[str, object]:
+    return {"ok": True, "tenant": tenant}
+
+
+def _job_exists(database: Database, job_id: str) -> dict[str, object]:
+    with database.session() as session:
+        return {"ok": session.get(Job, job_id) is not None}
+
+
 def create_layered_app() -> FastAPI:
     app = create_app()
 
@@ -54,18 +69,23 @@ def create_layered_app() -> FastAPI:
     async def layer_async() -> dict[str, object]:
         return {"ok": True}
 
+    @app.get("/bench/deps")
+    async def layer_deps(database: DatabaseDep, principal: PrincipalDep) -> dict[str, object]:
+        return {"ok": True, "tenant": principal.tenant}
+
+    @app.get("/bench/hop")
+    async def layer_hop(database: DatabaseDep, principal: PrincipalDep) -> dict[str, object]:
+        return await run_in_threadpool(_nothing, principal.tenant)
+
+    @app.get("/bench/query/{job_id}")
+    async def layer_query(
+        job_id: str, database: DatabaseDep, principal: PrincipalDep
+    ) -> dict[str, object]:
+        return await run_in_threadpool(_job_exists, database, job_id)
+
     @app.get("/bench/sync")
     def layer_sync() -> dict[str, object]:
         return {"ok": True}
-
-    @app.get("/bench/deps")
-    def layer_deps(session: SessionDep, principal: PrincipalDep) -> dict[str, object]:
-        return {"ok": True, "tenant": principal.tenant}
-
-    @app.get("/bench/query/{job_id}")
-    def layer_query(job_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, object]:
-        job = session.get(Job, job_id)
-        return {"ok": job is not None}
 
     return app
 
