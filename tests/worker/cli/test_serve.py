@@ -54,8 +54,14 @@ def test_serve_from_a_fresh_home_trains_a_job_and_ctrl_c_leaves_nothing(tmp_path
                 done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout=120)
                 assert done["status"] == "succeeded", done["error"]
                 assert client.get(f"/v1/jobs/{job['id']}/weights").status_code == 200
-            children = descendants(serve.pid)
-            assert len(children) >= 3  # redis-server, the worker, its pool process
+
+            # redis-server, the worker, its pool process: after a job the pool child
+            # exits (one task per child) and its replacement is forked a moment later.
+            def all_three() -> set[int] | None:
+                found = descendants(serve.pid)
+                return found if len(found) >= 3 else None
+
+            children = wait_for(all_three, 30, "redis-server, the worker and its pool process")
             serve.send_signal(signal.SIGINT)
             assert serve.wait(90) == 0
         finally:
