@@ -23,15 +23,12 @@ from typing import Any
 import httpx
 import pytest
 
-from app.db import upgrade
-from tests.conftest import wait_for
+from tests.conftest import StartService, wait_for
 from tests.processes import (
     TRAINJOB,
     free_port,
-    running,
     service_env,
     wait_for_status,
-    wait_until_ready,
 )
 from worker.cli.main import main
 from worker.cli.output import ProgressLine
@@ -67,33 +64,9 @@ class Result:
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_postgres_database: Callable[[], str],
-    queue_name: str,
-) -> Iterator[Service]:
-    # A database of its own, so that the reaper never sends this module's worker the
-    # queued jobs other tests leave behind.
-    database_url = make_postgres_database()
-    upgrade(database_url)
-    logs = tmp_path_factory.mktemp("cli")
-    env = service_env(
-        database_url=database_url,
-        redis_url="redis://127.0.0.1:6379/0",
-        queue=f"{queue_name}-cli",
-        home=str(logs / "home"),
-        progress_flush_seconds="0.2",
-        reaper_interval_seconds="2",
-    )
-    port = free_port()
-    with (
-        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
-        running(["worker"], env, logs / "worker.log"),
-    ):
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, logs / "api.log")
-        with httpx.Client(base_url=url, timeout=10) as http:
-            yield Service(url=url, http=http)
+def service(start_service: StartService) -> Iterator[Service]:
+    with start_service("cli", progress_flush_seconds="0.2", reaper_interval_seconds="2") as http:
+        yield Service(url=str(http.base_url).rstrip("/"), http=http)
 
 
 @pytest.fixture
