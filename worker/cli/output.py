@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from worker.cli.progress import format_duration
+from worker.cli.progress import LineSchedule, format_duration
 
 Json = Mapping[str, Any]
 
@@ -120,7 +120,8 @@ def final_line(job: Json) -> str:
 
 
 class ProgressLine:
-    """A live progress line: redrawn in place on a terminal, else one line every few steps.
+    """A live progress line: redrawn in place on a terminal, else a line now and then
+    (about every 5 % of the steps, and at least every few seconds: LineSchedule).
 
     The ETA comes from the server's samples/s and the batch size, not from our own clock,
     so that events replayed after a reconnect do not make it jump.
@@ -134,14 +135,14 @@ class ProgressLine:
         stream: TextIO,
         interactive: bool,
         width: int = 24,
+        lines: LineSchedule | None = None,
     ) -> None:
         self.max_steps = max_steps
         self.batch_size = batch_size
         self.stream = stream
         self.interactive = interactive
         self.width = width
-        # About twenty lines for a whole run when nobody watches a terminal.
-        self.every = max(1, max_steps // 20) if max_steps else 10
+        self.lines = lines or LineSchedule(max_steps)
         self._drawn = ""
 
     def update(self, step: int, loss: float, samples_per_sec: float) -> None:
@@ -150,7 +151,7 @@ class ProgressLine:
             self._drawn = line
             self.stream.write("\r" + line + "\033[K")
             self.stream.flush()
-        elif step % self.every == 0 or step == self.max_steps:
+        elif self.lines.due(step):
             self.stream.write(line + "\n")
             self.stream.flush()
 
