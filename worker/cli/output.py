@@ -29,6 +29,16 @@ def format_error(error: Json | None) -> str:
     return f"{error.get('type', 'error')}: {error.get('message', '')}"
 
 
+def format_batch(job: Json) -> str:
+    """Batch = m × k, the full window's split, and a note when the latest step's window
+    was an epoch's short last one (fewer samples, so fewer micro-batches, same split)."""
+    split = f"{job['batch_size']} = {job['micro_batch_size']} × {job['accumulation_steps']}"
+    last = (job.get("progress") or {}).get("last_window_samples")
+    if isinstance(last, int) and last < job["batch_size"]:
+        split += f" (last window partial: {last} of {job['batch_size']} samples)"
+    return split
+
+
 def job_summary(job: Json) -> str:
     """The readable `trainjob status` answer."""
     metrics = job.get("metrics") or {}
@@ -39,10 +49,7 @@ def job_summary(job: Json) -> str:
         ("status", job["status"] + (" (cancel requested)" if _cancel_pending(job) else "")),
         ("step", format_steps(job["progress"])),
         ("loss", loss),
-        (
-            "batch",
-            f"{job['batch_size']} = {job['micro_batch_size']} × {job['accumulation_steps']}",
-        ),
+        ("batch", format_batch(job)),
         ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
         ("worker", job.get("worker") or "-"),
         ("runtime", format_duration(job.get("runtime_seconds") or 0)),

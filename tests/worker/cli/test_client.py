@@ -45,6 +45,17 @@ SPEC: dict[str, Any] = {
     "optimizer": {"type": "adamw", "lr": 0.01},
     "device": "cpu",
 }
+# 40 samples, 4 held out: an epoch is a window of 32 = 8 × 4, then a partial one of 4.
+PARTIAL_LAST_WINDOW = {
+    **SPEC,
+    "name": "partial last window",
+    "dataset": {"type": "synthetic-classification", "n_samples": 40, "n_features": 8},
+    "micro_batch_size": 8,
+    "accumulation_steps": 4,
+    "max_steps": None,
+    "epochs": 1,
+    "checkpoint_every": 0,
+}
 # Trains until cancelled.
 ENDLESS = {**SPEC, "name": "endless", "max_steps": 1_000_000, "checkpoint_every": 0}
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -165,7 +176,7 @@ def test_status_summarises_the_job(
     assert "status    succeeded" in shown.out
     assert "step      8/8" in shown.out
     assert f"loss      {finished_job['metrics']['loss']:.4f}" in shown.out
-    assert "batch     8 = 4 × 2" in shown.out
+    assert "batch     8 = 4 × 2" in shown.out and "partial" not in shown.out
     assert "attempts  1 of 3" in shown.out
     assert "error     -" in shown.out
 
@@ -196,6 +207,22 @@ def test_list_json_is_the_servers_page_and_the_table_lists_the_same_jobs(
         f"{finished_job['metrics']['loss']:.4f}",
         "8=4×2",
     ]
+
+
+def test_after_a_partial_last_window_status_shows_the_full_split_and_flags_it(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    job = service.http.post("/v1/jobs", json=PARTIAL_LAST_WINDOW).json()
+    done = wait_for_status(service.http, job["id"], TERMINAL, timeout=60)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"]["step"] == 2 and done["progress"]["samples_seen"] == 36
+    assert (done["batch_size"], done["micro_batch_size"], done["accumulation_steps"]) == (32, 8, 4)
+    assert done["progress"]["last_window_samples"] == 4
+
+    shown = trainjob("status", job["id"])
+    assert "batch     32 = 8 × 4 (last window partial: 4 of 32 samples)" in shown.out
+    table = trainjob("list").out.splitlines()
+    assert next(line for line in table if line.startswith(job["id"])).split()[4] == "32=8×4"
 
 
 def test_list_pages_with_after(
