@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from app.files.formats import FORMATS
 from app.files.schemas import FileStatus
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainjob",
         description="Train neural networks with exact gradient accumulation.",
     )
+    # Also before the command (`trainjob --url URL list`); the same flag after the
+    # command wins, as its defaults are suppressed (see add_client_options).
+    add_client_options(parser, title="client options (submit, status, list, ...)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -117,23 +120,39 @@ CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "dow
 FILE_STATUSES = get_args(FileStatus)
 
 
-def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The HTTP client of a running service; each command takes --url, --api-key, --json."""
-    server = argparse.ArgumentParser(add_help=False)
-    options = server.add_argument_group("server options")
-    options.add_argument("--url", help="the API (default TRAINJOB_URL, http://127.0.0.1:8000)")
+def add_client_options(
+    parser: argparse.ArgumentParser, *, title: str, after_command: bool = False
+) -> None:
+    """--url, --api-key and --json: on the top-level parser and on every client command.
+
+    On a command they default to SUPPRESS, so that leaving them out after the command
+    does not overwrite what was given before it.
+    """
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    options = parser.add_argument_group(title)
+    options.add_argument(
+        "--url", help="the API (default TRAINJOB_URL, http://127.0.0.1:8000)", **unset
+    )
     options.add_argument(
         "--api-key",
         metavar="KEY",
         help="sent as Authorization: Bearer KEY (default TRAINJOB_API_KEY; prefer the variable: "
         "arguments show in process lists)",
+        **unset,
     )
     options.add_argument(
         "--json",
         dest="as_json",
         action="store_true",
         help="print the server's JSON (one document) instead of text, for scripts",
+        **unset,
     )
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The HTTP client of a running service; each command takes --url, --api-key, --json."""
+    server = argparse.ArgumentParser(add_help=False)
+    add_client_options(server, title="server options", after_command=True)
 
     def client(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[server], help=help, description=description)
@@ -233,7 +252,19 @@ def add_files_commands(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in CLIENT_COMMANDS:
+        given = [
+            flag
+            for flag, value in (("--url", args.url), ("--api-key", args.api_key))
+            if value is not None
+        ] + (["--json"] if args.as_json else [])
+        if given:
+            parser.error(
+                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
+                f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
+            )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
         from worker.cli.client import client_command

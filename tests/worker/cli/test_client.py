@@ -30,7 +30,7 @@ from tests.processes import (
     service_env,
     wait_for_status,
 )
-from worker.cli.main import main
+from worker.cli.main import build_parser, main
 from worker.cli.output import ProgressLine
 
 # Small enough to train in about a second on one CPU thread.
@@ -378,6 +378,40 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert missing_id.value.code == 2
     assert main(["status", "job_x", "--url", "localhost:8000"]) == 2
     assert "--url must start with http://" in capsys.readouterr().err
+
+
+def test_client_flags_are_taken_before_the_command_as_well_as_after_it(
+    service: Service, finished_job: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = finished_job["id"]
+    assert main(["--url", service.url, "status", job_id]) == 0
+    assert capsys.readouterr().out.startswith(job_id)
+    assert main(["--json", "--url", service.url, "status", job_id]) == 0
+    assert json.loads(capsys.readouterr().out) == finished_job
+    assert main(["--url", service.url, "files", "list", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"data", "has_more"}
+    # Given twice, the one after the command wins.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["--url", nowhere, "status", job_id, "--url", service.url]) == 0
+    assert main(["--url", service.url, "status", job_id, "--url", nowhere]) == 3
+    parsed = build_parser().parse_args(["--api-key", "k1", "--json", "list"])
+    assert (parsed.api_key, parsed.as_json, parsed.url) == ("k1", True, None)
+    parsed = build_parser().parse_args(["--api-key", "k1", "list", "--api-key", "k2"])
+    assert (parsed.api_key, parsed.as_json) == ("k2", False)
+
+
+def test_help_shows_the_client_flags_and_server_commands_refuse_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as shown:
+        main(["--help"])
+    assert shown.value.code == 0
+    usage = capsys.readouterr().out
+    assert "trainjob [-h] [--url URL] [--api-key KEY] [--json] COMMAND" in usage
+    with pytest.raises(SystemExit) as refused:
+        main(["--url", "http://127.0.0.1:8000", "serve"])
+    assert refused.value.code == 2
+    assert "--url is for the client commands" in capsys.readouterr().err
 
 
 def test_submit_reads_yaml_and_prints_only_the_id(
