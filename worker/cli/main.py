@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,7 +252,28 @@ def add_files_commands(
     remove.add_argument("file_id", metavar="ID", help="file id")
 
 
+# What a shell reports for a command that SIGPIPE ended (128 + 13), e.g. under
+# `set -o pipefail`: the reader went away, not the command's own failure.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return run_command(argv)
+        finally:
+            # Flushed here, also after --help's SystemExit: a flush at interpreter exit
+            # would print an "Exception ignored" traceback once the reader is gone.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed early (`trainjob events ID | head`): that is not an error to
+        # report. Point stdout at devnull so that the exit's flush finds a writable file
+        # (the recipe of Python's signal docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command not in CLIENT_COMMANDS:

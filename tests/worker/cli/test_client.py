@@ -414,6 +414,30 @@ def test_help_shows_the_client_flags_and_server_commands_refuse_them(
     assert "--url is for the client commands" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["status", "ID", "--json"], ["list"], ["events", "ID"]],
+    ids=" ".join,
+)
+def test_a_reader_that_closes_early_ends_the_command_quietly(
+    service: Service, finished_job: dict[str, Any], command: list[str]
+) -> None:
+    args = [finished_job["id"] if part == "ID" else part for part in command]
+    process = subprocess.Popen(
+        [*TRAINJOB, *args, "--url", service.url],
+        env=service_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    # As `trainjob ... | head -n 1` once head has its line: nobody reads any more.
+    # Closed before the command can print, so that its every write finds the pipe shut.
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=30) == 141, errors  # 128 + SIGPIPE, as a shell reports
+    assert errors == ""
+
+
 def test_submit_reads_yaml_and_prints_only_the_id(
     service: Service, trainjob: Callable[..., Result], tmp_path: Path
 ) -> None:
