@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 
 from app.dashboard.schemas import Dashboard, FinishedCounts, RunningJob, WorkerPublic
 from app.db import utcnow
+from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES
-from app.jobs.schemas import JobProgress, JobStatus, as_utc
+from app.jobs.schemas import JobStatus, as_utc
 from worker.presence import KEY_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -82,13 +83,7 @@ def to_running(job: Job) -> RunningJob:
         id=job.id,
         name=job.name,
         status=job.status,  # a live status, from the query
-        progress=JobProgress(
-            step=job.step,
-            max_steps=job.max_steps,
-            epoch=job.epoch,
-            samples_seen=job.samples_seen,
-            tokens_seen=job.tokens_seen,
-        ),
+        progress=jobs_service.job_progress(job),
         batch_size=job.batch_size,
         micro_batch_size=job.micro_batch_size,
         accumulation_steps=job.accumulation_steps,

@@ -30,6 +30,10 @@ class JobProgress(BaseModel):
     epoch: int
     samples_seen: int
     tokens_seen: int
+    # Samples in the latest optimizer step's window: below batch_size when that was an
+    # epoch's short last window (the job's micro_batch_size × accumulation_steps stay
+    # the full window's split). None before the first step.
+    last_window_samples: int | None = None
 
 
 class JobError(BaseModel):

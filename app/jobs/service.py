@@ -191,6 +191,21 @@ def list_metrics(
     return page(session, query, limit)
 
 
+def job_progress(job: Job) -> JobProgress:
+    """Where the job's training stands, for the job object and the dashboard."""
+    # The latest step's metrics hold its window's size (stored with the step, so no
+    # column of its own); absent before the first step.
+    window_samples = (job.metrics or {}).get("window_samples")
+    return JobProgress(
+        step=job.step,
+        max_steps=job.max_steps,
+        epoch=job.epoch,
+        samples_seen=job.samples_seen,
+        tokens_seen=job.tokens_seen,
+        last_window_samples=window_samples if isinstance(window_samples, int) else None,
+    )
+
+
 def to_public(job: Job) -> JobPublic:
     """The job object of the HTTP contract."""
     error = (
@@ -205,13 +220,7 @@ def to_public(job: Job) -> JobPublic:
         batch_size=job.batch_size,
         micro_batch_size=job.micro_batch_size,
         accumulation_steps=job.accumulation_steps,
-        progress=JobProgress(
-            step=job.step,
-            max_steps=job.max_steps,
-            epoch=job.epoch,
-            samples_seen=job.samples_seen,
-            tokens_seen=job.tokens_seen,
-        ),
+        progress=job_progress(job),
         metrics=job.metrics,
         error=error,
         attempts=job.attempts,

@@ -3,7 +3,8 @@
 
 It talks to the HTTP API only (no torch, no database), so it runs from the API-only
 install. Exit codes: 0 success, 1 the server answered an error or a watched job
-failed or was cancelled, 2 a usage error or an unreadable spec, 3 no server at the URL.
+failed or was cancelled, 2 a usage error or an unreadable spec, 3 no server at the URL
+(and 141, from worker/cli/main.py, when the reader of stdout went away).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from app.files.formats import FORMATS
 from app.files.schemas import FileStatus
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainjob",
         description="Train neural networks with exact gradient accumulation.",
     )
+    # Also before the command (`trainjob --url URL list`); the same flag after the
+    # command wins, as its defaults are suppressed (see add_client_options).
+    add_client_options(parser, title="client options (submit, status, list, ...)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -117,23 +121,39 @@ CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "dow
 FILE_STATUSES = get_args(FileStatus)
 
 
-def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The HTTP client of a running service; each command takes --url, --api-key, --json."""
-    server = argparse.ArgumentParser(add_help=False)
-    options = server.add_argument_group("server options")
-    options.add_argument("--url", help="the API (default TRAINJOB_URL, http://127.0.0.1:8000)")
+def add_client_options(
+    parser: argparse.ArgumentParser, *, title: str, after_command: bool = False
+) -> None:
+    """--url, --api-key and --json: on the top-level parser and on every client command.
+
+    On a command they default to SUPPRESS, so that leaving them out after the command
+    does not overwrite what was given before it.
+    """
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    options = parser.add_argument_group(title)
+    options.add_argument(
+        "--url", help="the API (default TRAINJOB_URL, http://127.0.0.1:8000)", **unset
+    )
     options.add_argument(
         "--api-key",
         metavar="KEY",
         help="sent as Authorization: Bearer KEY (default TRAINJOB_API_KEY; prefer the variable: "
         "arguments show in process lists)",
+        **unset,
     )
     options.add_argument(
         "--json",
         dest="as_json",
         action="store_true",
         help="print the server's JSON (one document) instead of text, for scripts",
+        **unset,
     )
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The HTTP client of a running service; each command takes --url, --api-key, --json."""
+    server = argparse.ArgumentParser(add_help=False)
+    add_client_options(server, title="server options", after_command=True)
 
     def client(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[server], help=help, description=description)
@@ -232,8 +252,41 @@ def add_files_commands(
     remove.add_argument("file_id", metavar="ID", help="file id")
 
 
+# What a shell reports for a command that SIGPIPE ended (128 + 13), e.g. under
+# `set -o pipefail`: the reader went away, not the command's own failure.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        try:
+            return run_command(argv)
+        finally:
+            # Flushed here, also after --help's SystemExit: a flush at interpreter exit
+            # would print an "Exception ignored" traceback once the reader is gone.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed early (`trainjob events ID | head`): that is not an error to
+        # report. Point stdout at devnull so that the exit's flush finds a writable file
+        # (the recipe of Python's signal docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run_command(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in CLIENT_COMMANDS:
+        given = [
+            flag
+            for flag, value in (("--url", args.url), ("--api-key", args.api_key))
+            if value is not None
+        ] + (["--json"] if args.as_json else [])
+        if given:
+            parser.error(
+                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
+                f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
+            )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
         from worker.cli.client import client_command

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from worker.cli.progress import format_duration
+from worker.cli.progress import LineSchedule, format_duration
 
 Json = Mapping[str, Any]
 
@@ -29,6 +29,16 @@ def format_error(error: Json | None) -> str:
     return f"{error.get('type', 'error')}: {error.get('message', '')}"
 
 
+def format_batch(job: Json) -> str:
+    """Batch = m × k, the full window's split, and a note when the latest step's window
+    was an epoch's short last one (fewer samples, so fewer micro-batches, same split)."""
+    split = f"{job['batch_size']} = {job['micro_batch_size']} × {job['accumulation_steps']}"
+    last = (job.get("progress") or {}).get("last_window_samples")
+    if isinstance(last, int) and last < job["batch_size"]:
+        split += f" (last window partial: {last} of {job['batch_size']} samples)"
+    return split
+
+
 def job_summary(job: Json) -> str:
     """The readable `trainjob status` answer."""
     metrics = job.get("metrics") or {}
@@ -39,10 +49,7 @@ def job_summary(job: Json) -> str:
         ("status", job["status"] + (" (cancel requested)" if _cancel_pending(job) else "")),
         ("step", format_steps(job["progress"])),
         ("loss", loss),
-        (
-            "batch",
-            f"{job['batch_size']} = {job['micro_batch_size']} × {job['accumulation_steps']}",
-        ),
+        ("batch", format_batch(job)),
         ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
         ("worker", job.get("worker") or "-"),
         ("runtime", format_duration(job.get("runtime_seconds") or 0)),
@@ -120,7 +127,8 @@ def final_line(job: Json) -> str:
 
 
 class ProgressLine:
-    """A live progress line: redrawn in place on a terminal, else one line every few steps.
+    """A live progress line: redrawn in place on a terminal, else a line now and then
+    (about every 5 % of the steps, and at least every few seconds: LineSchedule).
 
     The ETA comes from the server's samples/s and the batch size, not from our own clock,
     so that events replayed after a reconnect do not make it jump.
@@ -134,14 +142,14 @@ class ProgressLine:
         stream: TextIO,
         interactive: bool,
         width: int = 24,
+        lines: LineSchedule | None = None,
     ) -> None:
         self.max_steps = max_steps
         self.batch_size = batch_size
         self.stream = stream
         self.interactive = interactive
         self.width = width
-        # About twenty lines for a whole run when nobody watches a terminal.
-        self.every = max(1, max_steps // 20) if max_steps else 10
+        self.lines = lines or LineSchedule(max_steps)
         self._drawn = ""
 
     def update(self, step: int, loss: float, samples_per_sec: float) -> None:
@@ -150,7 +158,7 @@ class ProgressLine:
             self._drawn = line
             self.stream.write("\r" + line + "\033[K")
             self.stream.flush()
-        elif step % self.every == 0 or step == self.max_steps:
+        elif self.lines.due(step):
             self.stream.write(line + "\n")
             self.stream.flush()
 

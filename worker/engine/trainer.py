@@ -75,8 +75,12 @@ class StepMetrics:
     samples_per_sec: float
     # Wall time of the step's window (forward, backward, optimizer), without evaluation.
     step_seconds: float
+    # The split in use, m × k of a full window (after any out-of-memory backoff); an
+    # epoch's short last window is cut into fewer micro-batches, but that is no new split.
     micro_batch_size: int
     accumulation_steps: int
+    # Samples in this step's window: below the batch size for an epoch's last window.
+    window_samples: int
     skipped: bool
     time: float
     eval_loss: float | None = None
@@ -402,8 +406,9 @@ def drive(
             tokens_seen=progress.tokens_seen,
             samples_per_sec=len(window.indices) / elapsed if elapsed > 0 else 0.0,
             step_seconds=elapsed,
-            micro_batch_size=min(progress.micro_batch_size, len(window.indices)),
-            accumulation_steps=math.ceil(len(window.indices) / progress.micro_batch_size),
+            micro_batch_size=progress.micro_batch_size,
+            accumulation_steps=math.ceil(spec.window_size / progress.micro_batch_size),
+            window_samples=len(window.indices),
             skipped=outcome.skipped,
             time=time.time(),
             eval_loss=eval_loss,

@@ -131,9 +131,17 @@ function progressBar(job, big = false) {
 }
 
 function batchCell(job) {
-  return el("span", { class: "batch" },
+  // m × k is the full window's split; an epoch's short last window is flagged beside it,
+  // not shown as a split of its own.
+  const last = job.progress ? job.progress.last_window_samples : null;
+  const partial = isNumber(last) && last < job.batch_size;
+  return el("span", {
+    class: "batch",
+    title: partial ? `the latest step trained an epoch's partial last window: ${last} samples` : null,
+  },
     el("strong", {}, fmtInt(job.batch_size)),
-    el("span", { class: "muted" }, ` = ${job.micro_batch_size} × ${job.accumulation_steps}`));
+    el("span", { class: "muted" }, ` = ${job.micro_batch_size} × ${job.accumulation_steps}`),
+    partial ? el("span", { class: "muted" }, ` · last window ${fmtInt(last)}`) : null);
 }
 
 function modelSummary(spec) {

@@ -50,15 +50,18 @@ def dashboard(client: TestClient, **headers: str) -> dict[str, Any]:
     return body
 
 
-def running_job(database: Database, worker: str, *, loss_at_step: int = 4) -> str:
-    """A claimed job with a few steps of progress: loss and samples/s set."""
+def running_job(
+    database: Database, worker: str, *, loss_at_step: int = 4, window_samples: int = 8
+) -> str:
+    """A claimed job with a few steps of progress: loss, samples/s and window size set."""
     job_id = create(database, name="dash-running")
     taken = claim(database, job_id, worker)
+    step_metrics = {**metric(loss_at_step), "window_samples": window_samples}
     with database.session() as session:
         runs.record_progress(
             session,
             claim=taken,
-            job_values={"step": loss_at_step, "metrics": metric(loss_at_step)},
+            job_values={"step": loss_at_step, "metrics": step_metrics},
             metrics=[],
             events=[],
         )
@@ -134,7 +137,8 @@ def test_running_jobs_come_newest_first_with_progress_batch_loss_and_worker(
     client: TestClient, database: Database
 ) -> None:
     older = running_job(database, "trainjob-11@dash")
-    newer = running_job(database, "trainjob-12@dash", loss_at_step=5)
+    # Its latest step was an epoch's short last window: 3 of the batch's 8 samples.
+    newer = running_job(database, "trainjob-12@dash", loss_at_step=5, window_samples=3)
     assert client.post(f"/v1/jobs/{older}/cancel").json()["status"] == "cancelling"
     queued = create(database)
 
@@ -146,7 +150,7 @@ def test_running_jobs_come_newest_first_with_progress_batch_loss_and_worker(
     assert set(entry) == RUNNING_FIELDS
     assert entry["status"] == "running" and entry["worker"] == "trainjob-12@dash"
     assert entry["progress"] == {"step": 5, "max_steps": 10, "epoch": 0, "samples_seen": 0,
-                                 "tokens_seen": 0}  # fmt: skip
+                                 "tokens_seen": 0, "last_window_samples": 3}  # fmt: skip
     batch = (entry["batch_size"], entry["micro_batch_size"], entry["accumulation_steps"])
     assert batch == (8, 8, 1)
     assert entry["loss"] == pytest.approx(1 / 5) and entry["samples_per_sec"] == 100.0

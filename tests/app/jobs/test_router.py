@@ -50,7 +50,7 @@ def test_submit_returns_the_queued_job_and_enqueues_only_its_id(
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["name"] == "first"
     assert (job["batch_size"], job["micro_batch_size"], job["accumulation_steps"]) == (8, 4, 2)
     assert job["progress"] == {"step": 0, "max_steps": 3, "epoch": 0, "samples_seen": 0,
-                               "tokens_seen": 0}  # fmt: skip
+                               "tokens_seen": 0, "last_window_samples": None}  # fmt: skip
     assert job["spec"]["batch_size"] == 8 and job["error"] is None
     assert (job["attempts"], job["max_attempts"], job["worker"]) == (0, 3, None)
     assert job["runtime_seconds"] == 0.0

@@ -30,7 +30,7 @@ from tests.processes import (
     service_env,
     wait_for_status,
 )
-from worker.cli.main import main
+from worker.cli.main import build_parser, main
 from worker.cli.output import ProgressLine
 
 # Small enough to train in about a second on one CPU thread.
@@ -44,6 +44,17 @@ SPEC: dict[str, Any] = {
     "checkpoint_every": 4,
     "optimizer": {"type": "adamw", "lr": 0.01},
     "device": "cpu",
+}
+# 40 samples, 4 held out: an epoch is a window of 32 = 8 × 4, then a partial one of 4.
+PARTIAL_LAST_WINDOW = {
+    **SPEC,
+    "name": "partial last window",
+    "dataset": {"type": "synthetic-classification", "n_samples": 40, "n_features": 8},
+    "micro_batch_size": 8,
+    "accumulation_steps": 4,
+    "max_steps": None,
+    "epochs": 1,
+    "checkpoint_every": 0,
 }
 # Trains until cancelled.
 ENDLESS = {**SPEC, "name": "endless", "max_steps": 1_000_000, "checkpoint_every": 0}
@@ -165,7 +176,7 @@ def test_status_summarises_the_job(
     assert "status    succeeded" in shown.out
     assert "step      8/8" in shown.out
     assert f"loss      {finished_job['metrics']['loss']:.4f}" in shown.out
-    assert "batch     8 = 4 × 2" in shown.out
+    assert "batch     8 = 4 × 2" in shown.out and "partial" not in shown.out
     assert "attempts  1 of 3" in shown.out
     assert "error     -" in shown.out
 
@@ -196,6 +207,22 @@ def test_list_json_is_the_servers_page_and_the_table_lists_the_same_jobs(
         f"{finished_job['metrics']['loss']:.4f}",
         "8=4×2",
     ]
+
+
+def test_after_a_partial_last_window_status_shows_the_full_split_and_flags_it(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    job = service.http.post("/v1/jobs", json=PARTIAL_LAST_WINDOW).json()
+    done = wait_for_status(service.http, job["id"], TERMINAL, timeout=60)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"]["step"] == 2 and done["progress"]["samples_seen"] == 36
+    assert (done["batch_size"], done["micro_batch_size"], done["accumulation_steps"]) == (32, 8, 4)
+    assert done["progress"]["last_window_samples"] == 4
+
+    shown = trainjob("status", job["id"])
+    assert "batch     32 = 8 × 4 (last window partial: 4 of 32 samples)" in shown.out
+    table = trainjob("list").out.splitlines()
+    assert next(line for line in table if line.startswith(job["id"])).split()[4] == "32=8×4"
 
 
 def test_list_pages_with_after(
@@ -351,6 +378,64 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert missing_id.value.code == 2
     assert main(["status", "job_x", "--url", "localhost:8000"]) == 2
     assert "--url must start with http://" in capsys.readouterr().err
+
+
+def test_client_flags_are_taken_before_the_command_as_well_as_after_it(
+    service: Service, finished_job: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = finished_job["id"]
+    assert main(["--url", service.url, "status", job_id]) == 0
+    assert capsys.readouterr().out.startswith(job_id)
+    assert main(["--json", "--url", service.url, "status", job_id]) == 0
+    assert json.loads(capsys.readouterr().out) == finished_job
+    assert main(["--url", service.url, "files", "list", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"data", "has_more"}
+    # Given twice, the one after the command wins.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["--url", nowhere, "status", job_id, "--url", service.url]) == 0
+    assert main(["--url", service.url, "status", job_id, "--url", nowhere]) == 3
+    parsed = build_parser().parse_args(["--api-key", "k1", "--json", "list"])
+    assert (parsed.api_key, parsed.as_json, parsed.url) == ("k1", True, None)
+    parsed = build_parser().parse_args(["--api-key", "k1", "list", "--api-key", "k2"])
+    assert (parsed.api_key, parsed.as_json) == ("k2", False)
+
+
+def test_help_shows_the_client_flags_and_server_commands_refuse_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as shown:
+        main(["--help"])
+    assert shown.value.code == 0
+    usage = capsys.readouterr().out
+    assert "trainjob [-h] [--url URL] [--api-key KEY] [--json] COMMAND" in usage
+    with pytest.raises(SystemExit) as refused:
+        main(["--url", "http://127.0.0.1:8000", "serve"])
+    assert refused.value.code == 2
+    assert "--url is for the client commands" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status", "ID", "--json"], ["list"], ["events", "ID"]],
+    ids=" ".join,
+)
+def test_a_reader_that_closes_early_ends_the_command_quietly(
+    service: Service, finished_job: dict[str, Any], command: list[str]
+) -> None:
+    args = [finished_job["id"] if part == "ID" else part for part in command]
+    process = subprocess.Popen(
+        [*TRAINJOB, *args, "--url", service.url],
+        env=service_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    # As `trainjob ... | head -n 1` once head has its line: nobody reads any more.
+    # Closed before the command can print, so that its every write finds the pipe shut.
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=30) == 141, errors  # 128 + SIGPIPE, as a shell reports
+    assert errors == ""
 
 
 def test_submit_reads_yaml_and_prints_only_the_id(

@@ -108,6 +108,16 @@ def test_last_partial_window_is_a_full_batch_step_on_the_tail() -> None:
     assert all(p.grad is None for p in run.parts.model.parameters())
 
 
+def test_a_partial_window_reports_the_full_windows_split_and_its_own_size() -> None:
+    # 86 train samples in windows of 8 = 2 × 4: ten full windows, then a tail of 6, cut
+    # into three micro-batches; the job's split is still 2 × 4, not 2 × 3.
+    spec = make_spec(micro_batch_size=2, accumulation_steps=4, epochs=1, max_steps=None)
+    metrics: list[StepMetrics] = []
+    train(spec, Callbacks(on_step=metrics.append))
+    assert [m.window_samples for m in metrics] == [8] * 10 + [6]
+    assert {(m.micro_batch_size, m.accumulation_steps) for m in metrics} == {(2, 4)}
+
+
 def test_optimizer_scheduler_and_scaler_step_once_per_window() -> None:
     spec = make_spec(
         precision="fp16",
