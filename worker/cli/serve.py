@@ -2,7 +2,8 @@
 
 `serve` with nothing configured is the embedded default: a SQLite file and a private
 Redis under TRAINJOB_HOME, the API, and one worker process. With TRAINJOB_DATABASE_URL
-and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone.
+and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone. It refuses a
+non-loopback address while authentication is off (worker/cli/exposure.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
 from app.settings import Settings, get_settings
+from worker.cli import exposure
 from worker.cli.embedded_redis import EmbeddedRedis
 from worker.parent_death import dies_with
 
@@ -52,6 +54,13 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
     if problem:
         print(f"trainjob serve: {problem}", file=sys.stderr)
         return 2
+    host = host or settings.host
+    refused = exposure.refusal(
+        host, auth=settings.auth, auth_on=exposure.authentication_is_on(settings)
+    )
+    if refused:
+        print(f"trainjob serve: {refused}", file=sys.stderr)
+        return 2
 
     embedded_redis: EmbeddedRedis | None = None
     worker: subprocess.Popen[bytes] | None = None
@@ -62,9 +71,7 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
             settings = settings.model_copy(update={"redis_url": embedded_redis.url})
         if with_worker:
             worker = _start_worker(settings)
-        return _run_api(
-            settings, host or settings.host, port if port is not None else settings.port
-        )
+        return _run_api(settings, host, port if port is not None else settings.port)
     finally:
         if worker is not None:
             _stop(worker, settings.shutdown_timeout_seconds + 10)

@@ -1,5 +1,5 @@
-"""`trainjob serve` on embedded defaults: nothing configured, a job trains, Ctrl-C cleans up,
-and nothing it started outlives it."""
+"""`trainjob serve` on embedded defaults: nothing configured, a job trains, Ctrl-C cleans up;
+it never serves open beyond this machine, and nothing it started outlives it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.auth import service as auth_service
+from app.db import Database, upgrade
 from tests.conftest import wait_for
 from tests.processes import TRAINJOB, free_port, service_env, wait_for_status, wait_until_ready
 
@@ -220,3 +222,49 @@ def test_a_sigkilled_serve_leaves_no_process_behind(tmp_path: Path) -> None:
         serve.kill()
         serve.wait()
         wait_for(lambda: not left_of(serve, marker, known), 5, "every process of the serve to exit")
+
+
+def _trainjob(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TRAINJOB, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_serve_on_a_public_address_refuses_to_start_while_authentication_is_off(
+    tmp_path: Path,
+) -> None:
+    env = service_env(home=str(tmp_path / "home"))  # no key, TRAINJOB_AUTH unset: auto
+    result = _trainjob(env, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "refusing to listen on 0.0.0.0 with authentication off" in result.stderr
+    assert "trainjob keys create --tenant NAME --admin" in result.stderr
+    assert "TRAINJOB_AUTH=required" in result.stderr
+    assert "serving at" not in result.stdout
+
+
+def test_serve_on_a_public_address_with_a_key_serves_and_requires_it(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    url = f"sqlite:///{tmp_path / 'home' / 'trainjob.db'}"  # the embedded default's file
+    upgrade(url)
+    database = Database(url)
+    try:
+        with database.session() as session:
+            _, key = auth_service.create_key(session, tenant="ops", admin=True)
+            session.commit()
+    finally:
+        database.dispose()
+    with marked_serve(tmp_path, "--no-worker", "--host", "0.0.0.0") as (_, url, _marker):
+        assert httpx.get(f"{url}/v1/jobs", timeout=10).status_code == 401
+        answer = httpx.get(f"{url}/v1/jobs", headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+
+
+def test_serve_open_on_a_public_address_takes_auth_off_and_warns(tmp_path: Path) -> None:
+    with marked_serve(tmp_path, "--no-worker", "--host", "0.0.0.0", auth="off") as (
+        _,
+        url,
+        _marker,
+    ):
+        assert httpx.get(f"{url}/v1/jobs", timeout=10).status_code == 200
+    log = (tmp_path / "serve.log").read_text()
+    assert "authentication is OFF (TRAINJOB_AUTH=off)" in log
