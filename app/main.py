@@ -67,9 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.auth_gate = AuthGate(database, settings.auth)
         if not app.state.auth_gate.required():
             logger.warning(
-                "authentication is OFF: no API key exists, so anyone who can reach this "
-                "service can submit and read jobs. Create one with "
-                "`trainjob keys create --tenant NAME` (or set TRAINJOB_AUTH=required)."
+                "authentication is OFF (%s): anyone who can reach this service is an admin "
+                "of every job. Create a key with `trainjob keys create --tenant NAME --admin` "
+                "(or set TRAINJOB_AUTH=required).",
+                "TRAINJOB_AUTH=off" if settings.auth == "off" else "no API key exists",
             )
         app.state.celery = make_celery(settings)
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)

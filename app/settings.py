@@ -95,10 +95,11 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = Field(
         15.0, gt=0, description="An idle event stream sends a keep-alive comment this often."
     )
-    auth: Literal["auto", "required"] = Field(
+    auth: Literal["auto", "required", "off"] = Field(
         "auto",
         description="`auto`: API keys are required once any key has been created; "
-        "`required`: always.",
+        "`required`: always; `off`: never (everyone is an admin). `trainjob serve` refuses "
+        "a non-loopback address while authentication is off, unless this is `off`.",
     )
     max_active_jobs_per_tenant: int = Field(
         100, ge=1, description="A tenant's queued and running jobs; more submits get 429."

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs trainjob into ./.venv and starts the service on embedded defaults
+# Installs trainjob into ./.venv (only when pyproject.toml or the extras changed since
+# the last install, see install.sh) and starts the service on embedded defaults
 # (SQLite and a private Redis under ./.trainjob). Arguments go to `trainjob serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
+from worker.cli import exposure
 from worker.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,3 +346,52 @@ def test_migrate_api_and_worker_share_one_database_and_one_redis() -> None:
         assert len(values) == 1 and None not in values, (variable, values)
     database = _environment(SERVICES["migrate"])["TRAINJOB_DATABASE_URL"]
     assert database == _environment(SERVICES["api"])["TRAINJOB_DATABASE_URL"]
+
+
+def _image_environment(stage: Stage) -> dict[str, str]:
+    """ENV of the stage and its parents (`KEY=value ...` form), nearest last."""
+    environment: dict[str, str] = {}
+    for built in reversed(stage.lineage()):
+        for keyword, value in built.instructions:
+            if keyword == "ENV":
+                environment |= dict(word.split("=", 1) for word in shlex.split(value))
+    return environment
+
+
+def _refusal_with_no_key(argv: list[str], environment: dict[str, str]) -> str | None:
+    """What `trainjob serve` says of this command and environment on a fresh database
+    (no API key yet): the first start of a deployment."""
+    served = _parsed(argv, "the api")
+    assert served.command == "serve", f"the api runs {argv!r}: the guard is in `trainjob serve`"
+    settings = Settings.model_validate(
+        {key.removeprefix("TRAINJOB_").lower(): value for key, value in environment.items()}
+    )
+    host = served.host or settings.host
+    auth_on = settings.auth == "required"  # `auto` on a fresh database: no key, off
+    return exposure.refusal(host, auth=settings.auth, auth_on=auth_on)
+
+
+def test_compose_api_requires_api_keys_from_the_first_request() -> None:
+    environment = _environment(SERVICES["api"])
+    assert environment.get("TRAINJOB_AUTH") == "required", environment
+    assert _refusal_with_no_key(_argv("api"), environment) is None
+
+
+def test_the_api_image_alone_refuses_to_serve_an_open_api() -> None:
+    # `docker run` of the api image with no key and no TRAINJOB_AUTH: it must fail
+    # closed, not listen on 0.0.0.0 with everyone an admin.
+    stage = _target("api")
+    command = stage.command()
+    assert isinstance(command, list)
+    environment = {k: v for k, v in _image_environment(stage).items() if k.startswith("TRAINJOB_")}
+    refusal = _refusal_with_no_key(command, environment)
+    assert refusal is not None and exposure.FIRST_KEY in refusal
+
+
+def test_compose_documents_the_first_key_with_a_command_the_cli_accepts() -> None:
+    command = "docker compose run --rm api trainjob keys create --tenant NAME --admin"
+    assert command in COMPOSE_FILE.read_text()
+    words = shlex.split(command)
+    assert words[4] in SERVICES  # it runs in the api service: its image and environment
+    created = _parsed(words[5:], "the compose file's first-key command")
+    assert (created.command, created.key_action, created.admin) == ("keys", "create", True)

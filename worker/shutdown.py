@@ -10,6 +10,15 @@ The bound: `shutdown_timeout_seconds` after the signal this process sends itself
 SIGQUIT, Celery's cold shutdown, which terminates the task; the job's lease then
 expires and the reaper re-queues it (counted as `worker_lost`).
 
+With no task in hand there is nothing to wait for, yet the warm shutdown would wait for
+every pool child to come up before telling it to stop: a fresh child imports torch for
+seconds (minutes on a loaded machine), and one that never sends Celery its UP message
+holds the shutdown for `worker_proc_alive_timeout`. So then the idle children are killed
+at once, and the worker exits in about a second.
+
+Pool children die with the worker's main process even when it is SIGKILLed: an orphaned
+child could not report to Celery, and would hold the job's lease until it ended.
+
 Why not REMAP_SIGTERM=SIGQUIT with `worker_soft_shutdown_timeout`: in Celery 5.5-5.7
 the cold handler waits out the soft-shutdown period *before* it sends
 `worker_shutting_down` (celery/apps/worker.py, `_shutdown_handler`), so the job would
@@ -18,17 +27,22 @@ learn of the shutdown only when the time to stop cleanly is already gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_init, worker_shutting_down
+from celery.worker import state
 
 from app.db import Database
 from app.jobs.runs import request_release
 from app.settings import Settings
+from worker.parent_death import dies_with
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +60,45 @@ def release_jobs_of(settings: Settings, worker: str) -> None:
         database.dispose()
 
 
+def children_of(parent: int) -> list[int]:
+    """The live child processes of `parent`, from /proc (empty where there is none)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def kill_idle_pool(worker: int, interval: float = 0.1) -> None:
+    """Kill the pool children of `worker` until it exits, those the pool forks again before
+    it closes included. Only when no task is in hand: an idle child loses nothing."""
+    logger.info("shutdown: no task in hand, stopping the pool's idle children now")
+    while True:
+        for child in children_of(worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        time.sleep(interval)
+
+
+def has_a_task_in_hand() -> bool:
+    """Whether this worker has received a task that has not finished (waiting for a pool
+    child or running in one)."""
+    return bool(state.reserved_requests or state.active_requests)
+
+
 def install_graceful_shutdown(settings: Settings) -> None:
-    """Connect the handler in the worker's main process."""
+    """Connect the handlers in the worker's main process (pool children inherit them)."""
+    main_process = os.getpid()
+
+    @worker_process_init.connect(weak=False)
+    def _die_with_the_worker(**_: Any) -> None:
+        # Pool children are forked by the main thread of the main process.
+        dies_with(main_process, signal.SIGKILL)()
 
     @worker_shutting_down.connect(weak=False)
     def _on_shutting_down(sender: str, how: str = "", **_: Any) -> None:
@@ -55,9 +106,15 @@ def install_graceful_shutdown(settings: Settings) -> None:
         threading.Thread(
             target=release_jobs_of, args=(settings, sender), name="trainjob-release", daemon=True
         ).start()
-        if how == "Warm":
+        if how != "Warm":
+            return
+        if has_a_task_in_hand():
             force = threading.Timer(
-                settings.shutdown_timeout_seconds, os.kill, (os.getpid(), signal.SIGQUIT)
+                settings.shutdown_timeout_seconds, os.kill, (main_process, signal.SIGQUIT)
             )
             force.daemon = True
             force.start()
+        else:
+            threading.Thread(
+                target=kill_idle_pool, args=(main_process,), name="trainjob-stop-pool", daemon=True
+            ).start()

@@ -1,7 +1,8 @@
 """Who the request is: `PrincipalDep`, from `Authorization: Bearer KEY`.
 
 Auth is on when TRAINJOB_AUTH=required, or (the default, `auto`) as soon as any key has
-been created, revoked ones included: revoking every key must not open the service.
+been created, revoked ones included: revoking every key must not open the service. With
+TRAINJOB_AUTH=off it is never on.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class AuthGate:
         time to look in the database again."""
         if self._on:
             return True
+        if self.mode == "off":
+            return False
         if time.monotonic() - self._checked_at < RECHECK_SECONDS:
             return False
         return None
@@ -56,6 +59,8 @@ class AuthGate:
     def required(self) -> bool:
         if self._on:
             return True
+        if self.mode == "off":
+            return False
         with self._lock:
             if time.monotonic() - self._checked_at >= RECHECK_SECONDS:
                 with self.database.session() as session:

@@ -2,17 +2,22 @@
 
 It listens on a unix socket under TRAINJOB_HOME only (no TCP port), refuses to evict
 keys (evicted queue keys would lose jobs), and saves to TRAINJOB_HOME so that queued
-jobs survive a restart.
+jobs survive a restart. It dies with the process that started it, even one that is
+SIGKILLed (worker/parent_death.py): an orphan would keep the socket and the files.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from worker.parent_death import dies_with
 
 # A unix socket path must fit in sockaddr_un (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
@@ -59,6 +64,8 @@ class EmbeddedRedis:
             # Its own session: a Ctrl-C in the terminal reaches `trainjob serve`, which
             # stops the worker first and Redis last.
             start_new_session=True,
+            # Should we die without stopping it: SIGTERM, on which redis saves and exits.
+            preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket_path))

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start the HTTP API and one worker process. With no TRAINJOB_DATABASE_URL and "
             "TRAINJOB_REDIS_URL set, it keeps a SQLite database and a private Redis under "
-            "TRAINJOB_HOME (default ./.trainjob). Ctrl-C stops everything."
+            "TRAINJOB_HOME (default ./.trainjob). Ctrl-C stops everything. On an address other "
+            "than a loopback one it refuses to start while authentication is off (no API key "
+            "and TRAINJOB_AUTH=auto): create a key with `trainjob keys create --tenant NAME "
+            "--admin`, or set TRAINJOB_AUTH=required (TRAINJOB_AUTH=off serves open)."
         ),
     )
     serve.add_argument("--host", help="address to listen on (default TRAINJOB_HOST, 127.0.0.1)")

@@ -2,11 +2,13 @@
 
 `serve` with nothing configured is the embedded default: a SQLite file and a private
 Redis under TRAINJOB_HOME, the API, and one worker process. With TRAINJOB_DATABASE_URL
-and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone.
+and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone. It refuses a
+non-loopback address while authentication is off (worker/cli/exposure.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,9 +21,15 @@ import time
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
 from app.settings import Settings, get_settings
+from worker.cli import exposure
 from worker.cli.embedded_redis import EmbeddedRedis
+from worker.parent_death import dies_with
 
 logger = logging.getLogger("trainjob.serve")
+
+# Requests in flight get this long to finish on Ctrl-C/SIGTERM; the whole service then
+# stops within about 10 s unless a running job is handing itself back (worker/shutdown.py).
+API_SHUTDOWN_SECONDS = 3
 
 
 def _check_migrated(settings: Settings) -> str | None:
@@ -46,6 +54,13 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
     if problem:
         print(f"trainjob serve: {problem}", file=sys.stderr)
         return 2
+    host = host or settings.host
+    refused = exposure.refusal(
+        host, auth=settings.auth, auth_on=exposure.authentication_is_on(settings)
+    )
+    if refused:
+        print(f"trainjob serve: {refused}", file=sys.stderr)
+        return 2
 
     embedded_redis: EmbeddedRedis | None = None
     worker: subprocess.Popen[bytes] | None = None
@@ -56,9 +71,7 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
             settings = settings.model_copy(update={"redis_url": embedded_redis.url})
         if with_worker:
             worker = _start_worker(settings)
-        return _run_api(
-            settings, host or settings.host, port if port is not None else settings.port
-        )
+        return _run_api(settings, host, port if port is not None else settings.port)
     finally:
         if worker is not None:
             _stop(worker, settings.shutdown_timeout_seconds + 10)
@@ -77,11 +90,13 @@ def _child_environment(settings: Settings) -> dict[str, str]:
 
 def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # Its own process group: Ctrl-C reaches it through us, in order, and stopping the
-    # group takes its pool children too.
+    # group takes its pool children too. Should we die without stopping it (SIGKILL), it
+    # dies too, and its pool children with it (worker/shutdown.py).
     return subprocess.Popen(
         [sys.executable, "-m", "worker.cli.main", "worker"],
         env=_child_environment(settings),
         start_new_session=True,
+        preexec_fn=dies_with(os.getpid(), signal.SIGKILL),
     )
 
 
@@ -110,9 +125,13 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
+        # Open event streams and downloads would hold a graceful shutdown for as long as
+        # their clients stay: cut them after this (`trainjob watch` reconnects elsewhere).
+        timeout_graceful_shutdown=API_SHUTDOWN_SECONDS,
         # JSON: no handlers of uvicorn's own; its lines, access lines too, reach ours.
         log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
     )
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cut_stream)
     server = uvicorn.Server(config)
     if port == 0:  # an ephemeral port: bind first so that we can say which
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -135,6 +154,13 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
     with contextlib.suppress(_Stop):
         server.run(sockets=sockets)
     return 0
+
+
+def _not_a_cut_stream(record: logging.LogRecord) -> bool:
+    """uvicorn logs a request cancelled by the graceful-shutdown timeout (an open event
+    stream) as an application error with a traceback; it is the shutdown working."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, asyncio.CancelledError)
 
 
 class _Stop(Exception):
