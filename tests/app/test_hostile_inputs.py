@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -383,6 +385,20 @@ def test_urllib_gets_the_413_envelope_for_a_file_over_the_upload_cap(
     error = refused_by_urllib(f"{real_api}/v1/files", body, MULTIPART)
     assert error["limit_bytes"] == MIB
     assert urllib_post(f"{real_api}/v1/jobs", json.dumps(SPEC).encode(), "application/json") == 201
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_the_body(
+    real_api: str,
+) -> None:
+    url = httpx.URL(real_api)
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {OVER_THE_CAP}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head.encode())  # and no body: curl waits for `100 Continue`
+        with sock.makefile("rb") as answer:
+            assert answer.readline().split()[1] == b"413"
 
 
 def test_past_the_discard_bound_the_connection_is_closed_unread(real_api: str) -> None:
