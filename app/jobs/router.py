@@ -18,6 +18,7 @@ from app.errors import AppError, error_responses
 from app.jobs import devices
 from app.jobs import service as jobs_service
 from app.jobs.ids import JOB_ID_PATTERN
+from app.jobs.json_body import JsonBodyRoute
 from app.jobs.schemas import (
     AttemptList,
     AttemptPublic,
@@ -60,24 +61,8 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    response_model=JobPublic,
-    responses={
-        **ERRORS,
-        200: {"model": JobPublic, "description": "an earlier submit with this key and body"},
-        **error_responses(
-            {
-                409: "the Idempotency-Key was used with another body",
-                413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
-                422: "an invalid spec, a dataset file that is unknown, invalid or does "
-                "not fit the model, or device `cuda` with no live CUDA worker",
-                429: "the tenant has too many queued and running jobs",
-            }
-        ),
-    },
-)
+# Registered below, after it: the decorators take no route class, and JsonBodyRoute reads
+# the body as JSON whatever its content type.
 def submit_job(
     spec: JobSpec,
     response: Response,
@@ -117,6 +102,29 @@ def submit_job(
         jobs_service.mark_unsent(session, job_id=job.id)
         session.commit()
     return jobs_service.to_public(job)
+
+
+router.add_api_route(
+    "",
+    submit_job,
+    methods=["POST"],
+    route_class_override=JsonBodyRoute,
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={
+        **ERRORS,
+        200: {"model": JobPublic, "description": "an earlier submit with this key and body"},
+        **error_responses(
+            {
+                409: "the Idempotency-Key was used with another body",
+                413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
+                422: "an invalid spec, a dataset file that is unknown, invalid or does "
+                "not fit the model, or device `cuda` with no live CUDA worker",
+                429: "the tenant has too many queued and running jobs",
+            }
+        ),
+    },
+)
 
 
 @router.get("", response_model=JobList, responses=ERRORS)
