@@ -2,7 +2,14 @@
 
 Pure ASGI, so that it sees the bytes as they arrive: a Content-Length over the cap is
 refused at once, and a chunked body is cut off as soon as it passes the cap. A path can
-have a cap of its own (file uploads: TRAINJOB_MAX_FILE_BYTES).
+have a cap of its own (file uploads: TRAINJOB_MAX_FILE_BYTES). Before any early refusal
+goes out (this 413, a route's own, a 401 to an upload) the rest of the body is read and
+dropped, DISCARD_BYTES in all at most, so that the client hears the answer.
+
+Not FastAPI's `max_body_size=` (0.165): it answers `Content Too Large` in plain text,
+without the error envelope or the cap in bytes, has no room for a multipart body's
+boundaries beside the file, and closes without reading the body, which is the broken
+pipe urllib and requests saw.
 """
 
 from __future__ import annotations
@@ -11,9 +18,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import AppError
+
+# A body over its cap is read and dropped up to this many bytes in all before the 413
+# goes out: clients that send the whole body before they read the answer (urllib,
+# requests) then get it, not a broken pipe. Past it the connection is closed at once.
+DISCARD_BYTES = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -59,6 +72,45 @@ async def _refuse(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Body:
+    """The request body as the app reads it, counted against the cap, and what is left
+    of it dropped when an answer goes out before it was read."""
+
+    def __init__(self, receive: Receive, cutoff: int, expects_continue: bool) -> None:
+        self._receive = receive
+        self.cutoff = cutoff
+        self.expects_continue = expects_continue
+        self.received = 0
+        self.asked = False  # the app has read: the server has sent `100 Continue`, if asked for
+        self.ended = False
+        self.too_large = False
+
+    async def receive(self) -> Message:
+        self.asked = True
+        message = await self._take()
+        if self.received > self.cutoff:
+            self.too_large = True
+            raise BodyTooLarge
+        return message
+
+    async def _take(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.ended = not message.get("more_body", False)
+        else:  # the client went away
+            self.ended = True
+        return message
+
+    async def discard(self) -> None:
+        """Read and drop the rest of the body, DISCARD_BYTES in all at most. A client
+        that waits for `100 Continue` before it sends has sent nothing: not read either."""
+        if self.expects_continue and not self.asked:
+            return
+        while not self.ended and self.received <= DISCARD_BYTES:
+            await self._take()
+
+
 class BodySizeLimit:
     def __init__(
         self, app: ASGIApp, max_bytes: int, per_path: Mapping[str, PathLimit] | None = None
@@ -73,45 +125,50 @@ class BodySizeLimit:
             return
         limit = self.per_path.get(scope["path"], self.default)
         cutoff, named = limit.max_bytes + limit.slack_bytes, limit.max_bytes
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > cutoff:
-                    await _refuse(send, named)
-                    return
-        received = 0
+        headers = Headers(scope=scope)
+        body = _Body(
+            receive, cutoff, expects_continue=headers.get("expect", "").lower() == "100-continue"
+        )
+        declared = _content_length(headers)
+        if declared is not None and declared > cutoff:
+            if declared <= DISCARD_BYTES:
+                await body.discard()
+            await _refuse(send, named)
+            return
+        # A body may follow: some framing says so (a GET has none, and nothing to drop).
+        has_body = bool(declared) or "transfer-encoding" in headers
         started = False
-        too_large = False
         replaced = False  # the app's own answer swapped for the 413
-
-        async def counting_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > cutoff:
-                    too_large = True
-                    raise BodyTooLarge
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started, replaced
             if replaced:
                 return
-            if too_large and not started:
+            if body.too_large and not started:
                 # The app caught BodyTooLarge (FastAPI turns any failure to read the body
                 # into a 400) and answers on its own: the client gets the 413 instead.
                 replaced = started = True
+                await body.discard()
                 await _refuse(send, named)
                 return
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400 and has_body:
+                    # An early refusal (a file over its cap, a bad key on an upload):
+                    # read the rest first, or the client is still sending when we close.
+                    await body.discard()
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, body.receive, tracking_send)
         except BodyTooLarge:
             if not started:
+                await body.discard()
                 await _refuse(send, named)
+
+
+def _content_length(headers: Headers) -> int | None:
+    try:
+        return int(headers["content-length"])
+    except (KeyError, ValueError):
+        return None

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(
         100, ge=1, description="A tenant's queued and running jobs; more submits get 429."
     )
+    allow_unseen_cuda: bool = Field(
+        False,
+        description="Queue jobs asking for device `cuda` even when no live worker of the "
+        "queue has CUDA (one may start later); off: such a submit is a 422.",
+    )
     idempotency_ttl_hours: float = Field(
         48.0, ge=24, description="How long an Idempotency-Key of a submit is remembered."
     )

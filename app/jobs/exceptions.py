@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from app.errors import Conflict, NotFound
+from app.errors import AppError, Conflict, InvalidRequest, NotFound
 
 
 class JobNotFound(NotFound):
@@ -13,3 +13,26 @@ class JobAlreadyFinished(Conflict):
 
     def __init__(self, job_id: str, status: str) -> None:
         super().__init__(f"job {job_id} is already {status}", job_id=job_id, status=status)
+
+
+class TooManyJobs(AppError):
+    status_code = 429
+    type = "too_many_jobs"
+    headers = {"Retry-After": "30"}  # noqa: RUF012
+
+    def __init__(self, tenant: str, active: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} has {active} queued or running jobs, the most allowed; "
+            "retry when some have finished"
+        )
+
+
+class CudaNotSeen(InvalidRequest):
+    """A spec asks for CUDA and no live worker of the queue has it: it would fail at start."""
+
+    def __init__(self) -> None:
+        message = (
+            "device 'cuda' was requested but no live worker has CUDA; use device 'auto' or "
+            "'cpu', or start a GPU worker (TRAINJOB_ALLOW_UNSEEN_CUDA=true queues it anyway)"
+        )
+        super().__init__(message, fields=[{"path": "device", "message": message}])

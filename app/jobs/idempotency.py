@@ -1,8 +1,8 @@
 """Idempotent submits: the same Idempotency-Key and body from a tenant is one job.
 
-The key's row is inserted in the transaction that creates the job, under a primary
-key of (tenant, key): of two identical submits racing, one commits and the other
-fails on the key and replays the winner's job.
+The key's row is inserted in the transaction that creates the job. A tenant's submits
+take turns (`jobs_service.lock_tenant`), so of two identical submits racing, the second
+finds the first's key and replays its job; the primary key (tenant, key) backs that up.
 """
 
 from __future__ import annotations

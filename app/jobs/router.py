@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,9 +15,10 @@ from app.auth.service import Principal
 from app.db import Database
 from app.deps import CeleryDep, DatabaseDep, RedisDep, SessionDep, SettingsDep
 from app.errors import AppError, error_responses
-from app.jobs import idempotency
+from app.jobs import devices
 from app.jobs import service as jobs_service
 from app.jobs.ids import JOB_ID_PATTERN
+from app.jobs.json_body import JsonBodyRoute
 from app.jobs.schemas import (
     AttemptList,
     AttemptPublic,
@@ -48,12 +48,6 @@ MAX_INT64 = 2**63 - 1  # event ids
 ERRORS = error_responses({404: "no such job", 422: "invalid request"})
 
 
-class TooManyJobs(AppError):
-    status_code = 429
-    type = "too_many_jobs"
-    headers = {"Retry-After": "30"}  # noqa: RUF012
-
-
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -67,8 +61,54 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-@router.post(
+# Registered below, after it: the decorators take no route class, and JsonBodyRoute reads
+# the body as JSON whatever its content type.
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    redis_client: RedisDep,
+    principal: PrincipalDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobPublic:
+    """Validate a job spec, store the job as `queued`, and send it to the workers (a job
+    whose dataset file is still validating is sent when the file is valid)."""
+    try:
+        submitted = jobs_service.submit_job(
+            session,
+            spec=spec,
+            tenant=principal.tenant,
+            max_active_jobs=settings.max_active_jobs_per_tenant,
+            cuda_available=lambda: (
+                settings.allow_unseen_cuda
+                or devices.cuda_worker_seen(redis_client, queue=settings.queue)
+            ),
+            idempotency_key=idempotency_key,
+            idempotency_ttl_hours=settings.idempotency_ttl_hours,
+        )
+    except AppError:
+        session.rollback()  # lets go of the tenant's lock before the answer, not after it
+        raise
+    session.commit()
+    job = submitted.job
+    if submitted.replayed:
+        response.status_code = status.HTTP_200_OK
+        return jobs_service.to_public(job)
+    if jobs_service.waits_for_files(job):  # a file is still validating: that task sends it
+        return jobs_service.to_public(job)
+    if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
+        jobs_service.mark_unsent(session, job_id=job.id)
+        session.commit()
+    return jobs_service.to_public(job)
+
+
+router.add_api_route(
     "",
+    submit_job,
+    methods=["POST"],
+    route_class_override=JsonBodyRoute,
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     responses={
@@ -78,61 +118,13 @@ IdempotencyKeyHeader = Annotated[
             {
                 409: "the Idempotency-Key was used with another body",
                 413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
-                422: "an invalid spec, or a dataset file that is unknown, invalid or "
-                "does not fit the model",
+                422: "an invalid spec, a dataset file that is unknown, invalid or does "
+                "not fit the model, or device `cuda` with no live CUDA worker",
                 429: "the tenant has too many queued and running jobs",
             }
         ),
     },
 )
-def submit_job(
-    spec: JobSpec,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    principal: PrincipalDep,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> JobPublic:
-    """Validate a job spec, store the job as `queued`, and send it to the workers (a job
-    whose dataset file is still validating is sent when the file is valid)."""
-    tenant, ttl = principal.tenant, settings.idempotency_ttl_hours
-    if idempotency_key is not None:
-        earlier = idempotency.replay(
-            session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=ttl
-        )
-        if earlier is not None:
-            response.status_code = status.HTTP_200_OK
-            return jobs_service.to_public(earlier)
-    active = jobs_service.count_active(session, tenant=tenant)
-    if active >= settings.max_active_jobs_per_tenant:
-        raise TooManyJobs(
-            f"tenant {tenant!r} has {active} queued or running jobs, the most allowed; "
-            "retry when some have finished"
-        )
-    try:
-        job = jobs_service.create_job(session, spec=spec, tenant=tenant)
-        if idempotency_key is not None:
-            idempotency.remember(
-                session, tenant=tenant, key=idempotency_key, spec=spec, job_id=job.id
-            )
-        session.commit()
-    except IntegrityError:  # the same key, committed by a concurrent submit just now
-        session.rollback()
-        assert idempotency_key is not None
-        earlier = idempotency.replay(
-            session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=ttl
-        )
-        if earlier is None:
-            raise
-        response.status_code = status.HTTP_200_OK
-        return jobs_service.to_public(earlier)
-    if jobs_service.waits_for_files(job):  # a file is still validating: that task sends it
-        return jobs_service.to_public(job)
-    if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
-        jobs_service.mark_unsent(session, job_id=job.id)
-        session.commit()
-    return jobs_service.to_public(job)
 
 
 @router.get("", response_model=JobList, responses=ERRORS)

@@ -5,20 +5,83 @@ Services flush; the route commits. Writes a worker makes live in `app.jobs.runs`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
 from app.files import usage as files_usage
-from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
+from app.jobs import idempotency
+from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
 from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
 from app.jobs.spec import FileDatasetSpec, JobSpec
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    replayed: bool  # an earlier submit with the same Idempotency-Key made it
+
+
+def submit_job(
+    session: Session,
+    *,
+    spec: JobSpec,
+    tenant: str,
+    max_active_jobs: int,
+    cuda_available: Callable[[], bool],
+    idempotency_key: str | None = None,
+    idempotency_ttl_hours: float = 48.0,
+) -> Submitted:
+    """A submit: the earlier job of a known Idempotency-Key, else a new queued job, within
+    the tenant's cap (TooManyJobs) and on a device some worker has (CudaNotSeen)."""
+    lock_tenant(session, tenant=tenant)
+    if idempotency_key is not None:
+        earlier = idempotency.replay(
+            session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=idempotency_ttl_hours
+        )
+        if earlier is not None:
+            return Submitted(earlier, replayed=True)
+    if spec.device == "cuda" and not cuda_available():
+        raise CudaNotSeen()
+    active = count_active(session, tenant=tenant)
+    if active >= max_active_jobs:
+        raise TooManyJobs(tenant, active)
+    job = create_job(session, spec=spec, tenant=tenant)
+    if idempotency_key is not None:
+        idempotency.remember(session, tenant=tenant, key=idempotency_key, spec=spec, job_id=job.id)
+    return Submitted(job, replayed=False)
+
+
+# The class id of the tenants' advisory locks (two-key form), apart from any other user's.
+TENANT_LOCK_CLASS = 0x746A  # "tj"
+
+
+def lock_tenant(session: Session, *, tenant: str) -> None:
+    """Hold the tenant's submits back until this transaction ends, so that counting its
+    active jobs and inserting one are one step: counted, then inserted, two concurrent
+    submits at cap − 1 both saw room. Take it before the transaction reads anything."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # No tenant row to lock `FOR UPDATE` (a tenant is a name on its keys): a lock on
+        # the name's hash, let go at commit or rollback. Two names sharing a hash only
+        # wait for each other's submit.
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:tenant))"),
+            {"lock_class": TENANT_LOCK_CLASS, "tenant": tenant},
+        )
+    elif dialect == "sqlite":
+        # SQLite has one writer at a time, but pysqlite sends BEGIN only before the first
+        # write, so both counts would run before either insert: take the write lock first.
+        connection = session.connection()
+        if not getattr(connection.connection.dbapi_connection, "in_transaction", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT) -> Job:

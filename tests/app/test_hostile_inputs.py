@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -20,10 +24,15 @@ from sqlalchemy import select
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import DatabaseStore
-from app.db import Database
+from app.db import Database, upgrade
 from app.jobs import runs
 from app.jobs.models import Job
+from app.limits import DISCARD_BYTES
 from app.settings import Settings
+from tests.app.files.uploads import CONTENT_TYPE as MULTIPART
+from tests.app.files.uploads import multipart
+from tests.conftest import REDIS_URL
+from tests.processes import api_and_worker
 
 SPEC: dict[str, Any] = {
     "model": {"type": "mlp", "hidden_sizes": [8]},
@@ -315,6 +324,89 @@ def test_a_10_mb_body_is_413_before_it_is_parsed(
     error = refused(response, 413)
     assert error["type"] == "payload_too_large" and error["limit_bytes"] == 65536
     assert client.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------- the 413 reaches the client
+
+
+@pytest.fixture(scope="module")
+def real_api(
+    make_postgres_database: Callable[[], str],
+    tmp_path_factory: pytest.TempPathFactory,
+    queue_name: str,
+) -> Iterator[str]:
+    """A real API process (uvicorn) with a 1 MiB upload cap; no worker. The 413 is about
+    what a real server does with the unread body: TestClient has no socket to close."""
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    logs = tmp_path_factory.mktemp("oversized")
+    settings = {"database_url": database_url, "redis_url": REDIS_URL, "home": str(logs / "home")}
+    with api_and_worker(
+        logs, with_worker=False, queue=f"{queue_name}-413", max_file_bytes=str(MIB), **settings
+    ) as client:
+        yield str(client.base_url)
+
+
+MIB = 1024 * 1024
+OVER_THE_CAP = 12 * MIB  # over TRAINJOB_MAX_BODY_BYTES and any socket buffer, under the discard
+
+
+def urllib_post(url: str, data: bytes | Iterator[bytes], content_type: str) -> int:
+    """The status of a POST by urllib, which sends the whole body before it reads."""
+    request = urllib.request.Request(url, data=data, headers={"content-type": content_type})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return int(response.status)
+
+
+def refused_by_urllib(url: str, data: bytes | Iterator[bytes], content_type: str) -> Any:
+    with pytest.raises(urllib.error.HTTPError) as raised:  # a broken pipe was a URLError
+        urllib_post(url, data, content_type)
+    error = raised.value
+    assert error.code == 413 and error.headers["content-type"] == "application/json"
+    body = json.loads(error.read())
+    assert set(body) == {"error"} and body["error"]["type"] == "payload_too_large", body
+    return body["error"]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_urllib_gets_the_413_envelope_for_a_body_over_the_cap(real_api: str, framing: str) -> None:
+    body = b" " * OVER_THE_CAP if framing == "content-length" else _in_chunks(OVER_THE_CAP)
+    error = refused_by_urllib(f"{real_api}/v1/jobs", body, "application/json")
+    assert error["limit_bytes"] == 65536
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_urllib_gets_the_413_envelope_for_a_file_over_the_upload_cap(
+    real_api: str, framing: str
+) -> None:
+    # Chunked, the route's own parser finds the file too large as the bytes arrive.
+    chunks = multipart("big.txt", _in_chunks(OVER_THE_CAP))
+    body = b"".join(chunks) if framing == "content-length" else chunks
+    error = refused_by_urllib(f"{real_api}/v1/files", body, MULTIPART)
+    assert error["limit_bytes"] == MIB
+    assert urllib_post(f"{real_api}/v1/jobs", json.dumps(SPEC).encode(), "application/json") == 201
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_the_body(
+    real_api: str,
+) -> None:
+    url = httpx.URL(real_api)
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {OVER_THE_CAP}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head.encode())  # and no body: curl waits for `100 Continue`
+        with sock.makefile("rb") as answer:
+            assert answer.readline().split()[1] == b"413"
+
+
+def test_past_the_discard_bound_the_connection_is_closed_unread(real_api: str) -> None:
+    # Documented (README): reading 1 GB to say 413 would hand the server to any client.
+    with pytest.raises(OSError) as raised:
+        urllib_post(f"{real_api}/v1/jobs", b" " * (DISCARD_BYTES + 32 * MIB), "application/json")
+    assert not isinstance(raised.value, urllib.error.HTTPError), raised.value
+    assert urllib_post(f"{real_api}/v1/jobs", json.dumps(SPEC).encode(), "application/json") == 201
 
 
 # ---------------------------------------------------------------- deeply nested JSON

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import update
@@ -94,6 +95,52 @@ def test_malformed_json_is_a_422_envelope(client: TestClient) -> None:
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 422 and response.json()["error"]["type"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "text/plain", "application/yaml", None],
+    ids=["curl-d", "text", "yaml-type", "none"],
+)
+def test_a_json_body_is_taken_whatever_its_content_type(
+    client: TestClient, content_type: str | None
+) -> None:
+    # curl -d '{...}' without -H sends application/x-www-form-urlencoded
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/jobs", content=json.dumps(SPEC).encode(), headers=headers)
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["max_steps"] == 3
+
+
+YAML_SPEC = b"""model:
+  type: mlp
+dataset:
+  type: digits
+micro_batch_size: 4
+accumulation_steps: 2
+max_steps: 3
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (YAML_SPEC, "application/yaml"),
+        (YAML_SPEC, "application/x-www-form-urlencoded"),
+        (b"max_steps=3&micro_batch_size=4", "application/x-www-form-urlencoded"),
+    ],
+    ids=["yaml", "yaml-as-curl-d", "form"],
+)
+def test_a_body_that_is_not_json_is_a_422_saying_what_to_send(
+    client: TestClient, body: bytes, content_type: str
+) -> None:
+    response = client.post("/v1/jobs", content=body, headers={"content-type": content_type})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "validation_error" and [f["path"] for f in error["fields"]] == [""]
+    assert "not valid JSON" in error["message"] and content_type in error["message"]
+    assert "content-type: application/json" in error["message"]
+    assert "trainjob submit SPEC.yaml" in error["message"]
 
 
 def test_list_pages_newest_first_with_after_and_filters_by_status(client: TestClient) -> None:
