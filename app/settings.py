@@ -116,8 +116,10 @@ class Settings(BaseSettings):
     test_faults: str | None = Field(
         None,
         description="Testing only: faults a worker injects into every job, comma-separated: "
-        "`nan` (non-finite inputs), `oom` (out of memory at every micro-batch), `slow=SECONDS` "
-        "(a pause per micro-batch).",
+        "`nan` (non-finite inputs), `oom[=N]` (out of memory in the forward pass of every "
+        "micro-batch above N samples, default 0), `oom_backward[=N]` (the same in the backward "
+        "pass), `oom_step` (in every optimizer step), `oom_eval[=N]` (in every evaluation batch "
+        "above N samples), `slow=SECONDS` (a pause per micro-batch).",
     )
     log_format: Literal["text", "json"] = Field(
         "text",

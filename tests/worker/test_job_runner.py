@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import update
 
 from app.db import Database
@@ -109,3 +110,50 @@ def test_a_job_on_a_valid_file_trains_on_its_bytes_in_a_directory_removed_after(
     assert sorted(path.stem for path in fetched) == sorted([file_id, held_out])
     assert all(path.parent.parent == run_tmp for path in fetched)
     assert not any(path.parent.exists() for path in fetched)
+
+
+BUILT_IN_SPEC = {
+    "model": {"type": "mlp", "hidden_sizes": [8]},
+    "dataset": {"type": "synthetic-classification", "n_samples": 64, "n_features": 4},
+    "micro_batch_size": 4,
+    "accumulation_steps": 2,
+    "max_steps": 2,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "device": "cpu",
+}
+
+
+def test_out_of_memory_in_the_optimizer_step_fails_the_job_out_of_memory_saying_why(
+    database: Database, settings: Settings
+) -> None:
+    job_id = create_job(database, BUILT_IN_SPEC)
+
+    run_job(
+        job_id,
+        settings.model_copy(update={"test_faults": "oom_step"}),
+        worker="w1",
+        enqueue=never_enqueue,
+    )
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "out_of_memory")
+    assert job.error_message is not None
+    assert "optimizer state does not fit" in job.error_message
+    assert "Micro-batching cannot help" in job.error_message
+
+
+def test_out_of_memory_outside_the_engine_s_backoff_fails_out_of_memory_not_internal(
+    database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def model_does_not_fit(*_: object, **__: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(job_runner, "train", model_does_not_fit)
+    job_id = create_job(database, BUILT_IN_SPEC)
+
+    run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "out_of_memory")
+    assert job.error_message is not None and "Tried to allocate 2.00 GiB" in job.error_message
+    assert events(database, job_id)[-1][1]["error"]["type"] == "out_of_memory"
