@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="Directories (separated by `:`) a job's `model.pretrained` path may be "
         "in; a name that is no path is looked up in the worker's Hugging Face cache, offline.",
     )
+    hf_max_parameters: int = Field(
+        200_000_000,
+        ge=1,
+        description="A Hugging Face model (`pretrained` or `config`) with more parameters is "
+        "refused (`invalid_spec`) before its weights are loaded or allocated.",
+    )
     queue: str = Field("gpu", description="Celery queue the training task is routed to.")
     host: str = Field("127.0.0.1", description="Address `trainjob serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `trainjob serve` listens on.")

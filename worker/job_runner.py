@@ -198,6 +198,7 @@ def _train_claimed(
                 resume=latest_checkpoint(database, settings, claim.job_id),
                 hooks=fault_hooks(settings.test_faults),
                 files=files,
+                hf_max_parameters=settings.hf_max_parameters,
             )
         writer.flush(required=True)
     except LeaseLost:

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from app.db import Database
 from app.files.models import DataFile
 from app.jobs import service as jobs_service
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from tests.app.files.stored_files import (
     TEXT_STATS,
     add_file,
@@ -157,3 +157,34 @@ def test_out_of_memory_outside_the_engine_s_backoff_fails_out_of_memory_not_inte
     assert (job.status, job.error_type) == ("failed", "out_of_memory")
     assert job.error_message is not None and "Tried to allocate 2.00 GiB" in job.error_message
     assert events(database, job_id)[-1][1]["error"]["type"] == "out_of_memory"
+
+
+def test_a_pretrained_model_over_the_worker_s_parameter_bound_fails_invalid_spec(
+    database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    models = tmp_path / "models"
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=96, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(models / "tiny-gpt2")
+    monkeypatch.setenv("TRAINJOB_HF_MODEL_DIRS", str(models))
+    get_settings.cache_clear()
+    spec = {
+        **BUILT_IN_SPEC,
+        "model": {"type": "hf-causal-lm", "pretrained": str(models / "tiny-gpt2")},
+        "dataset": {"type": "tiny-text", "min_length": 2, "max_length": 33},
+    }
+    job_id = create_job(database, spec)
+    try:
+        run_job(
+            job_id,
+            settings.model_copy(update={"hf_max_parameters": 1000}),
+            worker="w1",
+            enqueue=never_enqueue,
+        )
+    finally:
+        get_settings.cache_clear()
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "invalid_spec")
+    assert job.error_message is not None
+    assert "parameters; the maximum is 1,000" in job.error_message

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.jobs.spec import JobSpec
+from app.jobs.spec import MAX_PARAMETERS, JobSpec
 from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
@@ -183,10 +183,13 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
         )
 
 
-def prepare_run(spec: JobSpec, files: FileSource | None = None) -> Run:
+def prepare_run(
+    spec: JobSpec, files: FileSource | None = None, hf_max_parameters: int = MAX_PARAMETERS
+) -> Run:
     """Build data, model, optimizer, schedule and scaler from the spec, seeded.
 
     `files` brings an uploaded file's bytes to a local path: only the service has them.
+    `hf_max_parameters` bounds a Hugging Face model (the operator's setting).
     """
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
@@ -194,7 +197,8 @@ def prepare_run(spec: JobSpec, files: FileSource | None = None) -> Run:
     data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
-    model = build_model(spec.model, data.info).to(device=device, dtype=precision.parameter_dtype)
+    model = build_model(spec.model, data.info, hf_max_parameters)
+    model = model.to(device=device, dtype=precision.parameter_dtype)
     model.train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
@@ -397,9 +401,10 @@ def train(
     resume: Checkpoint | None = None,
     hooks: Hooks = NO_HOOKS,
     files: FileSource | None = None,
+    hf_max_parameters: int = MAX_PARAMETERS,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec, files)
+    run = prepare_run(spec, files, hf_max_parameters)
     if resume is not None:
         restore_checkpoint(run, resume)
     return drive(run, callbacks, hooks)
