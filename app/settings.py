@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="Directories (separated by `:`) a job's `model.pretrained` path may be "
         "in; a name that is no path is looked up in the worker's Hugging Face cache, offline.",
     )
+    hf_max_parameters: int = Field(
+        200_000_000,
+        ge=1,
+        description="A Hugging Face model (`pretrained` or `config`) with more parameters is "
+        "refused (`invalid_spec`) before its weights are loaded or allocated.",
+    )
     queue: str = Field("gpu", description="Celery queue the training task is routed to.")
     host: str = Field("127.0.0.1", description="Address `trainjob serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `trainjob serve` listens on.")
@@ -122,8 +128,10 @@ class Settings(BaseSettings):
     test_faults: str | None = Field(
         None,
         description="Testing only: faults a worker injects into every job, comma-separated: "
-        "`nan` (non-finite inputs), `oom` (out of memory at every micro-batch), `slow=SECONDS` "
-        "(a pause per micro-batch).",
+        "`nan` (non-finite inputs), `oom[=N]` (out of memory in the forward pass of every "
+        "micro-batch above N samples, default 0), `oom_backward[=N]` (the same in the backward "
+        "pass), `oom_step` (in every optimizer step), `oom_eval[=N]` (in every evaluation batch "
+        "above N samples), `slow=SECONDS` (a pause per micro-batch).",
     )
     log_format: Literal["text", "json"] = Field(
         "text",

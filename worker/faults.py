@@ -1,10 +1,16 @@
 """Faults a worker injects on purpose (TRAINJOB_TEST_FAULTS), for testing only.
 
-`nan` fills every input with NaN, `oom` raises out-of-memory at every micro-batch,
-`slow=SECONDS` sleeps that long per micro-batch. They go through the engine's
-micro-batch hook, the same path the engine's own tests
-use, so a worker process can be shown to fail `nan_loss` or `out_of_memory` without
-a GPU and without a spec that diverges.
+- `nan` fills every input with NaN;
+- `oom[=N]` raises out-of-memory in the forward pass of every training micro-batch of
+  more than N samples (default 0: all of them);
+- `oom_backward[=N]` the same, inside the backward pass;
+- `oom_step` raises out-of-memory in every optimizer step;
+- `oom_eval[=N]` raises out-of-memory for every evaluation batch of more than N samples;
+- `slow=SECONDS` sleeps that long per micro-batch.
+
+They go through the engine's hooks, the same path the engine's own tests use, so a
+worker process can be shown to fail `nan_loss` or `out_of_memory`, or to back off,
+without a GPU and without a spec that diverges.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import time
 import torch
 
 from worker.engine.data_types import Batch
-from worker.engine.window import MicroBatchHook
+from worker.engine.hooks import NO_HOOKS, BatchHook, Hooks
 
-KNOWN_FAULTS = frozenset({"nan", "oom", "slow"})
+KNOWN_FAULTS = frozenset({"nan", "oom", "oom_backward", "oom_step", "oom_eval", "slow"})
 
 
 def parse_faults(value: str | None) -> dict[str, float]:
@@ -34,17 +40,40 @@ def parse_faults(value: str | None) -> dict[str, float]:
     return faults
 
 
-def fault_hook(value: str | None) -> MicroBatchHook | None:
+def _out_of_memory_above(fault: str, limit: float) -> BatchHook:
+    def inject(size: int, _batch: Batch) -> None:
+        if size > limit:
+            raise torch.OutOfMemoryError(f"injected by TRAINJOB_TEST_FAULTS ({fault}, {size})")
+
+    return inject
+
+
+def _out_of_memory_in_step() -> None:
+    raise torch.OutOfMemoryError("injected by TRAINJOB_TEST_FAULTS (oom_step)")
+
+
+def fault_hooks(value: str | None) -> Hooks:
     faults = parse_faults(value)
     if not faults:
-        return None
+        return NO_HOOKS
 
-    def inject(size: int, batch: Batch) -> None:
+    def before_forward(size: int, batch: Batch) -> None:
         if "slow" in faults:  # a pace that tests can interrupt mid-job; weights unchanged
             time.sleep(faults["slow"])
         if "oom" in faults:
-            raise torch.OutOfMemoryError(f"injected by TRAINJOB_TEST_FAULTS (micro-batch {size})")
+            _out_of_memory_above("oom", faults["oom"])(size, batch)
         if "nan" in faults and batch.inputs.is_floating_point():
             batch.inputs.fill_(float("nan"))
 
-    return inject
+    return Hooks(
+        before_forward=before_forward,
+        in_backward=(
+            _out_of_memory_above("oom_backward", faults["oom_backward"])
+            if "oom_backward" in faults
+            else None
+        ),
+        before_step=_out_of_memory_in_step if "oom_step" in faults else None,
+        before_evaluation=(
+            _out_of_memory_above("oom_eval", faults["oom_eval"]) if "oom_eval" in faults else None
+        ),
+    )

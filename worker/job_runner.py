@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 import sqlalchemy.exc
+import torch
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import default_store
@@ -31,7 +32,7 @@ from worker.datafiles.fetch import RunFiles
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, train
-from worker.faults import fault_hook
+from worker.faults import fault_hooks
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
 from worker.progress_writer import ProgressWriter, retry_database
@@ -195,8 +196,9 @@ def _train_claimed(
                 spec,
                 callbacks,
                 resume=latest_checkpoint(database, settings, claim.job_id),
-                micro_batch_hook=fault_hook(settings.test_faults),
+                hooks=fault_hooks(settings.test_faults),
                 files=files,
+                hf_max_parameters=settings.hf_max_parameters,
             )
         writer.flush(required=True)
     except LeaseLost:
@@ -207,6 +209,11 @@ def _train_claimed(
     except INFRASTRUCTURE_ERRORS:
         logger.exception("job %s: connection lost", claim.job_id)
         return Outcome("queued", hand_back="connection_lost")
+    except torch.OutOfMemoryError as failure:
+        # One the engine's backoff does not cover (loading the model, a checkpoint or its
+        # optimizer state onto the device): the same device would run out again.
+        logger.warning("job %s: out of memory outside a training step", claim.job_id)
+        return Outcome("failed", ("out_of_memory", out_of_memory_message(failure)))
     except Exception as failure:
         logger.exception("job %s failed", claim.job_id)
         return Outcome("failed", ("internal_error", f"{type(failure).__name__}: {failure}"))
@@ -224,6 +231,16 @@ def _train_claimed(
         )
         return Outcome("failed", ("timeout", message), runtime_seconds=runtime)
     return Outcome("cancelled", runtime_seconds=runtime)
+
+
+def out_of_memory_message(failure: torch.OutOfMemoryError) -> str:
+    # PyTorch's CUDA message is long (allocator statistics, a setting to try): its first
+    # sentence says how much was asked for.
+    detail = " ".join(str(failure).split())[:300]
+    return (
+        "out of memory outside the training step (loading the model, a checkpoint or the "
+        f"optimizer state onto the device), where a smaller micro-batch cannot help: {detail}"
+    )
 
 
 def _record(

@@ -43,6 +43,17 @@ MAX_ACTIVATION_ELEMENTS = 2**32
 # The deepest a spec goes is model.hidden_sizes[0]; a plugin's own fields get room to spare.
 MAX_NESTING = 32
 
+# Defaults a new spec gets where it leaves a field out (docs: README's spec reference,
+# docs/models.md, docs/files.md). A stored spec has every value spelled out, so changing
+# one changes new submissions only.
+DEFAULT_EVAL_FRACTION = 0.1  # held out of every data set that has no validation file
+SGD_LR = 0.05
+ADAMW_LR = 1e-3  # what nanoGPT trains its small models from scratch with
+FINE_TUNING_LR = 5e-5  # transformers' Trainer default for pretrained weights
+HF_MODELS = frozenset({"hf-causal-lm", "hf-sequence-classification"})
+# Trained with AdamW unless the spec says otherwise; every other model with SGD.
+ADAMW_MODELS = HF_MODELS | {"tiny-gpt"}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -155,19 +166,19 @@ class SyntheticClassificationSpec(_Strict):
     n_features: int = Field(16, ge=1, le=4096)
     n_classes: int = Field(4, ge=2, le=1000)
     noise: float = Field(0.5, ge=0.0, le=100.0)
-    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
 
 
 class DigitsSpec(_Strict):
     type: Literal["digits"] = "digits"
-    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
 
 
 class TinyTextSpec(_Strict):
     type: Literal["tiny-text"] = "tiny-text"
     min_length: int = Field(8, ge=2, le=2048)
     max_length: int = Field(64, ge=2, le=2048)
-    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> TinyTextSpec:
@@ -202,8 +213,20 @@ class FileDatasetSpec(_Strict):
     # 128 tokens fit tiny-gpt's default block_size (max_length - 1 positions).
     max_length: int = Field(128, ge=2, le=8192)
     tokenizer: Tokenizer | None = None
-    # Held out from the training file when there is no validation file.
-    eval_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    # Held out from the training file when there is no validation file (then 0 by default:
+    # the validation file is what is evaluated).
+    eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nothing_held_out_beside_a_validation_file(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and "eval_fraction" not in data
+            and data.get("validation_file_id") is not None
+        ):
+            return {**data, "eval_fraction": 0.0}
+        return data
 
     @property
     def file_ids(self) -> list[str]:
@@ -289,13 +312,49 @@ def _parse_registry_entry(
 
 
 class OptimizerSpec(_Strict):
+    """`lr` defaults by `type`: SGD_LR for sgd, ADAMW_LR for adamw. Within a JobSpec the
+    type, and the lr of a pretrained model, default by model (see JobSpec)."""
+
     type: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0.0, le=10.0)
+    lr: float = Field(SGD_LR, gt=0.0, le=10.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     betas: tuple[
         Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
     ] = (0.9, 0.999)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_for_the_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lr" not in data and data.get("type") == "adamw":
+            return {**data, "lr": ADAMW_LR}
+        return data
+
+
+def default_optimizer_fields(model: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer fields a spec leaves out, as the model is usually trained: AdamW for
+    transformers, at FINE_TUNING_LR when they start from pretrained weights; SGD for the
+    small built-in MLP and CNN and for plugins. `model` is the raw spec's model."""
+    if isinstance(model, BaseModel):
+        model_type, pretrained = getattr(model, "type", None), getattr(model, "pretrained", None)
+    elif isinstance(model, dict):
+        model_type, pretrained = model.get("type"), model.get("pretrained")
+    else:
+        return {}
+    if not isinstance(model_type, str):
+        return {}  # the model's own validation says what is wrong
+    defaults: dict[str, Any] = {}
+    optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
+    if "type" not in optimizer:
+        defaults["type"] = optimizer_type
+    if (
+        "lr" not in optimizer
+        and optimizer_type == "adamw"
+        and model_type in HF_MODELS
+        and pretrained is not None
+    ):
+        defaults["lr"] = FINE_TUNING_LR
+    return defaults
 
 
 class LrScheduleSpec(_Strict):
@@ -382,6 +441,19 @@ class JobSpec(_Strict):
         if problem is not None:
             raise _field_error(*problem)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_for_the_model(cls, data: Any) -> Any:
+        # Only what the body leaves out: a stored spec has every value spelled out, so it
+        # validates to the same optimizer whatever these defaults become.
+        if not isinstance(data, dict):
+            return data
+        optimizer = data.get("optimizer", {})
+        if not isinstance(optimizer, dict):
+            return data
+        defaults = default_optimizer_fields(data.get("model"), optimizer)
+        return {**data, "optimizer": {**defaults, **optimizer}} if defaults else data
 
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:

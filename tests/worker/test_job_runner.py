@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import update
 
 from app.db import Database
 from app.files.models import DataFile
 from app.jobs import service as jobs_service
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from tests.app.files.stored_files import (
     TEXT_STATS,
     add_file,
@@ -109,3 +110,81 @@ def test_a_job_on_a_valid_file_trains_on_its_bytes_in_a_directory_removed_after(
     assert sorted(path.stem for path in fetched) == sorted([file_id, held_out])
     assert all(path.parent.parent == run_tmp for path in fetched)
     assert not any(path.parent.exists() for path in fetched)
+
+
+BUILT_IN_SPEC = {
+    "model": {"type": "mlp", "hidden_sizes": [8]},
+    "dataset": {"type": "synthetic-classification", "n_samples": 64, "n_features": 4},
+    "micro_batch_size": 4,
+    "accumulation_steps": 2,
+    "max_steps": 2,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "device": "cpu",
+}
+
+
+def test_out_of_memory_in_the_optimizer_step_fails_the_job_out_of_memory_saying_why(
+    database: Database, settings: Settings
+) -> None:
+    job_id = create_job(database, BUILT_IN_SPEC)
+
+    run_job(
+        job_id,
+        settings.model_copy(update={"test_faults": "oom_step"}),
+        worker="w1",
+        enqueue=never_enqueue,
+    )
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "out_of_memory")
+    assert job.error_message is not None
+    assert "optimizer state does not fit" in job.error_message
+    assert "Micro-batching cannot help" in job.error_message
+
+
+def test_out_of_memory_outside_the_engine_s_backoff_fails_out_of_memory_not_internal(
+    database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def model_does_not_fit(*_: object, **__: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(job_runner, "train", model_does_not_fit)
+    job_id = create_job(database, BUILT_IN_SPEC)
+
+    run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "out_of_memory")
+    assert job.error_message is not None and "Tried to allocate 2.00 GiB" in job.error_message
+    assert events(database, job_id)[-1][1]["error"]["type"] == "out_of_memory"
+
+
+def test_a_pretrained_model_over_the_worker_s_parameter_bound_fails_invalid_spec(
+    database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    models = tmp_path / "models"
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=96, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(models / "tiny-gpt2")
+    monkeypatch.setenv("TRAINJOB_HF_MODEL_DIRS", str(models))
+    get_settings.cache_clear()
+    spec = {
+        **BUILT_IN_SPEC,
+        "model": {"type": "hf-causal-lm", "pretrained": str(models / "tiny-gpt2")},
+        "dataset": {"type": "tiny-text", "min_length": 2, "max_length": 33},
+    }
+    job_id = create_job(database, spec)
+    try:
+        run_job(
+            job_id,
+            settings.model_copy(update={"hf_max_parameters": 1000}),
+            worker="w1",
+            enqueue=never_enqueue,
+        )
+    finally:
+        get_settings.cache_clear()
+
+    job = load_job(database, job_id)
+    assert (job.status, job.error_type) == ("failed", "invalid_spec")
+    assert job.error_message is not None
+    assert "parameters; the maximum is 1,000" in job.error_message

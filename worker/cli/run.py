@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 from app.jobs.spec import JobSpec
+from app.settings import get_settings
 from worker.cli.progress import ProgressBar
 from worker.cli.specfile import SpecFileError, load_spec_file
 from worker.engine.checkpoint import STATE_FILE, Checkpoint
@@ -131,7 +132,12 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
 
     callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop.reason)
     try:
-        result = train(spec, callbacks, resume=checkpoint)
+        result = train(
+            spec,
+            callbacks,
+            resume=checkpoint,
+            hf_max_parameters=get_settings().hf_max_parameters,
+        )
     except TrainingError as error:
         return _fail(f"{error.type}: {error.message}", EXIT_FAILED)
     finally:

@@ -4,8 +4,9 @@ Loading is offline and runs no code from a model's repository: `pretrained` is e
 a directory inside one of the worker's TRAINJOB_HF_MODEL_DIRS or a model name already in
 the worker's Hugging Face cache; weights are read from safetensors files only (a
 pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
-`config` builds a new model from a transformers config, refused before any memory is
-allocated if it is over the spec's parameter bound.
+`config` builds a new model from a transformers config. Either is refused before its
+weights are allocated if it has more parameters than the caller's bound (the worker's
+TRAINJOB_HF_MAX_PARAMETERS).
 
 Each model is wrapped so that the engine sees what it sees of the built-in models:
 `forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
@@ -18,6 +19,7 @@ transformers is imported only when an hf-* model is built: it is the optional
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,19 +50,23 @@ _MAX_MESSAGE = 600
 # ---------------------------------------------------------------- builders
 
 
-def build_hf_causal_lm(spec: HfCausalLmSpec, info: DataInfo) -> nn.Module:
+def build_hf_causal_lm(
+    spec: HfCausalLmSpec, info: DataInfo, max_parameters: int = MAX_PARAMETERS
+) -> nn.Module:
     """A causal language model: logits [batch, tokens, vocabulary]."""
     transformers = _import_transformers()
+    auto_class = transformers.AutoModelForCausalLM
     model: Any  # a transformers PreTrainedModel
     if spec.config is not None:
         config = _config_from_spec(transformers, spec.config)
-        model = _from_config(transformers.AutoModelForCausalLM, config)
+        model = _from_config(auto_class, config, max_parameters)
     else:
         directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
         with _transformers_errors("model.pretrained"):
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                directory, **_OFFLINE_AND_SAFE, use_safetensors=True
-            )
+            saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
+        _check_parameters(auto_class, saved, max_parameters, "model.pretrained")
+        with _transformers_errors("model.pretrained"):
+            model = auto_class.from_pretrained(directory, **_OFFLINE_AND_SAFE, use_safetensors=True)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
@@ -69,7 +75,7 @@ def build_hf_causal_lm(spec: HfCausalLmSpec, info: DataInfo) -> nn.Module:
 
 
 def build_hf_sequence_classification(
-    spec: HfSequenceClassificationSpec, info: DataInfo
+    spec: HfSequenceClassificationSpec, info: DataInfo, max_parameters: int = MAX_PARAMETERS
 ) -> nn.Module:
     """A sequence classifier: logits [batch, classes], read at each sequence's last real
     token (decoders) or its first token (encoders)."""
@@ -82,11 +88,16 @@ def build_hf_sequence_classification(
     model: Any  # a transformers PreTrainedModel
     if spec.config is not None:
         config = _config_from_spec(transformers, {**spec.config, "num_labels": info.num_classes})
-        model = _from_config(auto_class, config)
+        model = _from_config(auto_class, config, max_parameters)
     else:
         directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
         with _transformers_errors("model.pretrained"):
             saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
+            # Counted with the head it will have: one for the data's classes.
+            counted = copy.deepcopy(saved)
+            counted.num_labels = info.num_classes
+        _check_parameters(auto_class, counted, max_parameters, "model.pretrained")
+        with _transformers_errors("model.pretrained"):
             # A head saved for another number of classes is replaced by a fresh one.
             model = auto_class.from_pretrained(
                 directory,
@@ -160,19 +171,25 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
 
 
-def _from_config(auto_class: Any, config: Any) -> Any:
+def _from_config(auto_class: Any, config: Any, max_parameters: int) -> Any:
+    _check_parameters(auto_class, config, max_parameters, "model.config")
     with _transformers_errors("model.config"):
-        # Counted on the meta device first: a config of absurd sizes is refused before it
-        # allocates anything.
+        return auto_class.from_config(config, trust_remote_code=False)
+
+
+def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
+    """Refuse a model of more than `max_parameters` before any of its memory exists: it is
+    counted on the meta device, from its config, before weights are built or read."""
+    with _transformers_errors(field):
         with torch.device("meta"):
             skeleton = auto_class.from_config(config, trust_remote_code=False)
         parameters = sum(parameter.numel() for parameter in skeleton.parameters())
-        if parameters > MAX_PARAMETERS:
-            raise TrainingError(
-                "invalid_spec",
-                f"model.config: has {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}",
-            )
-        return auto_class.from_config(config, trust_remote_code=False)
+    if parameters > max_parameters:
+        raise TrainingError(
+            "invalid_spec",
+            f"{field}: has {parameters:,} parameters; the maximum is {max_parameters:,} "
+            "(the worker's TRAINJOB_HF_MAX_PARAMETERS)",
+        )
 
 
 def _check_fits_data(model: Any, info: DataInfo, longest_input: int | None) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from app.jobs.spec import (
     DATASET_ENTRY_POINT_GROUP,
+    MAX_PARAMETERS,
     MODEL_ENTRY_POINT_GROUP,
     DatasetSpec,
     FileDatasetSpec,
@@ -39,8 +40,6 @@ BUILTIN_MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "mlp": models.build_mlp,
     "cnn": models.build_cnn,
     "tiny-gpt": models.build_tiny_gpt,
-    "hf-causal-lm": hf.build_hf_causal_lm,
-    "hf-sequence-classification": hf.build_hf_sequence_classification,
 }
 
 BUILTIN_DATASET_BUILDERS: dict[str, DatasetBuilder] = {
@@ -56,7 +55,15 @@ def _plugin(group: str, name: str) -> Callable[..., Any] | None:
     return None
 
 
-def build_model(spec: ModelSpec, info: DataInfo) -> nn.Module:
+def build_model(
+    spec: ModelSpec, info: DataInfo, hf_max_parameters: int = MAX_PARAMETERS
+) -> nn.Module:
+    """The spec's model. A Hugging Face one is refused over `hf_max_parameters` before its
+    weights exist; the built-in ones are bounded by the spec itself."""
+    if isinstance(spec, HfCausalLmSpec):
+        return hf.build_hf_causal_lm(spec, info, hf_max_parameters)
+    if isinstance(spec, HfSequenceClassificationSpec):
+        return hf.build_hf_sequence_classification(spec, info, hf_max_parameters)
     name = str(spec.type)
     if name in BUILTIN_MODEL_BUILDERS:
         return BUILTIN_MODEL_BUILDERS[name](spec, info)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.jobs.spec import JobSpec
+from app.jobs.spec import MAX_PARAMETERS, JobSpec
 from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
@@ -33,15 +33,16 @@ from worker.engine.checkpoint import (
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
 from worker.engine.devices import resolve_device
 from worker.engine.errors import TrainingError
+from worker.engine.hooks import NO_HOOKS, Hooks
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import PrecisionPlan, plan_precision
 from worker.engine.registry import build_dataset, build_model, model_tokenizer
 from worker.engine.window import (
-    MicroBatchHook,
     MicroBatchOutOfMemory,
     StepParts,
     WindowOutcome,
     forward,
+    release_cached_memory,
     run_window,
     sum_loss,
 )
@@ -146,6 +147,9 @@ class Run:
     planner: WindowPlanner
     total_steps: int
     progress: Progress
+    # Samples per evaluation batch once an evaluation ran out of memory; until then the
+    # micro-batch size. Not checkpointed: a resumed run finds it again.
+    evaluation_batch_size: int | None = None
 
     @property
     def precision(self) -> PrecisionPlan:
@@ -183,10 +187,13 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
         )
 
 
-def prepare_run(spec: JobSpec, files: FileSource | None = None) -> Run:
+def prepare_run(
+    spec: JobSpec, files: FileSource | None = None, hf_max_parameters: int = MAX_PARAMETERS
+) -> Run:
     """Build data, model, optimizer, schedule and scaler from the spec, seeded.
 
     `files` brings an uploaded file's bytes to a local path: only the service has them.
+    `hf_max_parameters` bounds a Hugging Face model (the operator's setting).
     """
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
@@ -194,7 +201,8 @@ def prepare_run(spec: JobSpec, files: FileSource | None = None) -> Run:
     data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
-    model = build_model(spec.model, data.info).to(device=device, dtype=precision.parameter_dtype)
+    model = build_model(spec.model, data.info, hf_max_parameters)
+    model = model.to(device=device, dtype=precision.parameter_dtype)
     model.train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
@@ -268,7 +276,7 @@ def run_window_with_backoff(
     run: Run,
     window: Window,
     on_event: Callable[[str, dict[str, Any]], None],
-    hook: MicroBatchHook | None,
+    hooks: Hooks = NO_HOOKS,
 ) -> WindowOutcome:
     """Run a window; on out-of-memory halve the micro-batch and redo the same samples.
 
@@ -279,7 +287,7 @@ def run_window_with_backoff(
     while True:
         try:
             micro_batches = window.micro_batches(progress.micro_batch_size)
-            return run_window(run.parts, run.data.train, micro_batches, hook)
+            return run_window(run.parts, run.data.train, micro_batches, hooks)
         except MicroBatchOutOfMemory:
             in_use = min(progress.micro_batch_size, len(window.indices))
             if in_use == 1:
@@ -300,31 +308,91 @@ def run_window_with_backoff(
             )
 
 
-@torch.no_grad()
-def evaluate(run: Run, data: SampleSet) -> tuple[float, float | None]:
+class EvaluationOutOfMemory(Exception):
+    """An evaluation batch ran out of memory; its outputs are already freed."""
+
+
+def evaluate(
+    run: Run,
+    data: SampleSet,
+    on_event: Callable[[str, dict[str, Any]], None] = _ignore,
+    hooks: Hooks = NO_HOOKS,
+) -> tuple[float, float | None]:
     """Loss per unit and accuracy per unit on a held-out split. Regression (float
-    targets): the mean squared error per sample, and no accuracy."""
+    targets): the mean squared error per sample, and no accuracy.
+
+    On out-of-memory the evaluation batch is halved and the split evaluated again: both
+    are sums over every unit divided by their count, so the batch does not change them.
+    """
+    while True:
+        size = min(run.progress.micro_batch_size, run.evaluation_batch_size or len(data))
+        size = max(1, size)
+        try:
+            return _evaluate_in_batches(run, data, size, hooks)
+        except EvaluationOutOfMemory:
+            if size == 1:
+                raise TrainingError(
+                    "out_of_memory", "evaluation ran out of memory with a batch of 1 sample"
+                ) from None
+            run.evaluation_batch_size = size // 2
+            on_event(
+                "warning",
+                {
+                    "step": run.progress.step,
+                    "message": f"evaluation ran out of memory with batches of {size} samples: "
+                    f"evaluating in batches of {size // 2} (the result does not depend on it)",
+                    "old_evaluation_batch_size": size,
+                    "new_evaluation_batch_size": size // 2,
+                },
+            )
+
+
+@torch.no_grad()
+def _evaluate_in_batches(
+    run: Run, data: SampleSet, size: int, hooks: Hooks
+) -> tuple[float, float | None]:
     model, precision = run.parts.model, run.precision
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
     correct = torch.zeros((), dtype=torch.int64, device=precision.device)
     units = 0
     regression = False
-    size = max(1, run.progress.micro_batch_size)
-    for start in range(0, len(data), size):
-        indices = list(range(start, min(start + size, len(data))))
-        batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
-        with precision.autocast():
-            outputs = forward(model, batch)
-        outputs = outputs.to(precision.parameter_dtype)
-        loss_sum += sum_loss(outputs, batch.targets)
-        regression = batch.targets.is_floating_point()
-        if not regression:
-            predicted = outputs.argmax(dim=-1)
-            correct += ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
-        units += data.loss_units(indices)
-    model.train()
+    out_of_memory = False
+    model.eval()
+    try:
+        for start in range(0, len(data), size):
+            indices = list(range(start, min(start + size, len(data))))
+            batch_loss, batch_correct, regression = _evaluation_batch(run, data, indices, hooks)
+            loss_sum += batch_loss
+            correct += batch_correct
+            units += data.loss_units(indices)
+    except torch.OutOfMemoryError:
+        # Handled after the except block, whose traceback holds the batch's outputs.
+        out_of_memory = True
+    finally:
+        model.train()
+    if out_of_memory:
+        release_cached_memory(precision.device)
+        raise EvaluationOutOfMemory
     return loss_sum.item() / units, None if regression else correct.item() / units
+
+
+def _evaluation_batch(
+    run: Run, data: SampleSet, indices: list[int], hooks: Hooks
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(loss sum, correct predictions, regression?) of one batch, on the device."""
+    model, precision = run.parts.model, run.precision
+    batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
+    if hooks.before_evaluation is not None:
+        hooks.before_evaluation(len(indices), batch)
+    with precision.autocast():
+        outputs = forward(model, batch)
+    outputs = outputs.to(precision.parameter_dtype)
+    loss = sum_loss(outputs, batch.targets)
+    if batch.targets.is_floating_point():
+        return loss, torch.zeros((), dtype=torch.int64, device=precision.device), True
+    predicted = outputs.argmax(dim=-1)
+    correct = ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
+    return loss, correct, False
 
 
 def _due(step: int, every: int) -> bool:
@@ -335,19 +403,18 @@ def train(
     spec: JobSpec,
     callbacks: Callbacks | None = None,
     resume: Checkpoint | None = None,
-    micro_batch_hook: MicroBatchHook | None = None,
+    hooks: Hooks = NO_HOOKS,
     files: FileSource | None = None,
+    hf_max_parameters: int = MAX_PARAMETERS,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec, files)
+    run = prepare_run(spec, files, hf_max_parameters)
     if resume is not None:
         restore_checkpoint(run, resume)
-    return drive(run, callbacks, micro_batch_hook)
+    return drive(run, callbacks, hooks)
 
 
-def drive(
-    run: Run, callbacks: Callbacks | None = None, hook: MicroBatchHook | None = None
-) -> TrainResult:
+def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS) -> TrainResult:
     callbacks = callbacks or Callbacks()
     progress, spec = run.progress, run.spec
     last_checkpoint_step = progress.step if progress.step > 0 else -1
@@ -381,7 +448,7 @@ def drive(
         window = run.planner.window_at(progress.position)
         lr = run.parts.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
-        outcome = run_window_with_backoff(run, window, callbacks.on_event, hook)
+        outcome = run_window_with_backoff(run, window, callbacks.on_event, hooks)
         elapsed = time.perf_counter() - started
 
         progress.step += 1
@@ -393,7 +460,7 @@ def drive(
             callbacks.on_event("overflow_skip", {"step": progress.step, "scale": outcome.scale})
         eval_loss = eval_accuracy = None
         if run.data.eval is not None and _due(progress.step, spec.eval_every):
-            eval_loss, eval_accuracy = evaluate(run, run.data.eval)
+            eval_loss, eval_accuracy = evaluate(run, run.data.eval, callbacks.on_event, hooks)
             # Before this step's checkpoint below, which remembers it.
             progress.eval_loss = eval_loss
         metrics = StepMetrics(

@@ -14,7 +14,6 @@ The rules (see docs/accumulation.md for why each one exists):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import cast
@@ -26,15 +25,12 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from worker.engine.data_types import IGNORE_INDEX, Batch, SampleSet
 from worker.engine.errors import TrainingError
+from worker.engine.hooks import NO_HOOKS, Hooks
 from worker.engine.precision import PrecisionPlan
-
-# Called before each micro-batch's forward with its size and batch: the place where
-# tests inject faults (an out-of-memory error, a non-finite input).
-MicroBatchHook = Callable[[int, Batch], None]
 
 
 class MicroBatchOutOfMemory(Exception):
-    """The window ran out of memory; its partial gradients are already freed."""
+    """The window ran out of memory; its graph and partial gradients are already freed."""
 
 
 @dataclass(frozen=True)
@@ -98,42 +94,63 @@ def sum_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back after an out-of-memory error, so that the
+    retry (or the next job in this process) starts from what is really in use."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forward_backward(
+    parts: StepParts, data: SampleSet, indices: list[int], window_units: int, hooks: Hooks
+) -> torch.Tensor:
+    """One micro-batch: its gradient added to .grad; returns its loss sum, detached.
+
+    A function of its own so that the micro-batch's graph (batch, outputs, loss and the
+    activations they hold) is referenced from this frame only: it is freed on return, and
+    after an out-of-memory error as soon as the exception (whose traceback holds this
+    frame) is gone.
+    """
+    precision = parts.precision
+    batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
+    if hooks.before_forward is not None:
+        hooks.before_forward(len(indices), batch)
+    with precision.autocast():
+        outputs = forward(parts.model, batch)
+    in_backward = hooks.in_backward
+    if in_backward is not None:
+        outputs.register_hook(lambda _gradient: in_backward(len(indices), batch))
+    loss = sum_loss(outputs.to(precision.parameter_dtype), batch.targets)
+    parts.scaler.scale(loss / window_units).backward()
+    return loss.detach()
+
+
 def accumulate_gradients(
     parts: StepParts,
     data: SampleSet,
     micro_batches: list[list[int]],
-    hook: MicroBatchHook | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward every micro-batch; returns the window's loss sum and units.
 
     Afterwards each parameter's .grad holds the (scaled) gradient of the window's mean
     loss over its units, exactly as one batch of the whole window would give it.
     """
-    model, scaler, precision = parts.model, parts.scaler, parts.precision
     window_units = data.loss_units([index for batch in micro_batches for index in batch])
     if window_units == 0:
         raise TrainingError("invalid_data", "a window has no loss units (all targets are padding)")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=parts.precision.device)
     out_of_memory = False
     try:
         for indices in micro_batches:
-            batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
-            if hook is not None:
-                hook(len(indices), batch)
-            with precision.autocast():
-                outputs = forward(model, batch)
-            loss = sum_loss(outputs.to(precision.parameter_dtype), batch.targets)
-            loss_sum += loss.detach()
-            scaler.scale(loss / window_units).backward()
-            # Drop this micro-batch's graph before the next one builds its own.
-            del outputs, loss, batch
+            loss_sum += _forward_backward(parts, data, indices, window_units, hooks)
     except torch.OutOfMemoryError:
-        # Handled outside the except block: the traceback's frames hold activations.
+        # Handled after the except block: until then the traceback's frames hold the
+        # failed micro-batch's graph, which must be gone before the cache is emptied.
         out_of_memory = True
     if out_of_memory:
         parts.optimizer.zero_grad(set_to_none=True)
-        if precision.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(parts.precision.device)
         raise MicroBatchOutOfMemory
     return loss_sum, window_units
 
@@ -151,7 +168,7 @@ def gradient_norm(parts: StepParts, gradients: list[torch.Tensor]) -> torch.Tens
 
 
 def apply_update(
-    parts: StepParts, loss_sum: torch.Tensor, window_units: int
+    parts: StepParts, loss_sum: torch.Tensor, window_units: int, hooks: Hooks = NO_HOOKS
 ) -> tuple[float, float, bool]:
     """Unscale, clip and step once for the window; returns (loss, grad_norm, skipped)."""
     optimizer, scaler = parts.optimizer, parts.scaler
@@ -171,7 +188,18 @@ def apply_update(
             "nan_loss",
             f"the loss or gradient became non-finite (loss {loss_value}, norm {norm_value})",
         )
-    scaler.step(optimizer)
+    out_of_memory = False
+    try:
+        if hooks.before_step is not None:
+            hooks.before_step()
+        # The first step allocates the optimizer's state (AdamW: two values per parameter).
+        scaler.step(optimizer)
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # handled outside, as in accumulate_gradients
+    if out_of_memory:
+        optimizer.zero_grad(set_to_none=True)
+        release_cached_memory(parts.precision.device)
+        raise TrainingError("out_of_memory", optimizer_out_of_memory_message(parts))
     scaler.update()
     if not skipped:
         parts.scheduler.step()
@@ -180,14 +208,39 @@ def apply_update(
     return loss_value / window_units, norm_value, skipped
 
 
+def optimizer_state_per_parameter(optimizer: torch.optim.Optimizer) -> int:
+    """Values the optimizer keeps per parameter: AdamW two moments, SGD its momentum."""
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return 2
+    return 1 if optimizer.defaults.get("momentum") else 0
+
+
+def optimizer_out_of_memory_message(parts: StepParts) -> str:
+    """Why the step ran out of memory, and why a smaller micro-batch would not help."""
+    parameters = sum(parameter.numel() for parameter in parts.parameters)
+    element = parts.parameters[0].element_size() if parts.parameters else 4
+    state = optimizer_state_per_parameter(parts.optimizer)
+    # Weights, gradients and state: what the step needs whatever the micro-batch.
+    needed = parameters * element * (2 + state)
+    name = type(parts.optimizer).__name__
+    return (
+        f"out of memory in the optimizer step: the optimizer state does not fit. {name} keeps "
+        f"{state} value{'s' if state != 1 else ''} per parameter, so the model's "
+        f"{parameters:,} parameters need about {needed / 2**30:.2f} GiB for weights, "
+        "gradients and optimizer state together. Micro-batching cannot help: a smaller "
+        "micro-batch shrinks only activations, which are freed before the step. Use a "
+        "smaller model, an optimizer with less state (sgd) or a device with more memory"
+    )
+
+
 def run_window(
     parts: StepParts,
     data: SampleSet,
     micro_batches: list[list[int]],
-    hook: MicroBatchHook | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> WindowOutcome:
-    loss_sum, window_units = accumulate_gradients(parts, data, micro_batches, hook)
-    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units)
+    loss_sum, window_units = accumulate_gradients(parts, data, micro_batches, hooks)
+    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units, hooks)
     return WindowOutcome(
         loss=loss,
         grad_norm=grad_norm,

@@ -552,6 +552,88 @@ def test_defaults_are_filled() -> None:
     assert spec.dataset == SyntheticClassificationSpec()
 
 
+FILE_ID = "file_" + "0" * 24
+VALIDATION_ID = "file_" + "1" * 24
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "optimizer"),
+    [
+        ({"type": "mlp"}, {"type": "digits"}, ("sgd", 0.05)),
+        ({"type": "cnn"}, {"type": "digits"}, ("sgd", 0.05)),
+        ({"type": "tiny-gpt"}, {"type": "tiny-text"}, ("adamw", 1e-3)),
+        (
+            {"type": "hf-causal-lm", "config": {"model_type": "gpt2"}},
+            {"type": "tiny-text"},
+            ("adamw", 1e-3),
+        ),
+        ({"type": "hf-causal-lm", "pretrained": "gpt2"}, {"type": "tiny-text"}, ("adamw", 5e-5)),
+        (
+            {"type": "hf-sequence-classification", "pretrained": "org/bert"},
+            {"type": "file", "file_id": FILE_ID},
+            ("adamw", 5e-5),
+        ),
+    ],
+    ids=["mlp", "cnn", "tiny-gpt", "hf-config", "hf-pretrained", "hf-classifier"],
+)
+def test_the_default_optimizer_is_the_one_the_model_is_usually_trained_with(
+    model: dict[str, Any], dataset: dict[str, Any], optimizer: tuple[str, float]
+) -> None:
+    spec = JobSpec.model_validate(base_spec(model=model, dataset=dataset))
+    assert (spec.optimizer.type, spec.optimizer.lr) == optimizer
+
+
+@pytest.mark.parametrize(
+    ("model", "given", "optimizer"),
+    [
+        ({"type": "mlp"}, {"type": "adamw"}, ("adamw", 1e-3)),
+        ({"type": "tiny-gpt"}, {"type": "sgd"}, ("sgd", 0.05)),
+        ({"type": "tiny-gpt"}, {"lr": 0.01, "weight_decay": 0.1}, ("adamw", 0.01)),
+        ({"type": "hf-causal-lm", "pretrained": "gpt2"}, {"type": "sgd"}, ("sgd", 0.05)),
+        ({"type": "hf-causal-lm", "pretrained": "gpt2"}, {"lr": 1e-4}, ("adamw", 1e-4)),
+    ],
+)
+def test_an_optimizer_given_in_part_keeps_its_values_and_gets_its_type_s_lr(
+    model: dict[str, Any], given: dict[str, Any], optimizer: tuple[str, float]
+) -> None:
+    dataset = {"type": "digits"} if model["type"] == "mlp" else {"type": "tiny-text"}
+    spec = JobSpec.model_validate(base_spec(model=model, dataset=dataset, optimizer=given))
+    assert (spec.optimizer.type, spec.optimizer.lr) == optimizer
+    assert spec.optimizer.weight_decay == given.get("weight_decay", 0.0)
+
+
+def test_a_file_dataset_holds_out_a_tenth_unless_it_has_a_validation_file() -> None:
+    def dataset_of(**fields: Any) -> Any:
+        spec = gpt_spec(dataset={"type": "file", "file_id": FILE_ID, **fields})
+        return JobSpec.model_validate(spec).dataset
+
+    assert dataset_of().eval_fraction == 0.1
+    assert dataset_of(validation_file_id=VALIDATION_ID).eval_fraction == 0.0
+    assert dataset_of(eval_fraction=0).eval_fraction == 0.0
+    # So evaluating a file needs nothing more than eval_every.
+    assert JobSpec.model_validate(
+        gpt_spec(dataset={"type": "file", "file_id": FILE_ID}, eval_every=5)
+    )
+
+
+def test_a_stored_spec_keeps_the_defaults_it_was_stored_with() -> None:
+    """A job stores its spec with every value spelled out: one stored before the defaults
+    changed (tiny-gpt with SGD at 0.05, a file with nothing held out) resumes as it was."""
+    spec = JobSpec.model_validate(gpt_spec(dataset={"type": "file", "file_id": FILE_ID}))
+    stored = spec.model_dump(mode="json")
+    stored["optimizer"] = {**stored["optimizer"], "type": "sgd", "lr": 0.05}
+    stored["dataset"] = {**stored["dataset"], "eval_fraction": 0.0}
+    again = JobSpec.model_validate(stored)
+    assert (again.optimizer.type, again.optimizer.lr, again.dataset.eval_fraction) == (
+        "sgd",
+        0.05,
+        0.0,
+    )
+    assert again.model_dump(mode="json") == stored
+    # And a stored spec of today's defaults validates to itself too.
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
 @pytest.mark.parametrize(
     ("model", "dataset", "model_class", "dataset_class"),
     [

@@ -134,7 +134,7 @@ def test_a_validation_file_unlike_the_training_file_is_422(
 
 def test_eval_every_needs_something_to_evaluate_on(client: TestClient, database: Database) -> None:
     train = valid_text_file(database)
-    error = refused(client, {**text_job_spec(train), "eval_every": 2})
+    error = refused(client, {**text_job_spec(train, eval_fraction=0), "eval_every": 2})
     assert paths(error) == ["eval_every"]
     with_split = {**text_job_spec(train, eval_fraction=0.2), "eval_every": 2}
     assert client.post("/v1/jobs", json=with_split).status_code == 201

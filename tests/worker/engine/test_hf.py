@@ -291,6 +291,37 @@ def test_pickled_weights_are_refused_and_never_unpickled(
     assert "model.pretrained" in error.message
 
 
+def test_a_pretrained_model_over_the_parameter_bound_is_refused_before_it_is_loaded(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = save_tiny_gpt2(model_dir / "tiny-gpt2")
+    parameters = sum(parameter.numel() for parameter in saved.parameters())
+    spec = HfCausalLmSpec(pretrained=str(model_dir / "tiny-gpt2"))
+    # Exactly at the bound it loads, counted as the model has them (tied weights once).
+    assert flat_parameters(build_hf_causal_lm(spec, TEXT_INFO, parameters)).numel() == parameters
+
+    def never_loaded(*_: Any, **__: Any) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never_loaded)
+    error = refusal(lambda: build_hf_causal_lm(spec, TEXT_INFO, parameters - 1))
+    assert error.message == (
+        f"model.pretrained: has {parameters:,} parameters; the maximum is {parameters - 1:,} "
+        "(the worker's TRAINJOB_HF_MAX_PARAMETERS)"
+    )
+
+
+def test_a_pretrained_classifier_is_counted_with_its_head_against_the_bound(
+    model_dir: Path,
+) -> None:
+    save_tiny_gpt2(model_dir / "tiny-gpt2")
+    spec = HfSequenceClassificationSpec(pretrained=str(model_dir / "tiny-gpt2"))
+    model = build_hf_sequence_classification(spec, CLASSES_INFO)
+    parameters = flat_parameters(model).numel()
+    error = refusal(lambda: build_hf_sequence_classification(spec, CLASSES_INFO, parameters - 1))
+    assert f"has {parameters:,} parameters" in error.message
+
+
 def test_code_in_a_model_directory_is_never_run(model_dir: Path, tmp_path: Path) -> None:
     directory = model_dir / "remote-code"
     directory.mkdir()

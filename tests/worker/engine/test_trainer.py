@@ -4,6 +4,7 @@ state, fp16 overflow, out-of-memory backoff, stop and resume, and real learning.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from worker.engine.batching import epoch_order
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.data_types import Batch
 from worker.engine.errors import TrainingError
+from worker.engine.hooks import Hooks
 from worker.engine.trainer import Callbacks, StepMetrics, drive, prepare_run, train
 
 from .conftest import assert_close_relative, flat_parameters, make_spec
@@ -170,7 +172,7 @@ def test_fp16_overflow_in_one_micro_batch_skips_exactly_one_update() -> None:
             on_event=lambda kind, data: events.append((kind, data)),
             on_step=lambda _: scales.append(run.parts.scaler.get_scale()),
         ),
-        hook=poison_the_tenth_micro_batch,
+        hooks=Hooks(before_forward=poison_the_tenth_micro_batch),
     )
     overflow = [data for kind, data in events if kind == "overflow_skip"]
     assert overflow == [{"step": 3, "scale": initial_scale / 2}]
@@ -190,7 +192,7 @@ def test_fp16_skipped_update_leaves_weights_unchanged() -> None:
             before.append(flat_parameters(run.parts.model).clone())
             batch.inputs.fill_(float("nan"))
 
-    drive(run, hook=poison_second_step)
+    drive(run, hooks=Hooks(before_forward=poison_second_step))
     assert torch.equal(flat_parameters(run.parts.model), before[0])
 
 
@@ -199,7 +201,7 @@ def test_non_finite_loss_outside_fp16_fails_with_nan_loss() -> None:
         batch.inputs.fill_(float("nan"))
 
     with pytest.raises(TrainingError) as failure:
-        train(make_spec(), micro_batch_hook=poison)
+        train(make_spec(), hooks=Hooks(before_forward=poison))
     assert failure.value.type == "nan_loss"
 
 
@@ -265,7 +267,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update_exact() -> No
     with_oom = train(
         spec,
         Callbacks(on_step=metrics.append, on_event=lambda k, d: events.append((k, d))),
-        micro_batch_hook=out_of_memory_above(2),
+        hooks=Hooks(before_forward=out_of_memory_above(2)),
     )
     backoffs = [data for kind, data in events if kind == "oom_backoff"]
     assert [(b["old_micro_batch_size"], b["new_micro_batch_size"]) for b in backoffs] == [
@@ -281,14 +283,130 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update_exact() -> No
 def test_auto_micro_batch_starts_at_the_batch_size_and_backs_off() -> None:
     spec = make_spec(micro_batch_size="auto", accumulation_steps=None, batch_size=12, max_steps=3)
     metrics: list[StepMetrics] = []
-    train(spec, Callbacks(on_step=metrics.append), micro_batch_hook=out_of_memory_above(5))
+    train(
+        spec, Callbacks(on_step=metrics.append), hooks=Hooks(before_forward=out_of_memory_above(5))
+    )
     assert [(m.micro_batch_size, m.accumulation_steps) for m in metrics] == [(3, 4)] * 3
 
 
 def test_out_of_memory_at_micro_batch_one_fails_with_out_of_memory() -> None:
     with pytest.raises(TrainingError) as failure:
-        train(make_spec(), micro_batch_hook=out_of_memory_above(0))
+        train(make_spec(), hooks=Hooks(before_forward=out_of_memory_above(0)))
     assert failure.value.type == "out_of_memory"
+
+
+def raise_out_of_memory(*_: Any) -> None:
+    raise torch.OutOfMemoryError("injected")
+
+
+def test_out_of_memory_in_backward_frees_the_graph_first_and_keeps_the_update_exact() -> None:
+    """Injected inside the backward pass by a hook on the model's outputs (the graph is
+    alive and half walked); whenever gradients are freed, no micro-batch's outputs may be
+    alive, since the cache is emptied right after."""
+    spec = make_spec(
+        **CLASSIFICATION,
+        precision="fp64",
+        micro_batch_size=8,
+        accumulation_steps=1,
+        max_steps=4,
+        optimizer={"type": "adamw", "lr": 0.01},
+    )
+    without = prepare_run(spec)
+    drive(without)
+    run = prepare_run(spec)
+    outputs: list[weakref.ref[torch.Tensor]] = []
+
+    def on_forward(_module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        outputs.append(weakref.ref(output))
+        if len(inputs[0]) > 2:
+            output.register_hook(raise_out_of_memory)
+
+    run.parts.model.register_forward_hook(on_forward)
+    alive_when_freed: list[int] = []
+    zero_grad = run.parts.optimizer.zero_grad
+
+    def recording_zero_grad(set_to_none: bool = True) -> None:
+        alive_when_freed.append(sum(output() is not None for output in outputs))
+        zero_grad(set_to_none=set_to_none)
+
+    run.parts.optimizer.zero_grad = recording_zero_grad  # type: ignore[method-assign]
+    events: list[tuple[str, dict[str, Any]]] = []
+    drive(run, Callbacks(on_event=lambda kind, data: events.append((kind, data))))
+
+    backoffs = [data for kind, data in events if kind == "oom_backoff"]
+    assert [(b["old_micro_batch_size"], b["new_micro_batch_size"]) for b in backoffs] == [
+        (8, 4),
+        (4, 2),
+    ]
+    # Two backoffs, then one zero_grad per step: none while a graph was alive.
+    assert alive_when_freed == [0] * 6
+    assert_close_relative(
+        flat_parameters(run.parts.model), flat_parameters(without.parts.model), 1e-9
+    )
+
+
+def test_out_of_memory_in_the_optimizer_step_fails_saying_the_state_does_not_fit() -> None:
+    run = prepare_run(make_spec(optimizer={"type": "adamw", "lr": 0.01}))
+    run.parts.optimizer.register_step_pre_hook(raise_out_of_memory)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with pytest.raises(TrainingError) as failure:
+        drive(run, Callbacks(on_event=lambda kind, data: events.append((kind, data))))
+    assert failure.value.type == "out_of_memory"
+    message = failure.value.message
+    assert "optimizer state does not fit" in message and "AdamW keeps 2 values" in message
+    assert "Micro-batching cannot help" in message
+    # Not mistaken for activations: the micro-batch was not halved to no avail.
+    assert [kind for kind, _ in events if kind == "oom_backoff"] == []
+    assert all(p.grad is None for p in run.parts.model.parameters())
+
+
+def out_of_memory_in_evaluation_above(limit: int) -> Any:
+    def on_forward(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _: Any) -> None:
+        if not module.training and len(inputs[0]) > limit:
+            raise torch.OutOfMemoryError(f"injected: evaluation batch {len(inputs[0])}")
+
+    return on_forward
+
+
+@pytest.mark.parametrize("task", ["classification", "text"])
+def test_out_of_memory_in_evaluation_halves_its_batch_and_gives_the_same_result(
+    task: str,
+) -> None:
+    spec = make_spec(
+        **(CLASSIFICATION if task == "classification" else TEXT),
+        precision="fp64",
+        micro_batch_size=8,
+        accumulation_steps=1,
+        max_steps=4,
+        eval_every=2,
+    )
+    expected: list[StepMetrics] = []
+    train(spec, Callbacks(on_step=expected.append))
+    run = prepare_run(spec)
+    run.parts.model.register_forward_hook(out_of_memory_in_evaluation_above(2))
+    metrics: list[StepMetrics] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    drive(run, Callbacks(on_step=metrics.append, on_event=lambda k, d: events.append((k, d))))
+
+    warnings = [data for kind, data in events if kind == "warning"]
+    assert [(w["step"], w["old_evaluation_batch_size"]) for w in warnings] == [(2, 8), (2, 4)]
+    assert "evaluating in batches of 2" in warnings[-1]["message"]
+    # Training itself never shrank, and the evaluations are those of the full batch.
+    assert {m.micro_batch_size for m in metrics} == {8}
+    evaluated = [(m.step, m.eval_loss, m.eval_accuracy) for m in metrics if m.eval_loss]
+    assert [step for step, _, _ in evaluated] == [2, 4]
+    for (_, loss, accuracy), reference in zip(evaluated, expected[1::2], strict=True):
+        assert loss == pytest.approx(reference.eval_loss, rel=1e-12)
+        assert accuracy == reference.eval_accuracy
+    assert run.parts.model.training
+
+
+def test_out_of_memory_in_evaluation_of_one_sample_fails_with_out_of_memory() -> None:
+    run = prepare_run(make_spec(eval_every=1))
+    run.parts.model.register_forward_hook(out_of_memory_in_evaluation_above(0))
+    with pytest.raises(TrainingError) as failure:
+        drive(run)
+    assert failure.value.type == "out_of_memory" and "evaluation" in failure.value.message
 
 
 def test_batchnorm_model_is_refused_when_accumulating() -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from app.jobs.spec import TinyGptSpec
 from worker.engine.data_types import IGNORE_INDEX, DataInfo, SampleSet, TokenSequenceSet
+from worker.engine.hooks import Hooks
 from worker.engine.models import build_tiny_gpt
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import plan_precision
@@ -105,7 +106,9 @@ def test_units_are_counted_before_the_first_backward() -> None:
         first = next(parts.model.parameters())
         seen_grads.append(None if first.grad is None else first.grad.clone())
 
-    accumulate_gradients(parts, data, [[0, 1], [2, 3], [4, 5], [6, 7]], record)
+    accumulate_gradients(
+        parts, data, [[0, 1], [2, 3], [4, 5], [6, 7]], Hooks(before_forward=record)
+    )
     first_half = seen_grads[1]
     assert first_half is not None
     reference = copy.deepcopy(parts.model)
