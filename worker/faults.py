@@ -5,18 +5,22 @@
 micro-batch hook, the same path the engine's own tests
 use, so a worker process can be shown to fail `nan_loss` or `out_of_memory` without
 a GPU and without a spec that diverges.
+
+`kill_validation` makes a file's validation SIGKILL its own process, as the OOM killer
+would (worker/datafiles/runner.py). torch is imported only by the training hook: the
+validation task reads these faults too, and never imports torch.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from worker.engine.data_types import Batch
+    from worker.engine.window import MicroBatchHook
 
-from worker.engine.data_types import Batch
-from worker.engine.window import MicroBatchHook
-
-KNOWN_FAULTS = frozenset({"nan", "oom", "slow"})
+KNOWN_FAULTS = frozenset({"nan", "oom", "slow", "kill_validation"})
 
 
 def parse_faults(value: str | None) -> dict[str, float]:
@@ -38,6 +42,7 @@ def fault_hook(value: str | None) -> MicroBatchHook | None:
     faults = parse_faults(value)
     if not faults:
         return None
+    import torch  # here, not at the top: the validation task imports this module
 
     def inject(size: int, batch: Batch) -> None:
         if "slow" in faults:  # a pace that tests can interrupt mid-job; weights unchanged
