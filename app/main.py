@@ -42,11 +42,14 @@ def make_reaper(
         requeue_after=settings.requeue_after_seconds,
         interval=settings.reaper_interval_seconds,
         in_broker=lambda: job_ids_in_broker(
-            client, settings.queue, unacked_max_age=settings.requeue_after_seconds
+            client,
+            settings.queue,
+            settings.files_queue,
+            unacked_max_age=settings.requeue_after_seconds,
         ),
         send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
         send_validation=lambda file_id: enqueue_validation(
-            celery, file_id=file_id, queue=settings.queue
+            celery, file_id=file_id, queue=settings.files_queue
         ),
         ring=lambda job_ids: ring(client, job_ids),
         idempotency_ttl_hours=settings.idempotency_ttl_hours,

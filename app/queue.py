@@ -79,9 +79,9 @@ def _queue_messages(client: redis.Redis, queue: str) -> Iterator[bytes | str]:
         start += SCAN_PAGE
 
 
-def job_ids_in_broker(client: redis.Redis, queue: str, *, unacked_max_age: float) -> set[str]:
-    """Jobs (and files to validate) with a message waiting in `queue`, or delivered less
-    than `unacked_max_age` seconds ago and not yet acknowledged.
+def job_ids_in_broker(client: redis.Redis, *queues: str, unacked_max_age: float) -> set[str]:
+    """Jobs (and files to validate) with a message waiting in one of `queues`, or
+    delivered less than `unacked_max_age` seconds ago and not yet acknowledged.
 
     An older delivery of a job that is still queued belongs to a worker that died
     before it could claim the job: kombu would give that message back only after the
@@ -90,10 +90,11 @@ def job_ids_in_broker(client: redis.Redis, queue: str, *, unacked_max_age: float
     worker, a publish that failed).
     """
     found: set[str] = set()
-    for raw in _queue_messages(client, queue):
-        task_id = _task_id(raw)
-        if task_id:
-            found.add(job_id_of_task(task_id))
+    for queue in queues:
+        for raw in _queue_messages(client, queue):
+            task_id = _task_id(raw)
+            if task_id:
+                found.add(job_id_of_task(task_id))
     since = time.time() - unacked_max_age
     tags: list[Any] = list(client.zrangebyscore(UNACKED_INDEX_KEY, since, "+inf"))
     for start in range(0, len(tags), SCAN_PAGE):

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         "refused (`invalid_spec`) before its weights are loaded or allocated.",
     )
     queue: str = Field("gpu", description="Celery queue the training task is routed to.")
+    files_queue: str = Field(
+        "files",
+        description="Celery queue uploaded files' validations are routed to (CPU work: "
+        "`trainjob worker` consumes it beside TRAINJOB_QUEUE unless `--queues` says otherwise).",
+    )
     host: str = Field("127.0.0.1", description="Address `trainjob serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `trainjob serve` listens on.")
     visibility_timeout_seconds: int = Field(

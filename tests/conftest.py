@@ -90,6 +90,7 @@ def settings(database: Database, queue_name: str, tmp_path: Path) -> Settings:
         database_url=database.url,
         redis_url=REDIS_URL,
         queue=queue_name,
+        files_queue=f"{queue_name}-files",
     )
 
 

@@ -27,7 +27,10 @@ def free_port() -> int:
 
 def service_env(**settings: str) -> dict[str, str]:
     """The test's environment with TRAINJOB_* replaced by `settings` (and one thread, so
-    that results are bit-for-bit comparable with other processes)."""
+    that results are bit-for-bit comparable with other processes). A test's queue gets a
+    files queue of its own too: workers of other tests must not take its validations."""
+    if "queue" in settings:
+        settings.setdefault("files_queue", f"{settings['queue']}-files")
     env = {key: value for key, value in os.environ.items() if not key.startswith("TRAINJOB_")}
     env |= {f"TRAINJOB_{key.upper()}": value for key, value in settings.items()}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

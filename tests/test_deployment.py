@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
-BUILT_FROM_THIS_REPO = {"migrate", "api", "worker"}
+EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "files-worker"}
+BUILT_FROM_THIS_REPO = {"migrate", "api", "worker", "files-worker"}
 
 
 # ---- reading the Dockerfile
@@ -288,6 +288,19 @@ def test_worker_reserves_an_nvidia_gpu() -> None:
     ), devices
 
 
+def test_gpu_worker_trains_only_and_a_cpu_worker_consumes_only_the_files_queue() -> None:
+    """Validations never wait behind training nor take a GPU worker's turn."""
+    environment = _environment(SERVICES["worker"])
+    queue = environment.get("TRAINJOB_QUEUE", Settings.model_fields["queue"].default)
+    files_queue = _environment(SERVICES["files-worker"]).get(
+        "TRAINJOB_FILES_QUEUE", Settings.model_fields["files_queue"].default
+    )
+    assert _service_args("worker").queues.split(",") == [queue]
+    files_worker = _service_args("files-worker")
+    assert (files_worker.command, files_worker.queues.split(",")) == ("worker", [files_queue])
+    assert "deploy" not in SERVICES["files-worker"], "the files worker needs no GPU"
+
+
 def test_worker_gets_a_grace_period_to_shut_down_warmly() -> None:
     # Docker's default is 10 s before SIGKILL; the worker hands its job back within
     # its shutdown timeout, which the grace period must outlast.
@@ -324,7 +337,7 @@ def test_migrate_runs_once_after_postgres_is_healthy() -> None:
     assert migrate.get("restart", "no") == "no"
 
 
-@pytest.mark.parametrize("service_name", ["api", "worker"])
+@pytest.mark.parametrize("service_name", ["api", "worker", "files-worker"])
 def test_api_and_worker_start_only_after_migrate_completed_successfully(
     service_name: str,
 ) -> None:
@@ -342,7 +355,9 @@ def test_database_url_uses_the_psycopg_driver() -> None:
 
 def test_migrate_api_and_worker_share_one_database_and_one_redis() -> None:
     for variable in ("TRAINJOB_DATABASE_URL", "TRAINJOB_REDIS_URL"):
-        values = {_environment(SERVICES[name]).get(variable) for name in ("api", "worker")}
+        values = {
+            _environment(SERVICES[name]).get(variable) for name in ("api", "worker", "files-worker")
+        }
         assert len(values) == 1 and None not in values, (variable, values)
     database = _environment(SERVICES["migrate"])["TRAINJOB_DATABASE_URL"]
     assert database == _environment(SERVICES["api"])["TRAINJOB_DATABASE_URL"]

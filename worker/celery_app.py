@@ -42,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_routes={
             TRAIN_TASK: {"queue": settings.queue},
-            VALIDATE_TASK: {"queue": settings.queue},
+            VALIDATE_TASK: {"queue": settings.files_queue},
         },
         task_default_queue=settings.queue,
         broker_transport_options=transport,

@@ -11,18 +11,24 @@
 They go through the engine's hooks, the same path the engine's own tests use, so a
 worker process can be shown to fail `nan_loss` or `out_of_memory`, or to back off,
 without a GPU and without a spec that diverges.
+
+`kill_validation` makes a file's validation SIGKILL its own process, as the OOM killer
+would (worker/datafiles/runner.py). torch is imported only by the training hooks: the
+validation task reads these faults too, and never imports torch.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from worker.engine.data_types import Batch
+    from worker.engine.hooks import BatchHook, Hooks
 
-from worker.engine.data_types import Batch
-from worker.engine.hooks import NO_HOOKS, BatchHook, Hooks
-
-KNOWN_FAULTS = frozenset({"nan", "oom", "oom_backward", "oom_step", "oom_eval", "slow"})
+KNOWN_FAULTS = frozenset(
+    {"nan", "oom", "oom_backward", "oom_step", "oom_eval", "slow", "kill_validation"}
+)
 
 
 def parse_faults(value: str | None) -> dict[str, float]:
@@ -41,6 +47,8 @@ def parse_faults(value: str | None) -> dict[str, float]:
 
 
 def _out_of_memory_above(fault: str, limit: float) -> BatchHook:
+    import torch  # here, not at the top: the validation task imports this module
+
     def inject(size: int, _batch: Batch) -> None:
         if size > limit:
             raise torch.OutOfMemoryError(f"injected by TRAINJOB_TEST_FAULTS ({fault}, {size})")
@@ -49,10 +57,14 @@ def _out_of_memory_above(fault: str, limit: float) -> BatchHook:
 
 
 def _out_of_memory_in_step() -> None:
+    import torch
+
     raise torch.OutOfMemoryError("injected by TRAINJOB_TEST_FAULTS (oom_step)")
 
 
 def fault_hooks(value: str | None) -> Hooks:
+    from worker.engine.hooks import NO_HOOKS, Hooks
+
     faults = parse_faults(value)
     if not faults:
         return NO_HOOKS

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.signals import worker_process_init
 
 from app.settings import get_settings
@@ -19,7 +19,11 @@ logger = logging.getLogger(__name__)
 def preload_the_engine(**_: Any) -> None:
     """Import torch and the engine in each pool child as it starts, while it waits for a
     job: otherwise a job's first second or two goes on these imports before its claim.
-    Celery sends this signal in pool children only: the parent never imports torch."""
+    Celery sends this signal in pool children only: the parent never imports torch.
+    A worker that does not consume the training queue (a files worker) skips it: a
+    validation needs numpy only."""
+    if get_settings().queue not in current_app.amqp.queues.consume_from:
+        return
     began = time.monotonic()
     try:
         import worker.job_runner  # noqa: F401

@@ -35,6 +35,9 @@ class DataFile(Base):
     storage: Mapped[str] = mapped_column(String(16))  # "database" or "directory"
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Deliveries of its validation that began: a worker process killed while checking
+    # the file (out of memory) never records a result, and its message comes back.
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_files_tenant_id", "tenant", "id"),

@@ -82,7 +82,9 @@ async def upload_file(
     is stored as it arrives and comes back `validating`; a worker then checks it once
     and sets `valid` or `invalid` with the errors found."""
     data_file = await _store_and_commit(request, session, settings, tenant=principal.tenant)
-    await run_in_threadpool(enqueue_validation, celery, file_id=data_file.id, queue=settings.queue)
+    await run_in_threadpool(
+        enqueue_validation, celery, file_id=data_file.id, queue=settings.files_queue
+    )
     return files_service.to_public(data_file)
 
 

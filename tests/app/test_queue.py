@@ -17,11 +17,13 @@ import redis
 from celery import Celery
 
 from app import queue as queue_module
+from app.files.ids import new_file_id
 from app.jobs.ids import new_job_id
 from app.queue import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     enqueue_training,
+    enqueue_validation,
     job_ids_in_broker,
     task_id_for,
 )
@@ -153,3 +155,32 @@ def test_a_long_queue_is_read_page_by_page(
     for job_id in job_ids:
         assert enqueue_training(celery, job_id=job_id, queue=queue)
     assert job_ids <= job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
+
+
+def test_the_scan_reads_the_files_queue_too_so_a_waiting_validation_is_not_sent_twice(
+    celery: Celery, queue: str, redis_client: redis.Redis
+) -> None:
+    files_queue = f"{queue}-files"
+    file_id, job_id = new_file_id(), new_job_id()
+    try:
+        assert enqueue_validation(celery, file_id=file_id, queue=files_queue)
+        assert enqueue_training(celery, job_id=job_id, queue=queue)
+        assert redis_client.llen(files_queue) == 1 and redis_client.llen(queue) == 1
+        found = job_ids_in_broker(redis_client, queue, files_queue, unacked_max_age=MAX_AGE)
+        assert {file_id, job_id} <= found
+        assert file_id not in job_ids_in_broker(redis_client, queue, unacked_max_age=MAX_AGE)
+    finally:
+        redis_client.delete(files_queue)
+
+
+def test_validations_are_routed_to_the_files_queue(tmp_path: Path) -> None:
+    from worker.celery_app import TRAIN_TASK, VALIDATE_TASK
+
+    app = make_celery(
+        Settings(home=tmp_path, redis_url=REDIS_URL, queue="gpu-x", files_queue="files-x")
+    )
+    try:
+        assert app.conf.task_routes[VALIDATE_TASK] == {"queue": "files-x"}
+        assert app.conf.task_routes[TRAIN_TASK] == {"queue": "gpu-x"}
+    finally:
+        app.close()

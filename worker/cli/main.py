@@ -66,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="run a Celery training worker",
+        help="run a Celery worker (training, and file validations)",
         description=(
-            "Run a training worker against TRAINJOB_REDIS_URL and TRAINJOB_DATABASE_URL. "
-            "Run one per GPU (set CUDA_VISIBLE_DEVICES for each)."
+            "Run a worker against TRAINJOB_REDIS_URL and TRAINJOB_DATABASE_URL. Run one per "
+            "GPU (set CUDA_VISIBLE_DEVICES for each) with `--queues gpu`, and a CPU worker "
+            "with `--queues files` for uploaded files' validations."
         ),
     )
-    worker.add_argument("--queues", help="comma-separated queues (default TRAINJOB_QUEUE, gpu)")
+    worker.add_argument(
+        "--queues",
+        help="comma-separated queues (default: TRAINJOB_QUEUE and TRAINJOB_FILES_QUEUE, "
+        "gpu,files: training and file validations)",
+    )
     worker.add_argument(
         "--concurrency", type=int, default=1, help="training processes (default 1: one per GPU)"
     )

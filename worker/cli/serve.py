@@ -199,7 +199,8 @@ def worker_command(queues: str | None, concurrency: int) -> int:
             *(["--quiet"] if settings.log_format == "json" else []),
             "worker",
             "--loglevel", settings.log_level.upper(),
-            "--queues", queues or settings.queue,
+            # Training and file validations by default (the embedded worker of `serve` too).
+            "--queues", queues or f"{settings.queue},{settings.files_queue}",
             "--concurrency", str(concurrency),
             "--pool", "prefork",
             "--max-tasks-per-child", "1",

@@ -20,7 +20,6 @@ training rows is held out by a seeded shuffle.
 from __future__ import annotations
 
 import zipfile
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from worker.datafiles.validate import (
     LABELLED_TEXT,
     PROMPT_COMPLETION,
     REGRESSION,
+    SCAN_ELEMENTS,
     CsvReader,
     JsonlRow,
     Label,
@@ -48,7 +48,7 @@ from worker.datafiles.validate import (
     parse_csv_header,
     parse_csv_row,
     read_jsonl,
-    read_npy_data,
+    read_npy_as,
     typed_csv_labels,
 )
 from worker.engine.data_types import (
@@ -281,18 +281,38 @@ def _token_sequences(encoded: _EncodedText, tokenizer: TextTokenizer) -> TokenSe
 
 
 @dataclass
+class _Labels:
+    """A file's class labels without a Python object per row: each row's code, and the
+    label each code stands for (codes of equal labels may differ, e.g. CSV "1" and "01")."""
+
+    codes: np.ndarray[Any, Any]
+    values: list[Label]
+
+    def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
+        """Each row's index among the sorted training classes; unknown labels fail."""
+        index = {label: position for position, label in enumerate(classes)}
+        unknown = {str(value) for value in self.values if value not in index}
+        if unknown:
+            raise _invalid(file_id, _unknown_labels(unknown))
+        by_code = np.array([index[value] for value in self.values], dtype=np.int64)
+        return torch.from_numpy(by_code[self.codes])
+
+
+@dataclass
 class _Table:
     """Feature rows with their labels (classification) or float targets (regression)."""
 
     file_id: str
     kind: str
     features: torch.Tensor
-    labels: np.ndarray[Any, Any] | None = None
+    labels: _Labels | None = None
     targets: torch.Tensor | None = None
 
     @property
     def integer_labels(self) -> bool:
-        return self.labels is not None and self.labels.dtype.kind in "iu"
+        return self.labels is not None and all(
+            isinstance(value, int) for value in self.labels.values
+        )
 
 
 def _read_table(
@@ -312,13 +332,18 @@ def _read_table(
     raise _invalid(file_id, f"is a {format} file, but the training file holds rows of features")
 
 
+def _csv_row_bound(path: Path, columns: int) -> int:
+    """At most this many data rows: no more than the file's lines, and no more than its
+    bytes allow (a row has a character and a separator for each column), so that arrays
+    of this many rows can be allocated up front, whatever a file of blank lines claims."""
+    lines = 0
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            lines += block.count(b"\n")
+    return min(lines + 1, path.stat().st_size // (2 * columns - 1) + 1)
+
+
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
-    # Flat float32 arrays, not a list per row: a Python float costs six times as much.
-    features, targets = array("f"), array("f")
-    rows = 0
-    raw_labels: list[str] = []
-    # One string object per distinct label, however many rows repeat it.
-    distinct: dict[str, str] = {}
     with CsvReader(path).open() as reader:
         header = reader.header()
         if header is None:
@@ -327,32 +352,45 @@ def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
             layout = parse_csv_header(header)
         except RowProblem as problem:
             raise RowProblem(f"line {reader.line}: {problem}") from None
+        # Filled in place as rows stream in: no Python objects per value or per row, and
+        # no copy when done (the unused tail of the arrays is never touched, so it takes
+        # address space, not memory).
+        bound = _csv_row_bound(path, len(layout.columns))
+        features = np.empty((bound, len(layout.feature_columns)), dtype=np.float32)
+        targets = np.empty(bound, dtype=np.float32)
+        codes = np.empty(bound, dtype=np.int32)
+        code_of: dict[str, int] = {}  # each distinct raw label, by first appearance
+        rows = 0
         for cells in reader.rows():
             try:
                 row, target = parse_csv_row(layout, cells)
             except RowProblem as problem:
                 raise RowProblem(f"line {reader.line}: {problem}") from None
-            rows += 1
-            features.extend(row)
+            if rows == bound:  # cannot happen: each row holds a newline and its cells
+                raise RowProblem(f"line {reader.line}: more rows than the file's size allows")
+            features[rows] = row
             if isinstance(target, str):
-                raw_labels.append(distinct.setdefault(target, target))
+                codes[rows] = code_of.setdefault(target, len(code_of))
             else:
-                targets.append(target)
-    features_tensor = torch.from_numpy(np.array(features, dtype=np.float32).reshape(rows, -1))
+                targets[rows] = target
+            rows += 1
+    features_tensor = torch.from_numpy(features[:rows])
     if layout.kind == REGRESSION:
-        target_tensor = torch.from_numpy(np.array(targets, dtype=np.float32).reshape(rows, 1))
+        target_tensor = torch.from_numpy(targets[:rows].reshape(rows, 1))
         return _Table(file_id, REGRESSION, features_tensor, targets=target_tensor)
+    raw_labels = list(code_of)
+    values: list[Label]
     if integer_labels is None:
         typed = typed_csv_labels(raw_labels)
-        labels = np.array([typed[label] for label in raw_labels])
+        values = [typed[label] for label in raw_labels]
     elif integer_labels:
         not_integers = {label for label in raw_labels if _int_or_none(label) is None}
         if not_integers:
             raise RowProblem(_unknown_labels(not_integers))
-        labels = np.array([int(label) for label in raw_labels], dtype=np.int64)
+        values = [int(label) for label in raw_labels]
     else:
-        labels = np.array(raw_labels)
-    return _Table(file_id, CLASSIFICATION, features_tensor, labels=labels)
+        values = list(raw_labels)
+    return _Table(file_id, CLASSIFICATION, features_tensor, labels=_Labels(codes[:rows], values))
 
 
 def _int_or_none(label: str) -> int | None:
@@ -368,18 +406,38 @@ def _read_npz(file_id: str, path: Path) -> _Table:
             raise RowProblem("the archive needs arrays 'x' and 'y'")
         with open_npy(archive, "x") as (x_header, x_stream):
             check_x_header(x_header)
-            x = read_npy_data(x_header, x_stream)
+            # float64 stays float64 (an fp64 run keeps every digit); anything else trains
+            # as float32, converted as it is read.
+            x = read_npy_as(x_header, x_stream, _float_type(x_header.dtype))
         with open_npy(archive, "y") as (y_header, y_stream):
             kind = npz_kind(y_header)
-            y = read_npy_data(y_header, y_stream)
-    if len(x) != len(y):
-        raise RowProblem(f"'x' has {len(x)} rows but 'y' has {len(y)}")
-    # float64 stays float64 (an fp64 run keeps every digit); anything else trains as float32.
-    features = torch.from_numpy(x.astype(np.float64 if x.dtype == np.float64 else np.float32))
+            if len(x) != y_header.shape[0]:
+                raise RowProblem(f"'x' has {len(x)} rows but 'y' has {y_header.shape[0]}")
+            y = read_npy_as(
+                y_header, y_stream, _float_type(y_header.dtype) if kind == REGRESSION else np.int64
+            )
+    features = torch.from_numpy(x)
     if kind == REGRESSION:
-        targets = torch.from_numpy(y.astype(np.float64 if y.dtype == np.float64 else np.float32))
-        return _Table(file_id, REGRESSION, features, targets=targets.reshape(len(y), -1))
-    return _Table(file_id, CLASSIFICATION, features, labels=y.astype(np.int64))
+        targets = torch.from_numpy(y).reshape(len(y), -1)
+        return _Table(file_id, REGRESSION, features, targets=targets)
+    # Codes are the indices among the file's own sorted classes, so that a second file
+    # maps them through its labels, as with CSV.
+    classes = _distinct(y)
+    labels = _Labels(np.searchsorted(classes, y), [int(value) for value in classes])
+    return _Table(file_id, CLASSIFICATION, features, labels=labels)
+
+
+def _distinct(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The sorted distinct values, a slice at a time: np.unique of the whole array would
+    sort a copy of it."""
+    found: set[int] = set()
+    for start in range(0, len(values), SCAN_ELEMENTS):
+        found.update(np.unique(values[start : start + SCAN_ELEMENTS]).tolist())
+    return np.array(sorted(found), dtype=values.dtype)
+
+
+def _float_type(dtype: np.dtype[Any]) -> type[Any]:
+    return np.float64 if dtype == np.float64 else np.float32
 
 
 def _check_same_shape(train: _Table, held_out: _Table) -> None:
@@ -406,15 +464,15 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
         )
 
 
-def _table_set(table: _Table, rows: list[int] | None, classes: Any) -> SampleSet:
+def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
     index = None if rows is None else torch.tensor(rows, dtype=torch.long)
     features = table.features if index is None else table.features[index]
     if table.kind == REGRESSION:
         assert table.targets is not None
         targets = table.targets if index is None else table.targets[index]
         return TensorRegressionSet(features, targets)
-    assert table.labels is not None
-    labels = _class_indices(table.file_id, table.labels, classes)
+    assert table.labels is not None and classes is not None
+    labels = table.labels.class_indices(table.file_id, classes)
     return TensorClassificationSet(features, labels if index is None else labels[index])
 
 
@@ -428,16 +486,18 @@ def _table_splits(
         info = DataInfo(input_shape=input_shape, target_size=int(train.targets.shape[1]))
     else:
         assert train.labels is not None
-        classes = np.unique(train.labels)
+        classes = sorted(set(train.labels.values))  # one type: ints, or the strings
         info = DataInfo(
             input_shape=input_shape,
             num_classes=len(classes),
-            class_labels=tuple(classes.tolist()),
+            class_labels=tuple(classes),
         )
     if held_out is not None:
         return DataSplits(
             _table_set(train, None, classes), _table_set(held_out, None, classes), info
         )
+    if spec.eval_fraction == 0:  # every row trains, in the file's order: no copy of them
+        return DataSplits(_table_set(train, None, classes), None, info)
     train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
     return DataSplits(
         _table_set(train, train_rows, classes),

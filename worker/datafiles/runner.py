@@ -4,17 +4,25 @@ that were waiting for it.
 A file leaves `validating` exactly once: a crash while checking it records `invalid`
 with the reason, a duplicate delivery finds it settled and does nothing, and only a
 lost database connection leaves it for the reaper to send again.
+
+A crash the process cannot catch (the OOM killer's SIGKILL) records nothing, and Celery
+gives the message back (late acks, reject on worker lost): each delivery counts itself
+in the file's row first, and the one after MAX_VALIDATION_ATTEMPTS records the file
+`invalid` instead of checking it again. Deliveries the reaper sends count the same.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 import sqlalchemy.exc
+from sqlalchemy import update
 
 from app.db import Database
 from app.errors import NotFound
@@ -25,8 +33,13 @@ from app.live.channels import ring
 from app.settings import Settings
 from worker.datafiles.fetch import fetch_file
 from worker.datafiles.validate import ValidationReport, validate_file
+from worker.faults import parse_faults
 
 logger = logging.getLogger(__name__)
+
+# Deliveries of one file's validation that may begin: a file whose checks killed its
+# worker process this often is recorded invalid rather than tried forever.
+MAX_VALIDATION_ATTEMPTS = 2
 
 # The database went away: nothing can be recorded now. The file stays `validating`
 # and the reaper sends its validation again.
@@ -92,6 +105,24 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
             logger.info("file %s is %s: nothing to validate", file_id, state)
             return None
         file_format = data_file.format
+    attempt = _begin_attempt(database, file_id)
+    if attempt is None:
+        return None
+    if attempt > MAX_VALIDATION_ATTEMPTS:
+        logger.error(
+            "file %s: validation was killed %d times; recording it invalid", file_id, attempt - 1
+        )
+        return ValidationReport(
+            status="invalid",
+            kind=None,
+            errors=[
+                f"validation ran out of memory or crashed: the worker process checking this "
+                f"file was killed {attempt - 1} times (the worker's log has the details)"
+            ],
+            stats={},
+        )
+    if "kill_validation" in parse_faults(settings.test_faults):
+        os.kill(os.getpid(), signal.SIGKILL)  # testing only: as the OOM killer would
     with tempfile.TemporaryDirectory(prefix="trainjob-validate-") as directory:
         try:
             path = fetch_file(
@@ -111,6 +142,21 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
                 errors=[f"the file could not be validated: {_reason(failure)}"],
                 stats={},
             )
+
+
+def _begin_attempt(database: Database, file_id: str) -> int | None:
+    """Count this delivery in the file's row, and return its number; None when the file
+    is no longer validating (settled or deleted meanwhile). One conditional update: two
+    deliveries at once count two."""
+    with database.session() as session:
+        attempt = session.scalar(
+            update(DataFile)
+            .where(DataFile.id == file_id, DataFile.status == "validating")
+            .values(validation_attempts=DataFile.validation_attempts + 1)
+            .returning(DataFile.validation_attempts)
+        )
+        session.commit()
+    return attempt
 
 
 def _reason(failure: Exception) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -34,8 +35,13 @@ MAX_CLASSES = 10_000
 # An NPZ array is compressed: its header says how large it unpacks, and a worker must
 # hold it in memory to train.
 MAX_ARRAY_BYTES = 8 * 2**30
-# Elements of x checked for NaN at a time: bounds validation's memory for any x.
-_SCAN_ELEMENTS = 1 << 20
+# Deflate packs zeros about 1000 to 1: a few MB can declare arrays of gigabytes (a zip
+# bomb). Real data sets pack far less (images about 5×, float features about 1.1×), so an
+# array may declare at most this multiple of its compressed bytes; data that repetitive
+# can be saved uncompressed (`numpy.savez`), where the bytes it declares are the bytes sent.
+MAX_NPZ_EXPANSION = 100
+# Elements of an array read at a time: bounds validation's memory for any x and y.
+SCAN_ELEMENTS = 1 << 20
 
 Label = int | str
 
@@ -466,8 +472,11 @@ class NpyHeader:
 
 @contextmanager
 def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, IO[bytes]]]:
-    """An array's header, and the stream positioned at its data. Unpickles nothing."""
-    with archive.open(f"{name}.npy") as stream:
+    """An array's header, and the stream positioned at its data. Unpickles nothing, and
+    decompresses only the header: RowProblem when the array declares more bytes than
+    its compressed size can honestly hold (MAX_NPZ_EXPANSION)."""
+    member = f"{name}.npy"
+    with archive.open(member) as stream:
         try:
             version = np.lib.format.read_magic(stream)
             read = (
@@ -478,20 +487,61 @@ def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, I
             shape, fortran_order, dtype = read(stream)
         except ValueError as error:
             raise RowProblem(f"array {name!r} is not a valid .npy array ({error})") from None
-        yield NpyHeader(name, tuple(shape), fortran_order, dtype), stream
+        header = NpyHeader(name, tuple(shape), fortran_order, dtype)
+        _check_expansion(header, _compressed_bytes(archive, member))
+        yield header, stream
+
+
+def _compressed_bytes(archive: zipfile.ZipFile, member: str) -> int:
+    """The member's compressed size: what the zip's directory says, and never more than
+    the whole file (the directory is the uploader's word; the file's size is not)."""
+    declared = archive.getinfo(member).compress_size
+    if archive.filename is None:
+        return declared
+    return min(declared, os.path.getsize(archive.filename))
+
+
+def _check_expansion(header: NpyHeader, compressed: int) -> None:
+    if header.size_bytes > MAX_NPZ_EXPANSION * max(compressed, 1):
+        raise RowProblem(
+            f"array {header.name!r} declares {header.size_bytes:,} bytes (shape "
+            f"{header.shape}, {header.dtype}) in {compressed:,} compressed bytes, more than "
+            f"{MAX_NPZ_EXPANSION}× its size: refused unread. If the data really is that "
+            "repetitive, save it uncompressed (numpy.savez)"
+        )
 
 
 def npz_array_names(archive: zipfile.ZipFile) -> list[str]:
     return sorted(name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy"))
 
 
-def read_npy_data(header: NpyHeader, stream: IO[bytes]) -> np.ndarray[Any, Any]:
-    """The array's data, after open_npy has read its header."""
-    data = stream.read(header.size_bytes)
-    if len(data) != header.size_bytes:
-        raise RowProblem(f"array {header.name!r} is truncated")
+def npy_chunks(header: NpyHeader, stream: IO[bytes]) -> Iterator[np.ndarray[Any, Any]]:
+    """The array's values in the order they are stored, SCAN_ELEMENTS at a time (1-D),
+    after open_npy has read its header: memory bounded whatever the array's size."""
+    total = math.prod(header.shape)
+    done = 0
+    while done < total:
+        count = min(SCAN_ELEMENTS, total - done)
+        data = stream.read(count * header.dtype.itemsize)
+        if len(data) != count * header.dtype.itemsize:
+            raise RowProblem(f"array {header.name!r} is truncated")
+        yield np.frombuffer(data, dtype=header.dtype)
+        done += count
+
+
+def read_npy_as(
+    header: NpyHeader, stream: IO[bytes], dtype: np.dtype[Any] | type[Any]
+) -> np.ndarray[Any, Any]:
+    """The whole array converted to `dtype`, filled a chunk at a time: one array of the
+    result's size, never the file's bytes and a converted copy side by side."""
     order: Literal["F", "C"] = "F" if header.fortran_order else "C"
-    return np.frombuffer(data, dtype=header.dtype).reshape(header.shape, order=order)
+    result: np.ndarray[Any, Any] = np.empty(header.shape, dtype=dtype, order=order)
+    flat = result.reshape(-1, order=order)  # a view, in the order the values are stored
+    done = 0
+    for chunk in npy_chunks(header, stream):
+        flat[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    return result
 
 
 def check_x_header(x: NpyHeader) -> None:
@@ -538,23 +588,29 @@ def _check_numbers(array: NpyHeader) -> None:
 
 
 def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
-    """The first row (0-based) holding NaN or inf, reading a chunk of x at a time."""
+    """The first row (0-based) holding NaN or inf, reading a chunk at a time."""
     total = math.prod(header.shape)
     rows = header.shape[0]
     row_size = total // rows if rows else 0
     done = 0
-    while done < total:
-        count = min(_SCAN_ELEMENTS, total - done)
-        data = stream.read(count * header.dtype.itemsize)
-        if len(data) != count * header.dtype.itemsize:
-            raise RowProblem(f"array {header.name!r} is truncated")
-        chunk = np.frombuffer(data, dtype=header.dtype)
+    for chunk in npy_chunks(header, stream):
         bad = np.flatnonzero(~np.isfinite(chunk))
         if len(bad):
             element = done + int(bad[0])
             return element % rows if header.fortran_order else element // row_size
-        done += count
+        done += len(chunk)
     return None
+
+
+def npz_classes(header: NpyHeader, stream: IO[bytes]) -> list[int] | None:
+    """An integer y's distinct classes, sorted, reading a chunk at a time; None as soon
+    as there are more than MAX_CLASSES (never a sorted copy of the whole y)."""
+    classes: set[int] = set()
+    for chunk in npy_chunks(header, stream):
+        classes.update(int(value) for value in np.unique(chunk))
+        if len(classes) > MAX_CLASSES:
+            return None
+    return sorted(classes)
 
 
 def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
@@ -592,22 +648,21 @@ def _validate_npz_arrays(
             bad_row = _first_non_finite_row(x, x_stream)
             if bad_row is not None:
                 problems.add(f"'x' has NaN or infinite values in row {bad_row + 1}")
-        targets = read_npy_data(y, y_stream)
-    stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
-    if kind == REGRESSION:
-        bad = np.flatnonzero(~np.isfinite(targets.reshape(len(targets), -1)).all(axis=1))
-        if len(bad):
-            problems.add(f"'y' has NaN or infinite values in row {int(bad[0]) + 1}")
-        stats["target_size"] = 1 if targets.ndim == 1 else int(targets.shape[1])
-        return kind, stats
-    distinct = np.unique(targets)
-    if len(distinct) > MAX_CLASSES:
+        stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+        if kind == REGRESSION:
+            bad_row = _first_non_finite_row(y, y_stream)
+            if bad_row is not None:
+                problems.add(f"'y' has NaN or infinite values in row {bad_row + 1}")
+            stats["target_size"] = 1 if len(y.shape) == 1 else int(y.shape[1])
+            return kind, stats
+        classes = npz_classes(y, y_stream)
+    if classes is None:
         problems.add(
-            f"'y' has {len(distinct):,} distinct classes, more than {MAX_CLASSES:,}: "
-            "to predict numbers, save 'y' as floats"
+            f"'y' has more than {MAX_CLASSES:,} distinct classes: to predict numbers, "
+            "save 'y' as floats"
         )
-    labels = [int(value) for value in distinct]
-    stats |= {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
+        return kind, stats
+    stats |= {"classes": len(classes), "labels": classes[:MAX_LISTED_LABELS]}
     return kind, stats
 
 

@@ -437,6 +437,7 @@ def test_a_tenant_sees_and_deletes_only_its_own_files(
         database_url=own_database.url,
         redis_url=REDIS_URL,
         queue=queue_name,
+        files_queue=f"{queue_name}-files",
         reaper_interval_seconds=0,
     )
     as_ = {tenant: {"authorization": f"Bearer {key}"} for tenant, key in keys.items()}

@@ -488,8 +488,8 @@ def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send
 def test_the_api_sends_a_lost_validation_to_the_real_broker(
     database: Database, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    queue = f"{settings.queue}-api-reaper-{secrets.token_hex(4)}"
-    fast = settings.model_copy(update={"queue": queue, "reaper_interval_seconds": 0.05})
+    queue = f"{settings.queue}-api-reaper-{secrets.token_hex(4)}"  # the files queue
+    fast = settings.model_copy(update={"files_queue": queue, "reaper_interval_seconds": 0.05})
     lost = add_file(database)
     set_uploaded_at(database, lost, fast.requeue_after_seconds * 2)
 

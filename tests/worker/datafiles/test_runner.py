@@ -138,3 +138,35 @@ def test_a_missing_or_settled_file_is_not_validated(
     validate_stored_file(settled, settings, enqueue=Sender())
 
     assert load_file(database, settled).status == "valid"
+
+
+def test_each_delivery_counts_itself_and_one_past_the_cap_records_invalid_unchecked(
+    database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deliveries whose worker process was killed (out of memory) recorded nothing; any
+    further one, whoever sent it (Celery giving the message back, or the reaper), ends
+    the file invalid instead of checking it again."""
+    counted = add_file(database, content=TEXT)
+    validate_stored_file(counted, settings, enqueue=Sender())
+    assert load_file(database, counted).validation_attempts == 1
+
+    def never(path: Path, format: str) -> None:
+        raise AssertionError("checked a file whose validation kept killing its worker")
+
+    monkeypatch.setattr(runner, "validate_file", never)
+    file_id = add_file(database, content=TEXT)
+    job_id = create_job(database, text_job_spec(file_id))
+    with database.session() as session:  # as if killed this often already
+        session.execute(
+            update(DataFile)
+            .where(DataFile.id == file_id)
+            .values(validation_attempts=runner.MAX_VALIDATION_ATTEMPTS)
+        )
+        session.commit()
+
+    validate_stored_file(file_id, settings, enqueue=Sender())
+
+    data_file = load_file(database, file_id)
+    assert data_file.status == "invalid" and data_file.errors
+    assert data_file.errors[0].startswith("validation ran out of memory or crashed")
+    assert load_job(database, job_id).error_type == "invalid_data"

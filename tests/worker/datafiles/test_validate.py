@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.datafiles.validate import MAX_ERRORS, ValidationReport, validate_file
+from worker.datafiles.validate import (
+    MAX_CLASSES,
+    MAX_ERRORS,
+    MAX_NPZ_EXPANSION,
+    SCAN_ELEMENTS,
+    ValidationReport,
+    validate_file,
+)
 
 
 def jsonl(tmp_path: Path, *lines: Any, name: str = "data.jsonl") -> Path:
@@ -331,6 +338,39 @@ def test_npz_nan_in_float_y_names_its_row(tmp_path: Path) -> None:
 )
 def test_npz_shapes_and_dtypes(tmp_path: Path, x: Any, y: Any, message: str) -> None:
     assert invalid(validate_file(npz(tmp_path, x=x, y=y), "npz")).startswith(message)
+
+
+def test_an_npz_array_that_unpacks_far_beyond_its_compressed_size_is_refused_unread(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "zeros.npz"
+    np.savez_compressed(path, x=np.zeros((100_000, 10), dtype=np.float32), y=np.zeros(100_000))
+    message = invalid(validate_file(path, "npz"))
+    assert message.startswith(
+        "array 'x' declares 4,000,000 bytes (shape (100000, 10), float32) in "
+    )
+    assert message.endswith(
+        f"more than {MAX_NPZ_EXPANSION}× its size: refused unread. If the data really is "
+        "that repetitive, save it uncompressed (numpy.savez)"
+    )
+
+
+def test_the_same_zeros_saved_uncompressed_are_valid(tmp_path: Path) -> None:
+    path = npz(tmp_path, x=np.zeros((100_000, 10), dtype=np.float32), y=np.zeros(100_000))
+    assert validate_file(path, "npz").status == "valid"
+
+
+def test_an_npz_y_with_too_many_classes_is_refused_reading_it_in_chunks(tmp_path: Path) -> None:
+    rows = 3 * SCAN_ELEMENTS
+    y = np.arange(rows, dtype=np.int64) % (MAX_CLASSES + 1)  # the last class comes late
+    path = npz(tmp_path, x=np.zeros((rows, 1), dtype=np.int8), y=y)
+    del y
+    report, peak = traced_peak(path, "npz")
+    assert report.errors == [
+        f"'y' has more than {MAX_CLASSES:,} distinct classes: to predict numbers, save 'y' "
+        "as floats"
+    ]
+    assert peak < 4 * 8 * SCAN_ELEMENTS, f"peak {peak:,} bytes for a y of {8 * rows:,}"
 
 
 def test_a_file_that_is_not_a_zip_is_not_an_npz(tmp_path: Path) -> None:
