@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +78,15 @@ class Database:
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+    def read_piecewise(self, read: Callable[[Session], Iterable[T]]) -> Iterator[T]:
+        """The items of `read(session)`, each read in a transaction of its own: for a
+        response that streams them, no connection is held between two items, however
+        long its client takes to take the last one."""
+        with self.session() as session:
+            for item in read(session):
+                session.rollback()  # ends the read's transaction: the connection goes back
+                yield item
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -44,6 +44,9 @@ def session_slots(database: Database) -> anyio.Semaphore:
 
 async def _session(request: Request) -> AsyncIterator[Session]:
     # Opening a session is free: it connects at its first query, in the route's thread.
+    # Its exit runs once the route has returned and its response is built, before the
+    # response is sent (SessionDep's scope="function"): a response that lasts (an event
+    # stream, a download) holds neither a slot nor a connection while it is sent.
     database: Database = request.app.state.database
     async with request.app.state.session_slots:
         session = database.sessions()
@@ -72,7 +75,10 @@ async def _redis(request: Request) -> redis.Redis:
     return client
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+# scope="function": with the default ("request") the session closed after the response's
+# last byte, so every stream and download held a slot for its whole life, and a dozen
+# event streams left no slot to the short routes.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 DatabaseDep = Annotated[Database, Depends(_database)]
 CeleryDep = Annotated[Celery, Depends(_celery)]

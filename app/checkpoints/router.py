@@ -65,20 +65,16 @@ def download_weights(
     checkpoint = checkpoints_service.find_checkpoint(
         session, job_id=job_id, step=step, tenant=principal.scope
     )
-    # The body streams after this request's session has closed: read with a session of its own.
-
-    def chunks() -> object:
-        with database.session() as stream_session:
-            yield from checkpoints_service.read_part(
-                stream_session,
-                checkpoint=checkpoint,
-                part="weights",
-                checkpoint_dir=settings.checkpoint_dir,
-            )
-
+    # The body streams after this request's session has closed, a chunk per transaction:
+    # a client that reads slowly holds no connection.
+    chunks = database.read_piecewise(
+        lambda session: checkpoints_service.read_part(
+            session, checkpoint=checkpoint, part="weights", checkpoint_dir=settings.checkpoint_dir
+        )
+    )
     filename = f"{job_id}-step-{checkpoint.step}.safetensors"
     return StreamingResponse(
-        chunks(),  # type: ignore[arg-type]
+        chunks,
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.auth.deps import PrincipalDep
+from app.db import Database
 from app.deps import CeleryDep, DatabaseDep, SessionDep, SettingsDep
 from app.errors import AppError, error_responses
 from app.files import service as files_service
@@ -73,7 +72,7 @@ class UploadInterrupted(AppError):
 )
 async def upload_file(
     request: Request,
-    session: SessionDep,
+    database: DatabaseDep,
     settings: SettingsDep,
     celery: CeleryDep,
     principal: PrincipalDep,
@@ -81,7 +80,7 @@ async def upload_file(
     """Upload a data file as multipart/form-data (a part `file`, optionally `format`). It
     is stored as it arrives and comes back `validating`; a worker then checks it once
     and sets `valid` or `invalid` with the errors found."""
-    data_file = await _store_and_commit(request, session, settings, tenant=principal.tenant)
+    data_file = await _store_and_commit(request, database, settings, tenant=principal.tenant)
     await run_in_threadpool(
         enqueue_validation, celery, file_id=data_file.id, queue=settings.files_queue
     )
@@ -89,11 +88,13 @@ async def upload_file(
 
 
 async def _store_and_commit(
-    request: Request, session: Session, settings: Settings, *, tenant: str
+    request: Request, database: Database, settings: Settings, *, tenant: str
 ) -> DataFile:
-    """Store the body's file while it arrives, then commit its row; on any failure keep
-    nothing. The database work runs in the thread pool a chunk at a time, so that the
-    event loop only parses."""
+    """Take the body's file while it arrives, then store its row (and, with the database
+    store, its bytes) in one transaction of its own; on any failure keep nothing. No
+    session is open while the client sends: a slow upload holds no connection, and on
+    SQLite no write lock that every submit would wait behind. The file work runs in the
+    thread pool a chunk at a time, so that the event loop only parses."""
     explicit_format: str | None = None
     upload: files_service.Upload | None = None
     events = read_form(
@@ -111,7 +112,6 @@ async def _store_and_commit(
                 elif isinstance(event, FileStart):
                     upload = await run_in_threadpool(
                         files_service.Upload,
-                        session,
                         store=default_store(settings.files_dir),
                         tenant=tenant,
                         filename=event.filename,
@@ -121,17 +121,21 @@ async def _store_and_commit(
                     await run_in_threadpool(upload.write, event.data)
         assert upload is not None  # read_form saw the file part
         file_format = files_service.upload_format(explicit_format, upload.row.filename)
-        data_file = await run_in_threadpool(upload.finish, format=file_format)
-        await run_in_threadpool(session.commit)
-        return data_file
+        return await run_in_threadpool(_commit, database, upload, file_format)
     except BaseException as error:
         with anyio.CancelScope(shield=True):  # a cancelled request still cleans up
             if upload is not None:
                 await run_in_threadpool(upload.discard)
-            await run_in_threadpool(session.rollback)
         if isinstance(error, ClientDisconnect):  # nobody to answer; nothing to log
             raise UploadInterrupted("the client went away before the file was sent") from None
         raise
+
+
+def _commit(database: Database, upload: files_service.Upload, file_format: str) -> DataFile:
+    with database.session() as session:  # closed without a commit: rolled back
+        data_file = upload.finish(session, format=file_format)
+        session.commit()
+        return data_file
 
 
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
@@ -175,15 +179,15 @@ def download_file(
     """The file's bytes as uploaded."""
     data_file = files_service.get_file(session, file_id=file_id, tenant=principal.scope)
 
-    # The body streams after this request's session has closed: read with a session of its own.
-    def chunks() -> Iterator[bytes]:
-        with database.session() as stream_session:
-            yield from files_service.read_content(
-                stream_session, data_file=data_file, files_dir=settings.files_dir
-            )
-
+    # The body streams after this request's session has closed, a chunk per transaction:
+    # a client that reads slowly holds no connection.
+    chunks = database.read_piecewise(
+        lambda session: files_service.read_content(
+            session, data_file=data_file, files_dir=settings.files_dir
+        )
+    )
     return StreamingResponse(
-        chunks(),
+        chunks,
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": attachment(data_file.filename),

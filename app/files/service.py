@@ -39,11 +39,11 @@ def clean_filename(name: str) -> str:
 
 
 class Upload:
-    """One file as it arrives: its row (flushed now, committed by the route once the last
-    byte is stored), its bytes going to the store, their size and SHA-256."""
+    """One file as it arrives: its row, its bytes going to the store's writer, their size
+    and SHA-256. Nothing reaches the database before `finish`: receiving holds no
+    connection, however slowly the client sends."""
 
-    def __init__(self, session: Session, *, store: FileStore, tenant: str, filename: str) -> None:
-        self.session = session
+    def __init__(self, *, store: FileStore, tenant: str, filename: str) -> None:
         self.row = DataFile(
             id=new_file_id(),
             tenant=tenant,
@@ -58,25 +58,25 @@ class Upload:
             storage=store.name,
             created_at=utcnow(),
         )
-        session.add(self.row)
-        session.flush()  # the chunks refer to the row
-        self.writer = store.writer(session, self.row)
+        self.writer = store.writer(self.row)
         self.digest = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        """Store the next piece of the file (at most CHUNK_BYTES)."""
+        """Take the next piece of the file (at most CHUNK_BYTES)."""
         self.writer.write(data)
         self.digest.update(data)
         self.size += len(data)
 
-    def finish(self, *, format: str) -> DataFile:
-        """The whole file is stored: record its format, size and digest."""
+    def finish(self, session: Session, *, format: str) -> DataFile:
+        """The whole file has arrived: add its row, with its format, size and digest, and
+        its bytes to the session (the route commits)."""
         self.row.format = format
         self.row.size_bytes = self.size
         self.row.sha256 = self.digest.hexdigest()
-        self.session.flush()
-        self.writer.finish()
+        session.add(self.row)
+        session.flush()  # the chunks refer to the row
+        self.writer.finish(session)
         return self.row
 
     def discard(self) -> None:

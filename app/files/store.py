@@ -1,16 +1,19 @@
 """Where uploaded files' bytes live: chunked in the database (default) or in a directory.
 
 The same two choices as checkpoints (app/checkpoints/store.py), for the same reasons.
-Both write as the upload arrives and read one chunk at a time, so a file of a GiB never
-sits whole in the API's or a worker's memory.
+Both take the upload as it arrives and read one chunk at a time, so a file of a GiB never
+sits whole in the API's or a worker's memory. Neither touches the database until the
+last byte has arrived: the database store stages the bytes in a temporary file, then
+inserts them in the transaction that commits the file's row.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from sqlalchemy import delete, event, insert, select
 from sqlalchemy.orm import Session, SessionTransaction
@@ -20,10 +23,13 @@ from app.files.models import DataFile, FileChunk
 
 
 class FileWriter(Protocol):
+    """Receives an upload's bytes without the database: a client may take its time, and
+    an open transaction would hold a connection (on SQLite, every writer's lock) as long."""
+
     def write(self, data: bytes) -> None:
         """Append at most CHUNK_BYTES."""
 
-    def finish(self) -> None:
+    def finish(self, session: Session) -> None:
         """Make the bytes written so far the file's content (the row commits after)."""
 
     def discard(self) -> None:
@@ -33,7 +39,7 @@ class FileWriter(Protocol):
 class FileStore(Protocol):
     name: str
 
-    def writer(self, session: Session, data_file: DataFile) -> FileWriter: ...
+    def writer(self, data_file: DataFile) -> FileWriter: ...
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]: ...
 
@@ -41,30 +47,35 @@ class FileStore(Protocol):
 
 
 class DatabaseFileWriter:
-    def __init__(self, session: Session, file_id: str) -> None:
-        self.session = session
+    """Stages the bytes in a temporary file (in memory up to one chunk), then inserts them
+    as chunks in the transaction that commits the row."""
+
+    def __init__(self, file_id: str) -> None:
         self.file_id = file_id
-        self.seq = 0
+        # Closed by finish or discard, which the route always calls.
+        self.staged: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=CHUNK_BYTES)  # noqa: SIM115
 
     def write(self, data: bytes) -> None:
-        # A Core insert: no ORM object keeps the chunk alive once it has been sent.
-        self.session.execute(
-            insert(FileChunk), {"file_id": self.file_id, "seq": self.seq, "data": data}
-        )
-        self.seq += 1
+        self.staged.write(data)
 
-    def finish(self) -> None:
-        pass  # the chunks become visible with the row, at the route's commit
+    def finish(self, session: Session) -> None:
+        self.staged.seek(0)
+        seq = 0
+        while data := self.staged.read(CHUNK_BYTES):
+            # A Core insert: no ORM object keeps the chunk alive once it has been sent.
+            session.execute(insert(FileChunk), {"file_id": self.file_id, "seq": seq, "data": data})
+            seq += 1
+        self.staged.close()
 
     def discard(self) -> None:
-        pass  # the route rolls the transaction back, chunks and all
+        self.staged.close()  # chunks already inserted go with the route's rollback
 
 
 class DatabaseFileStore:
     name = "database"
 
-    def writer(self, session: Session, data_file: DataFile) -> FileWriter:
-        return DatabaseFileWriter(session, data_file.id)
+    def writer(self, data_file: DataFile) -> FileWriter:
+        return DatabaseFileWriter(data_file.id)
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
         # One chunk per query: a large file never sits whole in memory.
@@ -93,7 +104,7 @@ class DirectoryFileWriter:
     def write(self, data: bytes) -> None:
         self.handle.write(data)
 
-    def finish(self) -> None:
+    def finish(self, session: Session) -> None:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
@@ -114,7 +125,7 @@ class DirectoryFileStore:
     def path(self, data_file: DataFile) -> Path:
         return self.root / data_file.id
 
-    def writer(self, session: Session, data_file: DataFile) -> FileWriter:
+    def writer(self, data_file: DataFile) -> FileWriter:
         return DirectoryFileWriter(self.path(data_file))
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:

@@ -273,11 +273,10 @@ def stream_events(
 def _event_stream(
     job_id: str, request: Request, session: Session, after: int | None, principal: Principal
 ) -> StreamingResponse:
-    # 404 (another tenant's job included) before the stream starts.
+    # 404 (another tenant's job included) before the stream starts. The stream lasts as
+    # long as the job and reads through the hub: the request's session closes before it
+    # starts (SessionDep), so a stream holds no slot nor connection of the short routes.
     jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
-    # The stream lasts as long as the job and reads through the hub: give the request's
-    # connection back now. Held until the response ends, 30 streams took the whole pool.
-    session.close()
     last_id = parse_last_event_id(request.headers.get("last-event-id"))
     stream = job_event_stream(
         hub=request.app.state.hub,

@@ -66,10 +66,10 @@ def _seed(database: Database) -> list[str]:
         jobs_service.request_cancel(session, job_id=cancelled.id)
         # An uploaded file a queued job uses: it can be read, and its DELETE is a 409.
         upload = files_service.Upload(
-            session, store=DatabaseFileStore(), tenant="default", filename="seed.jsonl"
+            store=DatabaseFileStore(), tenant="default", filename="seed.jsonl"
         )
         upload.write(b'{"text": "seed"}\n')
-        data_file = upload.finish(format="jsonl")
+        data_file = upload.finish(session, format="jsonl")
         waiting = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC))
         session.add(JobFile(job_id=waiting.id, file_id=data_file.id, role="train"))
         session.commit()

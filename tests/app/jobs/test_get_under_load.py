@@ -24,7 +24,12 @@ SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "micro_batch_si
 
 
 async def get_at_once(base_url: str, path: str) -> list[int]:
-    limits = httpx.Limits(max_connections=CONCURRENT, max_keepalive_connections=CONCURRENT)
+    # No connection kept between requests: each request opens its own. Reused, a
+    # connection idle since the first wave could be closed by uvicorn (5 s keep-alive)
+    # after this client, its event loop busy with 150 requests, had picked it and before
+    # it had sent on it: httpx then fails the request (ReadError, or "Server disconnected")
+    # rather than retry it, and the test failed now and then on a loaded machine.
+    limits = httpx.Limits(max_connections=CONCURRENT, max_keepalive_connections=0)
     # Under the pool's 30 s timeout: a deadlock shows as timeouts, not as slow answers.
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=20) as client:
 
