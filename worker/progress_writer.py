@@ -25,7 +25,7 @@ from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import CheckpointStore
 from app.db import Database
 from app.jobs.runs import Claim, record_progress
-from worker.engine.checkpoint import Checkpoint
+from worker.engine.checkpoint import LiveCheckpoint
 from worker.engine.trainer import StepMetrics
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
@@ -133,7 +133,7 @@ class ProgressWriter:
         if kind != "checkpoint":  # save_checkpoint records that one with the bytes
             self.pending_events.append((kind, finite_or_none(data)))
 
-    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def on_checkpoint(self, checkpoint: LiveCheckpoint) -> None:
         self.flush(required=True)
 
         def save() -> None:
@@ -143,8 +143,9 @@ class ProgressWriter:
                     claim=self.claim,
                     store=self.store,
                     step=checkpoint.step,
-                    weights=checkpoint.weights,
-                    state=checkpoint.state,
+                    # Serialised straight into the store, a chunk at a time.
+                    weights=checkpoint.write_weights,
+                    state=checkpoint.write_state,
                     loss=checkpoint.loss,
                     eval_loss=checkpoint.eval_loss,
                 )

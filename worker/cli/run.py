@@ -20,7 +20,7 @@ from typing import Any
 from app.jobs.spec import JobSpec
 from worker.cli.progress import ProgressBar
 from worker.cli.specfile import SpecFileError, load_spec_file
-from worker.engine.checkpoint import STATE_FILE, Checkpoint
+from worker.engine.checkpoint import STATE_FILE, Checkpoint, LiveCheckpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
@@ -125,7 +125,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
         events_file.write(json.dumps({"type": kind, "data": data}) + "\n")
         events_file.flush()
 
-    def on_checkpoint(saved: Checkpoint) -> None:
+    def on_checkpoint(saved: LiveCheckpoint) -> None:
         metrics_file.flush()
         saved.write(out / "checkpoints" / f"step-{saved.step:07d}")
 
