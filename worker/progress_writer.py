@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.store import CheckpointStore
 from app.db import Database
 from app.jobs.runs import Claim, record_progress
-from worker.engine.checkpoint import Checkpoint
+from worker.engine.checkpoint import LiveCheckpoint
 from worker.engine.trainer import StepMetrics
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
@@ -36,14 +36,40 @@ T = TypeVar("T")
 RETRY_PAUSE_SECONDS = 1.0
 
 
+# SQLSTATE classes a retry can get past: connection exception (08), transaction
+# rollback (40: serialization failure, deadlock), insufficient resources (53: too many
+# connections), operator intervention (57: the server shuts down, a statement timeout).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+# SQLite: another connection holds the lock, or the file could not be read for now.
+_TRANSIENT_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+
+
+def is_transient(error: DBAPIError) -> bool:
+    """Whether the same statement can succeed later: the connection was lost or could not
+    be made, or the database was busy. A broken constraint, bad data or a bad statement
+    (IntegrityError, DataError, ProgrammingError) fails the same way every time."""
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, OperationalError | InterfaceError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)  # psycopg, from the server
+    if sqlstate:
+        return str(sqlstate).startswith(_TRANSIENT_SQLSTATE_CLASSES)
+    sqlite_error = getattr(error.orig, "sqlite_errorname", None)
+    if sqlite_error:
+        return str(sqlite_error).startswith(_TRANSIENT_SQLITE_ERRORS)
+    return True  # no answer from a server: the connection failed on our side
+
+
 def retry_database(operation: Callable[[], T], give_up_seconds: float, what: str) -> T:
-    """Run `operation`, retrying connection errors for up to `give_up_seconds`."""
+    """Run `operation`, retrying connection errors for up to `give_up_seconds`; any other
+    database error is raised at once."""
     deadline = time.monotonic() + give_up_seconds
     while True:
         try:
             return operation()
         except DBAPIError as error:
-            if time.monotonic() >= deadline:
+            if not is_transient(error) or time.monotonic() >= deadline:
                 raise
             logger.warning("%s failed (%s); retrying", what, type(error.orig).__name__)
             time.sleep(RETRY_PAUSE_SECONDS)
@@ -107,7 +133,7 @@ class ProgressWriter:
         if kind != "checkpoint":  # save_checkpoint records that one with the bytes
             self.pending_events.append((kind, finite_or_none(data)))
 
-    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def on_checkpoint(self, checkpoint: LiveCheckpoint) -> None:
         self.flush(required=True)
 
         def save() -> None:
@@ -117,8 +143,9 @@ class ProgressWriter:
                     claim=self.claim,
                     store=self.store,
                     step=checkpoint.step,
-                    weights=checkpoint.weights,
-                    state=checkpoint.state,
+                    # Serialised straight into the store, a chunk at a time.
+                    weights=checkpoint.write_weights,
+                    state=checkpoint.write_state,
                     loss=checkpoint.loss,
                     eval_loss=checkpoint.eval_loss,
                 )
@@ -144,7 +171,9 @@ class ProgressWriter:
             return
         try:
             self._write()
-        except DBAPIError:
+        except DBAPIError as error:
+            if not is_transient(error):
+                raise
             now = time.monotonic()
             self.failing_since = self.failing_since or now
             if now - self.failing_since >= self.give_up_seconds:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.checkpoints import retention
 from app.checkpoints.models import Checkpoint
-from app.checkpoints.store import CheckpointStore, DatabaseStore, store_for
+from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
 from app.db import page, utcnow
 from app.errors import NotFound
 from app.jobs import service as jobs_service
@@ -27,14 +27,19 @@ class NoCheckpoint(NotFound):
     type = "no_checkpoint"
 
 
+# A part's bytes, or a function that writes them into the store as it serialises them:
+# the worker's way, so that a save holds no copy of the weights or the optimizer state.
+PartSource = bytes | Callable[[PartWriter], object]
+
+
 def save_checkpoint(
     session: Session,
     *,
     claim: Claim,
     store: CheckpointStore,
     step: int,
-    weights: bytes,
-    state: bytes,
+    weights: PartSource,
+    state: PartSource,
     loss: float | None,
     eval_loss: float | None = None,
 ) -> Checkpoint:
@@ -60,8 +65,8 @@ def save_checkpoint(
     checkpoint = Checkpoint(
         job_id=claim.job_id,
         step=step,
-        size_bytes=len(weights) + len(state),
-        weights_bytes=len(weights),
+        size_bytes=0,  # known once written, below
+        weights_bytes=0,
         loss=loss,
         eval_loss=eval_loss,
         storage=store.name,
@@ -69,9 +74,9 @@ def save_checkpoint(
     )
     session.add(checkpoint)
     session.flush()
-    store.write(session, checkpoint, "weights", weights)
-    store.write(session, checkpoint, "state", state)
-    size = checkpoint.size_bytes
+    weights_bytes = _write_part(session, store, checkpoint, "weights", weights)
+    size = weights_bytes + _write_part(session, store, checkpoint, "state", state)
+    checkpoint.weights_bytes, checkpoint.size_bytes = weights_bytes, size
     append_events(
         session,
         claim.job_id,
@@ -115,6 +120,17 @@ def prune_checkpoints(
         pruned.append(row.step)
     session.flush()
     return pruned
+
+
+def _write_part(
+    session: Session, store: CheckpointStore, checkpoint: Checkpoint, part: str, source: PartSource
+) -> int:
+    writer = store.writer(session, checkpoint, part)
+    if isinstance(source, bytes):
+        writer.write(source)
+    else:
+        source(writer)
+    return writer.finish()
 
 
 def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> CheckpointStore | None:

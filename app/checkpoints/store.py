@@ -3,16 +3,21 @@
 The database store needs no shared disk between the API and workers on different
 machines; the directory store (TRAINJOB_CHECKPOINT_DIR) suits a shared volume or a
 mounted bucket and keeps large blobs out of the database.
+
+A part is written through a `PartWriter` as the worker serialises it, a chunk at a
+time, so that a save never holds the weights or the optimizer state as one more copy
+in memory (app/files/store.py streams uploads the same way).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, event, select
+from sqlalchemy import delete, event, insert, select
 from sqlalchemy.orm import Session, SessionTransaction
 
 from app.checkpoints.models import Checkpoint, CheckpointChunk
@@ -21,10 +26,21 @@ CHUNK_BYTES = 4 * 1024 * 1024
 PARTS = ("weights", "state")
 
 
+class PartWriter(Protocol):
+    """A file-like sink for one part (torch.save writes into it): bytes in any sizes."""
+
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def finish(self) -> int:
+        """Make the bytes written the part's content (the row commits after); their size."""
+
+
 class CheckpointStore(Protocol):
     name: str
 
-    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None: ...
+    def writer(self, session: Session, checkpoint: Checkpoint, part: str) -> PartWriter: ...
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]: ...
 
@@ -34,20 +50,55 @@ class CheckpointStore(Protocol):
     def discard(self, session: Session, checkpoint: Checkpoint) -> None: ...
 
 
+class DatabaseChunkWriter:
+    """Cuts what it is given into CHUNK_BYTES rows, inserted as each one fills."""
+
+    def __init__(self, session: Session, checkpoint_id: int, part: str) -> None:
+        self.session = session
+        self.checkpoint_id = checkpoint_id
+        self.part = part
+        self.pending = bytearray()
+        self.seq = 0
+        self.size = 0
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        view = memoryview(data).cast("B")  # slices of a view copy nothing
+        taken = 0
+        while taken < len(view):
+            if not self.pending and len(view) - taken >= CHUNK_BYTES:
+                self._insert(bytes(view[taken : taken + CHUNK_BYTES]))  # a whole chunk
+                taken += CHUNK_BYTES
+                continue
+            piece = view[taken : taken + CHUNK_BYTES - len(self.pending)]
+            self.pending += piece
+            taken += len(piece)
+            if len(self.pending) == CHUNK_BYTES:
+                self._insert(bytes(self.pending))
+                self.pending.clear()
+        self.size += taken
+        return taken
+
+    def flush(self) -> None:
+        pass  # a partial chunk waits for more bytes or for finish()
+
+    def finish(self) -> int:
+        if self.pending or self.seq == 0:  # an empty part is one empty chunk
+            self._insert(bytes(self.pending))
+            self.pending.clear()
+        return self.size
+
+    def _insert(self, chunk: bytes) -> None:
+        # A Core insert: no ORM object keeps the chunk alive once it has been sent.
+        row = {"checkpoint_id": self.checkpoint_id, "part": self.part, "seq": self.seq}
+        self.session.execute(insert(CheckpointChunk), {**row, "data": chunk})
+        self.seq += 1
+
+
 class DatabaseStore:
     name = "database"
 
-    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None:
-        session.add_all(
-            CheckpointChunk(
-                checkpoint_id=checkpoint.id,
-                part=part,
-                seq=seq,
-                data=data[start : start + CHUNK_BYTES],
-            )
-            for seq, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
-        )
-        session.flush()
+    def writer(self, session: Session, checkpoint: Checkpoint, part: str) -> PartWriter:
+        return DatabaseChunkWriter(session, checkpoint.id, part)
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
         # One chunk at a time: a large checkpoint never sits whole in memory.
@@ -86,12 +137,8 @@ class DirectoryStore:
     def path(self, checkpoint: Checkpoint, part: str) -> Path:
         return self.step_directory(checkpoint) / f"{part}.bin"
 
-    def write(self, session: Session, checkpoint: Checkpoint, part: str, data: bytes) -> None:
-        target = self.path(checkpoint, part)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(target)  # readers never see half a file
+    def writer(self, session: Session, checkpoint: Checkpoint, part: str) -> PartWriter:
+        return DirectoryPartWriter(self.path(checkpoint, part))
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
         with self.path(checkpoint, part).open("rb") as handle:
@@ -105,6 +152,53 @@ class DirectoryStore:
         # Files are not rolled back: deleted before a commit that then fails, they would
         # leave a row (perhaps the one a resume starts from) without its bytes.
         session.info.setdefault(_DISCARDED_DIRECTORIES, []).append(self.step_directory(checkpoint))
+
+
+class DirectoryPartWriter:
+    """Writes `<part>.partial`, then makes it `<part>.bin` durably: the row that says the
+    checkpoint exists commits after this, so its bytes must survive a power cut first."""
+
+    def __init__(self, target: Path) -> None:
+        _make_directories(target.parent)
+        self.target = target
+        self.partial = target.with_suffix(".partial")
+        self.handle: BinaryIO = self.partial.open("wb")
+        self.size = 0
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        written = self.handle.write(data)
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def finish(self) -> int:
+        with self.handle:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        self.partial.replace(self.target)  # readers never see half a file
+        _fsync_directory(self.target.parent)  # the rename itself
+        return self.size
+
+
+def _make_directories(directory: Path) -> None:
+    """mkdir -p, and fsync the parent of each directory it creates, so that the new
+    entries are as durable as the files that will be fsynced inside them."""
+    if directory.is_dir():
+        return
+    _make_directories(directory.parent)
+    with contextlib.suppress(FileExistsError):  # another worker made it meanwhile
+        directory.mkdir()
+    _fsync_directory(directory.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 _DISCARDED_DIRECTORIES = "trainjob_discarded_checkpoint_directories"

@@ -229,6 +229,15 @@ EventTypes = Annotated[
     Query(max_length=20, description="only events of these types, e.g. type=status&type=error"),
 ]
 EventCursor = Annotated[int | None, Query(ge=0, le=MAX_INT64, description="event id cursor")]
+MetricsBacklog = Annotated[
+    int | None,
+    Query(
+        ge=10,
+        le=10_000,
+        description="stream only: of the stored metrics events, send at most this many, "
+        "evenly spaced, the newest tenth exact (all other events in full); then live ones",
+    ),
+]
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=STREAM_RESPONSE)
@@ -240,12 +249,13 @@ def list_events(
     after: EventCursor = None,
     limit: Limit = 100,
     type: EventTypes = None,
+    metrics_backlog: MetricsBacklog = None,
 ) -> EventList | StreamingResponse:
     """The job's events, oldest first: status, metrics (one per step), checkpoint,
     oom_backoff, overflow_skip, warning, error. With `Accept: text/event-stream`, a live
     stream of them (see `/events/stream`)."""
     if EVENT_STREAM in request.headers.get("accept", ""):
-        return _event_stream(job_id, request, session, after, principal)
+        return _event_stream(job_id, request, session, after, principal, metrics_backlog)
     rows, has_more = jobs_service.list_events(
         session, job_id=job_id, after=after, limit=limit, types=type, tenant=principal.scope
     )
@@ -264,14 +274,21 @@ def stream_events(
     session: SessionDep,
     principal: PrincipalDep,
     after: EventCursor = None,
+    metrics_backlog: MetricsBacklog = None,
 ) -> StreamingResponse:
     """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
-    ones; keep-alive comments while idle; ends after the job's terminal status event."""
-    return _event_stream(job_id, request, session, after, principal)
+    ones; keep-alive comments while idle; ends after the job's terminal status event.
+    `metrics_backlog` thins the stored metrics to a chart's worth."""
+    return _event_stream(job_id, request, session, after, principal, metrics_backlog)
 
 
 def _event_stream(
-    job_id: str, request: Request, session: Session, after: int | None, principal: Principal
+    job_id: str,
+    request: Request,
+    session: Session,
+    after: int | None,
+    principal: Principal,
+    metrics_backlog: int | None = None,
 ) -> StreamingResponse:
     # 404 (another tenant's job included) before the stream starts. The stream lasts as
     # long as the job and reads through the hub: the request's session closes before it
@@ -284,6 +301,7 @@ def _event_stream(
         job_id=job_id,
         after=last_id if last_id is not None else (after or 0),
         keepalive_seconds=request.app.state.settings.stream_keepalive_seconds,
+        metrics_backlog=metrics_backlog,
     )
     return StreamingResponse(
         stream,

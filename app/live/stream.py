@@ -15,6 +15,7 @@ from typing import Any
 from app.db import Database
 from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
+from app.live.backlog import sampled_events_after
 from app.live.hub import PAGE, LiveEvent, LiveHub, events_after
 
 RETRY_MILLISECONDS = 2000
@@ -70,13 +71,22 @@ async def job_event_stream(
     job_id: str,
     after: int,
     keepalive_seconds: float,
+    metrics_backlog: int | None = None,
 ) -> AsyncIterator[str]:
+    """`metrics_backlog`: at most that many of the stored metrics events, evenly spread,
+    the newest exact (app/live/backlog.py); None: every stored event."""
     subscription = await hub.subscribe(job_id)
     try:
         yield f"retry: {RETRY_MILLISECONDS}\n\n"
         # Read before the backlog: a job finished now has its terminal event stored.
         finished_before = await asyncio.to_thread(_job_status, database, job_id)
         cursor = _Cursor(after)
+        if metrics_backlog is not None:
+            sampled = await asyncio.to_thread(
+                sampled_events_after, database, job_id, cursor.last, metrics_backlog
+            )
+            for chunk in cursor.take(sampled or ()):
+                yield chunk
         async for chunk in _stored(database, job_id, cursor):
             yield chunk
         if finished_before in TERMINAL_STATUSES:

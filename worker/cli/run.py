@@ -21,7 +21,7 @@ from app.jobs.spec import JobSpec
 from app.settings import get_settings
 from worker.cli.progress import ProgressBar
 from worker.cli.specfile import SpecFileError, load_spec_file
-from worker.engine.checkpoint import STATE_FILE, Checkpoint
+from worker.engine.checkpoint import STATE_FILE, Checkpoint, LiveCheckpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
@@ -126,7 +126,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
         events_file.write(json.dumps({"type": kind, "data": data}) + "\n")
         events_file.flush()
 
-    def on_checkpoint(saved: Checkpoint) -> None:
+    def on_checkpoint(saved: LiveCheckpoint) -> None:
         metrics_file.flush()
         saved.write(out / "checkpoints" / f"step-{saved.step:07d}")
 

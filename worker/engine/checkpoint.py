@@ -1,17 +1,21 @@
 """Checkpoints: weights as safetensors, everything else in a weights-only torch file.
 
-Both halves are bytes, so the CLI can write them to a directory and the service can
-store them in the database. Loading never unpickles arbitrary objects:
-`torch.load(weights_only=True)` admits tensors and plain containers only.
+A run hands out a `LiveCheckpoint`, whose two parts are serialised straight from the
+model and the optimizer into a sink (a file, the service's store); a stored one comes
+back as a `Checkpoint` of bytes to resume from. Loading never unpickles arbitrary
+objects: `torch.load(weights_only=True)` admits tensors and plain containers only.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,22 +30,153 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.pt"
 
 
+class Sink(Protocol):
+    """Where a part is written: a binary file, or the service's checkpoint store."""
+
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class LiveCheckpoint:
+    """A checkpoint of the run in progress, handed to `on_checkpoint`.
+
+    Its parts are serialised only when written, tensor by tensor from the live model and
+    optimizer into a sink: a save holds no copy of the weights or the optimizer state
+    (the bytes of both, and a chunked copy of them, used to take three times their size).
+    They can be written during `on_checkpoint` only: then the run trains on, and the
+    checkpoint lets go of its tensors (`release`); writing it later raises.
+    """
+
+    def __init__(
+        self,
+        *,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        loss: float | None,
+        eval_loss: float | None,
+    ) -> None:
+        self.step = step
+        self.loss = loss
+        # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
+        self.eval_loss = eval_loss
+        self.size_bytes = 0  # of the parts written so far
+        self._weights: dict[str, torch.Tensor] | None = weights
+        self._state: dict[str, Any] | None = state
+
+    def write_weights(self, sink: Sink) -> int:
+        weights, _ = self._parts()
+        written = write_safetensors(weights, {"step": str(self.step)}, sink)
+        self.size_bytes += written
+        return written
+
+    def write_state(self, sink: Sink) -> int:
+        _, state = self._parts()
+        counted = _CountingSink(sink)
+        torch.save({"format": STATE_FORMAT, **state}, counted)  # type: ignore[arg-type]
+        self.size_bytes += counted.size
+        return counted.size
+
+    def write(self, directory: Path) -> None:
+        """Write both files, the state last: a directory with a state file is complete."""
+        directory.mkdir(parents=True, exist_ok=True)
+        parts = ((WEIGHTS_FILE, self.write_weights), (STATE_FILE, self.write_state))
+        for name, write_part in parts:
+            partial = directory / f".{name}.partial"
+            with partial.open("wb") as handle:
+                write_part(handle)
+            partial.replace(directory / name)
+
+    def release(self) -> None:
+        self._weights = self._state = None
+
+    def _parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self._weights is None or self._state is None:
+            raise RuntimeError(
+                f"the checkpoint of step {self.step} can be written during on_checkpoint only"
+            )
+        return self._weights, self._state
+
+
+class _CountingSink:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.size = 0
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        self.size += len(memoryview(data).cast("B"))
+        return self.sink.write(data)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+# safetensors' dtype names, in the order its writer sorts tensors by (its Rust enum,
+# descending; then by name): write_safetensors makes the same bytes as its `save`.
+_SAFETENSORS_DTYPES = {
+    torch.uint64: "U64",
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+    torch.float32: "F32",
+    torch.uint32: "U32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.uint16: "U16",
+    torch.int16: "I16",
+    torch.float8_e8m0fnu: "F8_E8M0",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None, sink: Sink
+) -> int:
+    """The safetensors file of `tensors`, written tensor by tensor; its size.
+
+    Hand-written because safetensors can only write a path or return the whole file as
+    bytes, and a save must not hold the weights twice nor need a local disk. The format
+    is its documented one: an 8-byte little-endian header length, a JSON header padded
+    with spaces to 8 bytes, the tensors' bytes in header order."""
+    ordered = sorted(tensors.items(), key=lambda item: (_DTYPE_RANK[item[1].dtype], item[0]))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
+    offset = 0
+    for name, tensor in ordered:
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    sink.write(struct.pack("<Q", len(text)))
+    sink.write(text)
+    for _, tensor in ordered:
+        # One tensor at a time on the CPU (a copy only if it is on a GPU or strided).
+        cpu = tensor.detach().contiguous().cpu().reshape(-1)
+        sink.write(cpu.view(torch.uint8).numpy().data)
+    return 8 + len(text) + offset
+
+
 @dataclass(frozen=True)
 class Checkpoint:
+    """A stored checkpoint's bytes, to resume from."""
+
     step: int
     weights: bytes  # safetensors
     state: bytes  # torch.save of plain containers and tensors
     loss: float | None = None
     # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
     eval_loss: float | None = None
-
-    def write(self, directory: Path) -> None:
-        """Write both files, the state last: a directory with a state file is complete."""
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, content in ((WEIGHTS_FILE, self.weights), (STATE_FILE, self.state)):
-            partial = directory / f".{name}.partial"
-            partial.write_bytes(content)
-            partial.replace(directory / name)
 
     @classmethod
     def read(cls, directory: Path) -> Checkpoint:
@@ -64,12 +199,6 @@ def weights_to_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -
 
 def load_weights(model: nn.Module, weights: bytes) -> None:
     model.load_state_dict(load_safetensors(weights))
-
-
-def pack_state(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"format": STATE_FORMAT, **state}, buffer)
-    return buffer.getvalue()
 
 
 def unpack_state(content: bytes) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
     Checkpoint,
+    LiveCheckpoint,
     capture_rng,
     load_weights,
-    pack_state,
     restore_rng,
     unpack_state,
     weights_to_bytes,
@@ -109,7 +109,8 @@ class Callbacks:
     on_step: Callable[[StepMetrics], None] = _ignore
     # Event types: oom_backoff, overflow_skip, warning, checkpoint.
     on_event: Callable[[str, dict[str, Any]], None] = _ignore
-    on_checkpoint: Callable[[Checkpoint], None] = _ignore
+    # Writes the checkpoint's parts where they are kept: they can be written only then.
+    on_checkpoint: Callable[[LiveCheckpoint], None] = _ignore
     # Asked before each window; a reason (e.g. "cancelled") stops the run after a checkpoint.
     should_stop: Callable[[], str | None] = lambda: None
 
@@ -133,8 +134,14 @@ class TrainResult:
     stop_reason: str | None
     step: int
     total_steps: int
-    weights: bytes
     last_metrics: StepMetrics | None
+    model: torch.nn.Module = field(repr=False)
+
+    @property
+    def weights(self) -> bytes:
+        """The trained weights as safetensors bytes, made on each ask: the service never
+        asks (its last checkpoint has them), and a run holds no copy of them meanwhile."""
+        return weights_to_bytes(self.model, {"step": str(self.step)})
 
 
 @dataclass
@@ -221,7 +228,7 @@ def _training_fields(spec: JobSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", include=_TRAINING_FIELDS)
 
 
-def make_checkpoint(run: Run, loss: float | None) -> Checkpoint:
+def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
     progress, parts = run.progress, run.parts
     state = {
         "step": progress.step,
@@ -238,13 +245,10 @@ def make_checkpoint(run: Run, loss: float | None) -> Checkpoint:
         "scaler": parts.scaler.state_dict(),
         "rng": capture_rng(),
     }
-    weights = weights_to_bytes(parts.model, {"step": str(progress.step)})
-    return Checkpoint(
-        step=progress.step,
-        weights=weights,
-        state=pack_state(state),
-        loss=loss,
-        eval_loss=progress.eval_loss,
+    # The live tensors, not copies: they are serialised before the run moves on.
+    weights = dict(parts.model.state_dict())
+    return LiveCheckpoint(
+        step=progress.step, weights=weights, state=state, loss=loss, eval_loss=progress.eval_loss
     )
 
 
@@ -418,26 +422,22 @@ def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS)
     callbacks = callbacks or Callbacks()
     progress, spec = run.progress, run.spec
     last_checkpoint_step = progress.step if progress.step > 0 else -1
-    # The weights of the checkpoint at last_checkpoint_step, if this run made it.
-    last_checkpoint_weights: bytes | None = None
     metrics: StepMetrics | None = None
 
     def checkpoint() -> None:
-        nonlocal last_checkpoint_step, last_checkpoint_weights
+        nonlocal last_checkpoint_step
         if progress.step == last_checkpoint_step:
             return
         saved = make_checkpoint(run, metrics.loss if metrics else None)
-        callbacks.on_checkpoint(saved)
-        callbacks.on_event(
-            "checkpoint", {"step": saved.step, "size_bytes": len(saved.weights) + len(saved.state)}
-        )
+        try:
+            callbacks.on_checkpoint(saved)
+        finally:
+            saved.release()  # the next window changes these tensors
+        callbacks.on_event("checkpoint", {"step": saved.step, "size_bytes": saved.size_bytes})
         last_checkpoint_step = progress.step
-        last_checkpoint_weights = saved.weights
 
     def result(status: Literal["completed", "stopped"], reason: str | None) -> TrainResult:
-        # The final checkpoint has just serialised these weights: do not do it twice.
-        weights = last_checkpoint_weights if last_checkpoint_step == progress.step else None
-        return _result(run, status, reason, metrics, weights)
+        return TrainResult(status, reason, progress.step, run.total_steps, metrics, run.parts.model)
 
     callbacks.on_start(progress.step, run.total_steps)
     while progress.step < run.total_steps:
@@ -486,15 +486,3 @@ def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS)
             checkpoint()
     checkpoint()
     return result("completed", None)
-
-
-def _result(
-    run: Run,
-    status: Literal["completed", "stopped"],
-    reason: str | None,
-    metrics: StepMetrics | None,
-    weights: bytes | None = None,
-) -> TrainResult:
-    if weights is None:
-        weights = weights_to_bytes(run.parts.model, {"step": str(run.progress.step)})
-    return TrainResult(status, reason, run.progress.step, run.total_steps, weights, metrics)

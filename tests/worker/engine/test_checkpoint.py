@@ -1,11 +1,17 @@
 """Checkpoints remember the last evaluation: at or before their step, the same step's
-evaluation first, and across a resume from a checkpoint written to a directory."""
+evaluation first, and across a resume from a checkpoint written to a directory. Their
+weights stream out as safetensors' own bytes, and only while the run waits for them."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from worker.engine.checkpoint import Checkpoint
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from worker.engine.checkpoint import Checkpoint, LiveCheckpoint, write_safetensors
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
 from .conftest import make_spec
@@ -18,7 +24,7 @@ def last_eval_at_or_before(steps: list[StepMetrics], step: int) -> float | None:
 
 def test_a_checkpoint_remembers_the_last_evaluation_at_or_before_its_step() -> None:
     steps: list[StepMetrics] = []
-    saved: list[Checkpoint] = []
+    saved: list[LiveCheckpoint] = []
     spec = make_spec(max_steps=9, eval_every=3, checkpoint_every=2)
     train(spec, Callbacks(on_step=steps.append, on_checkpoint=saved.append))
     assert [m.step for m in steps if m.eval_loss is not None] == [3, 6, 9]
@@ -29,7 +35,7 @@ def test_a_checkpoint_remembers_the_last_evaluation_at_or_before_its_step() -> N
 
 
 def test_without_a_held_out_split_checkpoints_have_no_eval_loss() -> None:
-    saved: list[Checkpoint] = []
+    saved: list[LiveCheckpoint] = []
     dataset = {"type": "synthetic-classification", "n_samples": 96, "n_features": 6}
     spec = make_spec(max_steps=4, eval_every=1, checkpoint_every=2,
                      dataset={**dataset, "eval_fraction": 0.0})  # fmt: skip
@@ -40,24 +46,28 @@ def test_without_a_held_out_split_checkpoints_have_no_eval_loss() -> None:
 def test_a_resumed_run_s_checkpoints_still_know_the_last_eval_loss(tmp_path: Path) -> None:
     spec = make_spec(max_steps=10, eval_every=4, checkpoint_every=1)
     steps: list[StepMetrics] = []
-    uninterrupted: list[Checkpoint] = []
+    uninterrupted: list[LiveCheckpoint] = []
     whole = train(spec, Callbacks(on_step=steps.append, on_checkpoint=uninterrupted.append))
 
     # Stops after step 4's evaluation; its checkpoint goes to disk and back.
-    stopped: list[Checkpoint] = []
+    stopped: list[LiveCheckpoint] = []
+
+    def on_checkpoint(saved: LiveCheckpoint) -> None:
+        stopped.append(saved)
+        saved.write(tmp_path / f"step-{saved.step}")  # its parts: only while it is handed out
+
     train(
         spec,
         Callbacks(
-            on_checkpoint=stopped.append,
+            on_checkpoint=on_checkpoint,
             should_stop=lambda: "stopped" if stopped and stopped[-1].step == 4 else None,
         ),
     )
-    stopped[-1].write(tmp_path / "step-4")
     read = Checkpoint.read(tmp_path / "step-4")
     assert steps[3].eval_loss is not None and read.eval_loss == steps[3].eval_loss
     # The job runner builds its resume checkpoint from bytes alone: the state carries it.
     bare = Checkpoint(step=read.step, weights=read.weights, state=read.state)
-    resumed: list[Checkpoint] = []
+    resumed: list[LiveCheckpoint] = []
     rest = train(spec, Callbacks(on_checkpoint=resumed.append), resume=bare)
 
     assert [c.step for c in resumed] == [5, 6, 7, 8, 9, 10]
@@ -66,3 +76,32 @@ def test_a_resumed_run_s_checkpoints_still_know_the_last_eval_loss(tmp_path: Pat
     ]
     assert resumed[0].eval_loss == steps[3].eval_loss  # step 5: no evaluation of its own
     assert rest.weights == whole.weights  # remembering it changes nothing trained
+
+
+def test_streamed_weights_are_the_bytes_safetensors_makes() -> None:
+    tensors = {
+        "layer.weight": torch.randn(3, 4),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 2),
+        "half": torch.randn(7, dtype=torch.float16),
+        "brain": torch.randn(5, dtype=torch.bfloat16),
+        "count": torch.arange(4),
+        "mask": torch.tensor([True, False]),
+        "bytes": torch.arange(3, dtype=torch.uint8),
+        "columns": torch.randn(4, 3).t(),  # not contiguous
+    }
+    for metadata in (None, {"step": "7"}):
+        sink = io.BytesIO()
+        size = write_safetensors(tensors, metadata, sink)
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        assert sink.getvalue() == save_safetensors(contiguous, metadata=metadata)
+        assert size == len(sink.getvalue())
+
+
+def test_a_checkpoint_s_parts_can_be_written_only_while_it_is_handed_out(
+    tmp_path: Path,
+) -> None:
+    saved: list[LiveCheckpoint] = []
+    train(make_spec(max_steps=2, checkpoint_every=1), Callbacks(on_checkpoint=saved.append))
+    with pytest.raises(RuntimeError, match="during on_checkpoint only"):
+        saved[0].write(tmp_path / "late")  # the run trained on: these would be step 2's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from app.jobs.spec import JobSpec
 from worker.engine.batching import epoch_order
-from worker.engine.checkpoint import Checkpoint
+from worker.engine.checkpoint import Checkpoint, LiveCheckpoint
 from worker.engine.data_types import Batch
 from worker.engine.errors import TrainingError
 from worker.engine.hooks import Hooks
@@ -218,29 +219,32 @@ def test_resume_after_step_7_of_20_gives_bit_identical_weights(
         checkpoint_every=5,
     )
     uninterrupted = train(spec)
-    saved: list[Checkpoint] = []
+    saved: list[int] = []
     steps: list[int] = []
+
+    def on_checkpoint(checkpoint: LiveCheckpoint) -> None:
+        saved.append(checkpoint.step)
+        checkpoint.write(tmp_path / f"step-{checkpoint.step}")
+
     first = train(
         spec,
         Callbacks(
             on_step=lambda m: steps.append(m.step),
-            on_checkpoint=saved.append,
+            on_checkpoint=on_checkpoint,
             should_stop=lambda: "stopped" if steps and steps[-1] == 7 else None,
         ),
     )
     assert (first.status, first.stop_reason, first.step) == ("stopped", "stopped", 7)
-    assert saved[-1].step == 7
-    saved[-1].write(tmp_path / "step-7")
+    assert saved[-1] == 7
     resumed = train(spec, resume=Checkpoint.read(tmp_path / "step-7"))
     assert (resumed.status, resumed.step) == ("completed", 20)
     assert resumed.weights == uninterrupted.weights
 
 
-def test_resume_refuses_a_checkpoint_of_another_spec() -> None:
-    saved: list[Checkpoint] = []
-    train(make_spec(max_steps=2), Callbacks(on_checkpoint=saved.append))
+def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path: Path) -> None:
+    train(make_spec(max_steps=2), Callbacks(on_checkpoint=lambda saved: saved.write(tmp_path)))
     with pytest.raises(TrainingError) as failure:
-        train(make_spec(max_steps=2, seed=1), resume=saved[-1])
+        train(make_spec(max_steps=2, seed=1), resume=Checkpoint.read(tmp_path))
     assert failure.value.type == "incompatible_checkpoint"
 
 
