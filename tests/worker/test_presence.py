@@ -74,7 +74,7 @@ def worker_process(
 
 def live_workers(client: TestClient, queue: str) -> dict[str, dict[str, Any]]:
     workers = client.get("/v1/dashboard").json()["workers"]
-    return {worker["name"]: worker for worker in workers if worker["queues"] == [queue]}
+    return {worker["name"]: worker for worker in workers if queue in worker["queues"]}
 
 
 @pytest.fixture

@@ -113,7 +113,8 @@ def test_after_the_commit_the_file_is_sent_to_the_workers_for_validation(
     client: TestClient, redis_client: redis.Redis, queue_name: str
 ) -> None:
     created = upload(client, "a.jsonl", b'{"text": "hi"}\n').json()
-    messages = [json.loads(raw) for raw in redis_client.lrange(queue_name, 0, -1)]
+    # Validations have a queue of their own (TRAINJOB_FILES_QUEUE), not the training one.
+    messages = [json.loads(raw) for raw in redis_client.lrange(f"{queue_name}-files", 0, -1)]
     sent = [m for m in messages if m["headers"]["id"].startswith(f"{created['id']}:")]
     assert len(sent) == 1
     assert sent[0]["headers"]["task"] == VALIDATE_TASK
