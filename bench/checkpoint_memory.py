@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common import status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 MMAP_THRESHOLD = "65536"
 STORES = ("database", "directory")
@@ -62,14 +64,6 @@ def make_spec(size: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the child
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class NoPublisher:

@@ -1,4 +1,4 @@
-"""What bench/loop.py and bench/memory.py share: the machine they ran on, and tables."""
+"""What the benchmarks share: the machine they ran on, a process's memory, and tables."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
         return "  ".join((first, *rest)).rstrip()
 
     return [line(header), *(line(row) for row in rows)]
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB, e.g. VmHWM (the peak resident set so far)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")

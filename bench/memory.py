@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import format_table, machine_lines
+from common import format_table, machine_lines, status_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLOT = ROOT / "docs" / "images" / "memory.png"
@@ -77,14 +77,6 @@ def make_spec(
 
 
 # ---------------------------------------------------------------- the child
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(args: argparse.Namespace) -> None:
