@@ -43,10 +43,16 @@ def test_reaper_re_queues_a_run_whose_worker_stopped_heartbeating(
                           reaper_interval_seconds="0.2", lease_timeout_seconds="5",
                           heartbeat_seconds="1")  # fmt: skip
         with running(["reaper"], env, tmp_path / "reaper.log") as reaper:
+            log = tmp_path / "reaper.log"
+            # The pass logs after it sends: wait for both, or the SIGTERM below may cut the
+            # pass between the two.
             wait_for(
-                lambda: job_id in job_ids_in_broker(client, queue, unacked_max_age=60),
+                lambda: (
+                    job_id in job_ids_in_broker(client, queue, unacked_max_age=60)
+                    and "requeued " + job_id in log.read_text()
+                ),
                 30,
-                "the job re-sent",
+                "the job re-sent and logged",
             )
             assert reaper.poll() is None
         with database.session() as session:
