@@ -20,8 +20,6 @@ from fastapi.testclient import TestClient
 from app.db import Database
 from app.jobs import runs
 from app.live.channels import ring
-from app.live.hub import LiveEvent
-from app.live.stream import format_event
 from app.main import create_app
 from app.settings import Settings
 from tests.app.jobs.helpers import claim, create
@@ -157,9 +155,17 @@ def test_an_unknown_job_is_a_404_envelope_not_a_stream(client: TestClient) -> No
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
-def test_an_event_is_written_as_one_sse_block() -> None:
-    block = format_event(LiveEvent(7, "metrics", {"step": 1, "note": "a\nb"}))
-    assert block == 'id: 7\nevent: metrics\ndata: {"step":1,"note":"a\\nb"}\n\n'
+def test_an_event_is_one_sse_block_with_its_data_as_compact_json(
+    client: TestClient, database: Database
+) -> None:
+    job_id = create(database)
+    taken = claim(database, job_id, "w")
+    write_steps(database, taken, range(1, 2))
+    finish(database, taken)
+    first = client.get(f"/v1/jobs/{job_id}/events").json()["data"][0]
+    body = client.get(f"/v1/jobs/{job_id}/events/stream").text
+    assert body.startswith("retry: 2000\n\n")
+    assert f'event: status\ndata: {{"status":"queued"}}\nid: {first["id"]}\n\n' in body
 
 
 def test_an_idle_stream_sends_keep_alive_comments(
