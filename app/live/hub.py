@@ -1,10 +1,12 @@
 """One Redis subscription per API process, fanned out to every event stream it serves.
 
-Redis pub/sub is only a doorbell here: "job X has new events". On a ring the hub reads
-that job's new events from the database once, after the last id it has handed out, and
-gives the batch to every stream of the job. A thousand viewers of one job cost one
-query per flush of its worker, not a thousand. Pub/sub delivers at most once, so the
-hub also re-reads every watched job every `poll_seconds`, and after a reconnect.
+Redis pub/sub is only a doorbell here: "job X has new events", rung once per commit.
+The hub follows only the jobs its streams watch and drops the other rings unread. On a
+ring it reads that job's new events from the database once, after the last id it has
+handed out, and gives the batch to every stream of the job. A thousand viewers of one
+job cost one query per flush of its worker, not a thousand. Pub/sub delivers at most
+once, so the hub also re-reads every watched job every `poll_seconds`, and after a
+reconnect.
 
 Why reading "after the last id" misses nothing: every writer of a job's events first
 updates the job's row in the same transaction, so the row lock orders the writers of
@@ -16,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,7 @@ from app.live.channels import CHANNEL_PREFIX
 logger = logging.getLogger(__name__)
 
 PAGE = 1000
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 STOP_SECONDS = 5.0
-# A job followed for the listeners only is dropped after this long without events.
-FORGET_AFTER_SECONDS = 900.0
 # Batches a stream may have waiting before it is told to catch up from the database.
 STREAM_BACKLOG = 256
 
@@ -44,9 +42,6 @@ class LiveEvent:
     id: int
     type: str
     data: dict[str, Any]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "data": self.data}
 
 
 def events_after(database: Database, job_id: str, after: int, limit: int = PAGE) -> list[LiveEvent]:
@@ -85,11 +80,6 @@ class _Watched:
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
     # A read is waiting to start: it will see whatever a ring now announces.
     read_pending: bool = False
-    last_event_at: float = field(default_factory=time.monotonic)
-    finished: bool = False
-
-
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 class LiveHub:
@@ -98,7 +88,6 @@ class LiveHub:
         self.redis_url = redis_url
         self.poll_seconds = poll_seconds
         self._watched: dict[str, _Watched] = {}
-        self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Reads started by rings: kept, so that stop() can cancel them too.
         self._reads: set[asyncio.Task[None]] = set()
@@ -120,27 +109,8 @@ class LiveHub:
         if watched is None:
             return
         watched.subscriptions.discard(subscription)
-        if not watched.subscriptions and (not self._listeners or watched.finished):
+        if not watched.subscriptions:
             del self._watched[subscription.job_id]
-
-    def add_listener(self, listener: Listener) -> None:
-        """Called with (job_id, event) for the events of every job that rings, watched or
-        not (e.g. for Prometheus). A job first heard of mid-run is followed from then on."""
-        self._listeners.append(listener)
-
-    async def _follow(self, job_id: str) -> None:
-        if job_id not in self._watched:
-            cursor = await asyncio.to_thread(last_event_id, self.database, job_id)
-            self._watched.setdefault(job_id, _Watched(cursor))
-
-    def _forget_idle(self) -> None:
-        """Jobs followed only for the listeners, once finished or silent for long."""
-        idle_before = time.monotonic() - FORGET_AFTER_SECONDS
-        for job_id, watched in list(self._watched.items()):
-            if not watched.subscriptions and (
-                watched.finished or watched.last_event_at < idle_before
-            ):
-                del self._watched[job_id]
 
     @property
     def watched_jobs(self) -> int:
@@ -155,8 +125,7 @@ class LiveHub:
             return  # the pending read starts after this ring: it covers it
         watched.read_pending = True
         try:
-            # A worker's flush rings once per event, all at once: let the rest of the
-            # burst arrive (and coalesce here) before reading.
+            # Let the rings (and periodic reads) that arrive together coalesce here.
             await asyncio.sleep(0)
             await watched.fetching.acquire()  # one read per job at a time
         finally:
@@ -167,37 +136,18 @@ class LiveHub:
                 if not batch:
                     return
                 watched.cursor = batch[-1].id
-                watched.last_event_at = time.monotonic()
-                watched.finished = (
-                    any(
-                        event.type == "status" and event.data.get("status") in FINISHED
-                        for event in batch[-1:]
-                    )
-                    or watched.finished
-                )
                 for subscription in list(watched.subscriptions):
                     try:
                         subscription.batches.put_nowait(batch)
                     except asyncio.QueueFull:
                         subscription.lagging = True
-                for event in batch:
-                    self._tell_listeners(job_id, event)
                 if len(batch) < PAGE:
                     return
         finally:
             watched.fetching.release()
 
-    def _tell_listeners(self, job_id: str, event: LiveEvent) -> None:
-        for listener in self._listeners:
-            try:
-                listener(job_id, event.as_dict())
-            except Exception:  # a listener's bug must not stop the streams
-                logger.exception("live listener failed")
-
     async def _ring(self, job_id: str) -> None:
         try:
-            if job_id not in self._watched:
-                await self._follow(job_id)
             await self.refresh(job_id)
         except Exception:  # the next ring or the periodic read tries again
             logger.warning("live hub: reading %s failed", job_id, exc_info=True)
@@ -221,7 +171,7 @@ class LiveHub:
                         if isinstance(channel, bytes):
                             channel = channel.decode()
                         job_id = channel.removeprefix(CHANNEL_PREFIX)
-                        if job_id in self._watched or self._listeners:
+                        if job_id in self._watched:  # nobody watches the others
                             read = asyncio.create_task(self._ring(job_id))
                             self._reads.add(read)
                             read.add_done_callback(self._reads.discard)
@@ -238,7 +188,6 @@ class LiveHub:
         while True:
             await asyncio.sleep(self.poll_seconds)
             try:
-                self._forget_idle()
                 await self.refresh_all()
             except Exception:
                 logger.warning("live hub: periodic read failed", exc_info=True)
