@@ -2,9 +2,9 @@
 
 Read at each scrape: jobs by status (one GROUP BY on the jobs table, answered by its
 (status, id) index), the latest samples/s of each running job (its row), the steps
-stored since the previous scrape (`metrics` events, summed into histogram buckets by
-the database) and the depth of the training queue in Redis. Recorded as they happen:
-the duration of every HTTP request, by route template.
+stored since the previous scrape (their `metrics` events) and the depth of the
+training queue in Redis. Recorded as they happen: the duration of every HTTP request,
+by route template.
 
 Each app has a registry of its own, not prometheus_client's global one, so that a
 test can create as many apps as it likes.
@@ -20,9 +20,8 @@ from typing import get_args
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.datastructures import State
@@ -47,63 +46,20 @@ class Metrics:
 
     def __init__(self, state: State, *, queue: str) -> None:
         self.registry = CollectorRegistry()
+        # First: it observes the steps stored since the last scrape into step_duration,
+        # which the registry then collects (in the order of registration).
+        self.registry.register(_ReadAtScrape(self, state, queue))
+        self.step_duration = Histogram(
+            "trainjob_step_duration_seconds",
+            "Wall time of one optimizer step of a running job (its whole window).",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
         self.http_request_duration = Histogram(
             "trainjob_http_request_duration_seconds",
             "Time to answer an HTTP request, by method, route template and status.",
             ["method", "route", "status"],
             registry=self.registry,
-        )
-        self.registry.register(_ReadAtScrape(state, queue))
-
-
-class _StepDurations:
-    """trainjob_step_duration_seconds: the `step_seconds` of every `metrics` event stored
-    since the first scrape, read a scrape's worth at a time after the newest id counted.
-    (Ids are taken at insert: an event committed after a newer one was counted is
-    missed, a sample of the histogram lost now and then.)"""
-
-    def __init__(self) -> None:
-        self.after: int | None = None
-        self.cumulative = [0] * len(STEP_BUCKETS)  # steps at or under each bound
-        self.count = 0
-        self.total = 0.0
-        self.reading = threading.Lock()  # two scrapes at once must not count twice
-
-    def read(self, session: Session) -> None:
-        with self.reading:
-            self._read(session)
-
-    def _read(self, session: Session) -> None:
-        if self.after is None:  # the count starts now, as a counter does
-            self.after = session.scalar(select(func.max(JobEvent.id))) or 0
-            return
-        seconds = JobEvent.data["step_seconds"].as_float()  # absent from older workers'
-        timed = seconds >= 0
-        newest, count, total, *cumulative = session.execute(
-            select(
-                func.max(JobEvent.id),
-                func.count().filter(timed),
-                func.sum(seconds).filter(timed),
-                *(func.count().filter(seconds <= bound) for bound in STEP_BUCKETS),
-            ).where(JobEvent.id > self.after, JobEvent.type == "metrics")
-        ).one()
-        if newest is None:
-            return
-        self.after = newest
-        self.count += count
-        self.total += total or 0.0
-        self.cumulative = [
-            mine + new for mine, new in zip(self.cumulative, cumulative, strict=True)
-        ]
-
-    def family(self) -> Metric:
-        bounds = [floatToGoString(bound) for bound in STEP_BUCKETS]
-        buckets = list(zip(bounds, self.cumulative, strict=True))
-        return HistogramMetricFamily(
-            "trainjob_step_duration_seconds",
-            "Wall time of one optimizer step of a running job (its whole window).",
-            buckets=[*buckets, ("+Inf", self.count)],
-            sum_value=self.total,
         )
 
 
@@ -113,10 +69,12 @@ class _ReadAtScrape(Collector):
     A dependency that does not answer leaves its series out of that scrape (and says so
     in the log) rather than failing the whole scrape."""
 
-    def __init__(self, state: State, queue: str) -> None:
+    def __init__(self, metrics: Metrics, state: State, queue: str) -> None:
+        self.metrics = metrics
         self.state = state  # the lifespan opens state.database and state.redis
         self.queue = queue
-        self.step_durations = _StepDurations()
+        self.steps_after: int | None = None  # the newest metrics event observed
+        self.reading_steps = threading.Lock()  # two scrapes at once must not count twice
 
     def collect(self) -> Iterable[Metric]:
         yield from self._jobs()
@@ -136,7 +94,7 @@ class _ReadAtScrape(Collector):
                     .where(Job.status.in_(LIVE_STATUSES), rate.is_not(None))
                     .order_by(Job.id)
                 ).all()
-                self.step_durations.read(session)
+                self._observe_new_steps(session)
         except Exception:
             logger.warning("metrics: could not read the jobs", exc_info=True)
             return
@@ -152,7 +110,26 @@ class _ReadAtScrape(Collector):
         for job_id, samples_per_second in rates:
             family.add_metric([job_id], samples_per_second)
         yield family
-        yield self.step_durations.family()
+
+    def _observe_new_steps(self, session: Session) -> None:
+        """The `step_seconds` of the `metrics` events stored since the previous scrape (the
+        first scrape starts the count, as a counter does). Ids are taken at insert: an
+        event committed after a newer one was observed is missed, a sample lost."""
+        seconds = JobEvent.data["step_seconds"].as_float()  # absent from older workers'
+        with self.reading_steps:
+            if self.steps_after is None:
+                self.steps_after = session.scalar(select(func.max(JobEvent.id))) or 0
+                return
+            rows = session.execute(
+                select(JobEvent.id, seconds)
+                .where(JobEvent.id > self.steps_after, JobEvent.type == "metrics")
+                .order_by(JobEvent.id)
+            ).all()
+            for _, value in rows:
+                if value is not None and value >= 0:
+                    self.metrics.step_duration.observe(value)
+            if rows:
+                self.steps_after = rows[-1].id
 
     def _queue_depth(self) -> Iterable[Metric]:
         client = getattr(self.state, "redis", None)

@@ -28,10 +28,14 @@ def write_steps(database: Database, taken: runs.Claim, steps: range) -> None:
         session.commit()
 
 
-def test_many_streams_of_one_job_cost_one_read_per_flush(database: Database) -> None:
+def test_a_burst_of_rings_for_a_job_200_streams_watch_costs_one_read(
+    database: Database,
+) -> None:
+    # Rings of one job that arrive together (flushes, a cancel, the periodic read) must
+    # coalesce into one read, whatever the number of streams, and its batch reach each.
     job_id = create(database)
     taken = claim(database, job_id, "w")
-    hub = LiveHub(database, REDIS_URL)
+    hub = LiveHub(database, REDIS_URL)  # not started: the test rings it
 
     async def scenario() -> tuple[int, list[list[int]]]:
         streams = [await hub.subscribe(job_id) for _ in range(200)]
@@ -44,53 +48,18 @@ def test_many_streams_of_one_job_cost_one_read_per_flush(database: Database) -> 
 
         event.listen(database.engine, "before_cursor_execute", count)
         try:
-            await hub.refresh(job_id)
+            for _ in range(10):
+                hub.ring(job_id)
+            batches = [await asyncio.wait_for(stream.batches.get(), 10) for stream in streams]
         finally:
             event.remove(database.engine, "before_cursor_execute", count)
-        received = []
-        for stream in streams:
-            batch = stream.batches.get_nowait()
-            received.append([e.data["step"] for e in batch if e.type == "metrics"])
-        return queries, received
+            await hub.stop()
+        assert all(stream.batches.empty() for stream in streams)  # one batch each
+        return queries, [[e.data["step"] for e in b if e.type == "metrics"] for b in batches]
 
     queries, received = asyncio.run(scenario())
-    assert queries == 1  # one SELECT of the new events, whatever the number of streams
-    assert all(steps == list(range(1, 11)) for steps in received)
-
-
-def test_a_burst_of_rings_for_one_job_costs_one_read(database: Database) -> None:
-    # Rings of one job that arrive together (flushes, a cancel, the periodic read) start
-    # one refresh each. They must coalesce into one read, not one each.
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    hub = LiveHub(database, REDIS_URL)
-
-    async def scenario() -> tuple[int, list[list[list[int]]]]:
-        streams = [await hub.subscribe(job_id) for _ in range(3)]
-        write_steps(database, taken, range(1, 11))
-        queries = 0
-
-        def count(*_: Any) -> None:
-            nonlocal queries
-            queries += 1
-
-        event.listen(database.engine, "before_cursor_execute", count)
-        try:
-            await asyncio.gather(*(hub.refresh(job_id) for _ in range(10)))
-        finally:
-            event.remove(database.engine, "before_cursor_execute", count)
-        received = []
-        for stream in streams:
-            batches = []
-            while not stream.batches.empty():
-                batch = stream.batches.get_nowait()
-                batches.append([e.data["step"] for e in batch if e.type == "metrics"])
-            received.append(batches)
-        return queries, received
-
-    queries, received = asyncio.run(scenario())
-    assert queries == 1  # ten rings, one SELECT of the new events
-    assert received == [[list(range(1, 11))]] * 3  # each stream: one batch, every step once
+    assert queries == 1  # ten rings, 200 streams: one SELECT of the new events
+    assert received == [list(range(1, 11))] * 200
 
 
 def test_rings_of_jobs_nobody_watches_are_dropped_unread(database: Database) -> None:

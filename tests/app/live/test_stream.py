@@ -176,16 +176,15 @@ def test_an_idle_stream_sends_keep_alive_comments(
     )
     job_id = create(database)
     taken = claim(database, job_id, "w")
-    with TestClient(create_app(quick)) as client:
-
-        def finish_later() -> None:
-            time.sleep(0.5)  # idle on purpose: the stream must keep the connection warm
-            finish(database, taken)
-            ring(rung, [job_id])
-
-        writer = threading.Thread(target=finish_later)
-        writer.start()
-        body = client.get(f"/v1/jobs/{job_id}/events/stream").text
-        writer.join()
+    body, finished = "", False
+    path = f"/v1/jobs/{job_id}/events/stream"
+    with TestClient(create_app(quick)) as client, client.stream("GET", path) as response:
+        for text in response.iter_text():
+            body += text
+            # Idle on purpose until two keep-alives came: then the job finishes.
+            if body.count(": keep-alive\n\n") >= 2 and not finished:
+                finish(database, taken)
+                ring(rung, [job_id])
+                finished = True
     assert body.count(": keep-alive\n\n") >= 2
     assert parse_sse(body)[-1]["data"]["status"] == "succeeded"
