@@ -63,6 +63,24 @@ def expected_survivors(eval_by_step: dict[int, float], train_by_step: dict[int, 
     return set(alive)
 
 
+def claimed_job_writer(
+    database: Database, checkpoint_dir: Path | None, *, flush_seconds: float
+) -> tuple[runs.Claim, LivePublisher, ProgressWriter]:
+    """A job of SPEC claimed by worker "w", and the progress writer of its run."""
+    with database.session() as session:
+        job_id = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC)).id
+        claim = runs.claim_job(session, job_id=job_id, worker="w", lease_timeout=60)
+        session.commit()
+    assert claim is not None
+    keeper = LeaseKeeper(database, claim, heartbeat_seconds=60, max_runtime_seconds=None)
+    publisher = LivePublisher(REDIS_URL)
+    writer = ProgressWriter(
+        database, claim, default_store(checkpoint_dir), publisher, keeper,
+        flush_seconds=flush_seconds, give_up_seconds=5.0,
+    )  # fmt: skip
+    return claim, publisher, writer
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_for_determinism() -> None:
     torch.set_num_threads(1)
@@ -75,17 +93,8 @@ def test_a_stopped_and_resumed_run_keeps_exactly_the_policy_s_checkpoints(
     checkpoint_dir = tmp_path / "checkpoints" if storage == "directory" else None
     settings = settings.model_copy(update={"checkpoint_dir": checkpoint_dir})
     spec = JobSpec.model_validate(SPEC)
-    with database.session() as session:
-        job_id = jobs_service.create_job(session, spec=spec).id
-        claim = runs.claim_job(session, job_id=job_id, worker="w", lease_timeout=60)
-        session.commit()
-    assert claim is not None
-    keeper = LeaseKeeper(database, claim, heartbeat_seconds=60, max_runtime_seconds=None)
-    publisher = LivePublisher(REDIS_URL)
-    writer = ProgressWriter(
-        database, claim, default_store(checkpoint_dir), publisher, keeper,
-        flush_seconds=0.0, give_up_seconds=5.0,
-    )  # fmt: skip
+    claim, publisher, writer = claimed_job_writer(database, checkpoint_dir, flush_seconds=0.0)
+    job_id = claim.job_id
     steps: list[StepMetrics] = []
 
     def on_step(metrics: StepMetrics) -> None:
@@ -146,21 +155,11 @@ def test_a_stopped_and_resumed_run_keeps_exactly_the_policy_s_checkpoints(
 
 
 def test_a_flush_publishes_its_whole_batch_once_on_the_job_s_channel(database: Database) -> None:
-    with database.session() as session:
-        job_id = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC)).id
-        claim = runs.claim_job(session, job_id=job_id, worker="w", lease_timeout=60)
-        session.commit()
-    assert claim is not None
+    claim, publisher, writer = claimed_job_writer(database, None, flush_seconds=3600.0)
     listener = redis.Redis.from_url(REDIS_URL)
     pubsub = listener.pubsub()
-    pubsub.subscribe(job_channel(job_id))
+    pubsub.subscribe(job_channel(claim.job_id))
     assert pubsub.get_message(timeout=5.0)["type"] == "subscribe"  # type: ignore[index]
-    keeper = LeaseKeeper(database, claim, heartbeat_seconds=60, max_runtime_seconds=None)
-    publisher = LivePublisher(REDIS_URL)
-    writer = ProgressWriter(
-        database, claim, default_store(None), publisher, keeper,
-        flush_seconds=3600.0, give_up_seconds=5.0,
-    )  # fmt: skip
     try:
         for step in range(1, 6):
             writer.on_step(

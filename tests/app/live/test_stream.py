@@ -72,6 +72,15 @@ def finish(database: Database, taken: runs.Claim) -> None:
         session.commit()
 
 
+def finished_job(database: Database, steps: range) -> str:
+    """A job that trained `steps` and succeeded."""
+    job_id = create(database)
+    taken = claim(database, job_id, "w")
+    write_steps(database, taken, steps)
+    finish(database, taken)
+    return job_id
+
+
 @pytest.fixture
 def rung() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
@@ -82,10 +91,7 @@ def rung() -> Iterator[redis.Redis]:
 def test_a_finished_job_streams_its_stored_events_and_ends(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 4))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 4))
 
     response = client.get(f"/v1/jobs/{job_id}/events", headers=SSE)
 
@@ -101,10 +107,7 @@ def test_a_finished_job_streams_its_stored_events_and_ends(
 def test_last_event_id_resumes_after_that_event_and_a_cursor_past_the_end_ends(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 6))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 6))
     everything = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream").text)
     cut = everything[3]["id"]
 
@@ -158,10 +161,7 @@ def test_an_unknown_job_is_a_404_envelope_not_a_stream(client: TestClient) -> No
 def test_an_event_is_one_sse_block_with_its_data_as_compact_json(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 2))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 2))
     first = client.get(f"/v1/jobs/{job_id}/events").json()["data"][0]
     body = client.get(f"/v1/jobs/{job_id}/events/stream").text
     assert body.startswith("retry: 2000\n\n")
