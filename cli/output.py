@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from worker.cli.progress import LineSchedule, format_duration
+from cli.progress import LineSchedule, format_duration
 
 Json = Mapping[str, Any]
 

@@ -1,10 +1,10 @@
 """The command-line client: `trainjob submit/status/list/watch/cancel/events/download`
-(and `trainjob files`, in worker/cli/files.py).
+(and `trainjob files`, in cli/files.py).
 
 It talks to the HTTP API only (no torch, no database), so it runs from the API-only
 install. Exit codes: 0 success, 1 the server answered an error or a watched job
 failed or was cancelled, 2 a usage error or an unreadable spec, 3 no server at the URL
-(and 141, from worker/cli/main.py, when the reader of stdout went away).
+(and 141, from cli/main.py, when the reader of stdout went away).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.settings import Settings
-from worker.cli import output
-from worker.cli.sse import SSEParser
+from cli import output
+from cli.sse import SSEParser
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -444,7 +444,7 @@ def _dispatch(api: Api, args: argparse.Namespace) -> int:
     if args.command == "download":
         return download(api, args.job_id, out=args.output, step=args.step, as_json=as_json)
     if args.command == "files":
-        from worker.cli.files import files_command  # it builds on this module
+        from cli.files import files_command  # it builds on this module
 
         return files_command(api, args)
     raise AssertionError(f"unhandled command {args.command}")

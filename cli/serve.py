@@ -3,7 +3,7 @@
 `serve` with nothing configured is the embedded default: a SQLite file and a private
 Redis under TRAINJOB_HOME, the API, and one worker process. With TRAINJOB_DATABASE_URL
 and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone. It refuses a
-non-loopback address while authentication is off (worker/cli/exposure.py).
+non-loopback address while authentication is off (cli/exposure.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
 from app.settings import Settings, get_settings
-from worker.cli import exposure
-from worker.cli.embedded_redis import EmbeddedRedis
+from cli import exposure
+from cli.embedded_redis import EmbeddedRedis
 from worker.parent_death import dies_with
 
 logger = logging.getLogger("trainjob.serve")
@@ -93,7 +93,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # group takes its pool children too. Should we die without stopping it (SIGKILL), it
     # dies too, and its pool children with it (worker/shutdown.py).
     return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli.main", "worker"],
+        [sys.executable, "-m", "cli.main", "worker"],
         env=_child_environment(settings),
         start_new_session=True,
         preexec_fn=dies_with(os.getpid(), signal.SIGKILL),

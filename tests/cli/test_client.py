@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.main import build_parser, main
+from cli.output import ProgressLine
 from tests.conftest import StartService, wait_for
 from tests.processes import (
     TRAINJOB,
@@ -30,8 +32,6 @@ from tests.processes import (
     service_env,
     wait_for_status,
 )
-from worker.cli.main import build_parser, main
-from worker.cli.output import ProgressLine
 
 # Small enough to train in about a second on one CPU thread.
 SPEC: dict[str, Any] = {
@@ -467,7 +467,7 @@ def test_the_url_comes_from_trainjob_url(
 def test_the_client_runs_without_torch(service: Service, finished_job: dict[str, Any]) -> None:
     script = (
         "import sys\n"
-        "from worker.cli.main import main\n"
+        "from cli.main import main\n"
         f"code = main(['status', {finished_job['id']!r}, '--url', {service.url!r}])\n"
         "assert 'torch' not in sys.modules and 'app.main' not in sys.modules\n"
         "sys.exit(code)\n"

@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import httpx
 
-from worker.cli import output
-from worker.cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_json, raise_for_error
+from cli import output
+from cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_json, raise_for_error
 
 # Writing a large file takes as long as it takes; each read or write may stall this long.
 UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)

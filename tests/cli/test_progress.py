@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 
-from worker.cli.output import ProgressLine
-from worker.cli.progress import LINE_EVERY_SECONDS, LineSchedule, ProgressBar
+from cli.output import ProgressLine
+from cli.progress import LINE_EVERY_SECONDS, LineSchedule, ProgressBar
 
 
 class FakeClock:

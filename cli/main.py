@@ -297,15 +297,15 @@ def run_command(argv: Sequence[str] | None) -> int:
             )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
-        from worker.cli.client import client_command
+        from cli.client import client_command
 
         return client_command(args)
     if args.command == "run":
         # Imported here: torch loads only for the commands that train.
-        from worker.cli.run import run_command
+        from cli.run import run_command
 
         return run_command(args.spec, args.out, args.resume, quiet=args.quiet)
-    from worker.cli import serve
+    from cli import serve
 
     if args.command == "serve":
         return serve.serve_command(args.host, args.port, with_worker=not args.no_worker)
@@ -314,7 +314,7 @@ def run_command(argv: Sequence[str] | None) -> int:
     if args.command == "reaper":
         return serve.reaper_command()
     if args.command == "keys":
-        from worker.cli.keys import keys_command
+        from cli.keys import keys_command
 
         return keys_command(
             args.key_action,

@@ -19,8 +19,8 @@ from typing import Any
 
 from app.jobs.spec import JobSpec
 from app.settings import get_settings
-from worker.cli.progress import ProgressBar
-from worker.cli.specfile import SpecFileError, load_spec_file
+from cli.progress import ProgressBar
+from cli.specfile import SpecFileError, load_spec_file
 from worker.engine.checkpoint import STATE_FILE, Checkpoint, LiveCheckpoint
 from worker.engine.errors import TrainingError
 from worker.engine.trainer import Callbacks, StepMetrics, train

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.cli.sse import ServerSentEvent, SSEParser, iter_events
+from cli.sse import ServerSentEvent, SSEParser, iter_events
 
 
 def events_of(text: str) -> list[ServerSentEvent]:
