@@ -16,20 +16,21 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import yaml
+from httpx_sse import SSEError, connect_sse
 from pydantic import ValidationError
 
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.settings import Settings
 from cli import output
-from cli.sse import SSEParser
+from cli.progress import TrainingProgress
+from cli.specfile import SpecFileError, read_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -58,38 +59,26 @@ class Unreachable(Exception):
 
 
 class UsageError(Exception):
-    """The command cannot be sent as given: a bad --url, an unreadable spec."""
+    """The command cannot be sent as given: a bad --url, an unreadable file."""
 
 
 @dataclass
 class Api:
-    """One server: its URL and an httpx client carrying the API key, if any."""
+    """One server: its URL and an httpx client carrying the API key, if any. Every
+    answer goes through raise_for_error (an httpx response hook), streams included."""
 
     url: str
     http: httpx.Client = field(repr=False)
 
     def get(self, path: str, **params: Any) -> Any:
-        return self._json("GET", path, params={k: v for k, v in params.items() if v is not None})
+        return _json(self.http.get(path, params={k: v for k, v in params.items() if v is not None}))
 
     def post(self, path: str, body: Any = None) -> Any:
-        return self._json("POST", path, json=body)
+        return _json(self.http.post(path, json=body))
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        with self.transport_errors():
-            response = self.http.request(method, path, **kwargs)
-        raise_for_error(response)
-        try:
-            return response.json()
-        except ValueError:
-            raise _not_trainjob(response) from None
-
-    @contextlib.contextmanager
-    def transport_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except httpx.TransportError as error:
-            reason = str(error) or type(error).__name__
-            raise Unreachable(f"cannot reach the server at {self.url}: {reason}") from error
+    def unreachable(self, error: httpx.TransportError) -> Unreachable:
+        reason = str(error) or type(error).__name__
+        return Unreachable(f"cannot reach the server at {self.url}: {reason}")
 
 
 def connect(url: str, api_key: str | None) -> Api:
@@ -99,13 +88,27 @@ def connect(url: str, api_key: str | None) -> Api:
     headers = {"User-Agent": "trainjob-cli"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    return Api(url=url, http=httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT))
+    http = httpx.Client(
+        base_url=url,
+        headers=headers,
+        timeout=REQUEST_TIMEOUT,
+        event_hooks={"response": [raise_for_error]},
+    )
+    return Api(url=url, http=http)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise _not_trainjob(response) from None
 
 
 def raise_for_error(response: httpx.Response) -> None:
     """An error answer as ApiError: the server's envelope, or what we can say about it."""
     if response.is_success:
         return
+    response.read()  # a streamed answer has not been read yet
     try:
         error = response.json().get("error")
     except (ValueError, AttributeError):
@@ -134,55 +137,31 @@ def job_path(job_id: str, *rest: str) -> str:
     return "/".join(["/v1/jobs", quote(job_id, safe=""), *rest])
 
 
-def read_spec(path: str) -> dict[str, Any]:
-    """The spec file as the mapping to POST; the server validates it (one line per field).
-
-    `-` reads standard input. YAML is read for .yaml/.yml and for stdin (YAML holds JSON).
-    """
-    yaml_file = path == "-" or Path(path).suffix.lower() in {".yaml", ".yml"}
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror}") from error
-    except UnicodeDecodeError as error:
-        raise UsageError(f"cannot read {path}: not UTF-8 text") from error
-    try:
-        data = yaml.safe_load(text) if yaml_file else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        kind = "YAML" if yaml_file else "JSON"
-        raise UsageError(f"{path} is not valid {kind}: {error}") from error
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold one object (a mapping of fields)")
-    return data
-
-
 def print_json(document: Any) -> None:
     print(json.dumps(document, indent=2))
+
+
+def show(document: Any, text: str, *, as_json: bool) -> None:
+    """The server's JSON as one document (--json, for scripts), or the text for people."""
+    print(json.dumps(document, indent=2) if as_json else text)
 
 
 # --- commands ----------------------------------------------------------------------
 
 
 def submit(api: Api, spec_path: str, *, watch_after: bool, as_json: bool) -> int:
-    spec = read_spec(spec_path)
-    job = api.post("/v1/jobs", spec)
+    job = api.post("/v1/jobs", read_spec(spec_path))
     if watch_after:
         if not as_json:
             print(job["id"], flush=True)
         return watch(api, job["id"], as_json=as_json)
-    if as_json:
-        print_json(job)
-    else:
-        print(job["id"])
+    show(job, job["id"], as_json=as_json)
     return EXIT_OK
 
 
 def status(api: Api, job_id: str, *, as_json: bool) -> int:
     job = api.get(job_path(job_id))
-    if as_json:
-        print_json(job)
-    else:
-        print(output.job_summary(job))
+    show(job, output.job_summary(job), as_json=as_json)
     return EXIT_OK
 
 
@@ -190,24 +169,38 @@ def list_jobs(
     api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
 ) -> int:
     page = api.get("/v1/jobs", status=status, limit=limit, after=after)
+    return print_page(page, output.print_job_table, "jobs", status=status, as_json=as_json)
+
+
+def print_page(
+    page: dict[str, Any],
+    print_table: Callable[[list[dict[str, Any]]], None],
+    noun: str,
+    *,
+    status: str | None,
+    as_json: bool,
+) -> int:
+    """A page of a list: the server's JSON, or a table and how to ask for the next page."""
     if as_json:
         print_json(page)
         return EXIT_OK
-    print(output.job_table(page["data"]) if page["data"] else "no jobs")
+    if page["data"]:
+        print_table(page["data"])
+    else:
+        print(f"no {noun}")
     if page["has_more"]:
-        more = f"trainjob list --after {page['data'][-1]['id']}"
+        command = "trainjob list" if noun == "jobs" else f"trainjob {noun} list"
+        more = f"{command} --after {page['data'][-1]['id']}"
         print(f"more: {more}" + (f" --status {status}" if status else ""), file=sys.stderr)
     return EXIT_OK
 
 
 def cancel(api: Api, job_id: str, *, as_json: bool) -> int:
     job = api.post(job_path(job_id, "cancel"))
-    if as_json:
-        print_json(job)
-    elif job["status"] == "cancelling":
-        print(f"{job['id']} cancelling: it stops at its next optimizer step")
+    if job["status"] == "cancelling":
+        show(job, f"{job['id']} cancelling: it stops at its next optimizer step", as_json=as_json)
     else:
-        print(f"{job['id']} {job['status']}")
+        show(job, f"{job['id']} {job['status']}", as_json=as_json)
     return EXIT_OK
 
 
@@ -236,26 +229,15 @@ def download(api: Api, job_id: str, *, out: Path | None, step: int | None, as_js
     if target.is_dir():
         target = target / default_name
     params = {"step": step} if step is not None else {}
-    with (
-        api.transport_errors(),
-        api.http.stream("GET", job_path(job_id, "weights"), params=params) as response,
-    ):
-        if not response.is_success:
-            response.read()
-            raise_for_error(response)
+    with api.http.stream("GET", job_path(job_id, "weights"), params=params) as response:
         size = _write_atomically(target, response.iter_bytes())
-    checkpoint_step = response.headers.get("X-Checkpoint-Step")
-    if as_json:
-        print_json(
-            {
-                "path": str(target),
-                "size_bytes": size,
-                "step": int(checkpoint_step) if checkpoint_step else None,
-            }
-        )
-    else:
-        at = f", step {checkpoint_step}" if checkpoint_step else ""
-        print(f"{target} ({size:,} bytes{at})")
+    at_step = response.headers.get("X-Checkpoint-Step")
+    step_text = f", step {at_step}" if at_step else ""
+    show(
+        {"path": str(target), "size_bytes": size, "step": int(at_step) if at_step else None},
+        f"{target} ({size:,} bytes{step_text})",
+        as_json=as_json,
+    )
     return EXIT_OK
 
 
@@ -291,28 +273,26 @@ def watch(api: Api, job_id: str, *, as_json: bool) -> int:
     """Follow a job's live events to its end; exit 0 if it succeeded, 1 if not."""
     job = api.get(job_path(job_id))
     if job["status"] not in TERMINAL_STATUSES:
-        progress = output.ProgressLine(
-            max_steps=job["progress"].get("max_steps"),
-            batch_size=job["batch_size"],
-            stream=sys.stdout,
-            interactive=sys.stdout.isatty(),
-        )
+        progress = None
+        if not as_json:
+            max_steps = job["progress"].get("max_steps")
+            progress = TrainingProgress(
+                total_steps=max_steps, batch_size=job["batch_size"], file=sys.stdout
+            )
         try:
-            _follow(api, job_id, None if as_json else progress)
+            _follow(api, job_id, progress)
         except KeyboardInterrupt:
-            progress.close()
             print(f"trainjob: stopped watching; {job_id} goes on", file=sys.stderr)
             return EXIT_INTERRUPTED
-        progress.close()
+        finally:
+            if progress is not None:
+                progress.close()
         job = api.get(job_path(job_id))
     return _outcome(job, as_json=as_json)
 
 
 def _outcome(job: dict[str, Any], *, as_json: bool) -> int:
-    if as_json:
-        print_json(job)
-    else:
-        print(output.final_line(job))
+    show(job, output.final_line(job), as_json=as_json)
     if job["status"] == "succeeded":
         return EXIT_OK
     error = job.get("error") or {"type": job["status"], "message": f"job {job['id']} was cancelled"}
@@ -320,71 +300,81 @@ def _outcome(job: dict[str, Any], *, as_json: bool) -> int:
     return EXIT_FAILED
 
 
-def _follow(api: Api, job_id: str, progress: output.ProgressLine | None) -> None:
+@dataclass
+class StreamPosition:
+    """Where a reconnect resumes: the id of the last whole event, and the server's
+    `retry:` advice (milliseconds) for the delay."""
+
+    last_event_id: str | None = None
+    retry_ms: int | None = None
+
+
+def _follow(api: Api, job_id: str, progress: TrainingProgress | None) -> None:
     """Read the event stream until the job's terminal status, reconnecting where it drops."""
-    parser = SSEParser()
+    position = StreamPosition()
     failures = 0
     while True:
         received = False
         try:
-            with api.transport_errors(), contextlib.closing(_stream(api, job_id, parser)) as stream:
+            with contextlib.closing(_stream(api, job_id, position)) as stream:
                 for event_type, data in stream:
                     received = True
                     if event_type == "status" and data.get("status") in TERMINAL_STATUSES:
                         return
                     if progress is not None:
                         _show(event_type, data, progress)
-        except Unreachable as error:
-            reason = str(error)
+        except httpx.TransportError as error:
+            reason = str(api.unreachable(error))
         else:
             reason = f"the event stream at {api.url} ended before the job did"
         # Perhaps the end came while we were away: a job that is over has nothing to stream.
-        with contextlib.suppress(Unreachable):
+        with contextlib.suppress(httpx.TransportError):
             if api.get(job_path(job_id))["status"] in TERMINAL_STATUSES:
                 return
         failures = 1 if received else failures + 1
         if failures > RECONNECT_ATTEMPTS:
             raise Unreachable(reason)
-        advised = parser.retry_ms / 1000 if parser.retry_ms is not None else 0.5
+        advised = position.retry_ms / 1000 if position.retry_ms is not None else 0.5
         time.sleep(min(RECONNECT_MAX_DELAY_SECONDS, advised * 2 ** (failures - 1)))
 
 
 def _stream(
-    api: Api, job_id: str, parser: SSEParser
+    api: Api, job_id: str, position: StreamPosition
 ) -> Generator[tuple[str, dict[str, Any]], None, None]:
-    """One connection's events as (type, data); a reconnect resumes after the last id seen."""
-    parser.discard_pending()  # what the last connection left half-sent comes again
-    headers = {"Accept": "text/event-stream"}
-    if parser.last_event_id is not None:
-        headers["Last-Event-ID"] = parser.last_event_id
+    """One connection's events as (type, data); a reconnect resumes after the last id seen.
+
+    httpx-sse yields only whole events: one cut off by a drop is asked for again.
+    """
+    headers = {}
+    if position.last_event_id is not None:
+        headers["Last-Event-ID"] = position.last_event_id
     timeout = httpx.Timeout(30.0, connect=5.0, read=STREAM_READ_TIMEOUT_SECONDS)
-    with api.http.stream(
-        "GET", job_path(job_id, "events"), headers=headers, timeout=timeout
-    ) as response:
-        if not response.is_success:
-            response.read()
-            raise_for_error(response)
-        content_type = response.headers.get("content-type", "")
-        if not content_type.startswith("text/event-stream"):
+    with connect_sse(
+        api.http, "GET", job_path(job_id, "events"), headers=headers, timeout=timeout
+    ) as source:
+        try:
+            for event in source.iter_sse():
+                if event.retry is not None:
+                    position.retry_ms = event.retry
+                if event.id:
+                    position.last_event_id = event.id
+                try:
+                    data = json.loads(event.data)
+                except ValueError:
+                    continue  # not ours to show (a retry or keep-alive); the stream goes on
+                if isinstance(data, dict):
+                    yield event.event, data
+        except SSEError:
+            content_type = source.response.headers.get("content-type")
             raise ApiError(
                 "no_event_stream",
                 f"{api.url} answered {content_type or 'no content type'} instead of an event "
                 "stream: is it an older trainjob server?",
                 [],
-            )
-        for line in response.iter_lines():
-            event = parser.feed(line)
-            if event is None:
-                continue
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue  # not ours to show; the stream goes on
-            if isinstance(data, dict):
-                yield event.event, data
+            ) from None
 
 
-def _show(event_type: str, data: dict[str, Any], progress: output.ProgressLine) -> None:
+def _show(event_type: str, data: dict[str, Any], progress: TrainingProgress) -> None:
     if event_type == "metrics":
         if isinstance(data.get("step"), int) and isinstance(data.get("loss"), int | float):
             progress.update(data["step"], data["loss"], data.get("samples_per_sec") or 0.0)
@@ -409,7 +399,7 @@ def client_command(args: argparse.Namespace) -> int:
         api = connect(args.url or settings.url, api_key)
         with api.http:
             return _dispatch(api, args)
-    except UsageError as error:
+    except (UsageError, SpecFileError) as error:
         print(f"trainjob: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ApiError as error:
@@ -417,6 +407,9 @@ def client_command(args: argparse.Namespace) -> int:
         for item in error.fields:
             print(f"  {item.get('path') or 'body'}: {item.get('message')}", file=sys.stderr)
         return EXIT_FAILED
+    except httpx.TransportError as error:
+        print(f"trainjob: {api.unreachable(error)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except Unreachable as error:
         print(f"trainjob: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -1,21 +1,31 @@
-"""A one-line progress bar for `trainjob run`: step, loss, samples/s, ETA."""
+"""The progress of a training run: `trainjob run` shows it on stderr, `trainjob watch` and
+`submit --watch` on stdout. Step, bar, loss, samples/s, ETA."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.text import Text
 
 # Where nobody watches a terminal, a line at least this often while steps advance: 5 %
 # of a long run can take hours, and a log that says nothing looks like a hang.
 LINE_EVERY_SECONDS = 5.0
+# The plain line's bar, in characters.
+BAR_WIDTH = 24
 
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 class LineSchedule:
@@ -49,46 +59,63 @@ class LineSchedule:
         return False
 
 
-class ProgressBar:
-    """Redraws in place on a terminal; elsewhere prints a line now and then (LineSchedule)."""
+class TrainingProgress:
+    """A rich progress bar on a terminal, with notes printed above it; elsewhere (a log, a
+    pipe, CI) a plain line now and then (LineSchedule), never an escape code.
+
+    The ETA comes from the step's samples/s and the batch size, not from our own clock,
+    so that events replayed after a reconnect (or a resumed run) do not make it jump.
+    """
 
     def __init__(
         self,
-        total_steps: int,
-        stream: TextIO | None = None,
-        width: int = 24,
-        clock: Callable[[], float] = time.monotonic,
+        *,
+        total_steps: int | None,
+        batch_size: int,
+        file: TextIO,
+        lines: LineSchedule | None = None,
     ) -> None:
         self.total_steps = total_steps
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.interactive = self.stream.isatty()
-        self.clock = clock
-        self.started = clock()
-        self.first_step: int | None = None
-        self.lines = LineSchedule(total_steps, clock=clock)
+        self.batch_size = batch_size
+        self.file = file
+        self.lines = lines or LineSchedule(total_steps)
+        # Whether to redraw is the file's own answer, whatever FORCE_COLOR says.
+        console = Console(file=file, force_terminal=file.isatty(), highlight=False)
+        self.bar: Progress | None = None
+        if console.is_interactive:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[stats]}", markup=False),
+                console=console,
+            )
+            self.task = self.bar.add_task("step", total=total_steps, stats="")
+            self.bar.start()
 
     def update(self, step: int, loss: float, samples_per_sec: float) -> None:
-        if self.first_step is None:
-            # A resumed run starts mid-way: the ETA counts only steps done here.
-            self.first_step, self.started = step - 1, self.clock()
-        done_here = step - self.first_step
-        elapsed = self.clock() - self.started
-        eta = elapsed / done_here * (self.total_steps - step) if done_here else 0.0
-        filled = int(self.width * step / self.total_steps)
-        bar = "=" * filled + (">" if filled < self.width else "") + " " * (self.width - filled - 1)
-        line = (
-            f"step {step}/{self.total_steps} [{bar[: self.width]}] loss {loss:.4f}  "
-            f"{samples_per_sec:,.0f} samples/s  ETA {format_duration(eta)}"
-        )
-        if self.interactive:
-            self.stream.write("\r" + line + "\033[K")
-            self.stream.flush()
+        steps = f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"
+        stats = f"loss {format_loss(loss)}  {samples_per_sec:,.0f} samples/s"
+        if self.total_steps:
+            remaining = max(0, self.total_steps - step) * self.batch_size
+            eta = format_duration(remaining / samples_per_sec) if samples_per_sec > 0 else "?"
+            stats += f"  ETA {eta}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=steps, stats=stats)
         elif self.lines.due(step):
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            if self.total_steps:
+                filled = min(BAR_WIDTH, BAR_WIDTH * step // self.total_steps)
+                steps += f" [{('=' * filled + '>').ljust(BAR_WIDTH)[:BAR_WIDTH]}]"
+            self.file.write(f"{steps} {stats}\n")
+            self.file.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own, above the bar."""
+        if self.bar is not None:
+            self.bar.console.print(Text(text))
+        else:
+            self.file.write(text + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        if self.interactive:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,42 +1,39 @@
-"""Reading a job spec from a JSON or YAML file, with one line per bad field."""
+"""Reading a job spec file (JSON, or YAML for .yaml/.yml and standard input) as the mapping
+that `trainjob submit` posts and `trainjob run` validates."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
-
-from app.jobs.spec import JobSpec, validation_messages
 
 
 class SpecFileError(Exception):
-    def __init__(self, path: Path, lines: list[str]) -> None:
+    """A spec that cannot be used, with one line per reason (per bad field)."""
+
+    def __init__(self, path: str | Path, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.path = path
         self.lines = lines
 
 
-def load_spec_file(path: Path) -> JobSpec:
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The file's mapping, unvalidated; `-` reads standard input (YAML holds JSON)."""
+    yaml_file = str(path) == "-" or Path(path).suffix.lower() in {".yaml", ".yml"}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise SpecFileError(path, [f"cannot read {path}: {error.strerror}"]) from error
+    except UnicodeDecodeError as error:
+        raise SpecFileError(path, [f"cannot read {path}: not UTF-8 text"]) from error
     try:
-        data: Any = (
-            yaml.safe_load(text) if path.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
-        )
+        data = yaml.safe_load(text) if yaml_file else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise SpecFileError(path, [f"{path} is not valid {_format_name(path)}: {error}"]) from error
+        kind = "YAML" if yaml_file else "JSON"
+        raise SpecFileError(path, [f"{path} is not valid {kind}: {error}"]) from error
     if not isinstance(data, dict):
         raise SpecFileError(path, [f"{path} must hold one object (a mapping of fields)"])
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as error:
-        raise SpecFileError(path, validation_messages(error)) from error
-
-
-def _format_name(path: Path) -> str:
-    return "YAML" if path.suffix.lower() in {".yaml", ".yml"} else "JSON"
+    return data
