@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
@@ -225,23 +224,23 @@ def reaper_command() -> int:
     from worker.celery_app import make_celery
 
     configure_logging(settings)
+    # 0 turns off the API's reaper; this command is a reaper, so it keeps the default.
+    interval = settings.reaper_interval_seconds or 10.0
+    settings = settings.model_copy(update={"reaper_interval_seconds": interval})
     database = Database(settings.effective_database_url)
     assert settings.redis_url is not None  # _cannot_connect said so
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     reaper = make_reaper(settings, database, make_celery(settings), client)
-    interval = settings.reaper_interval_seconds or 10.0
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_stop)
+    reaper.start()  # the API's own loop, in a thread: a failed pass is logged, then retried
     try:
         while True:
-            try:
-                reaper.run_once()
-            except Exception:  # a blip: the next pass tries again
-                logger.exception("reaper pass failed")
-            time.sleep(interval)
+            signal.pause()
     except _Stop:
         return 0
     finally:
+        reaper.stop()
         client.close()
         database.dispose()
 
