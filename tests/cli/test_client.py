@@ -479,7 +479,7 @@ def test_the_client_runs_without_torch(service: Service, finished_job: dict[str,
 def test_the_client_modules_import_neither_torch_nor_the_worker() -> None:
     script = (
         "import sys\n"
-        "import cli.client, cli.files, cli.main, cli.output, cli.progress, cli.specfile\n"
+        "import cli.client, cli.files, cli.jobs, cli.main, cli.output, cli.progress, cli.specfile\n"
         "loaded = {name.split('.')[0] for name in sys.modules}\n"
         "assert not loaded & {'torch', 'worker', 'celery', 'sqlalchemy'}, loaded\n"
     )
