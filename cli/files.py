@@ -117,4 +117,4 @@ def print_file_table(files: list[dict[str, Any]]) -> None:
         )
         for data_file in files
     ]
-    output.print_table(header, rows, wrap="FILENAME")
+    output.print_table(header, rows)

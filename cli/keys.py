@@ -57,7 +57,7 @@ def _list(session: Session, tenant: str | None, as_json: bool) -> None:
         )
         for item in listed
     ]
-    print_table(("ID", "TENANT", "ROLE", "REVOKED", "NAME"), rows, wrap="NAME")
+    print_table(("ID", "TENANT", "ROLE", "REVOKED", "NAME"), rows)
 
 
 def _revoke(session: Session, key_id: str) -> None:

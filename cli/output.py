@@ -10,12 +10,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.progress import format_duration, format_loss
 
 Json = Mapping[str, Any]
-# Off a terminal a table is never wrapped to fit: `grep` and `awk` read whole lines.
 UNWRAPPED_WIDTH = 100_000
 
 
@@ -79,25 +78,21 @@ def print_job_table(jobs: Sequence[Json]) -> None:
         )
         for job in jobs
     ]
-    print_table(("ID", "STATUS", "STEP", "LOSS", "BATCH", "CREATED", "NAME"), rows, wrap="NAME")
+    print_table(("ID", "STATUS", "STEP", "LOSS", "BATCH", "CREATED", "NAME"), rows)
 
 
 def format_time(timestamp: str | None) -> str:
     return str(timestamp or "")[:19].replace("T", " ")
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, wrap: str) -> None:
-    """Rows under a header, each column as wide as its widest cell. On a narrow terminal
-    only the `wrap` column wraps (ids stay whole, to be copied)."""
-    table = Table(
-        *(Column(name, no_wrap=name != wrap) for name in header), box=None, pad_edge=False
-    )
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Rows under a header, each column as wide as its widest cell."""
+    table = Table(*header, box=None, pad_edge=False)
     for row in rows:
         table.add_row(*row)
-    # No markup or emoji codes: a job's name is printed as it is.
-    console = Console(markup=False, emoji=False, highlight=False)
-    if not console.is_terminal:
-        console.width = UNWRAPPED_WIDTH
+    # No markup or emoji codes: a job's name is printed as it is. Never fitted to the
+    # terminal (rich would cut ids short) nor wrapped: `grep` and `awk` read whole lines.
+    console = Console(markup=False, emoji=False, highlight=False, width=UNWRAPPED_WIDTH)
     with console.capture() as captured:
         console.print(table)
     # Written by us: rich pads the last column with spaces, and would answer a closed pipe
