@@ -27,13 +27,16 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import Database
 
+# A SELECT of any columns.
+Statement = Select[*tuple[Any, ...]]
+
 # Enough for the reads of one API process: they hold a connection for one round trip.
 POOL_SIZE = 10
 POOL_TIMEOUT_SECONDS = 30.0
 
 
 class Reads(Protocol):
-    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+    async def all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
         """The rows of a SELECT; each row's columns read as attributes."""
         ...
 
@@ -46,11 +49,11 @@ class ThreadedReads:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def _all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+    def _all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
         with self.database.engine.connect() as connection:
             return connection.execute(statement, dict(params)).all()
 
-    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+    async def all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
         return await run_in_threadpool(self._all, statement, params)
 
     async def close(self) -> None:
@@ -64,28 +67,32 @@ class PostgresReads:
         conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
         self.pool = AsyncConnectionPool(
             conninfo,
-            min_size=1,
+            min_size=2,
             max_size=POOL_SIZE,
             timeout=POOL_TIMEOUT_SECONDS,
             kwargs={"autocommit": True, "row_factory": namedtuple_row},
             open=False,
         )
         self._dialect = psycopg_dialect.dialect()
-        self._compiled: dict[Select[Any], str] = {}
+        # Each statement's SQL, and the values it carries itself (a `.limit(1)`'s).
+        self._compiled: dict[Statement, tuple[str, dict[str, Any]]] = {}
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
 
-    def _sql(self, statement: Select[Any]) -> str:
-        sql = self._compiled.get(statement)
-        if sql is None:
-            sql = self._compiled[statement] = str(statement.compile(dialect=self._dialect))
-        return sql
+    def _compile(self, statement: Statement) -> tuple[str, dict[str, Any]]:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            sql = statement.compile(dialect=self._dialect)
+            compiled = self._compiled[statement] = (str(sql), dict(sql.params))
+        return compiled
 
-    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
-        sql = self._sql(statement)
-        # A connection PostgreSQL dropped (a restart) fails its first use and leaves the
-        # pool: try once more on another, rather than checking each one before use.
+    async def all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
+        sql, own_values = self._compile(statement)
+        params = own_values | dict(params)
+        # A connection PostgreSQL dropped (a restart) fails its first use: then check
+        # the idle ones, replacing those that went with it, and try once more, rather
+        # than checking each connection before every use.
         for attempt in range(2):
             try:
                 async with self.pool.connection() as connection:
@@ -94,6 +101,7 @@ class PostgresReads:
             except psycopg.OperationalError:
                 if attempt:
                     raise
+                await self.pool.check()
         raise AssertionError("unreachable")
 
     async def close(self) -> None:

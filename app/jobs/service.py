@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.auth.service import DEFAULT_TENANT
@@ -22,7 +22,7 @@ from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
 from app.jobs.spec import FileDatasetSpec, JobSpec
-from app.reads import Reads
+from app.reads import Reads, Statement
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ async def read_job(reads: Reads, *, job_id: str, tenant: str | None = None) -> A
 
 
 @cache
-def _jobs_page_query(*, by_tenant: bool, by_status: bool, after: bool) -> Select[Any]:
+def _jobs_page_query(*, by_tenant: bool, by_status: bool, after: bool) -> Statement:
     # One statement per combination of filters, so that each is compiled once.
     query = select(JOBS).order_by(JOBS.c.id.desc()).limit(bindparam("limit"))
     if by_tenant:
