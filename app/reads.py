@@ -15,13 +15,14 @@ per statement for psycopg.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Select, make_url
+from sqlalchemy import ARRAY, Select, String, Table, bindparam, func, make_url, select
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +41,10 @@ class Reads(Protocol):
         """The rows of a SELECT; each row's columns read as attributes."""
         ...
 
+    async def by_id(self, table: Table, row_id: str) -> Any | None:
+        """The row of `table` (keyed by a string `id`) with this id, or None."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -48,6 +53,7 @@ class ThreadedReads:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._by_id: dict[Table, Statement] = {}
 
     def _all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
         with self.database.engine.connect() as connection:
@@ -55,6 +61,13 @@ class ThreadedReads:
 
     async def all(self, statement: Statement, params: Mapping[str, Any]) -> Sequence[Any]:
         return await run_in_threadpool(self._all, statement, params)
+
+    async def by_id(self, table: Table, row_id: str) -> Any | None:
+        statement = self._by_id.get(table)
+        if statement is None:
+            statement = self._by_id[table] = select(table).where(table.c.id == bindparam("id"))
+        rows = await self.all(statement, {"id": row_id})
+        return rows[0] if rows else None
 
     async def close(self) -> None:
         pass
@@ -76,6 +89,7 @@ class PostgresReads:
         self._dialect = psycopg_dialect.dialect()
         # Each statement's SQL, and the values it carries itself (a `.limit(1)`'s).
         self._compiled: dict[Statement, tuple[str, dict[str, Any]]] = {}
+        self._by_id: dict[Table, _LookupsById] = {}
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
@@ -104,8 +118,66 @@ class PostgresReads:
                 await self.pool.check()
         raise AssertionError("unreachable")
 
+    async def by_id(self, table: Table, row_id: str) -> Any | None:
+        lookups = self._by_id.get(table)
+        if lookups is None:
+            lookups = self._by_id[table] = _LookupsById(self, table)
+        return await lookups.row(row_id)
+
     async def close(self) -> None:
         await self.pool.close()
+
+
+class _LookupsById:
+    """Lookups of one table by id, sent together: while one query is out, the lookups
+    that arrive wait for it to come back and then go as the next, one
+    `WHERE id = ANY(ids)`. Alone, a lookup is sent at once; under load, one round trip
+    answers the many polls that arrived during the previous one (bench/api.py: the job
+    GET from 64 clients). Each lookup is answered by a query sent after it arrived, so a
+    write committed before a read was asked is always seen."""
+
+    def __init__(self, reads: PostgresReads, table: Table) -> None:
+        self.reads = reads
+        self.statement = select(table).where(
+            table.c.id == func.any(bindparam("ids", type_=ARRAY(String)))
+        )
+        self.waiting: dict[str, list[asyncio.Future[Any]]] = {}
+        self.sender: asyncio.Task[None] | None = None
+
+    async def row(self, row_id: str) -> Any | None:
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(row_id, []).append(answer)
+        if self.sender is None:
+            self.sender = asyncio.create_task(self._send())
+        return await answer
+
+    async def _send(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, {}
+                try:
+                    rows = await self.reads.all(self.statement, {"ids": list(batch)})
+                except Exception as error:
+                    for answers in batch.values():
+                        _answer(answers, exception=error)
+                    continue
+                found = {row.id: row for row in rows}
+                for row_id, answers in batch.items():
+                    _answer(answers, result=found.get(row_id))
+        finally:
+            self.sender = None
+
+
+def _answer(
+    answers: list[asyncio.Future[Any]], *, result: Any = None, exception: Exception | None = None
+) -> None:
+    for answer in answers:
+        if answer.done():  # its request went away (the client hung up)
+            continue
+        if exception is not None:
+            answer.set_exception(exception)
+        else:
+            answer.set_result(result)
 
 
 async def open_reads(database: Database) -> Reads:

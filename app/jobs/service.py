@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.auth.service import DEFAULT_TENANT
@@ -142,17 +142,16 @@ def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
     return job
 
 
-JOBS = Job.__table__
-JOB_BY_ID = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
+JOBS = cast(Table, Job.__table__)
 
 
 async def read_job(reads: Reads, *, job_id: str, tenant: str | None = None) -> Any:
     """The job GET's read: the job's row (its columns as attributes), or JobNotFound;
     with `tenant`, another tenant's job is not found either."""
-    rows = await reads.all(JOB_BY_ID, {"job_id": job_id}) if is_job_id(job_id) else ()
-    if not rows or (tenant is not None and rows[0].tenant != tenant):
+    job = await reads.by_id(JOBS, job_id) if is_job_id(job_id) else None
+    if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
-    return rows[0]
+    return job
 
 
 @cache
