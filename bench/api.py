@@ -86,7 +86,7 @@ from app.db import Database, upgrade
 from app.jobs.models import Job
 from app.jobs.spec import JobSpec
 
-TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+TRAINJOB = [sys.executable, "-m", "cli.main"]
 BARE_APP = [sys.executable, str(Path(__file__).with_name("bare_app.py"))]
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 

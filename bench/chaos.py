@@ -64,7 +64,7 @@ import redis
 
 from app.db import upgrade
 
-TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+TRAINJOB = [sys.executable, "-m", "cli.main"]
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 # As in tests/test_fault_tolerance.py: a lost worker is noticed within about 2.5 s.
 TIMINGS = {
@@ -339,7 +339,7 @@ class Slot:
 
     @property
     def node(self) -> str:
-        """The Celery node name `trainjob worker` gives itself (worker/cli/serve.py)."""
+        """The Celery node name `trainjob worker` gives itself (cli/serve.py)."""
         assert self.process is not None
         return f"trainjob-{self.process.pid}@{socket.gethostname()}"
 

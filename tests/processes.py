@@ -16,7 +16,7 @@ import httpx
 
 from tests.conftest import wait_for
 
-TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+TRAINJOB = [sys.executable, "-m", "cli.main"]
 
 
 def free_port() -> int:

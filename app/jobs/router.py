@@ -8,11 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.sse import ServerSentEvent
 from pydantic import StringConstraints
-from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import PrincipalDep
-from app.db import Database
-from app.deps import CeleryDep, DatabaseDep, RedisDep, SessionDep, SettingsDep
+from app.deps import CeleryDep, ReadsDep, RedisDep, SessionDep, SettingsDep
 from app.errors import AppError, error_responses
 from app.jobs import devices
 from app.jobs import service as jobs_service
@@ -133,8 +131,8 @@ router.add_api_route(
 
 
 @router.get("", response_model=JobList, responses=ERRORS)
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
+    reads: ReadsDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     limit: Limit = 20,
@@ -143,26 +141,17 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """Jobs newest first; pass the last id of a page as `after` for the next page."""
-    jobs, has_more = jobs_service.list_jobs(
-        session, status=status, limit=limit, after=after, tenant=principal.scope
+    jobs, has_more = await jobs_service.read_jobs_page(
+        reads, status=status, limit=limit, after=after, tenant=principal.scope
     )
     return JobList(data=[jobs_service.to_public(job) for job in jobs], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def get_job(job_id: str, database: DatabaseDep, principal: PrincipalDep) -> JobPublic:
-    # The hottest read takes one hop to the thread pool and gives its connection back
-    # inside it. A `def` route on SessionDep takes three (the route, the response's
-    # validation, the session's close) and keeps its connection across the last two:
-    # with more requests at once than threads (40) and connections (30) together, every
-    # thread waited for a connection that only a thread could give back (BENCHMARKS.md).
-    return await run_in_threadpool(_read_job, database, job_id, principal.scope)
-
-
-def _read_job(database: Database, job_id: str, tenant: str | None) -> JobPublic:
-    with database.session() as session:
-        job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
-        return jobs_service.to_public(job)
+async def get_job(job_id: str, reads: ReadsDep, principal: PrincipalDep) -> JobPublic:
+    # The hottest read: in the event loop on PostgreSQL (app/reads.py).
+    job = await jobs_service.read_job(reads, job_id=job_id, tenant=principal.scope)
+    return jobs_service.to_public(job)
 
 
 @router.post(
