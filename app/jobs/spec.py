@@ -488,35 +488,26 @@ class JobSpec(_Strict):
                     f"exceeds the maximum of {MAX_BATCH_SIZE}",
                 )
             return self._with(batch_size=product)
+        # Two given, one of them the batch: the other divides it into the third.
         assert batch is not None
         if micro is not None:
-            if batch % int(micro):
-                raise _field_error(
-                    "batch_size",
-                    f"must be a multiple of micro_batch_size ({micro}), not {batch}",
-                )
-            derived_steps = batch // int(micro)
-            if derived_steps > MAX_ACCUMULATION_STEPS:
-                raise _field_error(
-                    "accumulation_steps",
-                    f"batch_size / micro_batch_size = {derived_steps} "
-                    f"exceeds the maximum of {MAX_ACCUMULATION_STEPS}",
-                )
-            return self._with(accumulation_steps=derived_steps)
-        assert steps is not None
-        if batch % steps:
+            divisor, divisor_name = int(micro), "micro_batch_size"
+            derived_name, high = "accumulation_steps", MAX_ACCUMULATION_STEPS
+        else:
+            assert steps is not None
+            divisor, divisor_name = steps, "accumulation_steps"
+            derived_name, high = "micro_batch_size", MAX_MICRO_BATCH_SIZE
+        if batch % divisor:
             raise _field_error(
-                "batch_size",
-                f"must be a multiple of accumulation_steps ({steps}), not {batch}",
+                "batch_size", f"must be a multiple of {divisor_name} ({divisor}), not {batch}"
             )
-        micro_size = batch // steps
-        if micro_size > MAX_MICRO_BATCH_SIZE:
+        derived = batch // divisor
+        if derived > high:
             raise _field_error(
-                "micro_batch_size",
-                f"batch_size / accumulation_steps = {micro_size} "
-                f"exceeds the maximum of {MAX_MICRO_BATCH_SIZE}",
+                derived_name,
+                f"batch_size / {divisor_name} = {derived} exceeds the maximum of {high}",
             )
-        return self._with(micro_batch_size=micro_size)
+        return self._with(**{derived_name: derived})
 
     @model_validator(mode="after")
     def _exactly_one_length(self) -> JobSpec:
@@ -555,12 +546,12 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _file_sequences_fit_tiny_gpt(self) -> JobSpec:
-        # Whatever the file holds, its texts are cut to max_length tokens: n tokens give
-        # n-1 (input, target) positions, as for tiny-text below.
+    def _sequences_fit_tiny_gpt(self) -> JobSpec:
+        # Texts are cut to max_length tokens (whatever a file holds): a sequence of n
+        # tokens gives n-1 (input, target) positions.
         if (
             isinstance(self.model, TinyGptSpec)
-            and isinstance(self.dataset, FileDatasetSpec)
+            and isinstance(self.dataset, FileDatasetSpec | TinyTextSpec)
             and self.dataset.max_length - 1 > self.model.block_size
         ):
             raise _field_error(
@@ -584,16 +575,6 @@ class JobSpec(_Strict):
                 "dataset.type",
                 f"model {self.model.type!r} cannot train on {self.dataset.type!r}; "
                 f"use one of: {', '.join(fitting)}",
-            )
-        # A sequence of n tokens gives n-1 (input, target) positions.
-        if (
-            isinstance(self.model, TinyGptSpec)
-            and isinstance(self.dataset, TinyTextSpec)
-            and self.dataset.max_length - 1 > self.model.block_size
-        ):
-            raise _field_error(
-                "model.block_size",
-                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
             )
         return self
 

@@ -55,8 +55,7 @@ from worker.engine.data_types import (
     DataInfo,
     DataSplits,
     SampleSet,
-    TensorClassificationSet,
-    TensorRegressionSet,
+    TensorSet,
     TextClassificationSet,
     TokenSequenceSet,
 )
@@ -465,15 +464,16 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
 
 
 def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
-    index = None if rows is None else torch.tensor(rows, dtype=torch.long)
-    features = table.features if index is None else table.features[index]
     if table.kind == REGRESSION:
         assert table.targets is not None
-        targets = table.targets if index is None else table.targets[index]
-        return TensorRegressionSet(features, targets)
-    assert table.labels is not None and classes is not None
-    labels = table.labels.class_indices(table.file_id, classes)
-    return TensorClassificationSet(features, labels if index is None else labels[index])
+        targets = table.targets
+    else:
+        assert table.labels is not None and classes is not None
+        targets = table.labels.class_indices(table.file_id, classes)
+    if rows is None:
+        return TensorSet(table.features, targets)
+    index = torch.tensor(rows, dtype=torch.long)
+    return TensorSet(table.features[index], targets[index])
 
 
 def _table_splits(
