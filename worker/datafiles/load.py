@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +120,13 @@ def _held_out_order(count: int, eval_fraction: float, seed: int) -> tuple[list[i
     return order[:cut], order[cut:]
 
 
-def _class_indices(
-    file_id: str, labels: np.ndarray[Any, Any], classes: np.ndarray[Any, Any]
-) -> torch.Tensor:
+def _class_indices(file_id: str, labels: list[Label], classes: list[Label]) -> torch.Tensor:
     """Each label's index among the sorted training classes; unknown labels fail."""
-    known = np.isin(labels, classes)
-    if not known.all():
-        raise _invalid(file_id, _unknown_labels({str(label) for label in labels[~known]}))
-    return torch.from_numpy(np.searchsorted(classes, labels).astype(np.int64))
+    index = {label: position for position, label in enumerate(classes)}
+    unknown = {str(label) for label in labels if label not in index}
+    if unknown:
+        raise _invalid(file_id, _unknown_labels(unknown))
+    return torch.tensor([index[label] for label in labels], dtype=torch.long)
 
 
 def _unknown_labels(unknown: set[str]) -> str:
@@ -146,9 +145,9 @@ def _unknown_labels(unknown: set[str]) -> str:
 class _EncodedText:
     kind: str
     sequences: list[torch.Tensor] = field(default_factory=list)
+    # Where each sequence's loss units start: after its prompt (1: every next token).
     loss_starts: list[int] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
-    skipped: int = 0
 
     def take(self, rows: list[int]) -> _EncodedText:
         return _EncodedText(
@@ -160,14 +159,9 @@ class _EncodedText:
 
 
 def _jsonl_rows(file_id: str, path: Path) -> Iterator[JsonlRow]:
-    kind = None
     for number, row in read_jsonl(path):
         if isinstance(row, RowProblem):
             raise _invalid(file_id, f"line {number}: {row}")
-        if kind is None:
-            kind = row.kind
-        elif row.kind != kind:
-            raise _invalid(file_id, f"line {number}: a {row.kind} row among {kind} rows")
         yield row
 
 
@@ -195,7 +189,6 @@ def _encode(
             loss_start = 1
             usable = len(ids) >= (1 if row.kind == LABELLED_TEXT else 2)
         if not usable:
-            encoded.skipped += 1
             continue
         if max(ids) >= tokenizer.vocab_size or min(ids) < 0:
             raise TrainingError(
@@ -227,8 +220,8 @@ def _text_splits(
         raise _invalid(
             spec.file_id, f"no row has enough tokens to train on (max_length {spec.max_length})"
         )
-    # The whole training file's labels, before any are held out.
-    classes = np.unique(np.array(train.labels)) if train.kind == LABELLED_TEXT else None
+    # The whole training file's labels, before any are held out (one type: sortable).
+    classes = sorted(set(train.labels)) if train.kind == LABELLED_TEXT else None
     held_out: _EncodedText | None = None
     if validation_path is not None:
         assert spec.validation_file_id is not None
@@ -244,36 +237,26 @@ def _text_splits(
         train_rows, held_rows = _held_out_order(len(train.sequences), spec.eval_fraction, seed)
         held_out = train.take(held_rows)
         train = train.take(train_rows)
-    if held_out is not None and not held_out.sequences:
-        held_out = None
+
+    def sample_set(file_id: str, encoded: _EncodedText) -> SampleSet:
+        if classes is None:
+            return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+        labels = _class_indices(file_id, encoded.labels, classes)
+        return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
+
     info = DataInfo(
-        vocab_size=tokenizer.vocab_size, max_length=spec.max_length, pad_id=tokenizer.pad_id
+        vocab_size=tokenizer.vocab_size,
+        max_length=spec.max_length,
+        pad_id=tokenizer.pad_id,
+        num_classes=None if classes is None else len(classes),
+        class_labels=None if classes is None else tuple(classes),
     )
-    if classes is None:
-        return DataSplits(
-            _token_sequences(train, tokenizer),
-            _token_sequences(held_out, tokenizer) if held_out else None,
-            info,
-        )
-    info = replace(info, num_classes=len(classes), class_labels=tuple(classes.tolist()))
     held_id = spec.validation_file_id or spec.file_id
     return DataSplits(
-        _labelled_texts(spec.file_id, train, classes, tokenizer),
-        _labelled_texts(held_id, held_out, classes, tokenizer) if held_out else None,
+        sample_set(spec.file_id, train),
+        sample_set(held_id, held_out) if held_out and held_out.sequences else None,
         info,
     )
-
-
-def _labelled_texts(
-    file_id: str, encoded: _EncodedText, classes: np.ndarray[Any, Any], tokenizer: TextTokenizer
-) -> TextClassificationSet:
-    labels = _class_indices(file_id, np.array(encoded.labels), classes)
-    return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
-
-
-def _token_sequences(encoded: _EncodedText, tokenizer: TextTokenizer) -> TokenSequenceSet:
-    loss_starts = encoded.loss_starts if encoded.kind == PROMPT_COMPLETION else None
-    return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, loss_starts)
 
 
 # ---------------------------------------------------------------- tables
@@ -289,12 +272,7 @@ class _Labels:
 
     def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
         """Each row's index among the sorted training classes; unknown labels fail."""
-        index = {label: position for position, label in enumerate(classes)}
-        unknown = {str(value) for value in self.values if value not in index}
-        if unknown:
-            raise _invalid(file_id, _unknown_labels(unknown))
-        by_code = np.array([index[value] for value in self.values], dtype=np.int64)
-        return torch.from_numpy(by_code[self.codes])
+        return _class_indices(file_id, self.values, classes)[torch.from_numpy(self.codes)]
 
 
 @dataclass

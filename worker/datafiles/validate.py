@@ -239,34 +239,39 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
-    """(line number, row or what is wrong with it) for every non-blank line, streamed."""
+    """(line number, row or what is wrong with it) for every non-blank line, streamed.
+    Every row must be of the kind of the first good one."""
+    first: JsonlRow | None = None
+    first_line = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 row = parse_jsonl_line(raw)
+                if row is None:
+                    continue
+                if first is None:
+                    first, first_line = row, number
+                elif row.kind != first.kind:
+                    raise RowProblem(
+                        f"has {_KIND_KEYS[row.kind]} but line {first_line} has "
+                        f"{_KIND_KEYS[first.kind]}: every line must hold the same kind of row"
+                    )
             except RowProblem as problem:
                 yield number, problem
                 continue
-            if row is not None:
-                yield number, row
+            yield number, row
 
 
 def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
     kind: str | None = None
-    kind_line = rows = tokens = max_row_bytes = 0
+    rows = tokens = max_row_bytes = 0
     labels = LabelSet()
     for number, row in read_jsonl(path):
         rows += 1
         try:
             if isinstance(row, RowProblem):
                 raise row
-            if kind is None:
-                kind, kind_line = row.kind, number
-            elif row.kind != kind:
-                raise RowProblem(
-                    f"has {_KIND_KEYS[row.kind]} but line {kind_line} has {_KIND_KEYS[kind]}: "
-                    "every line must hold the same kind of row"
-                )
+            kind = row.kind  # the same on every good line
             if row.label is not None:
                 labels.add(row.label, number)
         except RowProblem as problem:
