@@ -41,11 +41,7 @@ from worker.datafiles.validate import (
     JsonlRow,
     Label,
     RowProblem,
-    check_x_header,
-    npz_array_names,
-    npz_kind,
-    open_npy,
-    parse_csv_header,
+    open_xy,
     parse_csv_row,
     read_jsonl,
     read_npy_as,
@@ -322,13 +318,7 @@ def _csv_row_bound(path: Path, columns: int) -> int:
 
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
     with CsvReader(path).open() as reader:
-        header = reader.header()
-        if header is None:
-            raise RowProblem("the file is empty")
-        try:
-            layout = parse_csv_header(header)
-        except RowProblem as problem:
-            raise RowProblem(f"line {reader.line}: {problem}") from None
+        layout = reader.layout()
         # Filled in place as rows stream in: no Python objects per value or per row, and
         # no copy when done (the unused tail of the arrays is never touched, so it takes
         # address space, not memory).
@@ -378,21 +368,11 @@ def _int_or_none(label: str) -> int | None:
 
 
 def _read_npz(file_id: str, path: Path) -> _Table:
-    with zipfile.ZipFile(path) as archive:
-        if not {"x", "y"} <= set(npz_array_names(archive)):
-            raise RowProblem("the archive needs arrays 'x' and 'y'")
-        with open_npy(archive, "x") as (x_header, x_stream):
-            check_x_header(x_header)
-            # float64 stays float64 (an fp64 run keeps every digit); anything else trains
-            # as float32, converted as it is read.
-            x = read_npy_as(x_header, x_stream, _float_type(x_header.dtype))
-        with open_npy(archive, "y") as (y_header, y_stream):
-            kind = npz_kind(y_header)
-            if len(x) != y_header.shape[0]:
-                raise RowProblem(f"'x' has {len(x)} rows but 'y' has {y_header.shape[0]}")
-            y = read_npy_as(
-                y_header, y_stream, _float_type(y_header.dtype) if kind == REGRESSION else np.int64
-            )
+    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, x_data, y_npy, y_data):
+        # float64 stays float64 (an fp64 run keeps every digit); anything else trains
+        # as float32, converted as it is read.
+        x = read_npy_as(x_npy, x_data, _float_type(x_npy.dtype))
+        y = read_npy_as(y_npy, y_data, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
     features = torch.from_numpy(x)
     if kind == REGRESSION:
         targets = torch.from_numpy(y).reshape(len(y), -1)

@@ -53,6 +53,11 @@ class ValidationReport:
     errors: list[str]
     stats: dict[str, Any]
 
+    @classmethod
+    def invalid(cls, message: str) -> ValidationReport:
+        """A file found invalid without being read through (its checks crashed)."""
+        return cls("invalid", None, [message], {})
+
 
 class RowProblem(Exception):
     """What is wrong with one row or line; the caller says where it is."""
@@ -125,12 +130,11 @@ class LabelSet:
             )
         self.values.add(label)
 
-    def sorted(self) -> list[Label]:
-        return sorted(self.values)  # one type, checked in add
 
-    def stats(self) -> dict[str, Any]:
-        labels = self.sorted()
-        return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
+def label_stats(values: Iterable[Label]) -> dict[str, Any]:
+    """A classification file's stats: how many classes, and (some of) their labels."""
+    labels = sorted(values)  # one type, checked by LabelSet
+    return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
 
 
 def _type_name(kind: type) -> str:
@@ -285,7 +289,7 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
         problems.add("the file has no rows (only blank lines)")
     stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}
     if kind == LABELLED_TEXT:
-        stats |= labels.stats()
+        stats |= label_stats(labels.values)
     return kind, stats
 
 
@@ -397,11 +401,15 @@ class CsvReader:
         self.line = self._reader.line_num
         return cells
 
-    def header(self) -> list[str] | None:
+    def layout(self) -> CsvLayout:
+        """The header's layout; RowProblem for an empty file or a bad header."""
         while (cells := self._next()) is not None:
             if cells:
-                return cells
-        return None
+                try:
+                    return parse_csv_header(cells)
+                except RowProblem as problem:
+                    raise RowProblem(f"line {self.line}: {problem}") from None
+        raise RowProblem("the file is empty")
 
     def rows(self) -> Iterator[list[str]]:
         while (cells := self._next()) is not None:
@@ -415,15 +423,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
     layout: CsvLayout | None = None
     try:
         with CsvReader(path).open() as reader:
-            header = reader.header()
-            if header is None:
-                problems.add("the file is empty")
-                return None, {"rows": 0}
-            try:
-                layout = parse_csv_header(header)
-            except RowProblem as problem:
-                problems.add(f"line {reader.line}: {problem}")
-                return None, {"rows": 0}
+            layout = reader.layout()
             for cells in reader.rows():
                 rows += 1
                 try:
@@ -440,10 +440,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("the file has a header but no rows")
     stats: dict[str, Any] = {"rows": rows, "input_shape": [len(layout.feature_columns)]}
     if layout.kind == CLASSIFICATION:
-        labels = LabelSet()
-        for value in typed_csv_labels(str(label) for label in raw_labels.values).values():
-            labels.values.add(value)
-        stats |= labels.stats()
+        stats |= label_stats(typed_csv_labels(map(str, raw_labels.values)).values())
     else:
         stats["target_size"] = 1
     return layout.kind, stats
@@ -516,8 +513,25 @@ def _check_expansion(header: NpyHeader, compressed: int) -> None:
         )
 
 
-def npz_array_names(archive: zipfile.ZipFile) -> list[str]:
-    return sorted(name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy"))
+@contextmanager
+def open_xy(
+    archive: zipfile.ZipFile,
+) -> Iterator[tuple[str, NpyHeader, IO[bytes], NpyHeader, IO[bytes]]]:
+    """(kind, x's header and stream, y's header and stream) of an NPZ data set, once its
+    headers are checked: numbers, one row of x per value (or row) of y."""
+    names = sorted(
+        name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")
+    )
+    missing = [name for name in ("x", "y") if name not in names]
+    if missing:
+        held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
+        raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
+    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
+        check_x_header(x)
+        kind = npz_kind(y)
+        if x.shape[0] != y.shape[0]:
+            raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
+        yield kind, x, x_stream, y, y_stream
 
 
 def npy_chunks(header: NpyHeader, stream: IO[bytes]) -> Iterator[np.ndarray[Any, Any]]:
@@ -637,16 +651,7 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
 def _validate_npz_arrays(
     archive: zipfile.ZipFile, problems: _Problems
 ) -> tuple[str | None, dict[str, Any]]:
-    names = npz_array_names(archive)
-    missing = [name for name in ("x", "y") if name not in names]
-    if missing:
-        held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
-        raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
-    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
-        check_x_header(x)
-        kind = npz_kind(y)
-        if x.shape[0] != y.shape[0]:
-            raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
+    with open_xy(archive) as (kind, x, x_stream, y, y_stream):
         if x.shape[0] == 0:
             raise RowProblem("'x' and 'y' have no rows")
         if x.dtype.kind == "f":
@@ -667,7 +672,7 @@ def _validate_npz_arrays(
             "save 'y' as floats"
         )
         return kind, stats
-    stats |= {"classes": len(classes), "labels": classes[:MAX_LISTED_LABELS]}
+    stats |= label_stats(classes)
     return kind, stats
 
 

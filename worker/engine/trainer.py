@@ -129,6 +129,10 @@ class Progress:
     eval_loss: float | None = None
 
 
+# Saved in a checkpoint's state under their own names (the position as epoch and index).
+_PROGRESS_COUNTERS = ("step", "micro_batch_size", "samples_seen", "tokens_seen", "skipped_updates")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     status: Literal["completed", "stopped"]
@@ -233,13 +237,9 @@ def _training_fields(spec: JobSpec) -> dict[str, Any]:
 def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
     progress, parts = run.progress, run.parts
     state = {
-        "step": progress.step,
+        **{name: getattr(progress, name) for name in _PROGRESS_COUNTERS},
         "epoch": progress.position.epoch,
         "index": progress.position.index,
-        "micro_batch_size": progress.micro_batch_size,
-        "samples_seen": progress.samples_seen,
-        "tokens_seen": progress.tokens_seen,
-        "skipped_updates": progress.skipped_updates,
         "eval_loss": progress.eval_loss,
         "training": _training_fields(run.spec),
         "optimizer": parts.optimizer.state_dict(),
@@ -267,12 +267,8 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     parts.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
     run.progress = Progress(
-        step=state["step"],
+        **{name: state[name] for name in _PROGRESS_COUNTERS},
         position=DataPosition(epoch=state["epoch"], index=state["index"]),
-        micro_batch_size=state["micro_batch_size"],
-        samples_seen=state["samples_seen"],
-        tokens_seen=state["tokens_seen"],
-        skipped_updates=state["skipped_updates"],
         # Absent from checkpoints written before evaluations were remembered.
         eval_loss=state.get("eval_loss"),
     )
