@@ -281,6 +281,12 @@ def known_datasets() -> list[str]:
     return sorted(set(BUILTIN_DATASETS) | plugin_names(DATASET_ENTRY_POINT_GROUP))
 
 
+_REGISTRIES: dict[str, tuple[dict[str, type[BaseModel]], type[BaseModel], str]] = {
+    "model": (BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP),
+    "dataset": (BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP),
+}
+
+
 def _parse_registry_entry(
     value: Any,
     builtins: dict[str, type[BaseModel]],
@@ -405,19 +411,12 @@ class JobSpec(_Strict):
     # Training time over all attempts; on expiry the job checkpoints and fails `timeout`.
     max_runtime_seconds: int | None = Field(None, ge=1, le=MAX_RUNTIME_SECONDS)
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "dataset", mode="before")
     @classmethod
-    def _model_from_registry(cls, value: Any) -> BaseModel:
-        return _parse_registry_entry(
-            value, BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP, "model"
-        )
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _dataset_from_registry(cls, value: Any) -> BaseModel:
-        return _parse_registry_entry(
-            value, BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP, "dataset"
-        )
+    def _from_registry(cls, value: Any, info: ValidationInfo) -> BaseModel:
+        what = str(info.field_name)  # "model" or "dataset"
+        builtins, plugin_class, group = _REGISTRIES[what]
+        return _parse_registry_entry(value, builtins, plugin_class, group, what)
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -649,19 +648,12 @@ def _first_unstorable_value(data: Any) -> tuple[str, str] | None:
     return None
 
 
-def _input_shape(dataset: BaseModel) -> tuple[int, ...] | None:
+def _features_and_classes(dataset: BaseModel) -> tuple[int, int] | None:
+    """(values per sample, classes) of a built-in data set of features; None for others."""
     if isinstance(dataset, SyntheticClassificationSpec):
-        return (dataset.n_features,)
+        return dataset.n_features, dataset.n_classes
     if isinstance(dataset, DigitsSpec):
-        return (64,)
-    return None
-
-
-def _num_classes(dataset: BaseModel) -> int | None:
-    if isinstance(dataset, SyntheticClassificationSpec):
-        return dataset.n_classes
-    if isinstance(dataset, DigitsSpec):
-        return 10
+        return 64, 10
     return None
 
 
@@ -673,15 +665,15 @@ def estimate_parameters(spec: JobSpec) -> int | None:
     """Parameter count of a built-in model, without building it (None for plugins)."""
     model = spec.model
     if isinstance(model, MlpSpec):
-        shape, classes = _input_shape(spec.dataset), _num_classes(spec.dataset)
-        if shape is None or classes is None:
+        data = _features_and_classes(spec.dataset)
+        if data is None:
             return None
-        widths = [math.prod(shape), *model.hidden_sizes, classes]
+        widths = [data[0], *model.hidden_sizes, data[1]]
         return sum((a + 1) * b for a, b in itertools.pairwise(widths))
     if isinstance(model, CnnSpec):
         channels = [1, *model.channels]
         conv = sum((a * model.kernel_size**2 + 1) * b for a, b in itertools.pairwise(channels))
-        classes = _num_classes(spec.dataset) or 10
+        _, classes = _features_and_classes(spec.dataset) or (64, 10)
         return (
             conv
             + (model.channels[-1] * 64 + 1) * model.hidden_size
@@ -699,8 +691,8 @@ def estimate_activation_elements_per_sample(spec: JobSpec) -> int | None:
     """A rough upper bound on the activations one sample keeps for backward."""
     model = spec.model
     if isinstance(model, MlpSpec):
-        shape = _input_shape(spec.dataset)
-        return None if shape is None else 2 * (math.prod(shape) + sum(model.hidden_sizes) + 1000)
+        data = _features_and_classes(spec.dataset)
+        return None if data is None else 2 * (data[0] + sum(model.hidden_sizes) + 1000)
     if isinstance(model, CnnSpec):
         return 4 * 64 * sum(model.channels) + 2 * model.hidden_size
     if isinstance(model, TinyGptSpec):
