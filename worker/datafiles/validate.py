@@ -98,6 +98,15 @@ def validate_file(path: Path, format: str) -> ValidationReport:
     return ValidationReport("valid", kind, [], stats)
 
 
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowProblem(
+            f"not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1})"
+        ) from None
+
+
 def _short(value: object, limit: int = 40) -> str:
     text = value if isinstance(value, str) else repr(value)
     return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
@@ -209,14 +218,8 @@ def _label(value: object) -> Label:
 
 def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
     """One line of a JSONL file; None for a blank line. Raises RowProblem."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RowProblem(
-            f"not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1})"
-        ) from None
     # A byte order mark, as some editors write at the start of a file.
-    line = line.removeprefix("\ufeff")
+    line = _utf8(raw).removeprefix("\ufeff")
     if not line.strip():
         return None
     try:
@@ -366,12 +369,9 @@ def _utf8_lines(handle: IO[bytes]) -> Iterator[str]:
     """Lines decoded one at a time, so a bad byte is reported at its own line."""
     for number, raw in enumerate(handle, start=1):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RowProblem(
-                f"line {number}: not valid UTF-8 (byte {raw[error.start]:#04x} "
-                f"at byte {error.start + 1})"
-            ) from None
+            line = _utf8(raw)
+        except RowProblem as problem:
+            raise RowProblem(f"line {number}: {problem}") from None
         yield line.removeprefix("\ufeff") if number == 1 else line
 
 
@@ -606,8 +606,8 @@ def _check_numbers(array: NpyHeader) -> None:
         )
 
 
-def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
-    """The first row (0-based) holding NaN or inf, reading a chunk at a time."""
+def _non_finite(header: NpyHeader, stream: IO[bytes]) -> str | None:
+    """Which row (1-based) first holds NaN or inf, reading a chunk at a time."""
     total = math.prod(header.shape)
     rows = header.shape[0]
     row_size = total // rows if rows else 0
@@ -616,7 +616,8 @@ def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
         bad = np.flatnonzero(~np.isfinite(chunk))
         if len(bad):
             element = done + int(bad[0])
-            return element % rows if header.fortran_order else element // row_size
+            row = element % rows if header.fortran_order else element // row_size
+            return f"{header.name!r} has NaN or infinite values in row {row + 1}"
         done += len(chunk)
     return None
 
@@ -639,41 +640,30 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("not an NPZ archive (numpy.savez writes one: a zip of .npy arrays)")
         return None, {"rows": 0}
     try:
-        with archive:
-            return _validate_npz_arrays(archive, problems)
+        with archive, open_xy(archive) as (kind, x, x_stream, y, y_stream):
+            if x.shape[0] == 0:
+                raise RowProblem("'x' and 'y' have no rows")
+            stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+            if x.dtype.kind == "f" and (problem := _non_finite(x, x_stream)):
+                problems.add(problem)
+            if kind == REGRESSION:
+                if problem := _non_finite(y, y_stream):
+                    problems.add(problem)
+                return kind, stats | {"target_size": 1 if len(y.shape) == 1 else int(y.shape[1])}
+            classes = npz_classes(y, y_stream)
     except RowProblem as problem:
         problems.add(str(problem))
+        return None, {"rows": 0}
     except DAMAGED_ARCHIVE as error:
         problems.add(f"the archive is damaged ({error})")
-    return None, {"rows": 0}
-
-
-def _validate_npz_arrays(
-    archive: zipfile.ZipFile, problems: _Problems
-) -> tuple[str | None, dict[str, Any]]:
-    with open_xy(archive) as (kind, x, x_stream, y, y_stream):
-        if x.shape[0] == 0:
-            raise RowProblem("'x' and 'y' have no rows")
-        if x.dtype.kind == "f":
-            bad_row = _first_non_finite_row(x, x_stream)
-            if bad_row is not None:
-                problems.add(f"'x' has NaN or infinite values in row {bad_row + 1}")
-        stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
-        if kind == REGRESSION:
-            bad_row = _first_non_finite_row(y, y_stream)
-            if bad_row is not None:
-                problems.add(f"'y' has NaN or infinite values in row {bad_row + 1}")
-            stats["target_size"] = 1 if len(y.shape) == 1 else int(y.shape[1])
-            return kind, stats
-        classes = npz_classes(y, y_stream)
+        return None, {"rows": 0}
     if classes is None:
         problems.add(
             f"'y' has more than {MAX_CLASSES:,} distinct classes: to predict numbers, "
             "save 'y' as floats"
         )
         return kind, stats
-    stats |= label_stats(classes)
-    return kind, stats
+    return kind, stats | label_stats(classes)
 
 
 _VALIDATORS: dict[str, Callable[[Path, _Problems], tuple[str | None, dict[str, Any]]]] = {
