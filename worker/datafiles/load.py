@@ -450,12 +450,10 @@ def _table_splits(
             num_classes=len(classes),
             class_labels=tuple(classes),
         )
-    if held_out is not None:
-        return DataSplits(
-            _table_set(train, None, classes), _table_set(held_out, None, classes), info
-        )
-    if spec.eval_fraction == 0:  # every row trains, in the file's order: no copy of them
-        return DataSplits(_table_set(train, None, classes), None, info)
+    # Every training row trains, in the file's order: no copy of them.
+    if held_out is not None or spec.eval_fraction == 0:
+        held_set = None if held_out is None else _table_set(held_out, None, classes)
+        return DataSplits(_table_set(train, None, classes), held_set, info)
     train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
     return DataSplits(
         _table_set(train, train_rows, classes),
