@@ -515,64 +515,50 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _something_to_evaluate(self) -> JobSpec:
-        dataset = self.dataset
-        if (
-            self.eval_every > 0
-            and isinstance(dataset, FileDatasetSpec)
-            and dataset.validation_file_id is None
-            and dataset.eval_fraction == 0
-        ):
-            raise _field_error(
-                "eval_every",
-                "there is nothing to evaluate on: give dataset.validation_file_id or "
-                "a dataset.eval_fraction above 0",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _model_tokenizer_needs_a_model_that_has_one(self) -> JobSpec:
-        if (
-            isinstance(self.dataset, FileDatasetSpec)
-            and self.dataset.tokenizer == "model"
-            and not isinstance(self.model, HfCausalLmSpec | HfSequenceClassificationSpec)
-        ):
-            raise _field_error(
-                "dataset.tokenizer",
-                f"'model' needs a Hugging Face model (hf-*), not {self.model.type!r}; "
-                "use 'byte' or 'char'",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _sequences_fit_tiny_gpt(self) -> JobSpec:
+    def _dataset_fits_the_job(self) -> JobSpec:
+        model, dataset = self.model, self.dataset
+        if isinstance(dataset, FileDatasetSpec):
+            if (
+                self.eval_every > 0
+                and dataset.validation_file_id is None
+                and not (dataset.eval_fraction)
+            ):
+                raise _field_error(
+                    "eval_every",
+                    "there is nothing to evaluate on: give dataset.validation_file_id or "
+                    "a dataset.eval_fraction above 0",
+                )
+            if dataset.tokenizer == "model" and not isinstance(
+                model, HfCausalLmSpec | HfSequenceClassificationSpec
+            ):
+                raise _field_error(
+                    "dataset.tokenizer",
+                    f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
+                    "use 'byte' or 'char'",
+                )
         # Texts are cut to max_length tokens (whatever a file holds): a sequence of n
         # tokens gives n-1 (input, target) positions.
         if (
-            isinstance(self.model, TinyGptSpec)
-            and isinstance(self.dataset, FileDatasetSpec | TinyTextSpec)
-            and self.dataset.max_length - 1 > self.model.block_size
+            isinstance(model, TinyGptSpec)
+            and isinstance(dataset, FileDatasetSpec | TinyTextSpec)
+            and dataset.max_length - 1 > model.block_size
         ):
             raise _field_error(
                 "model.block_size",
-                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
+                f"must be at least dataset.max_length - 1 = {dataset.max_length - 1}",
             )
-        return self
-
-    @model_validator(mode="after")
-    def _model_fits_dataset(self) -> JobSpec:
-        model_kind = _MODEL_INPUT_KIND.get(self.model.type)
-        data_kinds = _DATASET_INPUT_KINDS.get(self.dataset.type)
-        if model_kind is None or data_kinds is None:
-            return self  # a plugin: the worker checks when it builds
-        if model_kind not in data_kinds:
+        model_kind = _MODEL_INPUT_KIND.get(model.type)
+        data_kinds = _DATASET_INPUT_KINDS.get(dataset.type)
+        # None: a plugin (the worker checks when it builds) or a file (checked at submit,
+        # once the file's kind is known).
+        if model_kind is not None and data_kinds is not None and model_kind not in data_kinds:
             fitting = sorted(
                 [name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds]
                 + ["file"]
             )
             raise _field_error(
                 "dataset.type",
-                f"model {self.model.type!r} cannot train on {self.dataset.type!r}; "
+                f"model {model.type!r} cannot train on {dataset.type!r}; "
                 f"use one of: {', '.join(fitting)}",
             )
         return self
