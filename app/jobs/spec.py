@@ -518,11 +518,8 @@ class JobSpec(_Strict):
     def _dataset_fits_the_job(self) -> JobSpec:
         model, dataset = self.model, self.dataset
         if isinstance(dataset, FileDatasetSpec):
-            if (
-                self.eval_every > 0
-                and dataset.validation_file_id is None
-                and not (dataset.eval_fraction)
-            ):
+            nothing_held_out = dataset.validation_file_id is None and dataset.eval_fraction == 0
+            if self.eval_every > 0 and nothing_held_out:
                 raise _field_error(
                     "eval_every",
                     "there is nothing to evaluate on: give dataset.validation_file_id or "
