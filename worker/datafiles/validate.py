@@ -308,10 +308,6 @@ class CsvLayout:
     feature_columns: list[int]
     target_column: int
 
-    @property
-    def target_name(self) -> str:
-        return self.columns[self.target_column]
-
 
 def parse_csv_header(cells: list[str]) -> CsvLayout:
     names = [cell.strip() for cell in cells]
