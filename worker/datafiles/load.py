@@ -20,7 +20,7 @@ training rows is held out by a seeded shuffle.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from worker.datafiles.validate import (
     JsonlRow,
     Label,
     RowProblem,
+    distinct_classes,
     open_xy,
     parse_csv_row,
     read_jsonl,
@@ -116,7 +117,7 @@ def _held_out_order(count: int, eval_fraction: float, seed: int) -> tuple[list[i
     return order[:cut], order[cut:]
 
 
-def _class_indices(file_id: str, labels: list[Label], classes: list[Label]) -> torch.Tensor:
+def _class_indices(file_id: str, labels: Sequence[Label], classes: Sequence[Label]) -> torch.Tensor:
     """Each label's index among the sorted training classes; unknown labels fail."""
     index = {label: position for position, label in enumerate(classes)}
     unknown = {str(label) for label in labels if label not in index}
@@ -264,7 +265,7 @@ class _Labels:
     label each code stands for (codes of equal labels may differ, e.g. CSV "1" and "01")."""
 
     codes: np.ndarray[Any, Any]
-    values: list[Label]
+    values: Sequence[Label]
 
     def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
         """Each row's index among the sorted training classes; unknown labels fail."""
@@ -379,18 +380,11 @@ def _read_npz(file_id: str, path: Path) -> _Table:
         return _Table(file_id, REGRESSION, features, targets=targets)
     # Codes are the indices among the file's own sorted classes, so that a second file
     # maps them through its labels, as with CSV.
-    classes = _distinct(y)
-    labels = _Labels(np.searchsorted(classes, y), [int(value) for value in classes])
+    slices = (y[start : start + SCAN_ELEMENTS] for start in range(0, len(y), SCAN_ELEMENTS))
+    classes = distinct_classes(slices)
+    assert classes is not None  # no limit
+    labels = _Labels(np.searchsorted(np.array(classes, dtype=y.dtype), y), classes)
     return _Table(file_id, CLASSIFICATION, features, labels=labels)
-
-
-def _distinct(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """The sorted distinct values, a slice at a time: np.unique of the whole array would
-    sort a copy of it."""
-    found: set[int] = set()
-    for start in range(0, len(values), SCAN_ELEMENTS):
-        found.update(np.unique(values[start : start + SCAN_ELEMENTS]).tolist())
-    return np.array(sorted(found), dtype=values.dtype)
 
 
 def _float_type(dtype: np.dtype[Any]) -> type[Any]:

@@ -618,13 +618,15 @@ def _non_finite(header: NpyHeader, stream: IO[bytes]) -> str | None:
     return None
 
 
-def npz_classes(header: NpyHeader, stream: IO[bytes]) -> list[int] | None:
-    """An integer y's distinct classes, sorted, reading a chunk at a time; None as soon
-    as there are more than MAX_CLASSES (never a sorted copy of the whole y)."""
+def distinct_classes(
+    chunks: Iterable[np.ndarray[Any, Any]], limit: float = math.inf
+) -> list[int] | None:
+    """An integer y's distinct classes, sorted, from its chunks; None as soon as there are
+    more than `limit` (never a sorted copy of the whole y)."""
     classes: set[int] = set()
-    for chunk in npy_chunks(header, stream):
-        classes.update(int(value) for value in np.unique(chunk))
-        if len(classes) > MAX_CLASSES:
+    for chunk in chunks:
+        classes.update(np.unique(chunk).tolist())
+        if len(classes) > limit:
             return None
     return sorted(classes)
 
@@ -646,7 +648,7 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
                 if problem := _non_finite(y, y_stream):
                     problems.add(problem)
                 return kind, stats | {"target_size": 1 if len(y.shape) == 1 else int(y.shape[1])}
-            classes = npz_classes(y, y_stream)
+            classes = distinct_classes(npy_chunks(y, y_stream), MAX_CLASSES)
     except RowProblem as problem:
         problems.add(str(problem))
         return None, {"rows": 0}
