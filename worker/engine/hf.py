@@ -59,6 +59,7 @@ class HfLimits:
 # No directories: `pretrained` can name only models in the Hugging Face cache.
 DEFAULT_LIMITS = HfLimits()
 
+
 # ---------------------------------------------------------------- builders
 
 
