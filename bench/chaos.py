@@ -69,6 +69,8 @@ from app.db import upgrade
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.processes import (
     API,
+    FAST_TIMINGS,
+    RESUMABLE_SPEC,
     TRAINJOB,
     Server,
     kill_group,
@@ -83,31 +85,10 @@ from tests.processes import (
 )
 
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-# As in tests/test_fault_tolerance.py: a lost worker is noticed within about 2.5 s.
-TIMINGS = {
-    "heartbeat_seconds": "0.2",
-    "lease_timeout_seconds": "2",
-    "reaper_interval_seconds": "0.5",
-    "requeue_after_seconds": "3",
-    "progress_flush_seconds": "0.2",
-    "shutdown_timeout_seconds": "20",
-}
-_BASE: dict[str, Any] = {
-    "model": {"type": "mlp", "hidden_sizes": [16]},
-    "dataset": {"type": "digits"},
-    "micro_batch_size": 8,
-    "accumulation_steps": 2,
-    "max_steps": 60,
-    "checkpoint_every": 5,
-    "optimizer": {"type": "adamw", "lr": 0.01},
-    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
-    "seed": 3,
-    "device": "cpu",
-}
 # Submitted round robin; each variant's reference weights are computed once.
 VARIANTS: list[dict[str, Any]] = [
-    _BASE,
-    _BASE
+    RESUMABLE_SPEC,
+    RESUMABLE_SPEC
     | {
         "micro_batch_size": 4,
         "accumulation_steps": 4,
@@ -116,7 +97,7 @@ VARIANTS: list[dict[str, Any]] = [
         "lr_schedule": {"type": "linear", "warmup_steps": 3},
         "seed": 7,
     },
-    _BASE
+    RESUMABLE_SPEC
     | {
         "model": {"type": "mlp", "hidden_sizes": [32, 16], "dropout": 0.1},
         "micro_batch_size": 6,
@@ -673,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 redis_url=args.redis_url,
                 queue=queue,
                 home=str(workdir / "home"),
-                **TIMINGS,
+                **FAST_TIMINGS,
             )
             cluster = Cluster(env, workdir, args.slow)
             removed = 0

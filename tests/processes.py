@@ -28,6 +28,30 @@ import redis
 TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
 API = [*TRAINJOB, "serve", "--no-worker"]
 
+# What the processes of tests/test_fault_tolerance.py and bench/chaos.py run with:
+# settings (TRAINJOB_*) under which a lost worker is noticed within about 2.5 s, and a
+# job that checkpoints often, so that a worker killed mid-run has something to resume.
+FAST_TIMINGS = {
+    "heartbeat_seconds": "0.2",
+    "lease_timeout_seconds": "2",
+    "reaper_interval_seconds": "0.5",
+    "requeue_after_seconds": "3",
+    "progress_flush_seconds": "0.2",
+    "shutdown_timeout_seconds": "20",
+}
+RESUMABLE_SPEC: dict[str, Any] = {
+    "model": {"type": "mlp", "hidden_sizes": [16]},
+    "dataset": {"type": "digits"},
+    "micro_batch_size": 8,
+    "accumulation_steps": 2,
+    "max_steps": 60,
+    "checkpoint_every": 5,
+    "optimizer": {"type": "adamw", "lr": 0.01},
+    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
+    "seed": 3,
+    "device": "cpu",
+}
+
 
 class ProcessFailed(RuntimeError):
     """A process exited while we waited for it, or was not ready in time."""

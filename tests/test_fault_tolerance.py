@@ -26,6 +26,8 @@ from app.queue import enqueue_training
 from app.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import (
+    FAST_TIMINGS,
+    RESUMABLE_SPEC,
     free_port,
     running,
     service_env,
@@ -38,28 +40,9 @@ from tests.processes import (
 )
 from worker.celery_app import make_celery
 
-SPEC: dict[str, Any] = {
-    "model": {"type": "mlp", "hidden_sizes": [16]},
-    "dataset": {"type": "digits"},
-    "micro_batch_size": 8,
-    "accumulation_steps": 2,
-    "max_steps": 60,
-    "checkpoint_every": 5,
-    "optimizer": {"type": "adamw", "lr": 0.01},
-    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
-    "seed": 3,
-    "device": "cpu",
-}
+SPEC = RESUMABLE_SPEC
 SLOW = "slow=0.02"  # 60 steps of 2 micro-batches: about 3 s of training
 FINISHED = {"succeeded", "failed", "cancelled"}
-FAST_TIMINGS = {
-    "heartbeat_seconds": "0.2",
-    "lease_timeout_seconds": "2",
-    "reaper_interval_seconds": "0.5",
-    "requeue_after_seconds": "3",
-    "progress_flush_seconds": "0.2",
-    "shutdown_timeout_seconds": "20",
-}
 
 
 @dataclass
