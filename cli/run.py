@@ -25,6 +25,7 @@ from cli.progress import TrainingProgress
 from cli.specfile import SpecFileError, read_spec
 from worker.engine.checkpoint import STATE_FILE, Checkpoint, LiveCheckpoint
 from worker.engine.errors import TrainingError
+from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -145,7 +146,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
             spec,
             callbacks,
             resume=checkpoint,
-            hf_max_parameters=get_settings().hf_max_parameters,
+            hf_limits=HfLimits(get_settings().hf_model_dirs, get_settings().hf_max_parameters),
         )
     except TrainingError as error:
         return _fail(f"{error.type}: {error.message}", EXIT_FAILED)
