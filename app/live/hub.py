@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
+from fastapi.sse import ServerSentEvent
 from sqlalchemy import func, select
 
 from app.db import Database
@@ -42,6 +45,13 @@ class LiveEvent:
     id: int
     type: str
     data: dict[str, Any]
+
+    @cached_property
+    def sse(self) -> ServerSentEvent:
+        """The event as the streams send it: built once for all of them. Our JSON, compact,
+        as `raw_data`: FastAPI would encode the dict again for every stream."""
+        data = json.dumps(self.data, separators=(",", ":"), default=str)
+        return ServerSentEvent(id=str(self.id), event=self.type, raw_data=data)
 
 
 def events_after(database: Database, job_id: str, after: int, limit: int = PAGE) -> list[LiveEvent]:

@@ -12,7 +12,6 @@ pass on live batches, skipping every id already sent.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -65,9 +64,7 @@ class _Cursor:
         for event in events:
             if event.id <= self.last or self.finished:
                 continue
-            # Our JSON, compact, as `raw_data`: FastAPI's would re-encode the stored dict.
-            data = json.dumps(event.data, separators=(",", ":"), default=str)
-            taken.append(ServerSentEvent(id=str(event.id), event=event.type, raw_data=data))
+            taken.append(event.sse)
             self.last = event.id
             self.finished = is_terminal(event)
         return taken
