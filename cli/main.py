@@ -214,13 +214,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="where to write (default ID.safetensors, or ID-stepN.safetensors)",
     )
     download.add_argument("--step", type=int, metavar="N", help="the checkpoint at step N")
-    add_files_commands(commands, server)
 
-
-def add_files_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], server: argparse.ArgumentParser
-) -> None:
-    """`trainjob files upload|list|rm`, with the client's --url, --api-key and --json."""
     files = commands.add_parser(
         "files",
         help="data files to train on: upload, list, rm",
@@ -316,14 +310,7 @@ def run_command(argv: Sequence[str] | None) -> int:
     if args.command == "keys":
         from cli.keys import keys_command
 
-        return keys_command(
-            args.key_action,
-            tenant=getattr(args, "tenant", None),
-            admin=getattr(args, "admin", False),
-            name=getattr(args, "name", None),
-            key_id=getattr(args, "key_id", None),
-            as_json=getattr(args, "json", False),
-        )
+        return keys_command(args)
     if args.command == "db":
         return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")
