@@ -65,20 +65,16 @@ class DatabaseChunkWriter:
 
     def write(self, data: bytes | memoryview, /) -> int:
         view = memoryview(data).cast("B")  # slices of a view copy nothing
-        taken = 0
-        while taken < len(view):
-            if not self.pending and len(view) - taken >= CHUNK_BYTES:
-                self._insert(bytes(view[taken : taken + CHUNK_BYTES]))  # a whole chunk
-                taken += CHUNK_BYTES
-                continue
-            piece = view[taken : taken + CHUNK_BYTES - len(self.pending)]
-            self.pending += piece
-            taken += len(piece)
+        size = len(view)
+        while view:
+            room = CHUNK_BYTES - len(self.pending)
+            self.pending += view[:room]
+            view = view[room:]
             if len(self.pending) == CHUNK_BYTES:
                 self._insert(bytes(self.pending))
                 self.pending.clear()
-        self.size += taken
-        return taken
+        self.size += size
+        return size
 
     def flush(self) -> None:
         pass  # a partial chunk waits for more bytes or for finish()
