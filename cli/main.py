@@ -278,22 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in CLIENT_COMMANDS:
-        given = [
-            flag
-            for flag, value in (("--url", args.url), ("--api-key", args.api_key))
-            if value is not None
-        ] + (["--json"] if args.as_json else [])
-        if given:
-            parser.error(
-                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
-                f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
-            )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
         from cli.client import client_command
 
         return client_command(args)
+    options = (("--url", args.url), ("--api-key", args.api_key), ("--json", args.as_json))
+    given = [flag for flag, value in options if value not in (None, False)]
+    if given:
+        parser.error(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
+            f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
+        )
     if args.command == "run":
         # Imported here: torch loads only for the commands that train.
         from cli.run import run_command
