@@ -142,14 +142,13 @@ def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
     handle, temporary = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".part"
     )
-    size = 0
     try:
         with os.fdopen(handle, "wb") as file:
             for chunk in chunks:
                 file.write(chunk)
-                size += len(chunk)
             file.flush()
             os.fsync(file.fileno())
+            size = file.tell()
         # mkstemp makes the file private; the weights are as readable as any file we write.
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)

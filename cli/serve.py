@@ -99,11 +99,9 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM to the worker's main process only: it hands its job back with a checkpoint
     (worker/shutdown.py) and exits. Then clear the group, pool children included."""
     if process.poll() is None:
-        try:
-            process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
