@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, MetaData, Select, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy import ColumnElement, Engine, MetaData, Select, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 T = TypeVar("T")
@@ -55,6 +55,17 @@ def _forget_after_rollback(session: Session, transaction: SessionTransaction) ->
     # The outer transaction ended without a commit (rollback, close); a commit popped them.
     if transaction.parent is None:
         session.info.pop(_AFTER_COMMIT, None)
+
+
+def read_by_seq(
+    session: Session, data: Mapped[bytes], seq: Mapped[int], *where: ColumnElement[bool]
+) -> Iterator[bytes]:
+    """A blob stored as chunk rows numbered 0, 1, ...: one row per query, so that a large
+    one never sits whole in memory."""
+    number = 0
+    while (chunk := session.scalar(select(data).where(*where, seq == number))) is not None:
+        yield chunk
+        number += 1
 
 
 def page(session: Session, query: Select[T], limit: int) -> tuple[list[T], bool]:

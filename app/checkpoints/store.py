@@ -18,11 +18,11 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
 from app.checkpoints.models import Checkpoint, CheckpointChunk
-from app.db import after_commit
+from app.db import after_commit, read_by_seq
 
 CHUNK_BYTES = 4 * 1024 * 1024
 PARTS = ("weights", "state")
@@ -99,19 +99,13 @@ class DatabaseStore:
         return DatabaseChunkWriter(session, checkpoint.id, part)
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
-        # One chunk per query: a large checkpoint never sits whole in memory.
-        seq = 0
-        while (
-            chunk := session.scalar(
-                select(CheckpointChunk.data).where(
-                    CheckpointChunk.checkpoint_id == checkpoint.id,
-                    CheckpointChunk.part == part,
-                    CheckpointChunk.seq == seq,
-                )
-            )
-        ) is not None:
-            yield chunk
-            seq += 1
+        return read_by_seq(
+            session,
+            CheckpointChunk.data,
+            CheckpointChunk.seq,
+            CheckpointChunk.checkpoint_id == checkpoint.id,
+            CheckpointChunk.part == part,
+        )
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None:
         session.execute(

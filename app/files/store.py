@@ -16,11 +16,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
 from app.checkpoints.store import CHUNK_BYTES, read_chunks
-from app.db import after_commit
+from app.db import after_commit, read_by_seq
 from app.files.models import DataFile, FileChunk
 
 
@@ -80,17 +80,9 @@ class DatabaseFileStore:
         return DatabaseFileWriter(data_file.id)
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
-        # One chunk per query: a large file never sits whole in memory.
-        seq = 0
-        while (
-            chunk := session.scalar(
-                select(FileChunk.data).where(
-                    FileChunk.file_id == data_file.id, FileChunk.seq == seq
-                )
-            )
-        ) is not None:
-            yield chunk
-            seq += 1
+        return read_by_seq(
+            session, FileChunk.data, FileChunk.seq, FileChunk.file_id == data_file.id
+        )
 
     def delete(self, session: Session, data_file: DataFile) -> None:
         session.execute(delete(FileChunk).where(FileChunk.file_id == data_file.id))
