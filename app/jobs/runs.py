@@ -111,10 +111,14 @@ def _owned(claim: Claim) -> ColumnElement[bool]:
 
 def renew_lease(session: Session, *, claim: Claim, runtime_seconds: float) -> Heartbeat:
     """Renew the lease, record the training time, and read the flags a worker obeys."""
+    return _heartbeat(session, claim, {"runtime_seconds": runtime_seconds})
+
+
+def _heartbeat(session: Session, claim: Claim, values: dict[str, Any]) -> Heartbeat:
     row = session.execute(
         update(Job)
         .where(_owned(claim))
-        .values(heartbeat_at=utcnow(), runtime_seconds=runtime_seconds)
+        .values(heartbeat_at=utcnow(), **values)
         .returning(Job.cancel_requested, Job.release_requested)
     ).first()
     if row is None:
@@ -131,21 +135,14 @@ def record_progress(
     events: Sequence[tuple[str, dict[str, Any]]],
 ) -> Heartbeat:
     """Write a batch of steps and events; renews the lease like a heartbeat."""
-    row = session.execute(
-        update(Job)
-        .where(_owned(claim))
-        .values(heartbeat_at=utcnow(), **job_values)
-        .returning(Job.cancel_requested, Job.release_requested)
-    ).first()
-    if row is None:
-        raise LeaseLost(claim.job_id)
+    heartbeat = _heartbeat(session, claim, job_values)
     if metrics:
         session.execute(insert(JobMetric), [metric_row(claim.job_id, m) for m in metrics])
     # Each step is also a `metrics` event, so that one cursor (the event id) orders
     # everything a stream sends.
     append_events(session, claim.job_id, [("metrics", metric_event_data(m)) for m in metrics])
     append_events(session, claim.job_id, events)
-    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
+    return heartbeat
 
 
 def finish_job(
@@ -164,7 +161,9 @@ def finish_job(
         values["runtime_seconds"] = runtime_seconds
     if error is not None:
         values |= {"error_type": error[0], "error_message": error[1]}
-    _update_owned(session, claim, values)
+    changed = session.execute(update(Job).where(_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    if not changed:
+        raise LeaseLost(claim.job_id)
     end_attempt(session, claim, reason=error[0] if error else status, now=now)
     data = {"status": status, **(event_data or {})}
     if error is not None:
@@ -236,12 +235,6 @@ def request_release(session: Session, *, worker: str) -> int:
             .values(release_requested=True)
         ).rowcount  # type: ignore[attr-defined]
     )
-
-
-def _update_owned(session: Session, claim: Claim, values: dict[str, Any]) -> None:
-    changed = session.execute(update(Job).where(_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
-    if not changed:
-        raise LeaseLost(claim.job_id)
 
 
 def end_attempt(
