@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from app.auth.deps import PrincipalDep
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.schemas import CheckpointList, CheckpointPublic
+from app.checkpoints.schemas import CheckpointList
 from app.deps import DatabaseDep, SessionDep, SettingsDep
 from app.errors import error_responses
 
@@ -34,17 +34,7 @@ def list_checkpoints(
     rows, has_more = checkpoints_service.list_checkpoints(
         session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
-    data = [
-        CheckpointPublic(
-            step=c.step,
-            created_at=c.created_at,
-            size_bytes=c.size_bytes,
-            loss=c.loss,
-            eval_loss=c.eval_loss,
-        )
-        for c in rows
-    ]
-    return CheckpointList(data=data, has_more=has_more)
+    return CheckpointList(data=rows, has_more=has_more)
 
 
 @router.get(

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.checkpoints import retention
 from app.checkpoints.models import Checkpoint
 from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
-from app.db import page, utcnow
+from app.db import utcnow
 from app.errors import NotFound
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
@@ -156,11 +156,9 @@ def list_checkpoints(
     tenant: str | None = None,
 ) -> tuple[list[Checkpoint], bool]:
     """A job's checkpoints in step order."""
-    jobs_service.get_job(session, job_id=job_id, tenant=tenant)
-    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
-    if after_step is not None:
-        query = query.where(Checkpoint.step > after_step)
-    return page(session, query, limit)
+    return jobs_service.job_rows(
+        session, Checkpoint.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
+    )
 
 
 def find_checkpoint(

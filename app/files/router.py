@@ -84,7 +84,7 @@ async def upload_file(
     await run_in_threadpool(
         enqueue_validation, celery, file_id=data_file.id, queue=settings.files_queue
     )
-    return files_service.to_public(data_file)
+    return FilePublic.model_validate(data_file)
 
 
 async def _store_and_commit(
@@ -155,13 +155,13 @@ def list_files(
     rows, has_more = files_service.list_files(
         session, limit=limit, after=after, status=status, tenant=principal.scope
     )
-    return FileList(data=[files_service.to_public(row) for row in rows], has_more=has_more)
+    return FileList(data=rows, has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FilePublic, responses=ERRORS)
 def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FilePublic:
     data_file = files_service.get_file(session, file_id=file_id, tenant=principal.scope)
-    return files_service.to_public(data_file)
+    return FilePublic.model_validate(data_file)
 
 
 @router.get(

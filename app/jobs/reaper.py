@@ -4,12 +4,15 @@ whose message is gone.
 Celery with Redis delivers at least once but not promptly: a SIGKILLed worker's
 message comes back only after the visibility timeout (days), and a Redis restart or a
 failed publish loses messages outright. The jobs table is the truth; this periodic
-pass makes the broker agree with it. Rows are taken with FOR UPDATE SKIP LOCKED, so
-any number of API processes can run it side by side (SQLite has one writer anyway).
+pass sends again what has waited too long, without asking the broker what it holds: a
+duplicate message is harmless, as the claim refuses a job that is no longer queued.
+Rows are taken with FOR UPDATE SKIP LOCKED, so any number of API processes can run it
+side by side (SQLite has one writer anyway).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -17,15 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, true, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.files.models import DataFile
-from app.files.usage import waits_for_validation
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
-from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts
+from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
 
 logger = logging.getLogger(__name__)
 
@@ -91,98 +93,65 @@ def reap_lost_runs(
             outcome.append(job.id)
 
 
-def send_due_messages(
-    session: Session,
-    *,
-    now: datetime,
-    requeue_after: float,
-    check_all: bool,
-    in_broker: Callable[[], set[str]],
-    send: Callable[[str], bool],
-    report: ReapReport,
-    after: str | None = None,
-) -> tuple[str | None, bool]:
-    """Send queued jobs that have no message: never sent, or sent long ago and no longer
-    in the broker. `check_all` checks every queued job (the first pass after a start),
-    a batch at a time from the job id `after`. A job waiting for a file's validation is
-    never sent: the validation sends it.
+def send_due_jobs(
+    session: Session, *, now: datetime, resend_after: float, send: Callable[[str], bool]
+) -> list[str]:
+    """Send the sendable jobs that have no message: never sent (or the send failed), or
+    sent `resend_after` seconds ago and still not claimed, the message lost (a Redis
+    restart, a worker killed between taking it and claiming the job). A duplicate is
+    harmless, the claim refuses a job that is no longer queued; and each job sent is
+    stamped, so it waits another `resend_after` before the next one.
 
-    Returns (the id to go on from, whether every due job was seen). A failed send stops
-    the pass, so that rows are not held locked while the broker is away.
+    A batch per pass, oldest first; the ids sent. A failed send ends the pass, so that
+    rows are not held locked while the broker is away.
     """
-    overdue = Job.enqueued_at < now - timedelta(seconds=requeue_after)
-    due = (Job.id > after if after else true()) if check_all else None
-    query = select(Job.id, Job.enqueued_at).where(Job.status == "queued", ~waits_for_validation())
-    query = query.where(due if due is not None else or_(Job.enqueued_at.is_(None), overdue))
-    jobs = session.execute(
-        query.order_by(Job.id).limit(BATCH).with_for_update(skip_locked=True)
+    overdue = Job.enqueued_at < now - timedelta(seconds=resend_after)
+    due = session.scalars(
+        select(Job.id)
+        .where(sendable(), or_(Job.enqueued_at.is_(None), overdue))
+        .order_by(Job.id)
+        .limit(BATCH)
+        .with_for_update(skip_locked=True)
     ).all()
-    if not jobs:
-        return after, True
-    present = in_broker() if any(job.enqueued_at is not None for job in jobs) else set()
-    checked: list[str] = []
-    complete = len(jobs) < BATCH
-    for job in jobs:
-        if job.enqueued_at is None or job.id not in present:
-            if not send(job.id):
-                complete = False  # broker away: the next pass goes on from here
-                break
-            report.sent.append(job.id)
-        checked.append(job.id)
-    if checked:
-        session.execute(
-            update(Job).where(Job.id.in_(checked), Job.status == "queued").values(enqueued_at=now)
-        )
-    return (checked[-1] if checked else after), complete
+    sent = list(itertools.takewhile(send, due))  # up to the first send that fails
+    if sent:
+        session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
+    return sent
 
 
-def resend_lost_validations(
+def send_due_validations(
     session: Session,
     *,
     now: datetime,
-    requeue_after: float,
-    in_broker: Callable[[], set[str]],
+    resend_after: float,
+    sent_at: dict[str, datetime],
     send: Callable[[str], bool],
-    report: ReapReport,
     after: str | None = None,
-) -> str | None:
-    """Send again the validation of files still `validating` `requeue_after` seconds
-    after their upload whose message the broker no longer holds (a failed publish, a
-    Redis restart, a worker that died). A batch per pass, in id order from the file id
-    `after`; returns where the next pass goes on (None: from the start again).
+) -> tuple[list[str], str | None]:
+    """Send again the validation of files still `validating` `resend_after` seconds after
+    their upload and after this reaper last sent it (`sent_at`: file id -> when, kept
+    by the caller): its message was lost, like a job's. A batch per pass, in id order
+    from the file id `after`; returns the ids sent and where the next pass goes on
+    (None: from the start again).
     """
-    uploaded_before = now - timedelta(seconds=requeue_after)
-    query = select(DataFile.id).where(
-        DataFile.status == "validating", DataFile.created_at < uploaded_before
-    )
+    cutoff = now - timedelta(seconds=resend_after)
+    for file_id in [file_id for file_id, at in sent_at.items() if at < cutoff]:
+        del sent_at[file_id]  # due again, if still validating
+    query = select(DataFile.id).where(DataFile.status == "validating", DataFile.created_at < cutoff)
     if after is not None:
         query = query.where(DataFile.id > after)
     file_ids = session.scalars(
         query.order_by(DataFile.id).limit(BATCH).with_for_update(skip_locked=True)
     ).all()
-    if not file_ids:
-        return None
-    present = in_broker()  # task ids start with the file id, as with jobs
-    checked = after
+    sent: list[str] = []
     for file_id in file_ids:
-        if file_id not in present:
+        if file_id not in sent_at:
             if not send(file_id):
-                return checked  # broker away: the next pass tries this file again
-            report.validations.append(file_id)
-        checked = file_id
-    return checked if len(file_ids) == BATCH else None
-
-
-def _once(scan: Callable[[], set[str]]) -> Callable[[], set[str]]:
-    """One read of the broker per pass, however many parts of the pass need it."""
-    found: list[set[str]] = []
-
-    def scan_once() -> set[str]:
-        if not found:
-            found.append(scan())
-        return found[0]
-
-    return scan_once
+                return sent, after  # broker away: the next pass tries this file again
+            sent_at[file_id] = now
+            sent.append(file_id)
+        after = file_id
+    return sent, (after if len(file_ids) == BATCH else None)
 
 
 class Reaper:
@@ -195,58 +164,43 @@ class Reaper:
         lease_timeout: float,
         requeue_after: float,
         interval: float,
-        in_broker: Callable[[], set[str]],
         send: Callable[[str], bool],
         ring: Callable[[list[str]], None] = lambda job_ids: None,
         idempotency_ttl_hours: float | None = None,
         send_validation: Callable[[str], bool] | None = None,
     ) -> None:
         self.database = database
-        self.send_validation = send_validation
-        self._validation_cursor: str | None = None
-        self.idempotency_ttl_hours = idempotency_ttl_hours
-        self.ring = ring
         self.lease_timeout = lease_timeout
         self.requeue_after = requeue_after
         self.interval = interval
-        self.in_broker = in_broker
         self.send = send
-        self._first_pass = True
-        self._startup_cursor: str | None = None
+        self.ring = ring
+        self.idempotency_ttl_hours = idempotency_ttl_hours
+        self.send_validation = send_validation
+        self._validations_sent: dict[str, datetime] = {}
+        self._validation_cursor: str | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> ReapReport:
         report = ReapReport()
         now = utcnow()
-        in_broker = _once(self.in_broker)
         with self.database.session() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
             session.commit()
         with self.database.session() as session:
-            cursor, complete = send_due_messages(
-                session,
-                now=now,
-                requeue_after=self.requeue_after,
-                check_all=self._first_pass,
-                in_broker=in_broker,
-                send=self.send,
-                report=report,
-                after=self._startup_cursor,
+            report.sent = send_due_jobs(
+                session, now=now, resend_after=self.requeue_after, send=self.send
             )
             session.commit()
-        if self._first_pass:  # the startup check of every queued job, a batch per pass
-            self._startup_cursor = cursor
-            self._first_pass = not complete
         if self.send_validation is not None:
             with self.database.session() as session:
-                self._validation_cursor = resend_lost_validations(
+                report.validations, self._validation_cursor = send_due_validations(
                     session,
                     now=now,
-                    requeue_after=self.requeue_after,
-                    in_broker=in_broker,
+                    resend_after=self.requeue_after,
+                    sent_at=self._validations_sent,
                     send=self.send_validation,
-                    report=report,
                     after=self._validation_cursor,
                 )
                 session.commit()

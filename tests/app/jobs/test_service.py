@@ -12,6 +12,7 @@ from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
+from app.jobs.schemas import JobPublic
 from app.jobs.spec import JobSpec
 
 SPEC = {
@@ -34,7 +35,7 @@ def test_created_job_is_queued_with_derived_batch_fields(database: Database) -> 
     job_id = create(database, name="digits")
     with database.session() as session:
         job = jobs_service.get_job(session, job_id=job_id)
-        public = jobs_service.to_public(job)
+        public = JobPublic.model_validate(job)
         events, _ = jobs_service.list_events(session, job_id=job_id, after=None, limit=10)
     assert public.status == "queued" and public.name == "digits"
     assert (public.batch_size, public.micro_batch_size, public.accumulation_steps) == (16, 4, 4)
@@ -157,6 +158,6 @@ def test_a_worker_that_lost_its_lease_cannot_write(database: Database) -> None:
         session.rollback()
         runs.finish_job(session, claim=claim, status="failed", error=("nan_loss", "loss is nan"))
         session.commit()
-        job = jobs_service.to_public(jobs_service.get_job(session, job_id=job_id))
+        job = JobPublic.model_validate(jobs_service.get_job(session, job_id=job_id))
     assert job.status == "failed" and job.error is not None and job.error.type == "nan_loss"
     assert job.progress.step == 0 and job.finished_at is not None
