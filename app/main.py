@@ -42,6 +42,9 @@ def make_reaper(
         requeue_after=settings.requeue_after_seconds,
         interval=settings.reaper_interval_seconds,
         send=training_sender(celery, settings.queue),
+        # Redis keeps a queue as a list: its length is how many messages wait in it.
+        waiting=lambda: client.llen(settings.queue),
+        validations_waiting=lambda: client.llen(settings.files_queue),
         send_validation=lambda file_id: enqueue_validation(
             celery, file_id=file_id, queue=settings.files_queue
         ),

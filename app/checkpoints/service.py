@@ -11,20 +11,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.checkpoints import retention
+from app.checkpoints.exceptions import NoCheckpoint
 from app.checkpoints.models import Checkpoint
 from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
 from app.db import utcnow
-from app.errors import NotFound
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, Claim, LeaseLost, append_events
 from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
-
-
-class NoCheckpoint(NotFound):
-    type = "no_checkpoint"
 
 
 # A part's bytes, or a function that writes them into the store as it serialises them:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import AliasPath, BaseModel, Field
+from pydantic import AliasPath, BaseModel, ConfigDict, Field
 
 # Times as the jobs API writes them (UTC, `+00:00`), also for SQLite's naive datetimes.
 from app.jobs.schemas import JobProgress, JobStatus
@@ -13,6 +13,10 @@ from app.jobs.schemas import _TimesInUtc as TimesInUtc
 
 class RunningJob(TimesInUtc):
     """A running (or cancelling) job, with the numbers the jobs table shows."""
+
+    # Read from a job row: `loss` and `samples_per_sec` from its latest metrics, if any
+    # (None before the first step), yet always in the answer.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
     id: str
     name: str | None

@@ -15,8 +15,9 @@ from starlette.requests import ClientDisconnect
 from app.auth.deps import PrincipalDep
 from app.db import Database
 from app.deps import CeleryDep, DatabaseDep, SessionDep, SettingsDep
-from app.errors import AppError, error_responses
+from app.errors import error_responses
 from app.files import service as files_service
+from app.files.exceptions import UploadInterrupted
 from app.files.formats import FORMATS
 from app.files.ids import FILE_ID_PATTERN
 from app.files.models import DataFile
@@ -54,10 +55,6 @@ UPLOAD_BODY: dict[str, Any] = {
         }
     },
 }
-
-
-class UploadInterrupted(AppError):
-    type = "upload_interrupted"
 
 
 @router.post(

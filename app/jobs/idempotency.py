@@ -15,20 +15,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import Conflict
+from app.jobs.exceptions import IdempotencyKeyReused
 from app.jobs.models import IdempotencyKey, Job
 from app.jobs.schemas import as_utc
 from app.jobs.spec import JobSpec
-
-
-class IdempotencyKeyReused(Conflict):
-    type = "idempotency_key_reused"
-
-    def __init__(self, key: str) -> None:
-        super().__init__(
-            f"Idempotency-Key {key!r} was used with a different body; use a new key",
-            idempotency_key=key,
-        )
 
 
 def request_hash(spec: JobSpec) -> str:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Select, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
@@ -94,25 +94,32 @@ def reap_lost_runs(
 
 
 def send_due_jobs(
-    session: Session, *, now: datetime, resend_after: float, send: Callable[[str], bool]
+    session: Session,
+    *,
+    now: datetime,
+    resend_after: float,
+    waiting: int,
+    send: Callable[[str], bool],
 ) -> list[str]:
-    """Send the sendable jobs that have no message: never sent (or the send failed), or
-    sent `resend_after` seconds ago and still not claimed, the message lost (a Redis
-    restart, a worker killed between taking it and claiming the job). A duplicate is
-    harmless, the claim refuses a job that is no longer queued; and each job sent is
-    stamped, so it waits another `resend_after` before the next one.
+    """Send the sendable jobs never sent (or whose send failed), and again those whose
+    message is lost: a Redis restart, a worker killed between taking it and claiming the
+    job. A duplicate is harmless, the claim refuses a job no longer queued, but it costs
+    a worker a fresh process: a job that merely waits its turn is not sent again.
 
-    A batch per pass, oldest first; the ids sent. A failed send ends the pass, so that
-    rows are not held locked while the broker is away.
+    The broker's queue hands out its oldest message first: of the jobs sent, as many as
+    there are more of them than messages `waiting` in the queue are lost, and they are
+    those sent longest ago. Each of them sent `resend_after` ago or more is sent again,
+    and stamped.
+
+    A batch per pass; the ids sent. A failed send ends the pass, so that rows are not
+    held locked while the broker is away.
     """
+    sent_jobs = select(Job.id).where(sendable(), Job.enqueued_at.is_not(None)).subquery()
+    lost = (session.scalar(select(func.count()).select_from(sent_jobs)) or 0) - waiting
     overdue = Job.enqueued_at < now - timedelta(seconds=resend_after)
-    due = session.scalars(
-        select(Job.id)
-        .where(sendable(), or_(Job.enqueued_at.is_(None), overdue))
-        .order_by(Job.id)
-        .limit(BATCH)
-        .with_for_update(skip_locked=True)
-    ).all()
+    never_sent = select(Job.id).where(sendable(), Job.enqueued_at.is_(None)).order_by(Job.id)
+    lost_messages = select(Job.id).where(sendable(), overdue).order_by(Job.enqueued_at)
+    due = [*_locked(session, never_sent, BATCH), *_locked(session, lost_messages, min(lost, BATCH))]
     sent = list(itertools.takewhile(send, due))  # up to the first send that fails
     if sent:
         session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
@@ -124,90 +131,82 @@ def send_due_validations(
     *,
     now: datetime,
     resend_after: float,
+    waiting: int,
     sent_at: dict[str, datetime],
     send: Callable[[str], bool],
-    after: str | None = None,
-) -> tuple[list[str], str | None]:
+) -> list[str]:
     """Send again the validation of files still `validating` `resend_after` seconds after
-    their upload and after this reaper last sent it (`sent_at`: file id -> when, kept
-    by the caller): its message was lost, like a job's. A batch per pass, in id order
-    from the file id `after`; returns the ids sent and where the next pass goes on
-    (None: from the start again).
-    """
+    their upload whose message is lost, found as a job's is (`waiting`: the length of
+    the files queue). `sent_at` (file id -> when, kept by the caller) stands in for a
+    job's stamp: a file sent again waits another `resend_after`. The ids sent."""
     cutoff = now - timedelta(seconds=resend_after)
     for file_id in [file_id for file_id, at in sent_at.items() if at < cutoff]:
-        del sent_at[file_id]  # due again, if still validating
-    query = select(DataFile.id).where(DataFile.status == "validating", DataFile.created_at < cutoff)
-    if after is not None:
-        query = query.where(DataFile.id > after)
-    file_ids = session.scalars(
-        query.order_by(DataFile.id).limit(BATCH).with_for_update(skip_locked=True)
-    ).all()
-    sent: list[str] = []
-    for file_id in file_ids:
-        if file_id not in sent_at:
-            if not send(file_id):
-                return sent, after  # broker away: the next pass tries this file again
-            sent_at[file_id] = now
-            sent.append(file_id)
-        after = file_id
-    return sent, (after if len(file_ids) == BATCH else None)
+        del sent_at[file_id]
+    validating = DataFile.status == "validating"
+    lost = (session.scalar(select(func.count()).where(validating)) or 0) - waiting
+    overdue = and_(DataFile.created_at < cutoff, DataFile.id.not_in(sent_at))
+    query = select(DataFile.id).where(validating, overdue).order_by(DataFile.id)
+    due = _locked(session, query, min(lost, BATCH))
+    sent = list(itertools.takewhile(send, due))
+    sent_at.update(dict.fromkeys(sent, now))
+    return sent
 
 
+def _locked(session: Session, query: Select[str], limit: int) -> Sequence[str]:
+    """Up to `limit` ids of `query`, of rows no other transaction holds, locked until the
+    commit."""
+    if limit <= 0:
+        return []
+    return session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
+
+
+@dataclass
 class Reaper:
     """One pass: `run_once`; as a daemon thread: `start` / `stop`."""
 
-    def __init__(
-        self,
-        database: Database,
-        *,
-        lease_timeout: float,
-        requeue_after: float,
-        interval: float,
-        send: Callable[[str], bool],
-        ring: Callable[[list[str]], None] = lambda job_ids: None,
-        idempotency_ttl_hours: float | None = None,
-        send_validation: Callable[[str], bool] | None = None,
-    ) -> None:
-        self.database = database
-        self.lease_timeout = lease_timeout
-        self.requeue_after = requeue_after
-        self.interval = interval
-        self.send = send
-        self.ring = ring
-        self.idempotency_ttl_hours = idempotency_ttl_hours
-        self.send_validation = send_validation
-        self._validations_sent: dict[str, datetime] = {}
-        self._validation_cursor: str | None = None
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
+    database: Database
+    _: KW_ONLY
+    lease_timeout: float
+    requeue_after: float
+    interval: float
+    send: Callable[[str], bool]
+    # How many messages wait in the training queue, and in the files queue.
+    waiting: Callable[[], int]
+    validations_waiting: Callable[[], int] = lambda: 0
+    ring: Callable[[list[str]], None] = lambda job_ids: None
+    idempotency_ttl_hours: float | None = None
+    send_validation: Callable[[str], bool] | None = None
+    _validations_sent: dict[str, datetime] = field(default_factory=dict, init=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     def run_once(self) -> ReapReport:
         report = ReapReport()
         now = utcnow()
-        with self.database.session() as session:
+        # A transaction each: one part's failure does not undo the others.
+        with self.database.sessions.begin() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
-            session.commit()
-        with self.database.session() as session:
+        with self.database.sessions.begin() as session:
             report.sent = send_due_jobs(
-                session, now=now, resend_after=self.requeue_after, send=self.send
+                session,
+                now=now,
+                resend_after=self.requeue_after,
+                waiting=self.waiting(),
+                send=self.send,
             )
-            session.commit()
         if self.send_validation is not None:
-            with self.database.session() as session:
-                report.validations, self._validation_cursor = send_due_validations(
+            with self.database.sessions.begin() as session:
+                report.validations = send_due_validations(
                     session,
                     now=now,
                     resend_after=self.requeue_after,
+                    waiting=self.validations_waiting(),
                     sent_at=self._validations_sent,
                     send=self.send_validation,
-                    after=self._validation_cursor,
                 )
-                session.commit()
         if self.idempotency_ttl_hours is not None:
-            with self.database.session() as session:
+            with self.database.sessions.begin() as session:
                 forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
-                session.commit()
         if changed := report.requeued + report.failed + report.cancelled:
             self.ring(changed)  # their streams show the new status at once
         for kind in ("requeued", "failed", "cancelled", "sent", "validations"):

@@ -81,16 +81,21 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
 
 @dataclass
 class FakeBroker:
-    """What the reaper sent, and whether the broker takes messages."""
+    """What the reaper sent, what waits in the queue, and whether the broker takes messages."""
 
     reachable: bool = True
     sent: list[str] = field(default_factory=list)
+    queue: list[str] = field(default_factory=list)
 
     def send(self, job_id: str) -> bool:
         if not self.reachable:
             return False
         self.sent.append(job_id)
+        self.queue.append(job_id)
         return True
+
+    def waiting(self) -> int:
+        return len(self.queue)
 
 
 def make_reaper(database: Database, broker: FakeBroker) -> Reaper:
@@ -100,6 +105,7 @@ def make_reaper(database: Database, broker: FakeBroker) -> Reaper:
         requeue_after=REQUEUE_AFTER,
         interval=1.0,  # run_once only
         send=broker.send,
+        waiting=broker.waiting,
     )
 
 
@@ -198,26 +204,33 @@ def test_an_unsent_job_is_sent_and_a_failed_send_is_retried(database: Database) 
     assert reaper.run_once() == ReapReport() and broker.sent == [job_id]
 
 
-def test_a_job_still_queued_long_after_its_message_is_sent_again_once_per_delay(
+def test_of_overdue_jobs_those_the_queue_lacks_are_sent_again_oldest_first_once(
     database: Database,
 ) -> None:
     broker = FakeBroker()
     reaper = make_reaper(database, broker)
-    overdue, fresh, running = create(database), create(database), create(database)
-    set_enqueued_at(database, overdue, REQUEUE_AFTER * 2)  # its message was lost, say
-    set_enqueued_at(database, running, REQUEUE_AFTER * 2)
+    oldest, older, waiting_its_turn, fresh, running = (create(database) for _ in range(5))
+    set_enqueued_at(database, oldest, REQUEUE_AFTER * 3)
+    set_enqueued_at(database, older, REQUEUE_AFTER * 2.5)
+    set_enqueued_at(database, waiting_its_turn, REQUEUE_AFTER * 2)
+    set_enqueued_at(database, running, REQUEUE_AFTER * 4)
     claim(database, running, "worker")
     fresh_at = enqueued_at(database, fresh)
+    # Four jobs sent, two messages in the queue: the two sent longest ago were taken by
+    # a worker that died, or Redis lost them.
+    broker.queue = [waiting_its_turn, fresh]
 
-    assert reaper.run_once() == ReapReport(sent=[overdue]) and broker.sent == [overdue]
-    sent_at = enqueued_at(database, overdue)
-    assert sent_at is not None and sent_at > utcnow() - timedelta(seconds=REQUEUE_AFTER)
+    assert reaper.run_once() == ReapReport(sent=[oldest, older])
+    for job_id in (oldest, older):
+        sent_at = enqueued_at(database, job_id)
+        assert sent_at is not None and sent_at > utcnow() - timedelta(seconds=REQUEUE_AFTER)
     assert enqueued_at(database, fresh) == fresh_at
 
-    # Not again at every pass: only once another delay has gone by without a claim.
+    # Not again at every pass: the queue holds a message for each queued job now.
     assert reaper.run_once() == ReapReport()
-    set_enqueued_at(database, overdue, REQUEUE_AFTER * 2)
-    assert reaper.run_once() == ReapReport(sent=[overdue]) and broker.sent == [overdue] * 2
+    broker.queue.clear()  # a Redis restart
+    assert reaper.run_once() == ReapReport(sent=[waiting_its_turn])  # only the overdue one
+    assert broker.sent == [oldest, older, waiting_its_turn]
 
 
 def test_due_jobs_are_sent_a_batch_per_pass(
@@ -339,6 +352,7 @@ def test_the_background_reaper_outlives_a_failing_pass(database: Database) -> No
         requeue_after=REQUEUE_AFTER,
         interval=0.01,
         send=broker_away_at_first,
+        waiting=broker.waiting,
     )
     reaper.start()
     try:
@@ -380,6 +394,7 @@ def make_file_reaper(database: Database, broker: FakeBroker) -> Reaper:
     """A reaper that also sends validations again (to the same fake broker)."""
     reaper = make_reaper(database, broker)
     reaper.send_validation = broker.send
+    reaper.validations_waiting = broker.waiting
     return reaper
 
 
@@ -419,26 +434,33 @@ def test_a_job_waiting_for_a_validating_file_is_never_sent(database: Database) -
 def test_a_validation_whose_message_was_lost_is_sent_again_once_per_delay(
     database: Database,
 ) -> None:
-    lost, recent, valid = (add_file(database) for _ in range(3))
-    for file_id in (lost, valid):
+    lost, waiting_its_turn, recent, valid = (add_file(database) for _ in range(4))
+    for file_id in (lost, waiting_its_turn, valid):
         set_uploaded_at(database, file_id, REQUEUE_AFTER * 2)
     set_file_status(database, valid, "valid")
-    broker = FakeBroker()
+    broker = FakeBroker(queue=[waiting_its_turn, recent])  # behind a long validation
     sent_at: dict[str, datetime] = {}
 
     def send_due(seconds_later: float) -> list[str]:
         now = utcnow() + timedelta(seconds=seconds_later)
         with database.session() as session:
-            sent, _ = reaper_module.send_due_validations(
-                session, now=now, resend_after=REQUEUE_AFTER, sent_at=sent_at, send=broker.send
+            sent = reaper_module.send_due_validations(
+                session,
+                now=now,
+                resend_after=REQUEUE_AFTER,
+                waiting=broker.waiting(),
+                sent_at=sent_at,
+                send=broker.send,
             )
             session.commit()
         return sent
 
-    assert send_due(0) == [lost] and broker.sent == [lost]  # `recent` may be on its way
-    assert send_due(REQUEUE_AFTER / 2) == []  # not at every pass
-    # A delay later both are still validating: sent (again).
-    assert send_due(REQUEUE_AFTER * 1.5) == sorted([lost, recent])
+    assert send_due(0) == [lost] and broker.sent == [lost]
+    broker.queue.clear()  # a Redis restart, or workers that took them and died
+    assert send_due(REQUEUE_AFTER / 2) == [waiting_its_turn]  # `lost` was sent just now
+    assert send_due(REQUEUE_AFTER / 2) == []  # `recent`: its message is owed to the queue
+    broker.queue.clear()
+    assert send_due(REQUEUE_AFTER * 1.6) == sorted([lost, waiting_its_turn, recent])
 
 
 def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send(
@@ -455,8 +477,8 @@ def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send
     broker.reachable = True
     sent = [file_id for _ in range(3) for file_id in reaper.run_once().validations]
 
-    assert sent == sorted(stuck)  # in id order, a batch per pass, each file once
-    assert reaper.run_once() == ReapReport()  # from the start again: all sent just now
+    assert sent == sorted(stuck)  # oldest first, a batch per pass, each file once
+    assert reaper.run_once() == ReapReport()  # each has its message in the queue now
 
 
 def test_the_api_sends_a_lost_validation_to_the_real_broker(
