@@ -46,10 +46,9 @@ class AuthGate:
         return None
 
     def required(self) -> bool:
-        if self._on:
-            return True
-        if self.mode == "off":
-            return False
+        known = self.known()
+        if known is not None:
+            return known
         with self._lock:
             if time.monotonic() - self._checked_at >= RECHECK_SECONDS:
                 with self.database.session() as session:

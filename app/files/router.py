@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from app.auth.deps import PrincipalDep
 from app.db import Database
-from app.deps import CeleryDep, DatabaseDep, SessionDep, SettingsDep
+from app.deps import CeleryDep, DatabaseDep, Limit, SessionDep, SettingsDep
 from app.errors import error_responses
 from app.files import service as files_service
 from app.files.exceptions import UploadInterrupted
@@ -133,9 +133,6 @@ def _commit(database: Database, upload: files_service.Upload, file_format: str) 
         data_file = upload.finish(session, format=file_format)
         session.commit()
         return data_file
-
-
-Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
 
 
 @router.get("", response_model=FileList, responses=ERRORS)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -60,13 +60,8 @@ def remember(session: Session, *, tenant: str, key: str, spec: JobSpec, job_id: 
 
 def forget_expired(session: Session, *, ttl_hours: float, limit: int = 1000) -> int:
     """Delete keys past their lifetime (a bounded batch); the reaper calls it."""
+    columns = (IdempotencyKey.tenant, IdempotencyKey.key)
     cutoff = utcnow() - timedelta(hours=ttl_hours)
-    expired = select(IdempotencyKey.tenant, IdempotencyKey.key).where(
-        IdempotencyKey.created_at < cutoff
-    )
-    rows = session.execute(expired.limit(limit)).all()
-    for tenant, key in rows:
-        session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
-        )
-    return len(rows)
+    expired = select(*columns).where(IdempotencyKey.created_at < cutoff).limit(limit)
+    deleted = session.execute(delete(IdempotencyKey).where(tuple_(*columns).in_(expired)))
+    return int(deleted.rowcount)  # type: ignore[attr-defined]

@@ -144,7 +144,7 @@ def send_due_validations(
         del sent_at[file_id]
     validating = DataFile.status == "validating"
     lost = (session.scalar(select(func.count()).where(validating)) or 0) - waiting
-    overdue = and_(DataFile.created_at < cutoff, DataFile.id.not_in(sent_at))
+    overdue = and_(DataFile.created_at < cutoff, DataFile.id.not_in(list(sent_at)))
     query = select(DataFile.id).where(validating, overdue).order_by(DataFile.id)
     due = _locked(session, query, min(lost, BATCH))
     sent = list(itertools.takewhile(send, due))

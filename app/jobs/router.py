@@ -13,7 +13,17 @@ from starlette.concurrency import run_in_threadpool
 from app.auth.deps import PrincipalDep
 from app.auth.service import Principal
 from app.db import Database
-from app.deps import CeleryDep, DatabaseDep, RedisDep, SessionDep, SettingsDep
+from app.deps import (
+    MAX_INT32,
+    CeleryDep,
+    DatabaseDep,
+    Limit,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+    StepCursor,
+    StepsLimit,
+)
 from app.errors import error_responses
 from app.jobs import devices
 from app.jobs import service as jobs_service
@@ -39,10 +49,7 @@ router = APIRouter(
     responses=error_responses({401: "an API key is needed, or it is unknown or revoked"}),
 )
 
-Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
-# Cursors are bounded by their columns: past them a request is a 422, not a database error.
-MAX_INT32 = 2**31 - 1  # steps, attempt numbers
-MAX_INT64 = 2**63 - 1  # event ids
+MAX_INT64 = 2**63 - 1  # event ids: past it a cursor is a 422, not a database error
 ERRORS = error_responses({404: "no such job", 422: "invalid request"})
 
 
@@ -168,8 +175,8 @@ def list_metrics(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after_step: StepCursor = None,
+    limit: StepsLimit = 100,
 ) -> MetricList:
     """Per-optimizer-step metrics in step order."""
     rows, has_more = jobs_service.list_metrics(
