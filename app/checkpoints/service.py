@@ -15,9 +15,10 @@ from app.checkpoints.exceptions import NoCheckpoint
 from app.checkpoints.models import Checkpoint
 from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
 from app.db import utcnow
+from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
-from app.jobs.runs import LIVE_STATUSES, Claim, LeaseLost, append_events
+from app.jobs.runs import Claim, LeaseLost, append_events
 from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
@@ -41,13 +42,10 @@ def save_checkpoint(
 ) -> Checkpoint:
     """Store a checkpoint's bytes and metadata, if the job is still this worker's, then
     delete those that the job's `keep_checkpoints` no longer keeps."""
-    owned = session.execute(
-        update(Job)
-        .where(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
-        .values(heartbeat_at=utcnow())
-        .returning(Job.spec)
+    job = session.execute(
+        update(Job).where(runs.owned(claim)).values(heartbeat_at=utcnow()).returning(Job.spec)
     ).first()
-    if owned is None:
+    if job is None:
         raise LeaseLost(claim.job_id)
     existing = session.scalars(
         select(Checkpoint).where(Checkpoint.job_id == claim.job_id, Checkpoint.step == step)
@@ -78,7 +76,7 @@ def save_checkpoint(
         claim.job_id,
         [("checkpoint", {"step": step, "size_bytes": size, "loss": loss, "eval_loss": eval_loss})],
     )
-    keep = owned.spec.get("keep_checkpoints")
+    keep = job.spec.get("keep_checkpoints")
     if keep is not None:
         policy = KeepCheckpointsSpec.model_validate(keep)
         prune_checkpoints(session, job_id=claim.job_id, policy=policy, store=store)

@@ -129,10 +129,8 @@ async def _store_and_commit(
 
 
 def _commit(database: Database, upload: files_service.Upload, file_format: str) -> DataFile:
-    with database.session() as session:  # closed without a commit: rolled back
-        data_file = upload.finish(session, format=file_format)
-        session.commit()
-        return data_file
+    with database.sessions.begin() as session:  # an error rolls back
+        return upload.finish(session, format=file_format)
 
 
 @router.get("", response_model=FileList, responses=ERRORS)

@@ -154,21 +154,14 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
     )
 
 
-def _owned(claim: Claim) -> ColumnElement[bool]:
+def owned(claim: Claim) -> ColumnElement[bool]:
+    """The claimed job, while the claim is its current one and the run is live."""
     return and_(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
 
 
 def renew_lease(session: Session, *, claim: Claim, runtime_seconds: float) -> Heartbeat:
     """Renew the lease, record the training time, and read the flags a worker obeys."""
-    row = session.execute(
-        update(Job)
-        .where(_owned(claim))
-        .values(heartbeat_at=utcnow(), runtime_seconds=runtime_seconds)
-        .returning(Job.cancel_requested, Job.release_requested)
-    ).first()
-    if row is None:
-        raise LeaseLost(claim.job_id)
-    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
+    return _heartbeat(session, claim, {"runtime_seconds": runtime_seconds})
 
 
 def record_progress(
@@ -180,20 +173,25 @@ def record_progress(
     events: Sequence[tuple[str, dict[str, Any]]],
 ) -> Heartbeat:
     """Write a batch of steps and events; renews the lease like a heartbeat."""
-    row = session.execute(
-        update(Job)
-        .where(_owned(claim))
-        .values(heartbeat_at=utcnow(), **job_values)
-        .returning(Job.cancel_requested, Job.release_requested)
-    ).first()
-    if row is None:
-        raise LeaseLost(claim.job_id)
+    heartbeat = _heartbeat(session, claim, job_values)
     if metrics:
         session.execute(insert(JobMetric), [metric_row(claim.job_id, m) for m in metrics])
     # Each step is also a `metrics` event, so that one cursor (the event id) orders
     # everything a stream sends.
     append_events(session, claim.job_id, [("metrics", metric_event_data(m)) for m in metrics])
     append_events(session, claim.job_id, events)
+    return heartbeat
+
+
+def _heartbeat(session: Session, claim: Claim, values: dict[str, Any]) -> Heartbeat:
+    row = session.execute(
+        update(Job)
+        .where(owned(claim))
+        .values(heartbeat_at=utcnow(), **values)
+        .returning(Job.cancel_requested, Job.release_requested)
+    ).first()
+    if row is None:
+        raise LeaseLost(claim.job_id)
     return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
@@ -238,7 +236,7 @@ def hand_back(
     """
     now = utcnow()
     job = session.execute(
-        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(_owned(claim))
+        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(owned(claim))
     ).first()
     if job is None:
         raise LeaseLost(claim.job_id)
@@ -266,7 +264,7 @@ def hand_back(
         values["runtime_seconds"] = runtime_seconds
     # Conditional on no cancel: one that lands after the read above must not be lost.
     requeued = session.execute(
-        update(Job).where(_owned(claim), Job.cancel_requested.is_(False)).values(**values)
+        update(Job).where(owned(claim), Job.cancel_requested.is_(False)).values(**values)
     ).rowcount  # type: ignore[attr-defined]
     if not requeued:
         finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)
@@ -288,7 +286,7 @@ def request_release(session: Session, *, worker: str) -> int:
 
 
 def _update_owned(session: Session, claim: Claim, values: dict[str, Any]) -> None:
-    changed = session.execute(update(Job).where(_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    changed = session.execute(update(Job).where(owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
     if not changed:
         raise LeaseLost(claim.job_id)
 

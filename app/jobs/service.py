@@ -107,17 +107,10 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         micro_batch_size=micro,
         accumulation_steps=spec.accumulation_steps or 1,
         max_steps=spec.max_steps,
-        step=0,
-        epoch=0,
-        samples_seen=0,
-        tokens_seen=0,
-        attempts=0,
         max_attempts=spec.max_attempts,
-        cancel_requested=False,
-        release_requested=False,
-        lease=0,
-        runtime_seconds=0.0,
-        enqueued_at=None,  # marked sent below, once the job's files are linked
+        # Marked sent below, once the job's files are linked; the counters start at
+        # their columns' defaults.
+        enqueued_at=None,
     )
     session.add(job)
     session.flush()
