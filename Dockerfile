@@ -20,6 +20,7 @@ WORKDIR /srv/trainjob
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY worker/ worker/
+COPY cli/ cli/
 # Base dependencies only: no torch, so the API image stays small.
 RUN pip install --no-cache-dir . && rm -rf build ./*.egg-info
 USER trainjob
@@ -52,6 +53,7 @@ WORKDIR /srv/trainjob
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY worker/ worker/
+COPY cli/ cli/
 # `hf`: transformers for hf-* models (a few tens of MB beside CUDA's gigabytes).
 # Keep the base image's CUDA torch: the constraint pins it, so pip fails loudly instead
 # of replacing it with a different build should the `worker` extra ever disagree.

@@ -17,6 +17,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from app.db import Database, max_connections
+from app.reads import Reads
 from app.settings import Settings
 
 
@@ -60,6 +61,11 @@ async def _session(request: Request) -> AsyncIterator[Session]:
                 session.close()
 
 
+async def _reads(request: Request) -> Reads:
+    reads: Reads = request.app.state.reads
+    return reads
+
+
 async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -81,6 +87,7 @@ async def _redis(request: Request) -> redis.Redis:
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 DatabaseDep = Annotated[Database, Depends(_database)]
+ReadsDep = Annotated[Reads, Depends(_reads)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
 RedisDep = Annotated[redis.Redis, Depends(_redis)]
 

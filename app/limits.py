@@ -6,22 +6,28 @@ have a cap of its own (file uploads: TRAINJOB_MAX_FILE_BYTES). Before any early 
 goes out (this 413, a route's own, a 401 to an upload) the rest of the body is read and
 dropped, DISCARD_BYTES in all at most, so that the client hears the answer.
 
-Not FastAPI's `max_body_size=` (0.165): it answers `Content Too Large` in plain text,
-without the error envelope or the cap in bytes, has no room for a multipart body's
-boundaries beside the file, and closes without reading the body, which is the broken
-pipe urllib and requests saw.
+Not FastAPI's `max_body_size=` (0.165, Starlette's RequestBodyLimitMiddleware), read
+and tried against the installed versions:
+- A body with a Content-Length over the cap is still routed: the route runs (a
+  cancel with a 10 MB body would cancel), and whatever goes out, our exception
+  handler's envelope included, is swapped at `http.response.start` for a plain-text
+  `Content Too Large` without the cap in bytes. Only a chunked body's 413 comes
+  through FastAPI's exception handlers, where the envelope could be rendered.
+- A cap is one number per app, router or route: the upload route's would be the file
+  cap plus the multipart slack, and its 413 could only name that sum.
+- Nothing reads the rest of the body before the 413: uvicorn closes on a client still
+  sending, and urllib or requests posting 12 MiB gets a connection reset, not the 413.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import AppError
+from app.errors import AppError, envelope
 
 # A body over its cap is read and dropped up to this many bytes in all before the 413
 # goes out: clients that send the whole body before they read the answer (urllib,
@@ -53,23 +59,10 @@ class PathLimit:
     slack_bytes: int = 0
 
 
-async def _refuse(send: Send, limit: int) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
     error = PayloadTooLarge("the request body", limit)
-    body = json.dumps(
-        {"error": {"type": error.type, "message": error.message, **error.details}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    response = envelope(413, error.type, error.message, headers=error.headers, **error.details)
+    await response(scope, receive, send)
 
 
 class _Body:
@@ -133,7 +126,7 @@ class BodySizeLimit:
         if declared is not None and declared > cutoff:
             if declared <= DISCARD_BYTES:
                 await body.discard()
-            await _refuse(send, named)
+            await _refuse(scope, receive, send, named)
             return
         # A body may follow: some framing says so (a GET has none, and nothing to drop).
         has_body = bool(declared) or "transfer-encoding" in headers
@@ -149,7 +142,7 @@ class BodySizeLimit:
                 # into a 400) and answers on its own: the client gets the 413 instead.
                 replaced = started = True
                 await body.discard()
-                await _refuse(send, named)
+                await _refuse(scope, receive, send, named)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -164,7 +157,7 @@ class BodySizeLimit:
         except BodyTooLarge:
             if not started:
                 await body.discard()
-                await _refuse(send, named)
+                await _refuse(scope, receive, send, named)
 
 
 def _content_length(headers: Headers) -> int | None:

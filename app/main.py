@@ -27,6 +27,7 @@ from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
 from app.queue import enqueue_validation, training_sender
+from app.reads import open_reads
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.database = database
         app.state.session_slots = session_slots(database)
+        app.state.reads = await open_reads(database)
         app.state.auth_gate = AuthGate(database, settings.auth)
         if not app.state.auth_gate.required():
             logger.warning(
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.hub.stop()
             reaper.stop()
+            await app.state.reads.close()
             app.state.redis.close()
             database.dispose()
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -63,7 +64,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,7 +72,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -80,13 +79,31 @@ from typing import Any
 import httpx
 import psycopg
 import redis
+from common import cpu_model, package_version
 from sqlalchemy import insert
 
 from app.db import Database, upgrade
 from app.jobs.models import Job
 from app.jobs.spec import JobSpec
 
-TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+# Run as `python bench/api.py`: the checkout's root is not on sys.path, and the process
+# helpers are the tests' own.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.processes import (
+    API,
+    TRAINJOB,
+    ProcessFailed,
+    free_port,
+    launch,
+    service_env,
+    start,
+    start_redis,
+    stop_group,
+    wait_for_worker,
+    wait_until_ready,
+    wait_while_running,
+)
+
 BARE_APP = [sys.executable, str(Path(__file__).with_name("bare_app.py"))]
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -120,10 +137,6 @@ class Interrupted(Exception):
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
-
-
-class SetupFailed(Exception):
-    """The stack could not be started."""
 
 
 @dataclass(frozen=True)
@@ -239,13 +252,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"({path} unreadable)"
 
 
 def median(values: Sequence[float]) -> float:
@@ -417,63 +423,6 @@ def summarize(rounds: Sequence[Round]) -> Summary:
 # --------------------------------------------------------------------------- the stack
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This environment without TRAINJOB_*, plus `settings` (as TRAINJOB_*)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TRAINJOB_")}
-    env |= {f"TRAINJOB_{key.upper()}": value for key, value in settings.items()}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A process in a process group of its own, output to `log`."""
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def stop_group(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """SIGTERM to the leader, then SIGKILL to whatever is left of its group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SetupFailed(f"{what} not ready after {timeout:g} s:\n{tail(log)}")
-        time.sleep(0.1)
-
-
-def answers(url: str, process: subprocess.Popen[bytes], log: Path) -> Callable[[], bool]:
-    def check() -> bool:
-        if process.poll() is not None:
-            raise SetupFailed(f"{url} exited with {process.returncode}:\n{tail(log)}")
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    return check
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -509,7 +458,7 @@ class Stack:
         return self.libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
 
     def env(self, **extra: str) -> dict[str, str]:
-        return clean_env(
+        return service_env(
             database_url=self.database_url,
             redis_url=self.redis_url,
             queue=self.queue,
@@ -522,29 +471,11 @@ class Stack:
 
     def start_redis(self) -> None:
         self.redis_url = self.args.redis_url or "redis://127.0.0.1:6379/0"
-        server = shutil.which("redis-server")
-        if self.args.redis_url or server is None:
+        if self.args.redis_url or shutil.which("redis-server") is None:
             return
-        port = free_port()
-        command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        self.redis = start(
-            [*command, "--appendonly", "no"], os.environ.copy(), self.logs / "redis.log"
-        )
+        port, log = free_port(), self.logs / "redis.log"
+        self.redis = start_redis(port, log)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
-
-        def pings() -> bool:
-            assert self.redis is not None
-            if self.redis.poll() is not None:
-                raise SetupFailed(f"redis-server exited:\n{tail(self.logs / 'redis.log')}")
-            client = redis.Redis.from_url(self.redis_url)
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-            finally:
-                client.close()
-
-        wait_until(pings, 20, "redis-server", self.logs / "redis.log")
 
     def start(self) -> None:
         self.start_redis()
@@ -552,25 +483,16 @@ class Stack:
             connection.execute(f'CREATE DATABASE "{self.database_name}"')
         self.created = True
         upgrade(self.database_url)
-        api_port, bare_port = free_port(), free_port()
-        self.api_url = f"http://127.0.0.1:{api_port}"
-        self.bare_url = f"http://127.0.0.1:{bare_port}"
-        serve = [*TRAINJOB, "serve", "--no-worker", "--port", str(api_port)]
-        self.api = start(serve, self.env(), self.logs / "api.log")
-        bare = [*BARE_APP, "--port", str(bare_port)]
-        self.bare = start(bare, self.env(), self.logs / "bare.log")
-        if "get" in (self.args.only or PHASES):  # it starts while the others do
-            layered_port = free_port()
-            self.layered_url = f"http://127.0.0.1:{layered_port}"
-            layered = [*BARE_APP, "--port", str(layered_port), "--layers"]
-            self.layered = start(layered, self.env(), self.logs / "layered.log")
-        ready = answers(f"{self.api_url}/readyz", self.api, self.logs / "api.log")
-        wait_until(ready, 90, "the API", self.logs / "api.log")
-        ready = answers(f"{self.bare_url}/bare", self.bare, self.logs / "bare.log")
-        wait_until(ready, 60, "the bare app", self.logs / "bare.log")
+        # All three start at once, then each is waited for.
+        self.api, self.api_url = launch(API, self.env(), self.logs / "api.log")
+        self.bare, self.bare_url = launch(BARE_APP, self.env(), self.logs / "bare.log")
+        if "get" in (self.args.only or PHASES):
+            layered = [*BARE_APP, "--layers"]
+            self.layered, self.layered_url = launch(layered, self.env(), self.logs / "layered.log")
+        wait_until_ready(self.api_url, self.api, self.logs / "api.log", 90)
+        wait_until_ready(self.bare_url, self.bare, self.logs / "bare.log", 60, path="/bare")
         if self.layered is not None:
-            ready = answers(f"{self.layered_url}/readyz", self.layered, self.logs / "layered.log")
-            wait_until(ready, 90, "the layered app", self.logs / "layered.log")
+            wait_until_ready(self.layered_url, self.layered, self.logs / "layered.log", 90)
 
     def stop_layered(self) -> None:
         """Its reaper and live hub are a second API's: gone once (b) is measured."""
@@ -579,20 +501,12 @@ class Stack:
             self.layered = None
 
     def start_worker(self, slow: float) -> None:
-        log = self.logs / "worker.log"
         env = self.env(test_faults=f"slow={slow:g}")
-        self.worker = start([*TRAINJOB, "worker"], env, log)
+        self.worker = start([*TRAINJOB, "worker"], env, self.logs / "worker.log")
 
     def wait_worker_ready(self) -> None:
-        log = self.logs / "worker.log"
-
-        def ready() -> bool:
-            assert self.worker is not None
-            if self.worker.poll() is not None:
-                raise SetupFailed(f"the worker exited with {self.worker.returncode}:\n{tail(log)}")
-            return log.exists() and "ready." in log.read_text(errors="replace")
-
-        wait_until(ready, 90, "the worker", log)
+        assert self.worker is not None
+        wait_for_worker(self.worker, self.logs / "worker.log")
 
     def stop(self) -> None:
         processes = [p for p in (self.worker, self.api, self.bare, self.layered) if p is not None]
@@ -1054,12 +968,15 @@ def measure_dispatch(stack: Stack, scale: Scale, results: Results) -> None:
     if stack.worker is None:  # (e) did not get to start it
         stack.start_worker(slow=0.0)
     stack.wait_worker_ready()
+    worker = stack.worker
+    assert worker is not None
     dispatched: list[str] = []
     log = stack.logs / "worker.log"
     with httpx.Client(base_url=stack.api_url, timeout=30) as client:
         for _ in range(scale.dispatches):
             # Idle: after a job the pool forks a fresh child, which loads the engine.
-            wait_until(lambda: child_ready(log), 120, "the worker's pool child", log)
+            idle = functools.partial(child_ready, log)
+            wait_while_running(worker, log, idle, 120, "the worker's pool child")
             time.sleep(scale.idle_seconds)
             response = client.post("/v1/jobs", json=SPEC | {"name": "bench dispatch"})
             response.raise_for_status()
@@ -1150,12 +1067,6 @@ def versions(stack: Stack) -> list[str]:
         redis_version = client.info("server")["redis_version"]
     finally:
         client.close()
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     packages = ", ".join(
         f"{name} {package_version(name)}"
         for name in ("fastapi", "starlette", "uvicorn", "sqlalchemy", "psycopg", "httpx")
@@ -1163,17 +1074,10 @@ def versions(stack: Stack) -> list[str]:
     private = " (a private redis-server)" if stack.redis is not None else ""
     return [
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        f"machine: {os.cpu_count()} cores (nproc), {cpu}, Linux {platform.release()}",
+        f"machine: {os.cpu_count()} cores (nproc), {cpu_model()}, Linux {platform.release()}",
         f"Python {platform.python_version()}, PostgreSQL {postgres}, Redis {redis_version}"
         f"{private}; {packages}",
     ]
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def mark(met: bool) -> str:
@@ -1354,7 +1258,7 @@ def attempt(what: str, results: Results, measurement: Callable[[], None]) -> Non
     """Run one measurement; a failure is reported with the results, and the next runs."""
     try:
         measurement()
-    except (SetupFailed, Interrupted, KeyboardInterrupt):
+    except (ProcessFailed, Interrupted, KeyboardInterrupt):
         raise
     except Exception as error:
         results.problems.append(f"{what}: {type(error).__name__}: {error}")
@@ -1406,7 +1310,7 @@ def run(args: argparse.Namespace, logs: Path) -> int:
             phase(f"(d) dispatch of {scale.dispatches} jobs")
             attempt("dispatch", results, lambda: measure_dispatch(stack, scale, results))
         phase("cleaning up")
-    except SetupFailed as error:
+    except ProcessFailed as error:
         say(f"bench/api.py: could not set up: {error}")
         return 2
     finally:

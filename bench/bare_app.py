@@ -2,7 +2,7 @@
 
 One route, `GET /bare`, answers a small JSON object with no middleware, no database and
 no dependencies. It is served the way `trainjob serve` serves the API
-(`worker/cli/serve.py`, `_run_api`): one uvicorn process, the same `uvicorn.Config`
+(`cli/serve.py`, `_run_api`): one uvicorn process, the same `uvicorn.Config`
 arguments (host, port, log level and logging config from the same TRAINJOB_* settings,
 so the access log is on as it is for the API). Whatever the API answers slower than
 this is the cost of the service itself.

@@ -64,33 +64,31 @@ import redis
 
 from app.db import upgrade
 
-TRAINJOB = [sys.executable, "-m", "worker.cli.main"]
+# Run as `python bench/chaos.py`: the checkout's root is not on sys.path, and the
+# process helpers are the tests' own.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.processes import (
+    API,
+    FAST_TIMINGS,
+    RESUMABLE_SPEC,
+    TRAINJOB,
+    Server,
+    kill_group,
+    launch,
+    service_env,
+    start,
+    start_training,
+    stop_group,
+    tail,
+    trained_weights,
+    wait_until_ready,
+)
+
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-# As in tests/test_fault_tolerance.py: a lost worker is noticed within about 2.5 s.
-TIMINGS = {
-    "heartbeat_seconds": "0.2",
-    "lease_timeout_seconds": "2",
-    "reaper_interval_seconds": "0.5",
-    "requeue_after_seconds": "3",
-    "progress_flush_seconds": "0.2",
-    "shutdown_timeout_seconds": "20",
-}
-_BASE: dict[str, Any] = {
-    "model": {"type": "mlp", "hidden_sizes": [16]},
-    "dataset": {"type": "digits"},
-    "micro_batch_size": 8,
-    "accumulation_steps": 2,
-    "max_steps": 60,
-    "checkpoint_every": 5,
-    "optimizer": {"type": "adamw", "lr": 0.01},
-    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
-    "seed": 3,
-    "device": "cpu",
-}
 # Submitted round robin; each variant's reference weights are computed once.
 VARIANTS: list[dict[str, Any]] = [
-    _BASE,
-    _BASE
+    RESUMABLE_SPEC,
+    RESUMABLE_SPEC
     | {
         "micro_batch_size": 4,
         "accumulation_steps": 4,
@@ -99,7 +97,7 @@ VARIANTS: list[dict[str, Any]] = [
         "lr_schedule": {"type": "linear", "warmup_steps": 3},
         "seed": 7,
     },
-    _BASE
+    RESUMABLE_SPEC
     | {
         "model": {"type": "mlp", "hidden_sizes": [32, 16], "dropout": 0.1},
         "micro_batch_size": 6,
@@ -207,55 +205,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This environment without TRAINJOB_*, plus `settings`, and one thread: weights are
-    bit-for-bit comparable between processes only with the same thread count."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TRAINJOB_")}
-    env |= {f"TRAINJOB_{key.upper()}": value for key, value in settings.items()}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A `trainjob` process in a process group of its own, output to `log`."""
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            [*TRAINJOB, *args],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def stop_group(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """SIGTERM to the leader, then SIGKILL to whatever is left of its group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-    kill_group(process)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"({path} unreadable)"
-
-
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
@@ -309,21 +258,13 @@ def clear_queue(redis_url: str, queue: str) -> int:
 
 def compute_references(workdir: Path) -> list[bytes]:
     """Each variant's final weights from an undisturbed `trainjob run` (in parallel)."""
-    runs = []
-    for index, spec in enumerate(VARIANTS):
-        folder = workdir / f"reference-{index}"
-        folder.mkdir()
-        (folder / "spec.json").write_text(json.dumps(spec, indent=2))
-        args = ["run", str(folder / "spec.json"), "--out", str(folder / "out"), "--quiet"]
-        runs.append((folder, start(args, clean_env(), folder / "run.log")))
+    folders = [workdir / f"reference-{index}" for index in range(len(VARIANTS))]
+    runs = [start_training(spec, folder) for spec, folder in zip(VARIANTS, folders, strict=True)]
     try:
-        for folder, process in runs:
-            if process.wait(300) != 0:
-                raise RuntimeError(f"reference run failed:\n{tail(folder / 'run.log')}")
+        return [trained_weights(run, folder) for run, folder in zip(runs, folders, strict=True)]
     finally:
-        for _, process in runs:
-            kill_group(process)
-    return [(folder / "out" / "weights.safetensors").read_bytes() for folder, _ in runs]
+        for run in runs:
+            kill_group(run)
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -339,7 +280,7 @@ class Slot:
 
     @property
     def node(self) -> str:
-        """The Celery node name `trainjob worker` gives itself (worker/cli/serve.py)."""
+        """The Celery node name `trainjob worker` gives itself (cli/serve.py)."""
         assert self.process is not None
         return f"trainjob-{self.process.pid}@{socket.gethostname()}"
 
@@ -349,10 +290,9 @@ class Cluster:
     env: dict[str, str]
     logs: Path
     slow: float
-    api: subprocess.Popen[bytes] | None = None
+    api: Server | None = None
     client: httpx.Client | None = None
     slots: list[Slot] = field(default_factory=list)
-    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def http(self) -> httpx.Client:
@@ -360,27 +300,16 @@ class Cluster:
         return self.client
 
     def start_api(self) -> None:
-        port = free_port()
         log = self.logs / "api.log"
-        self.api = start(["serve", "--no-worker", "--port", str(port)], self.env, log)
-        url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=url, timeout=30)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.api.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.api.returncode}:\n{tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if self.http.get("/readyz", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not get ready in 90 s:\n{tail(log)}")
-            time.sleep(0.2)
+        self.api = launch(API, self.env, log)
+        wait_until_ready(self.api.url, self.api.process, log, timeout=90)
+        self.client = httpx.Client(base_url=self.api.url, timeout=30)
 
     def start_worker(self, slot: Slot) -> None:
         slot.started += 1
         log = self.logs / f"worker-{slot.index}-{slot.started:03d}.log"
         env = self.env | ({"TRAINJOB_TEST_FAULTS": f"slow={self.slow:g}"} if self.slow else {})
-        slot.process = start(["worker"], env, log)
+        slot.process = start([*TRAINJOB, "worker"], env, log)
 
     def start_workers(self, count: int) -> None:
         for index in range(count):
@@ -392,12 +321,10 @@ class Cluster:
         for slot in self.slots:
             if slot.process is not None:
                 kill_group(slot.process)
-        for process in self.others:
-            kill_group(process)
         if self.client is not None:
             self.client.close()
         if self.api is not None:
-            stop_group(self.api)
+            stop_group(self.api.process)
 
     # ------------------------------------------------------------------- the API
 
@@ -722,12 +649,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         references = compute_references(workdir)
         with database(args) as url:
-            env = clean_env(
+            env = service_env(
                 database_url=url,
                 redis_url=args.redis_url,
                 queue=queue,
                 home=str(workdir / "home"),
-                **TIMINGS,
+                **FAST_TIMINGS,
             )
             cluster = Cluster(env, workdir, args.slow)
             removed = 0

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -21,6 +19,8 @@ import redis
 
 from app.db import Database, upgrade
 from app.settings import Settings
+from tests.processes import api_and_worker
+from tests.processes import wait_for as wait_for  # where the tests have always found it
 
 POSTGRES_ADMIN = os.environ.get(
     "TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -107,7 +107,6 @@ def start_service(
     processes) on a new Postgres database and a queue of their own — the API's reaper
     would otherwise send queued jobs other tests leave behind to this worker. Settings
     are TRAINJOB_* values; `worker_env` adds to the worker's environment."""
-    from tests.processes import api_and_worker  # it imports this module
 
     @contextmanager
     def start(
@@ -128,17 +127,3 @@ def start_service(
             yield client
 
     return start
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

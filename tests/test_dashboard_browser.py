@@ -29,7 +29,7 @@ import pytest
 from app.auth.service import create_key
 from app.db import Database, upgrade
 from tests.conftest import REDIS_URL, wait_for
-from tests.processes import free_port, running, service_env, wait_until_ready
+from tests.processes import running, service_env, serving
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -83,14 +83,11 @@ def service(
         home=str(logs / "home"),
         progress_flush_seconds="0.2",
     )
-    port = free_port()
     with (
-        running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api,
         running(["worker"], env | {"TRAINJOB_TEST_FAULTS": "slow=0.03"}, logs / "worker.log"),
+        serving(env, logs / "api.log") as api,
     ):
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, logs / "api.log")
-        yield url
+        yield api.url
 
 
 class KeyedService(NamedTuple):
@@ -122,11 +119,8 @@ def keyed_service(
         queue=f"{queue_name}-browser-keys",
         home=str(tmp_path / "home"),
     )
-    port = free_port()
-    with running(["serve", "--no-worker", "--port", str(port)], env, tmp_path / "api.log") as api:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, tmp_path / "api.log")
-        yield KeyedService(url, acme, bravo)
+    with serving(env, tmp_path / "api.log") as api:
+        yield KeyedService(api.url, acme, bravo)
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from app.settings import Settings
-from worker.cli import exposure
-from worker.cli.main import build_parser
+from cli import exposure
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from app.jobs.spec import JobSpec
 from app.settings import Settings
-from worker.cli.main import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -6,8 +6,6 @@ and a running job cancelled by HTTP stops at its next step with a checkpoint.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import StartService
-from tests.processes import TRAINJOB, service_env, wait_for_status
+from tests.processes import trainjob_run, wait_for_status
 
 SPEC: dict[str, Any] = {
     "model": {"type": "tiny-gpt", "n_layer": 1, "n_embd": 32, "block_size": 64},
@@ -60,17 +58,7 @@ def test_submitted_job_succeeds_with_the_weights_of_trainjob_run(
 
     downloaded = service.get(f"/v1/jobs/{job['id']}/weights")
     assert downloaded.status_code == 200
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(SPEC))
-    local = subprocess.run(
-        [*TRAINJOB, "run", str(spec_file), "--out", str(tmp_path / "out"), "--quiet"],
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert local.returncode == 0, local.stderr
-    assert downloaded.content == (tmp_path / "out" / "weights.safetensors").read_bytes()
+    assert downloaded.content == trainjob_run(SPEC, tmp_path, timeout=120)
 
 
 def test_running_job_cancelled_by_http_stops_with_a_checkpoint(service: httpx.Client) -> None:

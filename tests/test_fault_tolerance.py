@@ -9,13 +9,11 @@ interrupted mid-run. Final weights are compared byte for byte with `trainjob run
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,38 +26,23 @@ from app.queue import enqueue_training
 from app.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import (
-    TRAINJOB,
+    FAST_TIMINGS,
+    RESUMABLE_SPEC,
     free_port,
     running,
     service_env,
+    serving,
+    start_redis,
     stop_group,
+    trainjob_run,
     wait_for_status,
-    wait_until_ready,
+    wait_for_worker,
 )
 from worker.celery_app import make_celery
 
-SPEC: dict[str, Any] = {
-    "model": {"type": "mlp", "hidden_sizes": [16]},
-    "dataset": {"type": "digits"},
-    "micro_batch_size": 8,
-    "accumulation_steps": 2,
-    "max_steps": 60,
-    "checkpoint_every": 5,
-    "optimizer": {"type": "adamw", "lr": 0.01},
-    "lr_schedule": {"type": "cosine", "warmup_steps": 5},
-    "seed": 3,
-    "device": "cpu",
-}
+SPEC = RESUMABLE_SPEC
 SLOW = "slow=0.02"  # 60 steps of 2 micro-batches: about 3 s of training
 FINISHED = {"succeeded", "failed", "cancelled"}
-FAST_TIMINGS = {
-    "heartbeat_seconds": "0.2",
-    "lease_timeout_seconds": "2",
-    "reaper_interval_seconds": "0.5",
-    "requeue_after_seconds": "3",
-    "progress_flush_seconds": "0.2",
-    "shutdown_timeout_seconds": "20",
-}
 
 
 @dataclass
@@ -91,11 +74,6 @@ class Cluster:
         return response.content
 
 
-def wait_for_worker(log: Path) -> None:
-    """Celery prints 'ready.' once the worker consumes its queue."""
-    wait_for(lambda: log.exists() and "ready." in log.read_text(), 60, f"{log.name} ready", 0.1)
-
-
 def wait_for_checkpoint(cluster: Cluster, job_id: str, at_least: int) -> dict[str, Any]:
     def checkpointed() -> dict[str, Any] | None:
         job = cluster.job(job_id)
@@ -109,13 +87,13 @@ def wait_for_checkpoint(cluster: Cluster, job_id: str, at_least: int) -> dict[st
     return found
 
 
-def start_api(env: dict[str, str], logs: Path) -> Iterator[httpx.Client]:
-    port = free_port()
-    with running(["serve", "--no-worker", "--port", str(port)], env, logs / "api.log") as api:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, api, logs / "api.log")
-        with httpx.Client(base_url=url, timeout=10) as client:
-            yield client
+@contextmanager
+def api_client(env: dict[str, str], logs: Path) -> Iterator[httpx.Client]:
+    with (
+        serving(env, logs / "api.log") as api,
+        httpx.Client(base_url=api.url, timeout=10) as client,
+    ):
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -134,24 +112,14 @@ def cluster(
         "home": str(logs / "home"),
     } | FAST_TIMINGS
     env = service_env(**values)
-    for client in start_api(env, logs):
+    with api_client(env, logs) as client:
         yield Cluster(client, env, logs, Settings(**values))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The weights of an undisturbed run of SPEC."""
-    folder = tmp_path_factory.mktemp("reference")
-    (folder / "spec.json").write_text(json.dumps(SPEC))
-    result = subprocess.run(
-        [*TRAINJOB, "run", str(folder / "spec.json"), "--out", str(folder / "out"), "--quiet"],
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return (folder / "out" / "weights.safetensors").read_bytes()
+    return trainjob_run(SPEC, tmp_path_factory.mktemp("reference"), timeout=120)
 
 
 def test_a_killed_worker_s_job_resumes_on_a_new_worker_to_the_same_weights(
@@ -174,9 +142,9 @@ def test_a_killed_worker_s_job_resumes_on_a_new_worker_to_the_same_weights(
 
 
 def test_the_same_job_delivered_twice_at_once_trains_once(cluster: Cluster) -> None:
-    with cluster.worker("twice-a"), cluster.worker("twice-b"):
-        wait_for_worker(cluster.logs / "twice-a.log")
-        wait_for_worker(cluster.logs / "twice-b.log")
+    with cluster.worker("twice-a") as first, cluster.worker("twice-b") as second:
+        wait_for_worker(first, cluster.logs / "twice-a.log")
+        wait_for_worker(second, cluster.logs / "twice-b.log")
         job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
         enqueue_training(make_celery(cluster.settings), job_id=job_id, queue=cluster.settings.queue)
         done = wait_for_status(cluster.client, job_id, FINISHED, timeout=90)
@@ -197,8 +165,8 @@ def test_sigterm_hands_the_job_back_with_a_checkpoint_and_no_attempt_counted(
     with cluster.worker("term-a") as first:
         job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
         wait_for_checkpoint(cluster, job_id, at_least=5)
-        with cluster.worker("term-b"):
-            wait_for_worker(cluster.logs / "term-b.log")
+        with cluster.worker("term-b") as second:
+            wait_for_worker(second, cluster.logs / "term-b.log")
             stopped_at = time.monotonic()
             first.send_signal(signal.SIGTERM)  # the worker's main process, as Docker does
             first.wait(30)
@@ -239,24 +207,6 @@ def test_max_runtime_checkpoints_and_fails_with_timeout(cluster: Cluster) -> Non
     assert checkpoints[-1]["step"] == done["progress"]["step"]
 
 
-def start_redis(port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-
-    def answers() -> bool:
-        probe = subprocess.run(
-            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-        )
-        return probe.stdout.strip() == "PONG"
-
-    wait_for(answers, 10, f"redis-server on {port}", 0.1)
-    return process
-
-
 def test_a_redis_restart_mid_job_still_succeeds_exactly_once(
     tmp_path: Path,
     make_postgres_database: Callable[[], str],
@@ -266,7 +216,7 @@ def test_a_redis_restart_mid_job_still_succeeds_exactly_once(
     database_url = make_postgres_database()
     upgrade(database_url)
     port = free_port()
-    redis_server = start_redis(port)
+    redis_server = start_redis(port, tmp_path / "redis.log")
     env = service_env(
         database_url=database_url,
         redis_url=f"redis://127.0.0.1:{port}/0",
@@ -275,14 +225,14 @@ def test_a_redis_restart_mid_job_still_succeeds_exactly_once(
         **FAST_TIMINGS,
     )
     try:
-        for client in start_api(env, tmp_path):
+        with api_client(env, tmp_path) as client:
             with running(["worker"], env | {"TRAINJOB_TEST_FAULTS": SLOW}, tmp_path / "w.log"):
                 cluster = Cluster(client, env, tmp_path, Settings())
                 job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
                 wait_for_checkpoint(cluster, job_id, at_least=10)
                 os.killpg(redis_server.pid, signal.SIGKILL)  # everything in Redis is lost
                 redis_server.wait(10)
-                redis_server = start_redis(port)
+                redis_server = start_redis(port, tmp_path / "redis-restarted.log")
                 done = wait_for_status(client, job_id, FINISHED, timeout=120)
             attempts = cluster.attempts(job_id)
             assert done["status"] == "succeeded", done["error"]

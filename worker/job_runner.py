@@ -30,6 +30,7 @@ from app.settings import Settings
 from worker.datafiles.fetch import RunFiles
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.errors import TrainingError
+from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, train
 from worker.faults import fault_hooks
 from worker.lease import LeaseKeeper
@@ -195,7 +196,7 @@ def _train_claimed(
                 resume=latest_checkpoint(database, settings, claim.job_id),
                 hooks=fault_hooks(settings.test_faults),
                 files=files,
-                hf_max_parameters=settings.hf_max_parameters,
+                hf_limits=HfLimits(settings.hf_model_dirs, settings.hf_max_parameters),
             )
         writer.flush(required=True)
     except LeaseLost:

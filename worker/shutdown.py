@@ -33,9 +33,9 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
+import psutil
 from celery.signals import worker_process_init, worker_shutting_down
 from celery.worker import state
 
@@ -60,28 +60,15 @@ def release_jobs_of(settings: Settings, worker: str) -> None:
         database.dispose()
 
 
-def children_of(parent: int) -> list[int]:
-    """The live child processes of `parent`, from /proc (empty where there is none)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # Fields after the command name, which is in parentheses and may hold spaces.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            children.append(int(stat.parent.name))
-    return children
-
-
 def kill_idle_pool(worker: int, interval: float = 0.1) -> None:
     """Kill the pool children of `worker` until it exits, those the pool forks again before
     it closes included. Only when no task is in hand: an idle child loses nothing."""
     logger.info("shutdown: no task in hand, stopping the pool's idle children now")
+    parent = psutil.Process(worker)
     while True:
-        for child in children_of(worker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        for child in parent.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         time.sleep(interval)
 
 

@@ -63,13 +63,8 @@ def bearer_key(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _authenticate(database: Database, key: str) -> Principal | None:
-    with database.session() as session:
-        return auth_service.authenticate(session, key=key)
-
-
-# Async, with its queries sent to the thread pool: most requests need none here (the
-# gate's answer is cached for 2 s), and then no thread hop either.
+# Async: the gate's answer is cached for 2 s, and a key's lookup is one of the hot reads
+# (app/reads.py), so most requests take no hop to the thread pool here.
 async def principal_of(request: Request) -> Principal:
     gate: AuthGate = request.app.state.auth_gate
     required = gate.known()
@@ -80,7 +75,7 @@ async def principal_of(request: Request) -> Principal:
     key = bearer_key(request)
     if key is None:
         raise Unauthorized("an API key is required: send `Authorization: Bearer KEY`")
-    principal = await run_in_threadpool(_authenticate, request.app.state.database, key)
+    principal = await auth_service.authenticate(request.app.state.reads, key=key)
     if principal is None:
         raise Unauthorized("the API key is unknown or revoked")
     return principal

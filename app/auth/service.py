@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.keys import key_hash, looks_like_a_key, new_key
 from app.auth.models import ApiKey
 from app.db import utcnow
 from app.errors import InvalidRequest, NotFound
+from app.reads import Reads
 
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -80,13 +81,18 @@ def any_active_key(session: Session) -> bool:
     return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
 
 
-def authenticate(session: Session, *, key: str) -> Principal | None:
+KEY_BY_HASH = (
+    select(ApiKey.id, ApiKey.tenant, ApiKey.admin)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+    .limit(1)
+)
+
+
+async def authenticate(reads: Reads, *, key: str) -> Principal | None:
     """The principal of a presented key; None when unknown, malformed or revoked."""
     if not looks_like_a_key(key):
         return None
-    row = session.scalars(
-        select(ApiKey).where(ApiKey.key_hash == key_hash(key), ApiKey.revoked_at.is_(None))
-    ).first()
-    if row is None:
+    rows = await reads.all(KEY_BY_HASH, {"key_hash": key_hash(key)})
+    if not rows:
         return None
-    return Principal(tenant=row.tenant, admin=row.admin, key_id=row.id)
+    return Principal(tenant=rows[0].tenant, admin=rows[0].admin, key_id=rows[0].id)

@@ -7,11 +7,11 @@ from datetime import datetime
 from pydantic import AliasPath, BaseModel, ConfigDict, Field
 
 # Times as the jobs API writes them (UTC, `+00:00`), also for SQLite's naive datetimes.
-from app.jobs.schemas import JobProgress, JobStatus
+from app.jobs.schemas import JobProgress, JobRow, JobStatus
 from app.jobs.schemas import _TimesInUtc as TimesInUtc
 
 
-class RunningJob(TimesInUtc):
+class RunningJob(JobRow):
     """A running (or cancelling) job, with the numbers the jobs table shows."""
 
     # Read from a job row: `loss` and `samples_per_sec` from its latest metrics, if any

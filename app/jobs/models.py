@@ -68,21 +68,6 @@ class Job(Base):
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
 
-    # JobPublic and the dashboard read a row with from_attributes: these are the two
-    # objects they show that are not columns.
-    @property
-    def progress(self) -> Job:
-        """Where training stands: the step, epoch and seen counters (JobProgress reads
-        them off the row)."""
-        return self
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        """Why the job failed; None unless it did."""
-        if self.error_type is None:
-            return None
-        return {"type": self.error_type, "message": self.error_message or ""}
-
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_tenant_id", "tenant", "id"),

@@ -8,16 +8,14 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import PrincipalDep
 from app.auth.service import Principal
-from app.db import Database
 from app.deps import (
     MAX_INT32,
     CeleryDep,
-    DatabaseDep,
     Limit,
+    ReadsDep,
     RedisDep,
     SessionDep,
     SettingsDep,
@@ -123,8 +121,8 @@ router.add_api_route(
 
 
 @router.get("", response_model=JobList, responses=ERRORS)
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
+    reads: ReadsDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     limit: Limit = 20,
@@ -133,26 +131,17 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """Jobs newest first; pass the last id of a page as `after` for the next page."""
-    jobs, has_more = jobs_service.list_jobs(
-        session, status=status, limit=limit, after=after, tenant=principal.scope
+    jobs, has_more = await jobs_service.read_jobs_page(
+        reads, status=status, limit=limit, after=after, tenant=principal.scope
     )
     return JobList(data=jobs, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def get_job(job_id: str, database: DatabaseDep, principal: PrincipalDep) -> JobPublic:
-    # The hottest read takes one hop to the thread pool and gives its connection back
-    # inside it. A `def` route on SessionDep takes three (the route, the response's
-    # validation, the session's close) and keeps its connection across the last two:
-    # with more requests at once than threads (40) and connections (30) together, every
-    # thread waited for a connection that only a thread could give back (BENCHMARKS.md).
-    return await run_in_threadpool(_read_job, database, job_id, principal.scope)
-
-
-def _read_job(database: Database, job_id: str, tenant: str | None) -> JobPublic:
-    with database.session() as session:
-        job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
-        return JobPublic.model_validate(job)
+async def get_job(job_id: str, reads: ReadsDep, principal: PrincipalDep) -> JobPublic:
+    # The hottest read: in the event loop on PostgreSQL (app/reads.py).
+    job = await jobs_service.read_job(reads, job_id=job_id, tenant=principal.scope)
+    return JobPublic.model_validate(job)
 
 
 @router.post(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_serializer
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -50,7 +50,22 @@ class JobError(BaseModel):
     message: str
 
 
-class JobPublic(_TimesInUtc):
+class JobRow(_TimesInUtc):
+    """A response model read from a job's row, an ORM object or a read's row alike
+    (app/reads.py): the row's counters are its `progress`, its two error columns its
+    `error`, and its other fields the row's columns of the same names."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, job: Any) -> Any:
+        if isinstance(job, dict):
+            return job
+        error = job.error_type and {"type": job.error_type, "message": job.error_message or ""}
+        columns = {name: getattr(job, name, None) for name in [*cls.model_fields, "metrics"]}
+        return columns | {"progress": job, "error": error}
+
+
+class JobPublic(JobRow):
     id: str
     name: str | None
     tenant: str

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, select, text, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, select, text, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.auth.service import DEFAULT_TENANT
@@ -21,6 +22,7 @@ from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
+from app.reads import Reads, Statement
 
 
 @dataclass(frozen=True)
@@ -131,23 +133,47 @@ def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
     return job
 
 
-def list_jobs(
-    session: Session,
+JOBS = cast(Table, Job.__table__)
+
+
+async def read_job(reads: Reads, *, job_id: str, tenant: str | None = None) -> Any:
+    """The job GET's read: the job's row (its columns as attributes), or JobNotFound;
+    with `tenant`, another tenant's job is not found either."""
+    job = await reads.by_id(JOBS, job_id) if is_job_id(job_id) else None
+    if job is None or (tenant is not None and job.tenant != tenant):
+        raise JobNotFound(job_id)
+    return job
+
+
+@cache
+def _jobs_page_query(*, by_tenant: bool, by_status: bool, after: bool) -> Statement:
+    # One statement per combination of filters, so that each is compiled once.
+    query = select(JOBS).order_by(JOBS.c.id.desc()).limit(bindparam("limit"))
+    if by_tenant:
+        query = query.where(JOBS.c.tenant == bindparam("tenant"))
+    if by_status:
+        query = query.where(JOBS.c.status == bindparam("status"))
+    if after:
+        query = query.where(JOBS.c.id < bindparam("after"))
+    return query
+
+
+async def read_jobs_page(
+    reads: Reads,
     *,
     status: str | None,
     limit: int,
     after: str | None,
     tenant: str | None = None,
-) -> tuple[list[Job], bool]:
+) -> tuple[list[Any], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
-    query = select(Job).order_by(Job.id.desc())
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if after is not None:
-        query = query.where(Job.id < after)
-    return page(session, query, limit)
+    query = _jobs_page_query(
+        by_tenant=tenant is not None, by_status=status is not None, after=after is not None
+    )
+    filters = {"tenant": tenant, "status": status, "after": after}
+    params = {"limit": limit + 1} | {name: v for name, v in filters.items() if v is not None}
+    rows = await reads.all(query, params)
+    return list(rows[:limit]), len(rows) > limit
 
 
 def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:

@@ -281,6 +281,12 @@ def known_datasets() -> list[str]:
     return sorted(set(BUILTIN_DATASETS) | plugin_names(DATASET_ENTRY_POINT_GROUP))
 
 
+_REGISTRIES: dict[str, tuple[dict[str, type[BaseModel]], type[BaseModel], str]] = {
+    "model": (BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP),
+    "dataset": (BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP),
+}
+
+
 def _parse_registry_entry(
     value: Any,
     builtins: dict[str, type[BaseModel]],
@@ -405,19 +411,12 @@ class JobSpec(_Strict):
     # Training time over all attempts; on expiry the job checkpoints and fails `timeout`.
     max_runtime_seconds: int | None = Field(None, ge=1, le=MAX_RUNTIME_SECONDS)
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "dataset", mode="before")
     @classmethod
-    def _model_from_registry(cls, value: Any) -> BaseModel:
-        return _parse_registry_entry(
-            value, BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP, "model"
-        )
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _dataset_from_registry(cls, value: Any) -> BaseModel:
-        return _parse_registry_entry(
-            value, BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP, "dataset"
-        )
+    def _from_registry(cls, value: Any, info: ValidationInfo) -> BaseModel:
+        what = str(info.field_name)  # "model" or "dataset"
+        builtins, plugin_class, group = _REGISTRIES[what]
+        return _parse_registry_entry(value, builtins, plugin_class, group, what)
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -488,35 +487,26 @@ class JobSpec(_Strict):
                     f"exceeds the maximum of {MAX_BATCH_SIZE}",
                 )
             return self._with(batch_size=product)
+        # Two given, one of them the batch: the other divides it into the third.
         assert batch is not None
         if micro is not None:
-            if batch % int(micro):
-                raise _field_error(
-                    "batch_size",
-                    f"must be a multiple of micro_batch_size ({micro}), not {batch}",
-                )
-            derived_steps = batch // int(micro)
-            if derived_steps > MAX_ACCUMULATION_STEPS:
-                raise _field_error(
-                    "accumulation_steps",
-                    f"batch_size / micro_batch_size = {derived_steps} "
-                    f"exceeds the maximum of {MAX_ACCUMULATION_STEPS}",
-                )
-            return self._with(accumulation_steps=derived_steps)
-        assert steps is not None
-        if batch % steps:
+            divisor, divisor_name = int(micro), "micro_batch_size"
+            derived_name, high = "accumulation_steps", MAX_ACCUMULATION_STEPS
+        else:
+            assert steps is not None
+            divisor, divisor_name = steps, "accumulation_steps"
+            derived_name, high = "micro_batch_size", MAX_MICRO_BATCH_SIZE
+        if batch % divisor:
             raise _field_error(
-                "batch_size",
-                f"must be a multiple of accumulation_steps ({steps}), not {batch}",
+                "batch_size", f"must be a multiple of {divisor_name} ({divisor}), not {batch}"
             )
-        micro_size = batch // steps
-        if micro_size > MAX_MICRO_BATCH_SIZE:
+        derived = batch // divisor
+        if derived > high:
             raise _field_error(
-                "micro_batch_size",
-                f"batch_size / accumulation_steps = {micro_size} "
-                f"exceeds the maximum of {MAX_MICRO_BATCH_SIZE}",
+                derived_name,
+                f"batch_size / {divisor_name} = {derived} exceeds the maximum of {high}",
             )
-        return self._with(micro_batch_size=micro_size)
+        return self._with(**{derived_name: derived})
 
     @model_validator(mode="after")
     def _exactly_one_length(self) -> JobSpec:
@@ -525,75 +515,48 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _something_to_evaluate(self) -> JobSpec:
-        dataset = self.dataset
+    def _dataset_fits_the_job(self) -> JobSpec:
+        model, dataset = self.model, self.dataset
+        if isinstance(dataset, FileDatasetSpec):
+            nothing_held_out = dataset.validation_file_id is None and dataset.eval_fraction == 0
+            if self.eval_every > 0 and nothing_held_out:
+                raise _field_error(
+                    "eval_every",
+                    "there is nothing to evaluate on: give dataset.validation_file_id or "
+                    "a dataset.eval_fraction above 0",
+                )
+            if dataset.tokenizer == "model" and not isinstance(
+                model, HfCausalLmSpec | HfSequenceClassificationSpec
+            ):
+                raise _field_error(
+                    "dataset.tokenizer",
+                    f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
+                    "use 'byte' or 'char'",
+                )
+        # Texts are cut to max_length tokens (whatever a file holds): a sequence of n
+        # tokens gives n-1 (input, target) positions.
         if (
-            self.eval_every > 0
-            and isinstance(dataset, FileDatasetSpec)
-            and dataset.validation_file_id is None
-            and dataset.eval_fraction == 0
-        ):
-            raise _field_error(
-                "eval_every",
-                "there is nothing to evaluate on: give dataset.validation_file_id or "
-                "a dataset.eval_fraction above 0",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _model_tokenizer_needs_a_model_that_has_one(self) -> JobSpec:
-        if (
-            isinstance(self.dataset, FileDatasetSpec)
-            and self.dataset.tokenizer == "model"
-            and not isinstance(self.model, HfCausalLmSpec | HfSequenceClassificationSpec)
-        ):
-            raise _field_error(
-                "dataset.tokenizer",
-                f"'model' needs a Hugging Face model (hf-*), not {self.model.type!r}; "
-                "use 'byte' or 'char'",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _file_sequences_fit_tiny_gpt(self) -> JobSpec:
-        # Whatever the file holds, its texts are cut to max_length tokens: n tokens give
-        # n-1 (input, target) positions, as for tiny-text below.
-        if (
-            isinstance(self.model, TinyGptSpec)
-            and isinstance(self.dataset, FileDatasetSpec)
-            and self.dataset.max_length - 1 > self.model.block_size
+            isinstance(model, TinyGptSpec)
+            and isinstance(dataset, FileDatasetSpec | TinyTextSpec)
+            and dataset.max_length - 1 > model.block_size
         ):
             raise _field_error(
                 "model.block_size",
-                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
+                f"must be at least dataset.max_length - 1 = {dataset.max_length - 1}",
             )
-        return self
-
-    @model_validator(mode="after")
-    def _model_fits_dataset(self) -> JobSpec:
-        model_kind = _MODEL_INPUT_KIND.get(self.model.type)
-        data_kinds = _DATASET_INPUT_KINDS.get(self.dataset.type)
-        if model_kind is None or data_kinds is None:
-            return self  # a plugin: the worker checks when it builds
-        if model_kind not in data_kinds:
+        model_kind = _MODEL_INPUT_KIND.get(model.type)
+        data_kinds = _DATASET_INPUT_KINDS.get(dataset.type)
+        # None: a plugin (the worker checks when it builds) or a file (checked at submit,
+        # once the file's kind is known).
+        if model_kind is not None and data_kinds is not None and model_kind not in data_kinds:
             fitting = sorted(
                 [name for name, kinds in _DATASET_INPUT_KINDS.items() if model_kind in kinds]
                 + ["file"]
             )
             raise _field_error(
                 "dataset.type",
-                f"model {self.model.type!r} cannot train on {self.dataset.type!r}; "
+                f"model {model.type!r} cannot train on {dataset.type!r}; "
                 f"use one of: {', '.join(fitting)}",
-            )
-        # A sequence of n tokens gives n-1 (input, target) positions.
-        if (
-            isinstance(self.model, TinyGptSpec)
-            and isinstance(self.dataset, TinyTextSpec)
-            and self.dataset.max_length - 1 > self.model.block_size
-        ):
-            raise _field_error(
-                "model.block_size",
-                f"must be at least dataset.max_length - 1 = {self.dataset.max_length - 1}",
             )
         return self
 
@@ -668,19 +631,12 @@ def _first_unstorable_value(data: Any) -> tuple[str, str] | None:
     return None
 
 
-def _input_shape(dataset: BaseModel) -> tuple[int, ...] | None:
+def _features_and_classes(dataset: BaseModel) -> tuple[int, int] | None:
+    """(values per sample, classes) of a built-in data set of features; None for others."""
     if isinstance(dataset, SyntheticClassificationSpec):
-        return (dataset.n_features,)
+        return dataset.n_features, dataset.n_classes
     if isinstance(dataset, DigitsSpec):
-        return (64,)
-    return None
-
-
-def _num_classes(dataset: BaseModel) -> int | None:
-    if isinstance(dataset, SyntheticClassificationSpec):
-        return dataset.n_classes
-    if isinstance(dataset, DigitsSpec):
-        return 10
+        return 64, 10
     return None
 
 
@@ -692,15 +648,15 @@ def estimate_parameters(spec: JobSpec) -> int | None:
     """Parameter count of a built-in model, without building it (None for plugins)."""
     model = spec.model
     if isinstance(model, MlpSpec):
-        shape, classes = _input_shape(spec.dataset), _num_classes(spec.dataset)
-        if shape is None or classes is None:
+        data = _features_and_classes(spec.dataset)
+        if data is None:
             return None
-        widths = [math.prod(shape), *model.hidden_sizes, classes]
+        widths = [data[0], *model.hidden_sizes, data[1]]
         return sum((a + 1) * b for a, b in itertools.pairwise(widths))
     if isinstance(model, CnnSpec):
         channels = [1, *model.channels]
         conv = sum((a * model.kernel_size**2 + 1) * b for a, b in itertools.pairwise(channels))
-        classes = _num_classes(spec.dataset) or 10
+        _, classes = _features_and_classes(spec.dataset) or (64, 10)
         return (
             conv
             + (model.channels[-1] * 64 + 1) * model.hidden_size
@@ -718,8 +674,8 @@ def estimate_activation_elements_per_sample(spec: JobSpec) -> int | None:
     """A rough upper bound on the activations one sample keeps for backward."""
     model = spec.model
     if isinstance(model, MlpSpec):
-        shape = _input_shape(spec.dataset)
-        return None if shape is None else 2 * (math.prod(shape) + sum(model.hidden_sizes) + 1000)
+        data = _features_and_classes(spec.dataset)
+        return None if data is None else 2 * (data[0] + sum(model.hidden_sizes) + 1000)
     if isinstance(model, CnnSpec):
         return 4 * 64 * sum(model.channels) + 2 * model.hidden_size
     if isinstance(model, TinyGptSpec):

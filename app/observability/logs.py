@@ -22,31 +22,28 @@ from app.settings import Settings
 # Celery's worker format: what `trainjob worker` printed before there was a choice.
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
-_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
-_attempt: contextvars.ContextVar[int | None] = contextvars.ContextVar("attempt", default=None)
+# (job_id, attempt) of the run in progress.
+_job: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("job", default=None)
 
 
 @contextmanager
 def job_context(job_id: str, attempt: int) -> Iterator[None]:
     """Every line logged inside (in this thread, or a thread started with a copy of its
     context) carries `job_id` and `attempt`."""
-    job_token = _job_id.set(job_id)
-    attempt_token = _attempt.set(attempt)
+    token = _job.set((job_id, attempt))
     try:
         yield
     finally:
-        _attempt.reset(attempt_token)
-        _job_id.reset(job_token)
+        _job.reset(token)
 
 
 class JobContextFilter(logging.Filter):
     """Copies the running job's id and attempt onto the record, when there is one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        job_id = _job_id.get()
-        if job_id is not None:
-            record.job_id = job_id
-            record.attempt = _attempt.get()
+        job = _job.get()
+        if job is not None:
+            record.job_id, record.attempt = job
         return True
 
 

@@ -106,7 +106,7 @@ def test_worker_and_db_commands_on_an_unmigrated_database(
     url = make_postgres_database()
     env = {**os.environ, "TRAINJOB_DATABASE_URL": url, "TRAINJOB_REDIS_URL": "redis://127.0.0.1:6379/0",
            "TRAINJOB_HOME": str(tmp_path)}  # fmt: skip
-    command = [sys.executable, "-m", "worker.cli.main"]
+    command = [sys.executable, "-m", "cli.main"]
     refused = subprocess.run(
         [*command, "worker"], env=env, capture_output=True, text=True, timeout=60
     )

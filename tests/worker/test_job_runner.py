@@ -15,7 +15,7 @@ from app.db import Database
 from app.files.models import DataFile
 from app.files.usage import record_validation
 from app.jobs import service as jobs_service
-from app.settings import Settings, get_settings
+from app.settings import Settings
 from tests.app.files.stored_files import (
     TEXT_STATS,
     add_file,
@@ -167,29 +167,24 @@ def test_out_of_memory_outside_the_engine_s_backoff_fails_out_of_memory_not_inte
 
 
 def test_a_pretrained_model_over_the_worker_s_parameter_bound_fails_invalid_spec(
-    database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Database, settings: Settings, tmp_path: Path
 ) -> None:
     transformers = pytest.importorskip("transformers")
     models = tmp_path / "models"
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=96, n_positions=64)
     transformers.GPT2LMHeadModel(config).save_pretrained(models / "tiny-gpt2")
-    monkeypatch.setenv("TRAINJOB_HF_MODEL_DIRS", str(models))
-    get_settings.cache_clear()
     spec = {
         **BUILT_IN_SPEC,
         "model": {"type": "hf-causal-lm", "pretrained": str(models / "tiny-gpt2")},
         "dataset": {"type": "tiny-text", "min_length": 2, "max_length": 33},
     }
     job_id = create_job(database, spec)
-    try:
-        run_job(
-            job_id,
-            settings.model_copy(update={"hf_max_parameters": 1000}),
-            worker="w1",
-            enqueue=never_enqueue,
-        )
-    finally:
-        get_settings.cache_clear()
+    run_job(
+        job_id,
+        settings.model_copy(update={"hf_model_dirs": [models], "hf_max_parameters": 1000}),
+        worker="w1",
+        enqueue=never_enqueue,
+    )
 
     job = load_job(database, job_id)
     assert (job.status, job.error_type) == ("failed", "invalid_spec")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import REDIS_URL, wait_for
-from tests.processes import running, service_env
+from tests.conftest import REDIS_URL
+from tests.processes import running, service_env, wait_while_running
 
 
 def children_of(pid: int) -> list[int]:
@@ -39,13 +39,14 @@ def test_a_pool_child_preloads_torch_while_idle_and_the_parent_never_imports_it(
     )
     log = tmp_path / "worker.log"
     with running(["worker"], env, log) as worker:
-
-        def preloaded() -> bool:
-            assert worker.poll() is None, log.read_text()
-            return "preloaded the engine in" in log.read_text(errors="replace")
-
         # No job was sent: the child loads the engine on its own, as it starts.
-        wait_for(preloaded, 120, "the pool child to preload the engine", interval=0.2)
+        wait_while_running(
+            worker,
+            log,
+            lambda: "preloaded the engine in" in log.read_text(errors="replace"),
+            120,
+            "the pool child to preload the engine",
+        )
         children = children_of(worker.pid)
         assert children, log.read_text()
         assert all(has_torch_loaded(child) for child in children)

@@ -20,8 +20,8 @@ training rows is held out by a seeded shuffle.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,8 @@ from worker.datafiles.validate import (
     JsonlRow,
     Label,
     RowProblem,
-    check_x_header,
-    npz_array_names,
-    npz_kind,
-    open_npy,
-    parse_csv_header,
+    distinct_classes,
+    open_xy,
     parse_csv_row,
     read_jsonl,
     read_npy_as,
@@ -55,8 +52,7 @@ from worker.engine.data_types import (
     DataInfo,
     DataSplits,
     SampleSet,
-    TensorClassificationSet,
-    TensorRegressionSet,
+    TensorSet,
     TextClassificationSet,
     TokenSequenceSet,
 )
@@ -121,14 +117,13 @@ def _held_out_order(count: int, eval_fraction: float, seed: int) -> tuple[list[i
     return order[:cut], order[cut:]
 
 
-def _class_indices(
-    file_id: str, labels: np.ndarray[Any, Any], classes: np.ndarray[Any, Any]
-) -> torch.Tensor:
+def _class_indices(file_id: str, labels: Sequence[Label], classes: Sequence[Label]) -> torch.Tensor:
     """Each label's index among the sorted training classes; unknown labels fail."""
-    known = np.isin(labels, classes)
-    if not known.all():
-        raise _invalid(file_id, _unknown_labels({str(label) for label in labels[~known]}))
-    return torch.from_numpy(np.searchsorted(classes, labels).astype(np.int64))
+    index = {label: position for position, label in enumerate(classes)}
+    unknown = {str(label) for label in labels if label not in index}
+    if unknown:
+        raise _invalid(file_id, _unknown_labels(unknown))
+    return torch.tensor([index[label] for label in labels], dtype=torch.long)
 
 
 def _unknown_labels(unknown: set[str]) -> str:
@@ -147,9 +142,9 @@ def _unknown_labels(unknown: set[str]) -> str:
 class _EncodedText:
     kind: str
     sequences: list[torch.Tensor] = field(default_factory=list)
+    # Where each sequence's loss units start: after its prompt (1: every next token).
     loss_starts: list[int] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
-    skipped: int = 0
 
     def take(self, rows: list[int]) -> _EncodedText:
         return _EncodedText(
@@ -161,14 +156,9 @@ class _EncodedText:
 
 
 def _jsonl_rows(file_id: str, path: Path) -> Iterator[JsonlRow]:
-    kind = None
     for number, row in read_jsonl(path):
         if isinstance(row, RowProblem):
             raise _invalid(file_id, f"line {number}: {row}")
-        if kind is None:
-            kind = row.kind
-        elif row.kind != kind:
-            raise _invalid(file_id, f"line {number}: a {row.kind} row among {kind} rows")
         yield row
 
 
@@ -196,7 +186,6 @@ def _encode(
             loss_start = 1
             usable = len(ids) >= (1 if row.kind == LABELLED_TEXT else 2)
         if not usable:
-            encoded.skipped += 1
             continue
         if max(ids) >= tokenizer.vocab_size or min(ids) < 0:
             raise TrainingError(
@@ -228,8 +217,8 @@ def _text_splits(
         raise _invalid(
             spec.file_id, f"no row has enough tokens to train on (max_length {spec.max_length})"
         )
-    # The whole training file's labels, before any are held out.
-    classes = np.unique(np.array(train.labels)) if train.kind == LABELLED_TEXT else None
+    # The whole training file's labels, before any are held out (one type: sortable).
+    classes = sorted(set(train.labels)) if train.kind == LABELLED_TEXT else None
     held_out: _EncodedText | None = None
     if validation_path is not None:
         assert spec.validation_file_id is not None
@@ -245,36 +234,26 @@ def _text_splits(
         train_rows, held_rows = _held_out_order(len(train.sequences), spec.eval_fraction, seed)
         held_out = train.take(held_rows)
         train = train.take(train_rows)
-    if held_out is not None and not held_out.sequences:
-        held_out = None
+
+    def sample_set(file_id: str, encoded: _EncodedText) -> SampleSet:
+        if classes is None:
+            return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+        labels = _class_indices(file_id, encoded.labels, classes)
+        return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
+
     info = DataInfo(
-        vocab_size=tokenizer.vocab_size, max_length=spec.max_length, pad_id=tokenizer.pad_id
+        vocab_size=tokenizer.vocab_size,
+        max_length=spec.max_length,
+        pad_id=tokenizer.pad_id,
+        num_classes=None if classes is None else len(classes),
+        class_labels=None if classes is None else tuple(classes),
     )
-    if classes is None:
-        return DataSplits(
-            _token_sequences(train, tokenizer),
-            _token_sequences(held_out, tokenizer) if held_out else None,
-            info,
-        )
-    info = replace(info, num_classes=len(classes), class_labels=tuple(classes.tolist()))
     held_id = spec.validation_file_id or spec.file_id
     return DataSplits(
-        _labelled_texts(spec.file_id, train, classes, tokenizer),
-        _labelled_texts(held_id, held_out, classes, tokenizer) if held_out else None,
+        sample_set(spec.file_id, train),
+        sample_set(held_id, held_out) if held_out and held_out.sequences else None,
         info,
     )
-
-
-def _labelled_texts(
-    file_id: str, encoded: _EncodedText, classes: np.ndarray[Any, Any], tokenizer: TextTokenizer
-) -> TextClassificationSet:
-    labels = _class_indices(file_id, np.array(encoded.labels), classes)
-    return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
-
-
-def _token_sequences(encoded: _EncodedText, tokenizer: TextTokenizer) -> TokenSequenceSet:
-    loss_starts = encoded.loss_starts if encoded.kind == PROMPT_COMPLETION else None
-    return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, loss_starts)
 
 
 # ---------------------------------------------------------------- tables
@@ -286,16 +265,11 @@ class _Labels:
     label each code stands for (codes of equal labels may differ, e.g. CSV "1" and "01")."""
 
     codes: np.ndarray[Any, Any]
-    values: list[Label]
+    values: Sequence[Label]
 
     def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
         """Each row's index among the sorted training classes; unknown labels fail."""
-        index = {label: position for position, label in enumerate(classes)}
-        unknown = {str(value) for value in self.values if value not in index}
-        if unknown:
-            raise _invalid(file_id, _unknown_labels(unknown))
-        by_code = np.array([index[value] for value in self.values], dtype=np.int64)
-        return torch.from_numpy(by_code[self.codes])
+        return _class_indices(file_id, self.values, classes)[torch.from_numpy(self.codes)]
 
 
 @dataclass
@@ -345,13 +319,7 @@ def _csv_row_bound(path: Path, columns: int) -> int:
 
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
     with CsvReader(path).open() as reader:
-        header = reader.header()
-        if header is None:
-            raise RowProblem("the file is empty")
-        try:
-            layout = parse_csv_header(header)
-        except RowProblem as problem:
-            raise RowProblem(f"line {reader.line}: {problem}") from None
+        layout = reader.layout()
         # Filled in place as rows stream in: no Python objects per value or per row, and
         # no copy when done (the unused tail of the arrays is never touched, so it takes
         # address space, not memory).
@@ -401,39 +369,22 @@ def _int_or_none(label: str) -> int | None:
 
 
 def _read_npz(file_id: str, path: Path) -> _Table:
-    with zipfile.ZipFile(path) as archive:
-        if not {"x", "y"} <= set(npz_array_names(archive)):
-            raise RowProblem("the archive needs arrays 'x' and 'y'")
-        with open_npy(archive, "x") as (x_header, x_stream):
-            check_x_header(x_header)
-            # float64 stays float64 (an fp64 run keeps every digit); anything else trains
-            # as float32, converted as it is read.
-            x = read_npy_as(x_header, x_stream, _float_type(x_header.dtype))
-        with open_npy(archive, "y") as (y_header, y_stream):
-            kind = npz_kind(y_header)
-            if len(x) != y_header.shape[0]:
-                raise RowProblem(f"'x' has {len(x)} rows but 'y' has {y_header.shape[0]}")
-            y = read_npy_as(
-                y_header, y_stream, _float_type(y_header.dtype) if kind == REGRESSION else np.int64
-            )
+    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, x_data, y_npy, y_data):
+        # float64 stays float64 (an fp64 run keeps every digit); anything else trains
+        # as float32, converted as it is read.
+        x = read_npy_as(x_npy, x_data, _float_type(x_npy.dtype))
+        y = read_npy_as(y_npy, y_data, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
     features = torch.from_numpy(x)
     if kind == REGRESSION:
         targets = torch.from_numpy(y).reshape(len(y), -1)
         return _Table(file_id, REGRESSION, features, targets=targets)
     # Codes are the indices among the file's own sorted classes, so that a second file
     # maps them through its labels, as with CSV.
-    classes = _distinct(y)
-    labels = _Labels(np.searchsorted(classes, y), [int(value) for value in classes])
+    slices = (y[start : start + SCAN_ELEMENTS] for start in range(0, len(y), SCAN_ELEMENTS))
+    classes = distinct_classes(slices)
+    assert classes is not None  # no limit
+    labels = _Labels(np.searchsorted(np.array(classes, dtype=y.dtype), y), classes)
     return _Table(file_id, CLASSIFICATION, features, labels=labels)
-
-
-def _distinct(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """The sorted distinct values, a slice at a time: np.unique of the whole array would
-    sort a copy of it."""
-    found: set[int] = set()
-    for start in range(0, len(values), SCAN_ELEMENTS):
-        found.update(np.unique(values[start : start + SCAN_ELEMENTS]).tolist())
-    return np.array(sorted(found), dtype=values.dtype)
 
 
 def _float_type(dtype: np.dtype[Any]) -> type[Any]:
@@ -465,15 +416,16 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
 
 
 def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
-    index = None if rows is None else torch.tensor(rows, dtype=torch.long)
-    features = table.features if index is None else table.features[index]
     if table.kind == REGRESSION:
         assert table.targets is not None
-        targets = table.targets if index is None else table.targets[index]
-        return TensorRegressionSet(features, targets)
-    assert table.labels is not None and classes is not None
-    labels = table.labels.class_indices(table.file_id, classes)
-    return TensorClassificationSet(features, labels if index is None else labels[index])
+        targets = table.targets
+    else:
+        assert table.labels is not None and classes is not None
+        targets = table.labels.class_indices(table.file_id, classes)
+    if rows is None:
+        return TensorSet(table.features, targets)
+    index = torch.tensor(rows, dtype=torch.long)
+    return TensorSet(table.features[index], targets[index])
 
 
 def _table_splits(
@@ -492,12 +444,10 @@ def _table_splits(
             num_classes=len(classes),
             class_labels=tuple(classes),
         )
-    if held_out is not None:
-        return DataSplits(
-            _table_set(train, None, classes), _table_set(held_out, None, classes), info
-        )
-    if spec.eval_fraction == 0:  # every row trains, in the file's order: no copy of them
-        return DataSplits(_table_set(train, None, classes), None, info)
+    # Every training row trains, in the file's order: no copy of them.
+    if held_out is not None or spec.eval_fraction == 0:
+        held_set = None if held_out is None else _table_set(held_out, None, classes)
+        return DataSplits(_table_set(train, None, classes), held_set, info)
     train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
     return DataSplits(
         _table_set(train, train_rows, classes),

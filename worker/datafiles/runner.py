@@ -109,14 +109,9 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
         logger.error(
             "file %s: validation was killed %d times; recording it invalid", file_id, attempt - 1
         )
-        return ValidationReport(
-            status="invalid",
-            kind=None,
-            errors=[
-                f"validation ran out of memory or crashed: the worker process checking this "
-                f"file was killed {attempt - 1} times (the worker's log has the details)"
-            ],
-            stats={},
+        return ValidationReport.invalid(
+            f"validation ran out of memory or crashed: the worker process checking this "
+            f"file was killed {attempt - 1} times (the worker's log has the details)"
         )
     if "kill_validation" in parse_faults(settings.test_faults):
         os.kill(os.getpid(), signal.SIGKILL)  # testing only: as the OOM killer would
@@ -133,12 +128,7 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
             raise
         except Exception as failure:  # unreadable bytes or a bug: say so, never hang
             logger.exception("file %s: validation crashed", file_id)
-            return ValidationReport(
-                status="invalid",
-                kind=None,
-                errors=[f"the file could not be validated: {_reason(failure)}"],
-                stats={},
-            )
+            return ValidationReport.invalid(f"the file could not be validated: {_reason(failure)}")
 
 
 def _begin_attempt(database: Database, file_id: str) -> int | None:

@@ -6,6 +6,7 @@ tokens: a row's tokens are its text's, so its loss units are known from its leng
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -49,10 +50,7 @@ class CharTokenizer:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(text)
-        return cls(seen)
+        return cls(itertools.chain.from_iterable(texts))
 
     @property
     def vocab_size(self) -> int:

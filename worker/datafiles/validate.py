@@ -53,6 +53,11 @@ class ValidationReport:
     errors: list[str]
     stats: dict[str, Any]
 
+    @classmethod
+    def invalid(cls, message: str) -> ValidationReport:
+        """A file found invalid without being read through (its checks crashed)."""
+        return cls("invalid", None, [message], {})
+
 
 class RowProblem(Exception):
     """What is wrong with one row or line; the caller says where it is."""
@@ -93,6 +98,15 @@ def validate_file(path: Path, format: str) -> ValidationReport:
     return ValidationReport("valid", kind, [], stats)
 
 
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowProblem(
+            f"not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1})"
+        ) from None
+
+
 def _short(value: object, limit: int = 40) -> str:
     text = value if isinstance(value, str) else repr(value)
     return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
@@ -125,12 +139,11 @@ class LabelSet:
             )
         self.values.add(label)
 
-    def sorted(self) -> list[Label]:
-        return sorted(self.values)  # one type, checked in add
 
-    def stats(self) -> dict[str, Any]:
-        labels = self.sorted()
-        return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
+def label_stats(values: Iterable[Label]) -> dict[str, Any]:
+    """A classification file's stats: how many classes, and (some of) their labels."""
+    labels = sorted(values)  # one type, checked by LabelSet
+    return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
 
 
 def _type_name(kind: type) -> str:
@@ -205,14 +218,8 @@ def _label(value: object) -> Label:
 
 def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
     """One line of a JSONL file; None for a blank line. Raises RowProblem."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RowProblem(
-            f"not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1})"
-        ) from None
     # A byte order mark, as some editors write at the start of a file.
-    line = line.removeprefix("\ufeff")
+    line = _utf8(raw).removeprefix("\ufeff")
     if not line.strip():
         return None
     try:
@@ -239,34 +246,39 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
-    """(line number, row or what is wrong with it) for every non-blank line, streamed."""
+    """(line number, row or what is wrong with it) for every non-blank line, streamed.
+    Every row must be of the kind of the first good one."""
+    first: JsonlRow | None = None
+    first_line = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 row = parse_jsonl_line(raw)
+                if row is None:
+                    continue
+                if first is None:
+                    first, first_line = row, number
+                elif row.kind != first.kind:
+                    raise RowProblem(
+                        f"has {_KIND_KEYS[row.kind]} but line {first_line} has "
+                        f"{_KIND_KEYS[first.kind]}: every line must hold the same kind of row"
+                    )
             except RowProblem as problem:
                 yield number, problem
                 continue
-            if row is not None:
-                yield number, row
+            yield number, row
 
 
 def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
     kind: str | None = None
-    kind_line = rows = tokens = max_row_bytes = 0
+    rows = tokens = max_row_bytes = 0
     labels = LabelSet()
     for number, row in read_jsonl(path):
         rows += 1
         try:
             if isinstance(row, RowProblem):
                 raise row
-            if kind is None:
-                kind, kind_line = row.kind, number
-            elif row.kind != kind:
-                raise RowProblem(
-                    f"has {_KIND_KEYS[row.kind]} but line {kind_line} has {_KIND_KEYS[kind]}: "
-                    "every line must hold the same kind of row"
-                )
+            kind = row.kind  # the same on every good line
             if row.label is not None:
                 labels.add(row.label, number)
         except RowProblem as problem:
@@ -280,7 +292,7 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
         problems.add("the file has no rows (only blank lines)")
     stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}
     if kind == LABELLED_TEXT:
-        stats |= labels.stats()
+        stats |= label_stats(labels.values)
     return kind, stats
 
 
@@ -295,10 +307,6 @@ class CsvLayout:
     columns: list[str]
     feature_columns: list[int]
     target_column: int
-
-    @property
-    def target_name(self) -> str:
-        return self.columns[self.target_column]
 
 
 def parse_csv_header(cells: list[str]) -> CsvLayout:
@@ -357,12 +365,9 @@ def _utf8_lines(handle: IO[bytes]) -> Iterator[str]:
     """Lines decoded one at a time, so a bad byte is reported at its own line."""
     for number, raw in enumerate(handle, start=1):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RowProblem(
-                f"line {number}: not valid UTF-8 (byte {raw[error.start]:#04x} "
-                f"at byte {error.start + 1})"
-            ) from None
+            line = _utf8(raw)
+        except RowProblem as problem:
+            raise RowProblem(f"line {number}: {problem}") from None
         yield line.removeprefix("\ufeff") if number == 1 else line
 
 
@@ -392,11 +397,15 @@ class CsvReader:
         self.line = self._reader.line_num
         return cells
 
-    def header(self) -> list[str] | None:
+    def layout(self) -> CsvLayout:
+        """The header's layout; RowProblem for an empty file or a bad header."""
         while (cells := self._next()) is not None:
             if cells:
-                return cells
-        return None
+                try:
+                    return parse_csv_header(cells)
+                except RowProblem as problem:
+                    raise RowProblem(f"line {self.line}: {problem}") from None
+        raise RowProblem("the file is empty")
 
     def rows(self) -> Iterator[list[str]]:
         while (cells := self._next()) is not None:
@@ -410,15 +419,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
     layout: CsvLayout | None = None
     try:
         with CsvReader(path).open() as reader:
-            header = reader.header()
-            if header is None:
-                problems.add("the file is empty")
-                return None, {"rows": 0}
-            try:
-                layout = parse_csv_header(header)
-            except RowProblem as problem:
-                problems.add(f"line {reader.line}: {problem}")
-                return None, {"rows": 0}
+            layout = reader.layout()
             for cells in reader.rows():
                 rows += 1
                 try:
@@ -435,10 +436,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("the file has a header but no rows")
     stats: dict[str, Any] = {"rows": rows, "input_shape": [len(layout.feature_columns)]}
     if layout.kind == CLASSIFICATION:
-        labels = LabelSet()
-        for value in typed_csv_labels(str(label) for label in raw_labels.values).values():
-            labels.values.add(value)
-        stats |= labels.stats()
+        stats |= label_stats(typed_csv_labels(map(str, raw_labels.values)).values())
     else:
         stats["target_size"] = 1
     return layout.kind, stats
@@ -511,8 +509,25 @@ def _check_expansion(header: NpyHeader, compressed: int) -> None:
         )
 
 
-def npz_array_names(archive: zipfile.ZipFile) -> list[str]:
-    return sorted(name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy"))
+@contextmanager
+def open_xy(
+    archive: zipfile.ZipFile,
+) -> Iterator[tuple[str, NpyHeader, IO[bytes], NpyHeader, IO[bytes]]]:
+    """(kind, x's header and stream, y's header and stream) of an NPZ data set, once its
+    headers are checked: numbers, one row of x per value (or row) of y."""
+    names = sorted(
+        name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")
+    )
+    missing = [name for name in ("x", "y") if name not in names]
+    if missing:
+        held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
+        raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
+    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
+        check_x_header(x)
+        kind = npz_kind(y)
+        if x.shape[0] != y.shape[0]:
+            raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
+        yield kind, x, x_stream, y, y_stream
 
 
 def npy_chunks(header: NpyHeader, stream: IO[bytes]) -> Iterator[np.ndarray[Any, Any]]:
@@ -587,8 +602,8 @@ def _check_numbers(array: NpyHeader) -> None:
         )
 
 
-def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
-    """The first row (0-based) holding NaN or inf, reading a chunk at a time."""
+def _non_finite(header: NpyHeader, stream: IO[bytes]) -> str | None:
+    """Which row (1-based) first holds NaN or inf, reading a chunk at a time."""
     total = math.prod(header.shape)
     rows = header.shape[0]
     row_size = total // rows if rows else 0
@@ -597,18 +612,21 @@ def _first_non_finite_row(header: NpyHeader, stream: IO[bytes]) -> int | None:
         bad = np.flatnonzero(~np.isfinite(chunk))
         if len(bad):
             element = done + int(bad[0])
-            return element % rows if header.fortran_order else element // row_size
+            row = element % rows if header.fortran_order else element // row_size
+            return f"{header.name!r} has NaN or infinite values in row {row + 1}"
         done += len(chunk)
     return None
 
 
-def npz_classes(header: NpyHeader, stream: IO[bytes]) -> list[int] | None:
-    """An integer y's distinct classes, sorted, reading a chunk at a time; None as soon
-    as there are more than MAX_CLASSES (never a sorted copy of the whole y)."""
+def distinct_classes(
+    chunks: Iterable[np.ndarray[Any, Any]], limit: float = math.inf
+) -> list[int] | None:
+    """An integer y's distinct classes, sorted, from its chunks; None as soon as there are
+    more than `limit` (never a sorted copy of the whole y)."""
     classes: set[int] = set()
-    for chunk in npy_chunks(header, stream):
-        classes.update(int(value) for value in np.unique(chunk))
-        if len(classes) > MAX_CLASSES:
+    for chunk in chunks:
+        classes.update(np.unique(chunk).tolist())
+        if len(classes) > limit:
             return None
     return sorted(classes)
 
@@ -620,50 +638,30 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("not an NPZ archive (numpy.savez writes one: a zip of .npy arrays)")
         return None, {"rows": 0}
     try:
-        with archive:
-            return _validate_npz_arrays(archive, problems)
+        with archive, open_xy(archive) as (kind, x, x_stream, y, y_stream):
+            if x.shape[0] == 0:
+                raise RowProblem("'x' and 'y' have no rows")
+            stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+            if x.dtype.kind == "f" and (problem := _non_finite(x, x_stream)):
+                problems.add(problem)
+            if kind == REGRESSION:
+                if problem := _non_finite(y, y_stream):
+                    problems.add(problem)
+                return kind, stats | {"target_size": 1 if len(y.shape) == 1 else int(y.shape[1])}
+            classes = distinct_classes(npy_chunks(y, y_stream), MAX_CLASSES)
     except RowProblem as problem:
         problems.add(str(problem))
+        return None, {"rows": 0}
     except DAMAGED_ARCHIVE as error:
         problems.add(f"the archive is damaged ({error})")
-    return None, {"rows": 0}
-
-
-def _validate_npz_arrays(
-    archive: zipfile.ZipFile, problems: _Problems
-) -> tuple[str | None, dict[str, Any]]:
-    names = npz_array_names(archive)
-    missing = [name for name in ("x", "y") if name not in names]
-    if missing:
-        held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
-        raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
-    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
-        check_x_header(x)
-        kind = npz_kind(y)
-        if x.shape[0] != y.shape[0]:
-            raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
-        if x.shape[0] == 0:
-            raise RowProblem("'x' and 'y' have no rows")
-        if x.dtype.kind == "f":
-            bad_row = _first_non_finite_row(x, x_stream)
-            if bad_row is not None:
-                problems.add(f"'x' has NaN or infinite values in row {bad_row + 1}")
-        stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
-        if kind == REGRESSION:
-            bad_row = _first_non_finite_row(y, y_stream)
-            if bad_row is not None:
-                problems.add(f"'y' has NaN or infinite values in row {bad_row + 1}")
-            stats["target_size"] = 1 if len(y.shape) == 1 else int(y.shape[1])
-            return kind, stats
-        classes = npz_classes(y, y_stream)
+        return None, {"rows": 0}
     if classes is None:
         problems.add(
             f"'y' has more than {MAX_CLASSES:,} distinct classes: to predict numbers, "
             "save 'y' as floats"
         )
         return kind, stats
-    stats |= {"classes": len(classes), "labels": classes[:MAX_LISTED_LABELS]}
-    return kind, stats
+    return kind, stats | label_stats(classes)
 
 
 _VALIDATORS: dict[str, Callable[[Path, _Problems], tuple[str | None, dict[str, Any]]]] = {

@@ -76,39 +76,17 @@ class DataSplits:
     info: DataInfo
 
 
-class TensorClassificationSet:
-    """Features and integer labels held as two tensors; one loss unit per sample."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(features) != len(labels):
-            raise ValueError("features and labels differ in length")
-        self.features = features
-        self.labels = labels.long()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def loss_units(self, indices: list[int]) -> int:
-        return len(indices)
-
-    def tokens(self, indices: list[int]) -> int:
-        return 0
-
-    def collate(self, indices: list[int]) -> Batch:
-        index = torch.tensor(indices, dtype=torch.long)
-        return Batch(self.features[index], self.labels[index])
-
-
-class TensorRegressionSet:
-    """Features and float targets (N × target_size); one loss unit per sample."""
+class TensorSet:
+    """Features with integer class labels (cross-entropy) or float targets shaped
+    N × target_size (squared error), held as two tensors; one loss unit per sample."""
 
     def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         if len(features) != len(targets):
             raise ValueError("features and targets differ in length")
-        if not targets.is_floating_point() or targets.dim() != 2:
-            raise ValueError("targets must be floats shaped N × target_size")
+        if targets.is_floating_point() and targets.dim() != 2:
+            raise ValueError("float targets must be shaped N × target_size")
         self.features = features
-        self.targets = targets
+        self.targets = targets if targets.is_floating_point() else targets.long()
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -12,7 +12,7 @@ from worker.engine.data_types import (
     DataInfo,
     DataSplits,
     SampleSet,
-    TensorClassificationSet,
+    TensorSet,
     TokenSequenceSet,
 )
 
@@ -30,8 +30,8 @@ def _split_classification(
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     features, labels = features[order], labels[order]
     cut = _split_point(len(labels), eval_fraction)
-    train = TensorClassificationSet(features[:cut], labels[:cut])
-    held_out = TensorClassificationSet(features[cut:], labels[cut:]) if cut < len(labels) else None
+    train = TensorSet(features[:cut], labels[:cut])
+    held_out = TensorSet(features[cut:], labels[cut:]) if cut < len(labels) else None
     return train, held_out
 
 

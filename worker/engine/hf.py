@@ -6,7 +6,8 @@ the worker's Hugging Face cache; weights are read from safetensors files only (a
 pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
 `config` builds a new model from a transformers config. Either is refused before its
 weights are allocated if it has more parameters than the caller's bound (the worker's
-TRAINJOB_HF_MAX_PARAMETERS).
+TRAINJOB_HF_MAX_PARAMETERS). The caller passes both in an `HfLimits`: the engine reads
+no settings.
 
 Each model is wrapped so that the engine sees what it sees of the built-in models:
 `forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
@@ -32,7 +33,6 @@ import torch
 from torch import nn
 
 from app.jobs.spec import MAX_PARAMETERS, HfCausalLmSpec, HfSequenceClassificationSpec
-from app.settings import get_settings
 from worker.engine.data_types import DataInfo
 from worker.engine.errors import TrainingError
 
@@ -47,26 +47,28 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _MAX_MESSAGE = 600
 
 
+@dataclass(frozen=True)
+class HfLimits:
+    """What the operator allows of Hugging Face models: the directories `pretrained` may
+    name (TRAINJOB_HF_MODEL_DIRS) and the most parameters (TRAINJOB_HF_MAX_PARAMETERS)."""
+
+    model_dirs: Sequence[Path] = ()
+    max_parameters: int = MAX_PARAMETERS
+
+
+# No directories: `pretrained` can name only models in the Hugging Face cache.
+DEFAULT_LIMITS = HfLimits()
+
+
 # ---------------------------------------------------------------- builders
 
 
 def build_hf_causal_lm(
-    spec: HfCausalLmSpec, info: DataInfo, max_parameters: int = MAX_PARAMETERS
+    spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
 ) -> nn.Module:
     """A causal language model: logits [batch, tokens, vocabulary]."""
     transformers = _import_transformers()
-    auto_class = transformers.AutoModelForCausalLM
-    model: Any  # a transformers PreTrainedModel
-    if spec.config is not None:
-        config = _config_from_spec(transformers, spec.config)
-        model = _from_config(auto_class, config, max_parameters)
-    else:
-        directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
-        with _transformers_errors("model.pretrained"):
-            saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
-        _check_parameters(auto_class, saved, max_parameters, "model.pretrained")
-        with _transformers_errors("model.pretrained"):
-            model = auto_class.from_pretrained(directory, **_OFFLINE_AND_SAFE, use_safetensors=True)
+    model = _load(transformers, transformers.AutoModelForCausalLM, spec, limits)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
@@ -75,7 +77,7 @@ def build_hf_causal_lm(
 
 
 def build_hf_sequence_classification(
-    spec: HfSequenceClassificationSpec, info: DataInfo, max_parameters: int = MAX_PARAMETERS
+    spec: HfSequenceClassificationSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
 ) -> nn.Module:
     """A sequence classifier: logits [batch, classes], read at each sequence's last real
     token (decoders) or its first token (encoders)."""
@@ -85,27 +87,7 @@ def build_hf_sequence_classification(
         )
     transformers = _import_transformers()
     auto_class = transformers.AutoModelForSequenceClassification
-    model: Any  # a transformers PreTrainedModel
-    if spec.config is not None:
-        config = _config_from_spec(transformers, {**spec.config, "num_labels": info.num_classes})
-        model = _from_config(auto_class, config, max_parameters)
-    else:
-        directory = resolve_pretrained(spec.pretrained or "", get_settings().hf_model_dirs)
-        with _transformers_errors("model.pretrained"):
-            saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
-            # Counted with the head it will have: one for the data's classes.
-            counted = copy.deepcopy(saved)
-            counted.num_labels = info.num_classes
-        _check_parameters(auto_class, counted, max_parameters, "model.pretrained")
-        with _transformers_errors("model.pretrained"):
-            # A head saved for another number of classes is replaced by a fresh one.
-            model = auto_class.from_pretrained(
-                directory,
-                **_OFFLINE_AND_SAFE,
-                use_safetensors=True,
-                num_labels=info.num_classes,
-                ignore_mismatched_sizes=saved.num_labels != info.num_classes,
-            )
+    model = _load(transformers, auto_class, spec, limits, num_labels=info.num_classes)
     if model.config.pad_token_id is None:
         # Decoders refuse batches of more than one sequence without a pad token id; the
         # wrapper pools by the attention mask, so the value only has to be a token id.
@@ -171,10 +153,36 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
 
 
-def _from_config(auto_class: Any, config: Any, max_parameters: int) -> Any:
-    _check_parameters(auto_class, config, max_parameters, "model.config")
-    with _transformers_errors("model.config"):
-        return auto_class.from_config(config, trust_remote_code=False)
+def _load(
+    transformers: ModuleType,
+    auto_class: Any,
+    spec: HfModelSpec,
+    limits: HfLimits,
+    num_labels: int | None = None,
+) -> Any:
+    """A transformers PreTrainedModel from the spec's `config` or `pretrained` directory,
+    refused over `limits.max_parameters` before its weights exist. `num_labels` gives a
+    classifier its head: one output per class of the data."""
+    head = {} if num_labels is None else {"num_labels": num_labels}
+    if spec.config is not None:
+        config = _config_from_spec(transformers, {**spec.config, **head})
+        _check_parameters(auto_class, config, limits.max_parameters, "model.config")
+        with _transformers_errors("model.config"):
+            return auto_class.from_config(config, trust_remote_code=False)
+    directory = resolve_pretrained(spec.pretrained or "", limits.model_dirs)
+    with _transformers_errors("model.pretrained"):
+        saved = transformers.AutoConfig.from_pretrained(directory, **_OFFLINE_AND_SAFE)
+        # Counted with the head it will have.
+        counted = copy.deepcopy(saved)
+        counted.update(head)
+    _check_parameters(auto_class, counted, limits.max_parameters, "model.pretrained")
+    if num_labels is not None:
+        # A head saved for another number of classes is replaced by a fresh one.
+        head["ignore_mismatched_sizes"] = saved.num_labels != num_labels
+    with _transformers_errors("model.pretrained"):
+        return auto_class.from_pretrained(
+            directory, **_OFFLINE_AND_SAFE, use_safetensors=True, **head
+        )
 
 
 def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
@@ -403,12 +411,12 @@ class PretrainedTokenizer:
         return list(self.tokenizer.encode(text))
 
 
-def load_tokenizer(spec: HfModelSpec) -> TextTokenizer | None:
+def load_tokenizer(spec: HfModelSpec, model_dirs: Sequence[Path]) -> TextTokenizer | None:
     """The tokenizer saved with a pretrained model; None for a `config` model or a
     directory without one."""
     if spec.pretrained is None:
         return None
-    directory = resolve_pretrained(spec.pretrained, get_settings().hf_model_dirs)
+    directory = resolve_pretrained(spec.pretrained, model_dirs)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         return None
     transformers = _import_transformers()

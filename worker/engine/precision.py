@@ -29,11 +29,10 @@ class PrecisionPlan:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
 
+# Mixed precision: parameters stay fp32, the forward pass runs in the lower precision.
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def plan_precision(name: Precision, device: torch.device) -> PrecisionPlan:
-    if name == "fp64":
-        return PrecisionPlan(name, device, torch.float64, None)
-    if name == "bf16":
-        return PrecisionPlan(name, device, torch.float32, torch.bfloat16)
-    if name == "fp16":
-        return PrecisionPlan(name, device, torch.float32, torch.float16)
-    return PrecisionPlan(name, device, torch.float32, None)
+    parameter_dtype = torch.float64 if name == "fp64" else torch.float32
+    return PrecisionPlan(name, device, parameter_dtype, _AUTOCAST_DTYPES.get(name))

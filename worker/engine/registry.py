@@ -16,7 +16,6 @@ from torch import nn
 
 from app.jobs.spec import (
     DATASET_ENTRY_POINT_GROUP,
-    MAX_PARAMETERS,
     MODEL_ENTRY_POINT_GROUP,
     DatasetSpec,
     FileDatasetSpec,
@@ -49,29 +48,25 @@ BUILTIN_DATASET_BUILDERS: dict[str, DatasetBuilder] = {
 }
 
 
-def _plugin(group: str, name: str) -> Callable[..., Any] | None:
+def _plugin(group: str, what: str, name: str, known: list[str]) -> Callable[..., Any]:
     for entry_point in entry_points(group=group, name=name):
         return cast(Callable[..., Any], entry_point.load())
-    return None
+    raise TrainingError("invalid_spec", f"unknown {what} type {name!r}; known: {', '.join(known)}")
 
 
 def build_model(
-    spec: ModelSpec, info: DataInfo, hf_max_parameters: int = MAX_PARAMETERS
+    spec: ModelSpec, info: DataInfo, hf_limits: hf.HfLimits = hf.DEFAULT_LIMITS
 ) -> nn.Module:
-    """The spec's model. A Hugging Face one is refused over `hf_max_parameters` before its
-    weights exist; the built-in ones are bounded by the spec itself."""
+    """The spec's model. A Hugging Face one is loaded within `hf_limits` (refused over its
+    parameter bound before its weights exist); the built-in ones are bounded by the spec."""
     if isinstance(spec, HfCausalLmSpec):
-        return hf.build_hf_causal_lm(spec, info, hf_max_parameters)
+        return hf.build_hf_causal_lm(spec, info, hf_limits)
     if isinstance(spec, HfSequenceClassificationSpec):
-        return hf.build_hf_sequence_classification(spec, info, hf_max_parameters)
+        return hf.build_hf_sequence_classification(spec, info, hf_limits)
     name = str(spec.type)
     if name in BUILTIN_MODEL_BUILDERS:
         return BUILTIN_MODEL_BUILDERS[name](spec, info)
-    plugin = _plugin(MODEL_ENTRY_POINT_GROUP, name)
-    if plugin is None:
-        raise TrainingError(
-            "invalid_spec", f"unknown model type {name!r}; known: {', '.join(known_models())}"
-        )
+    plugin = _plugin(MODEL_ENTRY_POINT_GROUP, "model", name, known_models())
     return cast(nn.Module, plugin(spec.model_dump(), info))
 
 
@@ -95,24 +90,22 @@ def build_dataset(
     name = str(spec.type)
     if name in BUILTIN_DATASET_BUILDERS:
         return BUILTIN_DATASET_BUILDERS[name](spec, seed)
-    plugin = _plugin(DATASET_ENTRY_POINT_GROUP, name)
-    if plugin is None:
-        raise TrainingError(
-            "invalid_spec", f"unknown dataset type {name!r}; known: {', '.join(known_datasets())}"
-        )
+    plugin = _plugin(DATASET_ENTRY_POINT_GROUP, "dataset", name, known_datasets())
     return cast(DataSplits, plugin(spec.model_dump(), seed))
 
 
-def model_tokenizer(spec: JobSpec) -> TextTokenizer | None:
+def model_tokenizer(
+    spec: JobSpec, hf_limits: hf.HfLimits = hf.DEFAULT_LIMITS
+) -> TextTokenizer | None:
     """The tokenizer a file data set's text is encoded with when the model brings one: a
     Hugging Face model's own (dataset.tokenizer "model" or unset; None when the model has
-    none saved, which means byte level). None also for "byte" and "char", which the
-    loader builds, and for every other data set."""
+    none saved, which means byte level), found in `hf_limits.model_dirs`. None also for
+    "byte" and "char", which the loader builds, and for every other data set."""
     dataset = spec.dataset
     if not isinstance(dataset, FileDatasetSpec) or dataset.tokenizer in ("byte", "char"):
         return None
     if isinstance(spec.model, HfCausalLmSpec | HfSequenceClassificationSpec):
-        return hf.load_tokenizer(spec.model)
+        return hf.load_tokenizer(spec.model, hf_limits.model_dirs)
     if dataset.tokenizer == "model":
         raise TrainingError(
             "invalid_spec",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.jobs.spec import MAX_PARAMETERS, JobSpec
+from app.jobs.spec import JobSpec
 from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
@@ -33,6 +33,7 @@ from worker.engine.checkpoint import (
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
 from worker.engine.devices import resolve_device
 from worker.engine.errors import TrainingError
+from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import PrecisionPlan, plan_precision
@@ -128,6 +129,10 @@ class Progress:
     eval_loss: float | None = None
 
 
+# Saved in a checkpoint's state under their own names (the position as epoch and index).
+_PROGRESS_COUNTERS = ("step", "micro_batch_size", "samples_seen", "tokens_seen", "skipped_updates")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     status: Literal["completed", "stopped"]
@@ -195,20 +200,21 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
 
 
 def prepare_run(
-    spec: JobSpec, files: FileSource | None = None, hf_max_parameters: int = MAX_PARAMETERS
+    spec: JobSpec, files: FileSource | None = None, hf_limits: HfLimits = DEFAULT_LIMITS
 ) -> Run:
     """Build data, model, optimizer, schedule and scaler from the spec, seeded.
 
     `files` brings an uploaded file's bytes to a local path: only the service has them.
-    `hf_max_parameters` bounds a Hugging Face model (the operator's setting).
+    `hf_limits` says where Hugging Face models may come from and how large they may be
+    (the operator's settings).
     """
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
     seed_everything(spec.seed)
-    data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec))
+    data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec, hf_limits))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
-    model = build_model(spec.model, data.info, hf_max_parameters)
+    model = build_model(spec.model, data.info, hf_limits)
     model = model.to(device=device, dtype=precision.parameter_dtype)
     model.train()
     check_accumulation_is_exact(model, spec)
@@ -231,13 +237,9 @@ def _training_fields(spec: JobSpec) -> dict[str, Any]:
 def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
     progress, parts = run.progress, run.parts
     state = {
-        "step": progress.step,
+        **{name: getattr(progress, name) for name in _PROGRESS_COUNTERS},
         "epoch": progress.position.epoch,
         "index": progress.position.index,
-        "micro_batch_size": progress.micro_batch_size,
-        "samples_seen": progress.samples_seen,
-        "tokens_seen": progress.tokens_seen,
-        "skipped_updates": progress.skipped_updates,
         "eval_loss": progress.eval_loss,
         "training": _training_fields(run.spec),
         "optimizer": parts.optimizer.state_dict(),
@@ -265,12 +267,8 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     parts.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
     run.progress = Progress(
-        step=state["step"],
+        **{name: state[name] for name in _PROGRESS_COUNTERS},
         position=DataPosition(epoch=state["epoch"], index=state["index"]),
-        micro_batch_size=state["micro_batch_size"],
-        samples_seen=state["samples_seen"],
-        tokens_seen=state["tokens_seen"],
-        skipped_updates=state["skipped_updates"],
         # Absent from checkpoints written before evaluations were remembered.
         eval_loss=state.get("eval_loss"),
     )
@@ -409,10 +407,10 @@ def train(
     resume: Checkpoint | None = None,
     hooks: Hooks = NO_HOOKS,
     files: FileSource | None = None,
-    hf_max_parameters: int = MAX_PARAMETERS,
+    hf_limits: HfLimits = DEFAULT_LIMITS,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec, files, hf_max_parameters)
+    run = prepare_run(spec, files, hf_limits)
     if resume is not None:
         restore_checkpoint(run, resume)
     return drive(run, callbacks, hooks)

@@ -26,7 +26,7 @@ import redis
 from app.db import upgrade
 from tests.app.files.uploads import CONTENT_TYPE, multipart
 from tests.conftest import REDIS_URL
-from tests.processes import free_port, running, service_env, wait_until_ready
+from tests.processes import service_env, serving
 
 MIB = 1024 * 1024
 FILE_BYTES = 256 * MIB
@@ -92,21 +92,19 @@ def test_a_256_mib_upload_and_download_do_not_grow_the_api_process_peak_memory(
         home=str(tmp_path / "home"),
         reaper_interval_seconds="0",
     ) | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    port = free_port()
-    log = tmp_path / "api.log"
     try:
-        with running(["serve", "--no-worker", "--port", str(port)], env, log) as api:
-            url = f"http://127.0.0.1:{port}"
-            wait_until_ready(url, api, log)
-            with httpx.Client(base_url=url, timeout=120) as http:
-                warm, _ = upload(http, WARM_UP_BYTES)
-                download_digest(http, warm["id"])
-                baseline = peak_rss(api.pid)
+        with (
+            serving(env, tmp_path / "api.log") as api,
+            httpx.Client(base_url=api.url, timeout=120) as http,
+        ):
+            warm, _ = upload(http, WARM_UP_BYTES)
+            download_digest(http, warm["id"])
+            baseline = peak_rss(api.process.pid)
 
-                created, sent_digest = upload(http, FILE_BYTES)
-                after_upload = peak_rss(api.pid)
-                received_digest, received_size = download_digest(http, created["id"])
-                after_download = peak_rss(api.pid)
+            created, sent_digest = upload(http, FILE_BYTES)
+            after_upload = peak_rss(api.process.pid)
+            received_digest, received_size = download_digest(http, created["id"])
+            after_download = peak_rss(api.process.pid)
     finally:
         client = redis.Redis.from_url(REDIS_URL)
         client.delete(queue)

@@ -19,7 +19,7 @@ from app.jobs.runs import Claim
 from app.observability.logs import TrainjobHandler, configure_logging, job_context
 from app.settings import Settings
 from tests.conftest import REDIS_URL, wait_for
-from tests.processes import free_port, running, service_env, wait_for_status, wait_until_ready
+from tests.processes import running, service_env, serving, wait_for_status
 from worker.lease import LeaseKeeper
 
 
@@ -144,22 +144,19 @@ def test_a_real_api_and_worker_write_only_json_lines_with_the_job_on_every_line_
         home=str(tmp_path / "home"),
         log_format="json",
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
     with (
-        running(["serve", "--no-worker", "--port", str(port)], env, api_log) as api,
         running(["worker"], env, worker_log),
+        serving(env, api_log) as api,
+        httpx.Client(base_url=api.url, timeout=10) as client,
     ):
-        wait_until_ready(url, api, api_log)
-        with httpx.Client(base_url=url, timeout=10) as client:
-            job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
-            done = wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"}, 60)
-            assert done["status"] == "succeeded", done["error"]
-            # Celery's last line for the task comes after the job's row says succeeded.
-            deadline = time.monotonic() + 10
-            while "succeeded in" not in worker_log.read_text() and time.monotonic() < deadline:
-                time.sleep(0.1)
+        job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+        done = wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"}, 60)
+        assert done["status"] == "succeeded", done["error"]
+        # Celery's last line for the task comes after the job's row says succeeded.
+        deadline = time.monotonic() + 10
+        while "succeeded in" not in worker_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     api_lines = parse_lines(api_log)
     assert any(line["message"].startswith("trainjob is serving at") for line in api_lines)

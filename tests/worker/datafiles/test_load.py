@@ -17,8 +17,7 @@ from worker.datafiles.tokenizers import ByteTokenizer
 from worker.engine.data_types import (
     IGNORE_INDEX,
     DataInfo,
-    TensorClassificationSet,
-    TensorRegressionSet,
+    TensorSet,
     TextClassificationSet,
     TokenSequenceSet,
 )
@@ -226,17 +225,17 @@ def test_a_validation_file_of_another_kind_is_invalid_data(files: Files) -> None
 def test_csv_classification_maps_sorted_labels_to_classes(files: Files) -> None:
     files.write(TRAIN_ID, "csv", "x,label,y\n1,10,2\n3,2,4\n5,10,6\n")
     data = load(files)
-    assert isinstance(data.train, TensorClassificationSet)
+    assert isinstance(data.train, TensorSet)
     assert data.info == DataInfo(input_shape=(2,), num_classes=2, class_labels=(2, 10))
     assert data.train.features.tolist() == [[1, 2], [3, 4], [5, 6]]
-    assert data.train.labels.tolist() == [1, 0, 1]
+    assert data.train.targets.tolist() == [1, 0, 1]
 
 
 def test_csv_validation_labels_are_read_the_way_the_training_files_are(files: Files) -> None:
     files.write(TRAIN_ID, "csv", "x,label\n1,0\n2,1\n")
     files.write(VALIDATION_ID, "csv", "x,label\n1,00\n2,1\n")
     data = load(files, validation_file_id=VALIDATION_ID)
-    assert data.eval.labels.tolist() == [0, 1]
+    assert data.eval.targets.tolist() == [0, 1]
     files.write(VALIDATION_ID, "csv", "x,label\n1,0\n2,cat\n")
     with pytest.raises(TrainingError, match="labels the training file does not have: cat"):
         load(files, validation_file_id=VALIDATION_ID)
@@ -254,7 +253,7 @@ def test_csv_validation_file_with_other_columns_is_invalid_data(files: Files) ->
 def test_csv_regression_has_float_targets(files: Files) -> None:
     files.write(TRAIN_ID, "csv", "a,b,target\n1,2,0.5\n3,4,-1.5\n")
     data = load(files)
-    assert isinstance(data.train, TensorRegressionSet)
+    assert isinstance(data.train, TensorSet)
     assert data.info == DataInfo(input_shape=(2,), target_size=1)
     batch = data.train.collate([1, 0])
     assert batch.targets.tolist() == [[-1.5], [0.5]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from app.jobs.spec import HfCausalLmSpec, HfSequenceClassificationSpec
-from app.settings import get_settings
+from app.jobs.spec import MAX_PARAMETERS, HfCausalLmSpec, HfSequenceClassificationSpec
 from worker.engine.checkpoint import load_weights, weights_to_bytes
 from worker.engine.data_types import DataInfo, TextClassificationSet
 from worker.engine.errors import TrainingError
 from worker.engine.hf import (
+    HfLimits,
     build_hf_causal_lm,
     build_hf_sequence_classification,
     load_tokenizer,
@@ -69,14 +68,15 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """The worker's one TRAINJOB_HF_MODEL_DIRS entry."""
+def model_dir(tmp_path: Path) -> Path:
+    """The worker's one TRAINJOB_HF_MODEL_DIRS entry (passed as `allowing(model_dir)`)."""
     allowed = tmp_path / "models"
     allowed.mkdir()
-    monkeypatch.setenv("TRAINJOB_HF_MODEL_DIRS", str(allowed))
-    get_settings.cache_clear()
-    yield allowed
-    get_settings.cache_clear()
+    return allowed
+
+
+def allowing(model_dir: Path, max_parameters: int = MAX_PARAMETERS) -> HfLimits:
+    return HfLimits(model_dirs=(model_dir,), max_parameters=max_parameters)
 
 
 def save_tiny_gpt2(directory: Path, seed: int = 0) -> GPT2LMHeadModel:
@@ -171,12 +171,12 @@ def test_fine_tuning_a_saved_model_from_its_directory_lowers_the_loss(model_dir:
         optimizer={"type": "adamw", "lr": 0.01},
     )
     # It starts from the saved weights, not from fresh ones.
-    loaded = build_hf_causal_lm(spec.model, TEXT_INFO)
+    loaded = build_hf_causal_lm(spec.model, TEXT_INFO, allowing(model_dir))
     tokens = torch.randint(0, 96, (2, 9))
     torch.testing.assert_close(loaded(tokens), saved(tokens).logits)
 
     metrics: list[StepMetrics] = []
-    train(spec, Callbacks(on_step=metrics.append))
+    train(spec, Callbacks(on_step=metrics.append), hf_limits=allowing(model_dir))
     losses = [step.loss for step in metrics]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
@@ -197,7 +197,7 @@ def test_accumulation_over_a_saved_model_is_exact_in_fp64(model_dir: Path) -> No
             lr_schedule={"type": "cosine", "warmup_steps": 3},
             grad_clip_norm=0.5,
         )
-        finals.append(weights_vector(train(spec).weights))
+        finals.append(weights_vector(train(spec, hf_limits=allowing(model_dir)).weights))
     for final in finals[1:]:
         assert_close_relative(final, finals[0], 1e-12)
 
@@ -207,7 +207,7 @@ def test_checkpoint_weights_are_the_transformers_model_s_own(
 ) -> None:
     save_tiny_gpt2(model_dir / "tiny-gpt2")
     spec = HfCausalLmSpec(pretrained=str(model_dir / "tiny-gpt2"))
-    model = build_hf_causal_lm(spec, TEXT_INFO)
+    model = build_hf_causal_lm(spec, TEXT_INFO, allowing(model_dir))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.01)
@@ -259,7 +259,11 @@ def test_a_path_outside_the_allowed_directories_is_refused(
         "relative": "elsewhere",
     }[how]
     (model_dir / "link").symlink_to(elsewhere)
-    error = refusal(lambda: build_hf_causal_lm(HfCausalLmSpec(pretrained=pretrained), TEXT_INFO))
+    error = refusal(
+        lambda: build_hf_causal_lm(
+            HfCausalLmSpec(pretrained=pretrained), TEXT_INFO, allowing(model_dir)
+        )
+    )
     assert "model.pretrained" in error.message and "TRAINJOB_HF_MODEL_DIRS" in error.message
 
 
@@ -269,7 +273,11 @@ def test_a_path_outside_the_allowed_directories_is_refused(
 def test_a_name_that_is_neither_path_nor_hub_name_is_an_invalid_spec(
     pretrained: str, model_dir: Path
 ) -> None:
-    error = refusal(lambda: build_hf_causal_lm(HfCausalLmSpec(pretrained=pretrained), TEXT_INFO))
+    error = refusal(
+        lambda: build_hf_causal_lm(
+            HfCausalLmSpec(pretrained=pretrained), TEXT_INFO, allowing(model_dir)
+        )
+    )
     assert error.message.startswith("model.pretrained: ")
 
 
@@ -286,7 +294,9 @@ def test_pickled_weights_are_refused_and_never_unpickled(
 
     monkeypatch.setattr(torch, "load", no_unpickling)
     error = refusal(
-        lambda: build_hf_causal_lm(HfCausalLmSpec(pretrained=str(directory)), TEXT_INFO)
+        lambda: build_hf_causal_lm(
+            HfCausalLmSpec(pretrained=str(directory)), TEXT_INFO, allowing(model_dir)
+        )
     )
     assert "model.pretrained" in error.message
 
@@ -298,13 +308,20 @@ def test_a_pretrained_model_over_the_parameter_bound_is_refused_before_it_is_loa
     parameters = sum(parameter.numel() for parameter in saved.parameters())
     spec = HfCausalLmSpec(pretrained=str(model_dir / "tiny-gpt2"))
     # Exactly at the bound it loads, counted as the model has them (tied weights once).
-    assert flat_parameters(build_hf_causal_lm(spec, TEXT_INFO, parameters)).numel() == parameters
+    assert (
+        flat_parameters(
+            build_hf_causal_lm(spec, TEXT_INFO, allowing(model_dir, parameters))
+        ).numel()
+        == parameters
+    )
 
     def never_loaded(*_: Any, **__: Any) -> None:
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never_loaded)
-    error = refusal(lambda: build_hf_causal_lm(spec, TEXT_INFO, parameters - 1))
+    error = refusal(
+        lambda: build_hf_causal_lm(spec, TEXT_INFO, allowing(model_dir, parameters - 1))
+    )
     assert error.message == (
         f"model.pretrained: has {parameters:,} parameters; the maximum is {parameters - 1:,} "
         "(the worker's TRAINJOB_HF_MAX_PARAMETERS)"
@@ -316,9 +333,13 @@ def test_a_pretrained_classifier_is_counted_with_its_head_against_the_bound(
 ) -> None:
     save_tiny_gpt2(model_dir / "tiny-gpt2")
     spec = HfSequenceClassificationSpec(pretrained=str(model_dir / "tiny-gpt2"))
-    model = build_hf_sequence_classification(spec, CLASSES_INFO)
+    model = build_hf_sequence_classification(spec, CLASSES_INFO, allowing(model_dir))
     parameters = flat_parameters(model).numel()
-    error = refusal(lambda: build_hf_sequence_classification(spec, CLASSES_INFO, parameters - 1))
+    error = refusal(
+        lambda: build_hf_sequence_classification(
+            spec, CLASSES_INFO, allowing(model_dir, parameters - 1)
+        )
+    )
     assert f"has {parameters:,} parameters" in error.message
 
 
@@ -339,7 +360,11 @@ def test_code_in_a_model_directory_is_never_run(model_dir: Path, tmp_path: Path)
             }
         )
     )
-    refusal(lambda: build_hf_causal_lm(HfCausalLmSpec(pretrained=str(directory)), TEXT_INFO))
+    refusal(
+        lambda: build_hf_causal_lm(
+            HfCausalLmSpec(pretrained=str(directory)), TEXT_INFO, allowing(model_dir)
+        )
+    )
     assert not marker.exists()
 
 
@@ -434,13 +459,14 @@ def test_classifier_window_gradient_equals_the_full_batch_gradient(
 def test_a_pretrained_classifier_gets_a_head_for_the_data_s_classes(model_dir: Path) -> None:
     save_tiny_gpt2(model_dir / "tiny-gpt2")
     spec = HfSequenceClassificationSpec(pretrained=str(model_dir / "tiny-gpt2"))
-    model = build_hf_sequence_classification(spec, CLASSES_INFO)
+    model = build_hf_sequence_classification(spec, CLASSES_INFO, allowing(model_dir))
     assert model(torch.randint(1, 96, (4, 6)), attention_mask=torch.ones(4, 6)).shape == (4, 3)
     # Saved with 3 classes, loaded for 5: the head is replaced, the body kept.
     model.model.save_pretrained(model_dir / "three-classes")
     five = DataInfo(vocab_size=96, max_length=32, num_classes=5)
     spec = HfSequenceClassificationSpec(pretrained=str(model_dir / "three-classes"))
-    assert build_hf_sequence_classification(spec, five)(torch.ones(2, 4).long()).shape == (2, 5)
+    model = build_hf_sequence_classification(spec, five, allowing(model_dir))
+    assert model(torch.ones(2, 4).long()).shape == (2, 5)
 
 
 def labelled_text_file(path: Path) -> Path:
@@ -478,7 +504,12 @@ def test_a_classifier_fine_tunes_on_a_file_with_its_own_tokenizer_exactly(
             optimizer={"type": "sgd", "lr": 0.2, "momentum": 0.9},
         )
         metrics: list[StepMetrics] = []
-        result = train(spec, Callbacks(on_step=metrics.append), files=lambda _id: path)
+        result = train(
+            spec,
+            Callbacks(on_step=metrics.append),
+            files=lambda _id: path,
+            hf_limits=allowing(model_dir),
+        )
         finals.append(weights_vector(result.weights))
         losses.append([step.loss for step in metrics])
     for final in finals[1:]:
@@ -493,7 +524,7 @@ def test_the_tokenizer_saved_with_a_model_encodes_the_data(model_dir: Path) -> N
     directory = model_dir / "with-tokenizer"
     save_tiny_gpt2(directory)
     word_tokenizer().save_pretrained(directory)
-    tokenizer = load_tokenizer(HfCausalLmSpec(pretrained=str(directory)))
+    tokenizer = load_tokenizer(HfCausalLmSpec(pretrained=str(directory)), [model_dir])
     assert tokenizer is not None
     vocabulary = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
     assert tokenizer.encode("the cat ran") == [vocabulary[w] for w in ("the", "cat", "ran")]
@@ -504,5 +535,5 @@ def test_the_tokenizer_saved_with_a_model_encodes_the_data(model_dir: Path) -> N
 
 def test_no_tokenizer_for_a_config_model_or_a_directory_without_one(model_dir: Path) -> None:
     save_tiny_gpt2(model_dir / "bare")
-    assert load_tokenizer(HfCausalLmSpec(config=TINY_GPT2)) is None
-    assert load_tokenizer(HfCausalLmSpec(pretrained=str(model_dir / "bare"))) is None
+    assert load_tokenizer(HfCausalLmSpec(config=TINY_GPT2), [model_dir]) is None
+    assert load_tokenizer(HfCausalLmSpec(pretrained=str(model_dir / "bare")), [model_dir]) is None

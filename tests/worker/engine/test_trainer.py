@@ -4,6 +4,8 @@ state, fp16 overflow, out-of-memory backoff, stop and resume, and real learning.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -480,3 +482,19 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
         losses[precision] = metrics[-1].loss
         assert all(not m.skipped for m in metrics)
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
+
+
+def test_the_engine_imports_no_settings_database_or_celery() -> None:
+    # The caller passes what the operator configured (e.g. HfLimits): the loop reads none.
+    code = (
+        "import importlib, pkgutil, sys, worker.engine\n"
+        "for module in pkgutil.iter_modules(worker.engine.__path__):\n"
+        "    importlib.import_module('worker.engine.' + module.name)\n"
+        "import worker.datafiles.load\n"
+        "print(sorted(name for name in ('app.settings', 'app.db', 'sqlalchemy', 'celery', "
+        "'redis') if name in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import httpx
 
-from worker.cli import output
-from worker.cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_json, raise_for_error
+from cli import output
+from cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_page, show
 
 # Writing a large file takes as long as it takes; each read or write may stall this long.
 UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
@@ -46,23 +46,19 @@ def upload(api: Api, path: Path, *, file_format: str | None, wait: bool, as_json
         handle = path.open("rb")
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror}") from error
-    with handle, api.transport_errors():
+    with handle:
         response = api.http.post(
             "/v1/files",
             files={"file": (path.name, handle, "application/octet-stream")},
             data={"format": file_format} if file_format else None,
             timeout=UPLOAD_TIMEOUT,
         )
-    raise_for_error(response)
     data_file: dict[str, Any] = response.json()
     if wait:
         if not as_json:
             print(file_line(data_file), flush=True)
         data_file = wait_for_validation(api, data_file["id"])
-    if as_json:
-        print_json(data_file)
-    else:
-        print(file_line(data_file))
+    show(data_file, file_line(data_file), as_json=as_json)
     if data_file["status"] == "invalid":
         print(f"trainjob: {data_file['id']} is invalid:", file=sys.stderr)
         for problem in data_file["errors"]:
@@ -84,24 +80,12 @@ def list_files(
     api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
 ) -> int:
     page = api.get("/v1/files", status=status, limit=limit, after=after)
-    if as_json:
-        print_json(page)
-        return EXIT_OK
-    print(file_table(page["data"]) if page["data"] else "no files")
-    if page["has_more"]:
-        more = f"trainjob files list --after {page['data'][-1]['id']}"
-        print(f"more: {more}" + (f" --status {status}" if status else ""), file=sys.stderr)
-    return EXIT_OK
+    return print_page(page, print_file_table, "files", status=status, as_json=as_json)
 
 
 def remove(api: Api, file_id: str, *, as_json: bool) -> int:
-    with api.transport_errors():
-        response = api.http.delete(file_path(file_id))
-    raise_for_error(response)
-    if as_json:
-        print_json({"id": file_id, "deleted": True})
-    else:
-        print(f"{file_id} deleted")
+    api.http.delete(file_path(file_id))
+    show({"id": file_id, "deleted": True}, f"{file_id} deleted", as_json=as_json)
     return EXIT_OK
 
 
@@ -117,7 +101,7 @@ def file_line(data_file: dict[str, Any]) -> str:
     return line
 
 
-def file_table(files: list[dict[str, Any]]) -> str:
+def print_file_table(files: list[dict[str, Any]]) -> None:
     """The `trainjob files list` table: one row per file."""
     header = ("ID", "STATUS", "FORMAT", "KIND", "SIZE", "ROWS", "CREATED", "FILENAME")
     rows = [
@@ -128,9 +112,9 @@ def file_table(files: list[dict[str, Any]]) -> str:
             data_file.get("kind") or "",
             f"{data_file['size_bytes']:,}",
             str((data_file.get("stats") or {}).get("rows", "")),
-            str(data_file.get("created_at") or "")[:19].replace("T", " "),
+            output.format_time(data_file.get("created_at")),
             data_file["filename"],
         )
         for data_file in files
     ]
-    return output.table(header, rows)
+    output.print_table(header, rows)

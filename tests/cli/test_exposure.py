@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.cli import exposure
+from cli import exposure
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])

@@ -29,7 +29,7 @@ SPEC: dict[str, Any] = {
 
 def trainjob(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli.main", *map(str, args)],
+        [sys.executable, "-m", "cli.main", *map(str, args)],
         capture_output=True, text=True, timeout=120, env=_env(), **kwargs,
     )  # fmt: skip
 
@@ -117,7 +117,7 @@ def test_ctrl_c_then_resume_ends_at_the_weights_of_an_uninterrupted_run(tmp_path
 
     out = tmp_path / "interrupted"
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli.main", "run", str(long_spec), "--out", str(out)],
+        [sys.executable, "-m", "cli.main", "run", str(long_spec), "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
     metrics = out / "metrics.jsonl"

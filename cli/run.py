@@ -17,12 +17,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from app.jobs.spec import JobSpec
+from pydantic import ValidationError
+
+from app.jobs.spec import JobSpec, validation_messages
 from app.settings import get_settings
-from worker.cli.progress import ProgressBar
-from worker.cli.specfile import SpecFileError, load_spec_file
+from cli.progress import TrainingProgress
+from cli.specfile import SpecFileError, read_spec
 from worker.engine.checkpoint import STATE_FILE, Checkpoint, LiveCheckpoint
 from worker.engine.errors import TrainingError
+from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -60,6 +63,13 @@ class _StopOnSignal:
 def _fail(message: str, code: int) -> int:
     print(f"trainjob run: {message}", file=sys.stderr)
     return code
+
+
+def load_spec_file(path: Path) -> JobSpec:
+    try:
+        return JobSpec.model_validate(read_spec(path))
+    except ValidationError as error:
+        raise SpecFileError(path, validation_messages(error)) from error
 
 
 def resolve_spec(spec_path: Path | None, resume: Path | None) -> JobSpec:
@@ -108,14 +118,14 @@ def run_command(
 def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool) -> int:
     stop = _StopOnSignal()
     previous_handler = signal.signal(signal.SIGINT, stop)
-    bar: ProgressBar | None = None
+    bar: TrainingProgress | None = None
     metrics_file = (out / "metrics.jsonl").open("a", buffering=1)
     events_file = (out / "events.jsonl").open("a")
 
     def on_start(done: int, total: int) -> None:
         nonlocal bar
         if not quiet:
-            bar = ProgressBar(total)
+            bar = TrainingProgress(total_steps=total, batch_size=spec.window_size, file=sys.stderr)
 
     def on_step(metrics: StepMetrics) -> None:
         metrics_file.write(json.dumps(metrics.to_dict()) + "\n")
@@ -136,7 +146,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
             spec,
             callbacks,
             resume=checkpoint,
-            hf_max_parameters=get_settings().hf_max_parameters,
+            hf_limits=HfLimits(get_settings().hf_model_dirs, get_settings().hf_max_parameters),
         )
     except TrainingError as error:
         return _fail(f"{error.type}: {error.message}", EXIT_FAILED)

@@ -166,6 +166,11 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     def client(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[server], help=help, description=description)
 
+    def job_client(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        parser = client(name, help, description)
+        parser.add_argument("job_id", metavar="ID", help="job id")
+        return parser
+
     submit = client(
         "submit",
         "submit a job spec to the service",
@@ -177,35 +182,30 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--watch", action="store_true", help="then follow it to the end, as `trainjob watch`"
     )
 
-    status = client("status", "show a job", "Status, progress, loss, batch size, attempts, error.")
-    status.add_argument("job_id", metavar="ID", help="job id")
+    job_client("status", "show a job", "Status, progress, loss, batch size, attempts, error.")
     list_command = client("list", "list jobs, newest first", "A table of jobs, newest first.")
     list_command.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
     list_command.add_argument("--limit", type=int, metavar="N", help="page size, 1..100 (20)")
     list_command.add_argument("--after", metavar="ID", help="the page after this job id")
-    watch = client(
+    job_client(
         "watch",
         "follow a job's progress live until it ends",
         "A live progress line (step, loss, samples/s, ETA) from the job's event stream, "
         "then its outcome. Exits 0 if the job succeeded, 1 if it failed or was cancelled.",
     )
-    watch.add_argument("job_id", metavar="ID", help="job id")
-    cancel = client(
+    job_client(
         "cancel",
         "cancel a job",
         "A queued job is cancelled at once; a running one stops at its next optimizer step.",
     )
-    cancel.add_argument("job_id", metavar="ID", help="job id")
-    events = client("events", "print a job's events", "Status, checkpoint, oom_backoff, ...")
-    events.add_argument("job_id", metavar="ID", help="job id")
+    events = job_client("events", "print a job's events", "Status, checkpoint, oom_backoff, ...")
     events.add_argument("--after", type=int, metavar="N", help="only events after id N")
-    download = client(
+    download = job_client(
         "download",
         "download a job's weights as safetensors",
         "Write the final (or latest) weights, or those of checkpoint --step N, to FILE "
         "(through a temporary file, so FILE is never left half-written).",
     )
-    download.add_argument("job_id", metavar="ID", help="job id")
     download.add_argument(
         "-o",
         "--output",
@@ -297,15 +297,15 @@ def run_command(argv: Sequence[str] | None) -> int:
             )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
-        from worker.cli.client import client_command
+        from cli.client import client_command
 
         return client_command(args)
     if args.command == "run":
         # Imported here: torch loads only for the commands that train.
-        from worker.cli.run import run_command
+        from cli.run import run_command
 
         return run_command(args.spec, args.out, args.resume, quiet=args.quiet)
-    from worker.cli import serve
+    from cli import serve
 
     if args.command == "serve":
         return serve.serve_command(args.host, args.port, with_worker=not args.no_worker)
@@ -314,7 +314,7 @@ def run_command(argv: Sequence[str] | None) -> int:
     if args.command == "reaper":
         return serve.reaper_command()
     if args.command == "keys":
-        from worker.cli.keys import keys_command
+        from cli.keys import keys_command
 
         return keys_command(
             args.key_action,

@@ -3,7 +3,7 @@
 `serve` with nothing configured is the embedded default: a SQLite file and a private
 Redis under TRAINJOB_HOME, the API, and one worker process. With TRAINJOB_DATABASE_URL
 and TRAINJOB_REDIS_URL set it uses those; `--no-worker` runs the API alone. It refuses a
-non-loopback address while authentication is off (worker/cli/exposure.py).
+non-loopback address while authentication is off (cli/exposure.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
 from app.settings import Settings, get_settings
-from worker.cli import exposure
-from worker.cli.embedded_redis import EmbeddedRedis
+from cli import exposure
+from cli.embedded_redis import EmbeddedRedis
 from worker.parent_death import dies_with
 
 logger = logging.getLogger("trainjob.serve")
@@ -93,7 +92,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # group takes its pool children too. Should we die without stopping it (SIGKILL), it
     # dies too, and its pool children with it (worker/shutdown.py).
     return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli.main", "worker"],
+        [sys.executable, "-m", "cli.main", "worker"],
         env=_child_environment(settings),
         start_new_session=True,
         preexec_fn=dies_with(os.getpid(), signal.SIGKILL),
@@ -225,23 +224,23 @@ def reaper_command() -> int:
     from worker.celery_app import make_celery
 
     configure_logging(settings)
+    # 0 turns off the API's reaper; this command is a reaper, so it keeps the default.
+    interval = settings.reaper_interval_seconds or 10.0
+    settings = settings.model_copy(update={"reaper_interval_seconds": interval})
     database = Database(settings.effective_database_url)
     assert settings.redis_url is not None  # _cannot_connect said so
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     reaper = make_reaper(settings, database, make_celery(settings), client)
-    interval = settings.reaper_interval_seconds or 10.0
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_stop)
+    reaper.start()  # the API's own loop, in a thread: a failed pass is logged, then retried
     try:
         while True:
-            try:
-                reaper.run_once()
-            except Exception:  # a blip: the next pass tries again
-                logger.exception("reaper pass failed")
-            time.sleep(interval)
+            signal.pause()
     except _Stop:
         return 0
     finally:
+        reaper.stop()
         client.close()
         database.dispose()
 

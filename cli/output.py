@@ -1,4 +1,4 @@
-"""How the command-line client shows jobs to people: summaries, tables, a progress line.
+"""How the command-line client shows jobs and files to people: summaries, tables, lines.
 
 Everything here turns the server's JSON into text; `--json` output bypasses it.
 """
@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
-from worker.cli.progress import LineSchedule, format_duration
+from rich.console import Console
+from rich.table import Table
+
+from cli.progress import format_duration, format_loss
 
 Json = Mapping[str, Any]
-
-
-def format_loss(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+UNWRAPPED_WIDTH = 100_000
 
 
 def format_steps(progress: Json) -> str:
@@ -64,9 +64,8 @@ def _cancel_pending(job: Json) -> bool:
     return bool(job.get("cancel_requested")) and job["status"] in {"running", "queued"}
 
 
-def job_table(jobs: Sequence[Json]) -> str:
-    """The `trainjob list` table: one row per job, columns padded to their widest cell."""
-    header = ("ID", "STATUS", "STEP", "LOSS", "BATCH", "CREATED", "NAME")
+def print_job_table(jobs: Sequence[Json]) -> None:
+    """The `trainjob list` table: one row per job."""
     rows = [
         (
             job["id"],
@@ -74,21 +73,31 @@ def job_table(jobs: Sequence[Json]) -> str:
             format_steps(job["progress"]),
             format_loss((job.get("metrics") or {}).get("loss")),
             f"{job['batch_size']}={job['micro_batch_size']}×{job['accumulation_steps']}",
-            str(job.get("created_at") or "")[:19].replace("T", " "),
+            format_time(job.get("created_at")),
             job.get("name") or "",
         )
         for job in jobs
     ]
-    return table(header, rows)
+    print_table(("ID", "STATUS", "STEP", "LOSS", "BATCH", "CREATED", "NAME"), rows)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Rows under a header, each column padded to its widest cell."""
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    )
+def format_time(timestamp: str | None) -> str:
+    return str(timestamp or "")[:19].replace("T", " ")
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Rows under a header, each column as wide as its widest cell."""
+    table = Table(*header, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    # No markup or emoji codes: a job's name is printed as it is. Never fitted to the
+    # terminal (rich would cut ids short) nor wrapped: `grep` and `awk` read whole lines.
+    console = Console(markup=False, emoji=False, highlight=False, width=UNWRAPPED_WIDTH)
+    with console.capture() as captured:
+        console.print(table)
+    # Written by us: rich pads the last column with spaces, and would answer a closed pipe
+    # with exit 1 where main() exits 141 quietly.
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def event_line(event: Json) -> str:
@@ -124,67 +133,3 @@ def final_line(job: Json) -> str:
         f"{job['id']} {job['status']}: step {format_steps(job['progress'])}, "
         f"final loss {loss}, elapsed {format_duration(job.get('runtime_seconds') or 0)}"
     )
-
-
-class ProgressLine:
-    """A live progress line: redrawn in place on a terminal, else a line now and then
-    (about every 5 % of the steps, and at least every few seconds: LineSchedule).
-
-    The ETA comes from the server's samples/s and the batch size, not from our own clock,
-    so that events replayed after a reconnect do not make it jump.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_steps: int | None,
-        batch_size: int,
-        stream: TextIO,
-        interactive: bool,
-        width: int = 24,
-        lines: LineSchedule | None = None,
-    ) -> None:
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.stream = stream
-        self.interactive = interactive
-        self.width = width
-        self.lines = lines or LineSchedule(max_steps)
-        self._drawn = ""
-
-    def update(self, step: int, loss: float, samples_per_sec: float) -> None:
-        line = self._render(step, loss, samples_per_sec)
-        if self.interactive:
-            self._drawn = line
-            self.stream.write("\r" + line + "\033[K")
-            self.stream.flush()
-        elif self.lines.due(step):
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def note(self, text: str) -> None:
-        """A line of its own, printed above the progress line."""
-        if self.interactive and self._drawn:
-            self.stream.write("\r\033[K" + text + "\n" + self._drawn)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.interactive and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._drawn = ""
-
-    def _render(self, step: int, loss: float, samples_per_sec: float) -> str:
-        rate = f"{samples_per_sec:,.0f} samples/s"
-        if not self.max_steps:
-            return f"step {step} loss {format_loss(loss)}  {rate}"
-        filled = min(self.width, int(self.width * step / self.max_steps))
-        bar = ("=" * filled + (">" if filled < self.width else "")).ljust(self.width)
-        remaining = max(0, self.max_steps - step) * self.batch_size
-        eta = format_duration(remaining / samples_per_sec) if samples_per_sec > 0 else "?"
-        return (
-            f"step {step}/{self.max_steps} [{bar[: self.width]}] loss {format_loss(loss)}  "
-            f"{rate}  ETA {eta}"
-        )

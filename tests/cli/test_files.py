@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.main import main
+from tests.cli.test_client import Result
 from tests.conftest import StartService
-from tests.worker.cli.test_client import Result
-from worker.cli.main import main
 
 MAX_FILE_BYTES = 1024 * 1024
 

@@ -17,6 +17,7 @@ from app.auth.models import ApiKey
 from app.db import Database, DatabaseNotMigrated, require_migrated
 from app.errors import InvalidRequest, NotFound
 from app.settings import get_settings
+from cli.output import print_table
 
 
 def _described(row: ApiKey) -> dict[str, Any]:
@@ -46,11 +47,17 @@ def _list(session: Session, tenant: str | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"data": listed}))
         return
-    print(f"{'ID':<14} {'TENANT':<20} {'ROLE':<6} {'REVOKED':<8} NAME")
-    for item in listed:
-        role = "admin" if item["admin"] else "user"
-        revoked = "yes" if item["revoked_at"] else "no"
-        print(f"{item['id']:<14} {item['tenant']:<20} {role:<6} {revoked:<8} {item['name'] or ''}")
+    rows = [
+        (
+            item["id"],
+            item["tenant"],
+            "admin" if item["admin"] else "user",
+            "yes" if item["revoked_at"] else "no",
+            item["name"] or "",
+        )
+        for item in listed
+    ]
+    print_table(("ID", "TENANT", "ROLE", "REVOKED", "NAME"), rows)
 
 
 def _revoke(session: Session, key_id: str) -> None:

@@ -8,7 +8,6 @@ API's stream on cue would need killing it mid-job.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.main import build_parser, main
 from tests.conftest import StartService, wait_for
 from tests.processes import (
     TRAINJOB,
@@ -30,8 +30,6 @@ from tests.processes import (
     service_env,
     wait_for_status,
 )
-from worker.cli.main import build_parser, main
-from worker.cli.output import ProgressLine
 
 # Small enough to train in about a second on one CPU thread.
 SPEC: dict[str, Any] = {
@@ -467,7 +465,7 @@ def test_the_url_comes_from_trainjob_url(
 def test_the_client_runs_without_torch(service: Service, finished_job: dict[str, Any]) -> None:
     script = (
         "import sys\n"
-        "from worker.cli.main import main\n"
+        "from cli.main import main\n"
         f"code = main(['status', {finished_job['id']!r}, '--url', {service.url!r}])\n"
         "assert 'torch' not in sys.modules and 'app.main' not in sys.modules\n"
         "sys.exit(code)\n"
@@ -475,6 +473,17 @@ def test_the_client_runs_without_torch(service: Service, finished_job: dict[str,
     result = subprocess.run(
         [sys.executable, "-c", script], env=service_env(), capture_output=True, timeout=30
     )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_client_modules_import_neither_torch_nor_the_worker() -> None:
+    script = (
+        "import sys\n"
+        "import cli.client, cli.files, cli.jobs, cli.main, cli.output, cli.progress, cli.specfile\n"
+        "loaded = {name.split('.')[0] for name in sys.modules}\n"
+        "assert not loaded & {'torch', 'worker', 'celery', 'sqlalchemy'}, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
 
 
@@ -575,21 +584,3 @@ def test_watch_reconnects_after_the_last_event_id_it_saw(
     # ETA from the server's rate: 2 steps × 8 samples at 80 samples/s.
     assert "ETA 0:00:00" in lines[1] and "loss 1.0000" in lines[1]
     assert lines[-1] == "job_scripted succeeded: step 4/4, final loss 0.5000, elapsed 0:00:03"
-
-
-def test_on_a_terminal_the_progress_line_redraws_in_place() -> None:
-    # Here rather than in a test_output.py: watch is output.ProgressLine's only user.
-    screen = io.StringIO()
-    progress = ProgressLine(max_steps=100, batch_size=32, stream=screen, interactive=True)
-    progress.update(1, 2.5, 1000)
-    progress.note("checkpoint at step 1")
-    progress.update(50, 1.25, 1000)
-    progress.close()
-    first = "step 1/100 [>                       ] loss 2.5000  1,000 samples/s  ETA 0:00:03"
-    half = "step 50/100 [============>           ] loss 1.2500  1,000 samples/s  ETA 0:00:01"
-    assert screen.getvalue() == (
-        f"\r{first}\033[K"
-        f"\r\033[Kcheckpoint at step 1\n{first}"  # the note goes above, the bar is redrawn
-        f"\r{half}\033[K"
-        "\n"
-    )

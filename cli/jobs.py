@@ -1,0 +1,282 @@
+"""`trainjob submit|status|list|watch|cancel|events|download`: jobs, through the HTTP API
+(cli/client.py). `watch` follows the job's event stream and reconnects where it drops."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import SSEError, connect_sse
+
+from app.jobs.schemas import TERMINAL_STATUSES
+from cli import output
+from cli.client import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Api,
+    ApiError,
+    Unreachable,
+    print_json,
+    print_page,
+    show,
+)
+from cli.progress import TrainingProgress
+from cli.specfile import read_spec
+
+# A stream that drops is reopened this many times in a row before we give up; any
+# event received resets the count.
+RECONNECT_ATTEMPTS = 6
+RECONNECT_MAX_DELAY_SECONDS = 10.0
+# The server sends keep-alive comments far more often than this; silence this long
+# means the connection is gone even if no socket error says so.
+STREAM_READ_TIMEOUT_SECONDS = 60.0
+
+
+def job_path(job_id: str, *rest: str) -> str:
+    return "/".join(["/v1/jobs", quote(job_id, safe=""), *rest])
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def submit(api: Api, spec_path: str, *, watch_after: bool, as_json: bool) -> int:
+    job = api.post("/v1/jobs", read_spec(spec_path))
+    if watch_after:
+        if not as_json:
+            print(job["id"], flush=True)
+        return watch(api, job["id"], as_json=as_json)
+    show(job, job["id"], as_json=as_json)
+    return EXIT_OK
+
+
+def status(api: Api, job_id: str, *, as_json: bool) -> int:
+    job = api.get(job_path(job_id))
+    show(job, output.job_summary(job), as_json=as_json)
+    return EXIT_OK
+
+
+def list_jobs(
+    api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
+) -> int:
+    page = api.get("/v1/jobs", status=status, limit=limit, after=after)
+    return print_page(page, output.print_job_table, "jobs", status=status, as_json=as_json)
+
+
+def cancel(api: Api, job_id: str, *, as_json: bool) -> int:
+    job = api.post(job_path(job_id, "cancel"))
+    if job["status"] == "cancelling":
+        show(job, f"{job['id']} cancelling: it stops at its next optimizer step", as_json=as_json)
+    else:
+        show(job, f"{job['id']} {job['status']}", as_json=as_json)
+    return EXIT_OK
+
+
+def events(api: Api, job_id: str, *, after: int | None, as_json: bool) -> int:
+    collected: list[dict[str, Any]] = []
+    while True:
+        page = api.get(job_path(job_id, "events"), after=after, limit=100)
+        collected += page["data"]
+        if not as_json:
+            for event in page["data"]:
+                print(output.event_line(event))
+        if not page["has_more"] or not page["data"]:
+            break
+        after = page["data"][-1]["id"]
+    if as_json:
+        # All pages as one document of the server's own shape.
+        print_json({"data": collected, "has_more": False})
+    return EXIT_OK
+
+
+def download(api: Api, job_id: str, *, out: Path | None, step: int | None, as_json: bool) -> int:
+    default_name = (
+        f"{job_id}-step{step}.safetensors" if step is not None else f"{job_id}.safetensors"
+    )
+    target = out if out is not None else Path(default_name)
+    if target.is_dir():
+        target = target / default_name
+    params = {"step": step} if step is not None else {}
+    with api.http.stream("GET", job_path(job_id, "weights"), params=params) as response:
+        size = _write_atomically(target, response.iter_bytes())
+    at_step = response.headers.get("X-Checkpoint-Step")
+    step_text = f", step {at_step}" if at_step else ""
+    show(
+        {"path": str(target), "size_bytes": size, "step": int(at_step) if at_step else None},
+        f"{target} ({size:,} bytes{step_text})",
+        as_json=as_json,
+    )
+    return EXIT_OK
+
+
+def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
+    """Write to a temporary file beside `target`, then rename: a dropped download never
+    leaves a truncated file under the real name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+    )
+    size = 0
+    try:
+        with os.fdopen(handle, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+                size += len(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        # mkstemp makes the file private; the weights are as readable as any file we write.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return size
+
+
+# --- watch -------------------------------------------------------------------------
+
+
+def watch(api: Api, job_id: str, *, as_json: bool) -> int:
+    """Follow a job's live events to its end; exit 0 if it succeeded, 1 if not."""
+    job = api.get(job_path(job_id))
+    if job["status"] not in TERMINAL_STATUSES:
+        progress = None
+        if not as_json:
+            max_steps = job["progress"].get("max_steps")
+            progress = TrainingProgress(
+                total_steps=max_steps, batch_size=job["batch_size"], file=sys.stdout
+            )
+        try:
+            _follow(api, job_id, progress)
+        except KeyboardInterrupt:
+            print(f"trainjob: stopped watching; {job_id} goes on", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            if progress is not None:
+                progress.close()
+        job = api.get(job_path(job_id))
+    return _outcome(job, as_json=as_json)
+
+
+def _outcome(job: dict[str, Any], *, as_json: bool) -> int:
+    show(job, output.final_line(job), as_json=as_json)
+    if job["status"] == "succeeded":
+        return EXIT_OK
+    error = job.get("error") or {"type": job["status"], "message": f"job {job['id']} was cancelled"}
+    print(f"trainjob: {output.format_error(error)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+@dataclass
+class StreamPosition:
+    """Where a reconnect resumes: the id of the last whole event, and the server's
+    `retry:` advice (milliseconds) for the delay."""
+
+    last_event_id: str | None = None
+    retry_ms: int | None = None
+
+
+def _follow(api: Api, job_id: str, progress: TrainingProgress | None) -> None:
+    """Read the event stream until the job's terminal status, reconnecting where it drops."""
+    position = StreamPosition()
+    failures = 0
+    while True:
+        received = False
+        try:
+            with contextlib.closing(_stream(api, job_id, position)) as stream:
+                for event_type, data in stream:
+                    received = True
+                    if event_type == "status" and data.get("status") in TERMINAL_STATUSES:
+                        return
+                    if progress is not None:
+                        _show(event_type, data, progress)
+        except httpx.TransportError as error:
+            reason = str(api.unreachable(error))
+        else:
+            reason = f"the event stream at {api.url} ended before the job did"
+        # Perhaps the end came while we were away: a job that is over has nothing to stream.
+        with contextlib.suppress(httpx.TransportError):
+            if api.get(job_path(job_id))["status"] in TERMINAL_STATUSES:
+                return
+        failures = 1 if received else failures + 1
+        if failures > RECONNECT_ATTEMPTS:
+            raise Unreachable(reason)
+        advised = position.retry_ms / 1000 if position.retry_ms is not None else 0.5
+        time.sleep(min(RECONNECT_MAX_DELAY_SECONDS, advised * 2 ** (failures - 1)))
+
+
+def _stream(
+    api: Api, job_id: str, position: StreamPosition
+) -> Generator[tuple[str, dict[str, Any]], None, None]:
+    """One connection's events as (type, data); a reconnect resumes after the last id seen.
+
+    httpx-sse yields only whole events: one cut off by a drop is asked for again.
+    """
+    headers = {}
+    if position.last_event_id is not None:
+        headers["Last-Event-ID"] = position.last_event_id
+    timeout = httpx.Timeout(30.0, connect=5.0, read=STREAM_READ_TIMEOUT_SECONDS)
+    with connect_sse(
+        api.http, "GET", job_path(job_id, "events"), headers=headers, timeout=timeout
+    ) as source:
+        try:
+            for event in source.iter_sse():
+                if event.retry is not None:
+                    position.retry_ms = event.retry
+                if event.id:
+                    position.last_event_id = event.id
+                try:
+                    data = json.loads(event.data)
+                except ValueError:
+                    continue  # not ours to show (a retry or keep-alive); the stream goes on
+                if isinstance(data, dict):
+                    yield event.event, data
+        except SSEError:
+            content_type = source.response.headers.get("content-type")
+            raise ApiError(
+                "no_event_stream",
+                f"{api.url} answered {content_type or 'no content type'} instead of an event "
+                "stream: is it an older trainjob server?",
+                [],
+            ) from None
+
+
+def _show(event_type: str, data: dict[str, Any], progress: TrainingProgress) -> None:
+    if event_type == "metrics":
+        if isinstance(data.get("step"), int) and isinstance(data.get("loss"), int | float):
+            progress.update(data["step"], data["loss"], data.get("samples_per_sec") or 0.0)
+    elif (note := output.live_event_note(event_type, data)) is not None:
+        progress.note(note)
+
+
+def jobs_command(api: Api, args: argparse.Namespace) -> int:
+    as_json: bool = args.as_json
+    if args.command == "submit":
+        return submit(api, args.spec, watch_after=args.watch, as_json=as_json)
+    if args.command == "status":
+        return status(api, args.job_id, as_json=as_json)
+    if args.command == "list":
+        return list_jobs(
+            api, status=args.status, limit=args.limit, after=args.after, as_json=as_json
+        )
+    if args.command == "watch":
+        return watch(api, args.job_id, as_json=as_json)
+    if args.command == "cancel":
+        return cancel(api, args.job_id, as_json=as_json)
+    if args.command == "events":
+        return events(api, args.job_id, after=args.after, as_json=as_json)
+    if args.command == "download":
+        return download(api, args.job_id, out=args.output, step=args.step, as_json=as_json)
+    raise AssertionError(f"unhandled command {args.command}")
