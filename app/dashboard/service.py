@@ -28,7 +28,7 @@ from app.dashboard.schemas import (
 from app.db import utcnow
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES
-from app.jobs.schemas import JobStatus
+from app.jobs.schemas import TERMINAL_STATUSES, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -45,27 +45,20 @@ def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
     query = select(Job.status, func.count()).group_by(Job.status)
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    counts: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
-    for status, count in session.execute(query):
-        counts[status] = count
-    return counts
+    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).tuples().all())
 
 
 def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
     """Jobs that reached each terminal status at or after `since`."""
     query = (
         select(Job.status, func.count())
-        .where(Job.finished_at >= since, Job.status.in_(("succeeded", "failed", "cancelled")))
+        .where(Job.finished_at >= since, Job.status.in_(TERMINAL_STATUSES))
         .group_by(Job.status)
     )
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    counts = {status: count for status, count in session.execute(query)}
-    return FinishedCounts(
-        succeeded=counts.get("succeeded", 0),
-        failed=counts.get("failed", 0),
-        cancelled=counts.get("cancelled", 0),
-    )
+    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).tuples().all())
+    return FinishedCounts.model_validate(counts)
 
 
 def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_LIMIT) -> list[Job]:

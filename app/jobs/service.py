@@ -118,7 +118,7 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
     session.flush()
     if isinstance(spec.dataset, FileDatasetSpec):
         files_usage.link_job_files(session, job_id=job.id, dataset=spec.dataset)
-    add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+    runs.append_events(session, job.id, [("status", {"status": "queued"})])
     # Stamped sent, unless a file is still validating (that validation sends the job):
     # the caller sends it after the commit.
     runs.mark_sent(session, job_ids=[job.id])
@@ -199,16 +199,8 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
     session.expire(job)
     if not changed:  # the status moved under us: try again against the new one
         return request_cancel(session, job_id=job_id, tenant=tenant)
-    add_event(session, job_id=job_id, type="status", data={"status": values["status"]})
+    runs.append_events(session, job_id, [("status", {"status": values["status"]})])
     return job
-
-
-def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> JobEvent:
-    """Append an event to the job's log."""
-    event = JobEvent(job_id=job_id, type=type, data=data, created_at=utcnow())
-    session.add(event)
-    session.flush()
-    return event
 
 
 def list_events(
