@@ -45,7 +45,7 @@ def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
     query = select(Job.status, func.count()).group_by(Job.status)
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).tuples().all())
+    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).all())
 
 
 def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
@@ -57,7 +57,7 @@ def finished_since(session: Session, *, since: datetime, tenant: str | None) -> 
     )
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).tuples().all())
+    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).all())
     return FinishedCounts.model_validate(counts)
 
 
