@@ -422,7 +422,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("the file has a header but no rows")
     stats: dict[str, Any] = {"rows": rows, "input_shape": [len(layout.feature_columns)]}
     if layout.kind == CLASSIFICATION:
-        stats |= label_stats(typed_csv_labels(raw_labels.values).values())
+        stats |= label_stats(typed_csv_labels(map(str, raw_labels.values)).values())
     else:
         stats["target_size"] = 1
     return layout.kind, stats
