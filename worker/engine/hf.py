@@ -417,13 +417,8 @@ def load_tokenizer(spec: HfModelSpec, model_dirs: Sequence[Path]) -> TextTokeniz
     transformers = _import_transformers()
     with _transformers_errors("model.pretrained (its tokenizer)"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **_OFFLINE_AND_SAFE)
-    pad_id = next(
-        (
-            token_id
-            for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
-            if isinstance(token_id, int)
-        ),
-        0,
-    )
+    pad_id = tokenizer.pad_token_id
+    if not isinstance(pad_id, int):  # GPT-2 has none: pad with its end of text
+        pad_id = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else 0
     # len() counts tokens added after training the vocabulary; vocab_size does not.
     return PretrainedTokenizer(tokenizer, vocab_size=len(tokenizer), pad_id=pad_id)
