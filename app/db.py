@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, MetaData, Select, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy import ColumnElement, Engine, MetaData, Select, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 T = TypeVar("T")
@@ -32,6 +32,40 @@ class Base(DeclarativeBase):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_AFTER_COMMIT = "trainjob_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action` once the session's transaction commits, never if it does not: for what
+    a rollback cannot undo (files deleted before a commit that then fails would leave a
+    row without its bytes)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for action in session.info.pop(_AFTER_COMMIT, ()):
+        action()
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_after_rollback(session: Session, transaction: SessionTransaction) -> None:
+    # The outer transaction ended without a commit (rollback, close); a commit popped them.
+    if transaction.parent is None:
+        session.info.pop(_AFTER_COMMIT, None)
+
+
+def read_by_seq(
+    session: Session, data: Mapped[bytes], seq: Mapped[int], *where: ColumnElement[bool]
+) -> Iterator[bytes]:
+    """A blob stored as chunk rows numbered 0, 1, ...: one row per query, so that a large
+    one never sits whole in memory."""
+    number = 0
+    while (chunk := session.scalar(select(data).where(*where, seq == number))) is not None:
+        yield chunk
+        number += 1
 
 
 def page(session: Session, query: Select[T], limit: int) -> tuple[list[T], bool]:

@@ -9,16 +9,15 @@ this is the cost of the service itself.
 
 With `--layers` it serves the real app (`app.main.create_app`, the TRAINJOB_* settings
 of the environment) plus probe routes that each stop one layer short of the job GET
-(an `async def` route that reads the job in one hop to the thread pool), so that
-bench/api.py can say where the job GET's time goes:
+(an `async def` route that reads the job's row with the coalesced async lookup of
+app/reads.py), so that bench/api.py can say where the job GET's time goes:
 
     /bench/async             an `async def` route: the app's middleware and FastAPI
-    /bench/deps              + the job GET's dependencies (database, principal)
-    /bench/hop               + one hop to the thread pool, doing nothing there
-    /bench/query/{job_id}    + `session.get(Job, id)` in that hop: the job GET without
-                             its response model
-    /bench/sync              for comparison, a `def` route doing nothing (FastAPI's hops
-                             to the thread pool: the route's and its response's)
+    /bench/deps              + the job GET's dependencies (reads, principal)
+    /bench/query/{job_id}    + the job's row (`jobs_service.read_job`): the job GET
+                             without its response model
+    /bench/old/{job_id}      for comparison, the read the job GET made before issue 13:
+                             `session.get(Job, id)` in one hop to the thread pool
 
     .venv/bin/python bench/bare_app.py --port 8001
     .venv/bin/python bench/bare_app.py --port 8002 --layers
@@ -37,7 +36,8 @@ from uvicorn.config import LOGGING_CONFIG
 # At module level: FastAPI reads the probe routes' annotations from these globals.
 from app.auth.deps import PrincipalDep
 from app.db import Database
-from app.deps import DatabaseDep
+from app.deps import DatabaseDep, ReadsDep
+from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.main import create_app
 from app.settings import get_settings
@@ -53,10 +53,6 @@ def create_bare_app() -> FastAPI:
     return app
 
 
-def _nothing(tenant: str | None) -> dict[str, object]:
-    return {"ok": True, "tenant": tenant}
-
-
 def _job_exists(database: Database, job_id: str) -> dict[str, object]:
     with database.session() as session:
         return {"ok": session.get(Job, job_id) is not None}
@@ -70,22 +66,21 @@ def create_layered_app() -> FastAPI:
         return {"ok": True}
 
     @app.get("/bench/deps")
-    async def layer_deps(database: DatabaseDep, principal: PrincipalDep) -> dict[str, object]:
+    async def layer_deps(reads: ReadsDep, principal: PrincipalDep) -> dict[str, object]:
         return {"ok": True, "tenant": principal.tenant}
-
-    @app.get("/bench/hop")
-    async def layer_hop(database: DatabaseDep, principal: PrincipalDep) -> dict[str, object]:
-        return await run_in_threadpool(_nothing, principal.tenant)
 
     @app.get("/bench/query/{job_id}")
     async def layer_query(
+        job_id: str, reads: ReadsDep, principal: PrincipalDep
+    ) -> dict[str, object]:
+        await jobs_service.read_job(reads, job_id=job_id, tenant=principal.scope)
+        return {"ok": True}
+
+    @app.get("/bench/old/{job_id}")
+    async def old_read(
         job_id: str, database: DatabaseDep, principal: PrincipalDep
     ) -> dict[str, object]:
         return await run_in_threadpool(_job_exists, database, job_id)
-
-    @app.get("/bench/sync")
-    def layer_sync() -> dict[str, object]:
-        return {"ok": True}
 
     return app
 

@@ -130,12 +130,10 @@ def print_page(
     page: dict[str, Any],
     print_table: Callable[[list[dict[str, Any]]], None],
     noun: str,
-    *,
-    status: str | None,
-    as_json: bool,
+    args: argparse.Namespace,
 ) -> int:
     """A page of a list: the server's JSON, or a table and how to ask for the next page."""
-    if as_json:
+    if args.as_json:
         print_json(page)
         return EXIT_OK
     if page["data"]:
@@ -145,7 +143,9 @@ def print_page(
     if page["has_more"]:
         command = "trainjob list" if noun == "jobs" else f"trainjob {noun} list"
         more = f"{command} --after {page['data'][-1]['id']}"
-        print(f"more: {more}" + (f" --status {status}" if status else ""), file=sys.stderr)
+        if args.status:
+            more += f" --status {args.status}"
+        print(f"more: {more}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -164,8 +164,9 @@ def client_command(args: argparse.Namespace) -> int:
         with api.http:
             from cli import files, jobs  # imported here: both build on this module
 
-            command = files.files_command if args.command == "files" else jobs.jobs_command
-            return command(api, args)
+            if args.command == "files":
+                return files.COMMANDS[args.files_action](api, args)
+            return jobs.COMMANDS[args.command](api, args)
     except (UsageError, SpecFileError) as error:
         print(f"trainjob: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -68,8 +68,7 @@ class EmbeddedRedis:
             preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        client = redis.Redis(unix_socket_path=str(self.socket_path))
-        try:
+        with redis.Redis(unix_socket_path=str(self.socket_path)) as client:
             while True:
                 try:
                     client.ping()
@@ -80,8 +79,6 @@ class EmbeddedRedis:
                             f"embedded redis-server did not start; see {self.home / 'redis.log'}"
                         ) from None
                     time.sleep(0.05)
-        finally:
-            client.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

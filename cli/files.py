@@ -28,20 +28,8 @@ def file_path(file_id: str) -> str:
     return f"/v1/files/{quote(file_id, safe='')}"
 
 
-def files_command(api: Api, args: argparse.Namespace) -> int:
-    as_json: bool = args.as_json
-    if args.files_action == "upload":
-        return upload(api, args.path, file_format=args.format, wait=args.wait, as_json=as_json)
-    if args.files_action == "list":
-        return list_files(
-            api, status=args.status, limit=args.limit, after=args.after, as_json=as_json
-        )
-    if args.files_action == "rm":
-        return remove(api, args.file_id, as_json=as_json)
-    raise AssertionError(f"unhandled files action {args.files_action}")
-
-
-def upload(api: Api, path: Path, *, file_format: str | None, wait: bool, as_json: bool) -> int:
+def upload(api: Api, args: argparse.Namespace) -> int:
+    path: Path = args.path
     try:
         handle = path.open("rb")
     except OSError as error:
@@ -50,15 +38,15 @@ def upload(api: Api, path: Path, *, file_format: str | None, wait: bool, as_json
         response = api.http.post(
             "/v1/files",
             files={"file": (path.name, handle, "application/octet-stream")},
-            data={"format": file_format} if file_format else None,
+            data={"format": args.format} if args.format else None,
             timeout=UPLOAD_TIMEOUT,
         )
     data_file: dict[str, Any] = response.json()
-    if wait:
-        if not as_json:
+    if args.wait:
+        if not args.as_json:
             print(file_line(data_file), flush=True)
         data_file = wait_for_validation(api, data_file["id"])
-    show(data_file, file_line(data_file), as_json=as_json)
+    show(data_file, file_line(data_file), as_json=args.as_json)
     if data_file["status"] == "invalid":
         print(f"trainjob: {data_file['id']} is invalid:", file=sys.stderr)
         for problem in data_file["errors"]:
@@ -76,17 +64,18 @@ def wait_for_validation(api: Api, file_id: str) -> dict[str, Any]:
         time.sleep(POLL_SECONDS)
 
 
-def list_files(
-    api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
-) -> int:
-    page = api.get("/v1/files", status=status, limit=limit, after=after)
-    return print_page(page, print_file_table, "files", status=status, as_json=as_json)
+def list_files(api: Api, args: argparse.Namespace) -> int:
+    page = api.get("/v1/files", status=args.status, limit=args.limit, after=args.after)
+    return print_page(page, print_file_table, "files", args)
 
 
-def remove(api: Api, file_id: str, *, as_json: bool) -> int:
-    api.http.delete(file_path(file_id))
-    show({"id": file_id, "deleted": True}, f"{file_id} deleted", as_json=as_json)
+def remove(api: Api, args: argparse.Namespace) -> int:
+    api.http.delete(file_path(args.file_id))
+    show({"id": args.file_id, "deleted": True}, f"{args.file_id} deleted", as_json=args.as_json)
     return EXIT_OK
+
+
+COMMANDS = {"upload": upload, "list": list_files, "rm": remove}
 
 
 def file_line(data_file: dict[str, Any]) -> str:

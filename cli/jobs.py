@@ -48,63 +48,67 @@ def job_path(job_id: str, *rest: str) -> str:
     return "/".join(["/v1/jobs", quote(job_id, safe=""), *rest])
 
 
-# --- commands ----------------------------------------------------------------------
+# --- commands: each takes the parsed arguments of its subcommand ---------------------
 
 
-def submit(api: Api, spec_path: str, *, watch_after: bool, as_json: bool) -> int:
-    job = api.post("/v1/jobs", read_spec(spec_path))
-    if watch_after:
-        if not as_json:
+def submit(api: Api, args: argparse.Namespace) -> int:
+    job = api.post("/v1/jobs", read_spec(args.spec))
+    if args.watch:
+        if not args.as_json:
             print(job["id"], flush=True)
-        return watch(api, job["id"], as_json=as_json)
-    show(job, job["id"], as_json=as_json)
+        return watch_job(api, job["id"], as_json=args.as_json)
+    show(job, job["id"], as_json=args.as_json)
     return EXIT_OK
 
 
-def status(api: Api, job_id: str, *, as_json: bool) -> int:
-    job = api.get(job_path(job_id))
-    show(job, output.job_summary(job), as_json=as_json)
+def status(api: Api, args: argparse.Namespace) -> int:
+    job = api.get(job_path(args.job_id))
+    show(job, output.job_summary(job), as_json=args.as_json)
     return EXIT_OK
 
 
-def list_jobs(
-    api: Api, *, status: str | None, limit: int | None, after: str | None, as_json: bool
-) -> int:
-    page = api.get("/v1/jobs", status=status, limit=limit, after=after)
-    return print_page(page, output.print_job_table, "jobs", status=status, as_json=as_json)
+def list_jobs(api: Api, args: argparse.Namespace) -> int:
+    page = api.get("/v1/jobs", status=args.status, limit=args.limit, after=args.after)
+    return print_page(page, output.print_job_table, "jobs", args)
 
 
-def cancel(api: Api, job_id: str, *, as_json: bool) -> int:
-    job = api.post(job_path(job_id, "cancel"))
+def watch(api: Api, args: argparse.Namespace) -> int:
+    return watch_job(api, args.job_id, as_json=args.as_json)
+
+
+def cancel(api: Api, args: argparse.Namespace) -> int:
+    job = api.post(job_path(args.job_id, "cancel"))
+    text = f"{job['id']} {job['status']}"
     if job["status"] == "cancelling":
-        show(job, f"{job['id']} cancelling: it stops at its next optimizer step", as_json=as_json)
-    else:
-        show(job, f"{job['id']} {job['status']}", as_json=as_json)
+        text += ": it stops at its next optimizer step"
+    show(job, text, as_json=args.as_json)
     return EXIT_OK
 
 
-def events(api: Api, job_id: str, *, after: int | None, as_json: bool) -> int:
+def events(api: Api, args: argparse.Namespace) -> int:
     collected: list[dict[str, Any]] = []
+    after = args.after
     while True:
-        page = api.get(job_path(job_id, "events"), after=after, limit=100)
+        page = api.get(job_path(args.job_id, "events"), after=after, limit=100)
         collected += page["data"]
-        if not as_json:
+        if not args.as_json:
             for event in page["data"]:
                 print(output.event_line(event))
         if not page["has_more"] or not page["data"]:
             break
         after = page["data"][-1]["id"]
-    if as_json:
+    if args.as_json:
         # All pages as one document of the server's own shape.
         print_json({"data": collected, "has_more": False})
     return EXIT_OK
 
 
-def download(api: Api, job_id: str, *, out: Path | None, step: int | None, as_json: bool) -> int:
+def download(api: Api, args: argparse.Namespace) -> int:
+    job_id, step = args.job_id, args.step
     default_name = (
         f"{job_id}-step{step}.safetensors" if step is not None else f"{job_id}.safetensors"
     )
-    target = out if out is not None else Path(default_name)
+    target = args.output if args.output is not None else Path(default_name)
     if target.is_dir():
         target = target / default_name
     params = {"step": step} if step is not None else {}
@@ -115,9 +119,20 @@ def download(api: Api, job_id: str, *, out: Path | None, step: int | None, as_js
     show(
         {"path": str(target), "size_bytes": size, "step": int(at_step) if at_step else None},
         f"{target} ({size:,} bytes{step_text})",
-        as_json=as_json,
+        as_json=args.as_json,
     )
     return EXIT_OK
+
+
+COMMANDS = {
+    "submit": submit,
+    "status": status,
+    "list": list_jobs,
+    "watch": watch,
+    "cancel": cancel,
+    "events": events,
+    "download": download,
+}
 
 
 def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
@@ -127,14 +142,13 @@ def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
     handle, temporary = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".part"
     )
-    size = 0
     try:
         with os.fdopen(handle, "wb") as file:
             for chunk in chunks:
                 file.write(chunk)
-                size += len(chunk)
             file.flush()
             os.fsync(file.fileno())
+            size = file.tell()
         # mkstemp makes the file private; the weights are as readable as any file we write.
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
@@ -148,7 +162,7 @@ def _write_atomically(target: Path, chunks: Iterator[bytes]) -> int:
 # --- watch -------------------------------------------------------------------------
 
 
-def watch(api: Api, job_id: str, *, as_json: bool) -> int:
+def watch_job(api: Api, job_id: str, *, as_json: bool) -> int:
     """Follow a job's live events to its end; exit 0 if it succeeded, 1 if not."""
     job = api.get(job_path(job_id))
     if job["status"] not in TERMINAL_STATUSES:
@@ -259,24 +273,3 @@ def _show(event_type: str, data: dict[str, Any], progress: TrainingProgress) -> 
             progress.update(data["step"], data["loss"], data.get("samples_per_sec") or 0.0)
     elif (note := output.live_event_note(event_type, data)) is not None:
         progress.note(note)
-
-
-def jobs_command(api: Api, args: argparse.Namespace) -> int:
-    as_json: bool = args.as_json
-    if args.command == "submit":
-        return submit(api, args.spec, watch_after=args.watch, as_json=as_json)
-    if args.command == "status":
-        return status(api, args.job_id, as_json=as_json)
-    if args.command == "list":
-        return list_jobs(
-            api, status=args.status, limit=args.limit, after=args.after, as_json=as_json
-        )
-    if args.command == "watch":
-        return watch(api, args.job_id, as_json=as_json)
-    if args.command == "cancel":
-        return cancel(api, args.job_id, as_json=as_json)
-    if args.command == "events":
-        return events(api, args.job_id, after=args.after, as_json=as_json)
-    if args.command == "download":
-        return download(api, args.job_id, out=args.output, step=args.step, as_json=as_json)
-    raise AssertionError(f"unhandled command {args.command}")

@@ -6,6 +6,7 @@ service's. The key is printed once, on create; only its hash is stored.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -31,10 +32,12 @@ def _described(row: ApiKey) -> dict[str, Any]:
     }
 
 
-def _create(session: Session, tenant: str, admin: bool, name: str | None, as_json: bool) -> None:
-    row, key = auth_service.create_key(session, tenant=tenant, admin=admin, name=name)
+def _create(session: Session, args: argparse.Namespace) -> None:
+    row, key = auth_service.create_key(
+        session, tenant=args.tenant, admin=args.admin, name=args.name
+    )
     session.commit()
-    if as_json:
+    if args.json:
         print(json.dumps(_described(row) | {"key": key}))
         return
     role = "admin key" if row.admin else "key"
@@ -42,9 +45,9 @@ def _create(session: Session, tenant: str, admin: bool, name: str | None, as_jso
     print(key)
 
 
-def _list(session: Session, tenant: str | None, as_json: bool) -> None:
-    listed = [_described(row) for row in auth_service.list_keys(session, tenant=tenant)]
-    if as_json:
+def _list(session: Session, args: argparse.Namespace) -> None:
+    listed = [_described(row) for row in auth_service.list_keys(session, tenant=args.tenant)]
+    if args.json:
         print(json.dumps({"data": listed}))
         return
     rows = [
@@ -60,33 +63,21 @@ def _list(session: Session, tenant: str | None, as_json: bool) -> None:
     print_table(("ID", "TENANT", "ROLE", "REVOKED", "NAME"), rows)
 
 
-def _revoke(session: Session, key_id: str) -> None:
-    row = auth_service.revoke_key(session, key_id=key_id)
+def _revoke(session: Session, args: argparse.Namespace) -> None:
+    row = auth_service.revoke_key(session, key_id=args.key_id)
     session.commit()
     print(f"key {row.id} of tenant {row.tenant!r} is revoked")
 
 
-def keys_command(
-    action: str,
-    *,
-    tenant: str | None,
-    admin: bool,
-    name: str | None,
-    key_id: str | None,
-    as_json: bool,
-) -> int:
+ACTIONS = {"create": _create, "list": _list, "revoke": _revoke}
+
+
+def keys_command(args: argparse.Namespace) -> int:
     database = Database(get_settings().effective_database_url)
     try:
         require_migrated(database)
         with database.session() as session:
-            if action == "create" and tenant is not None:
-                _create(session, tenant, admin, name, as_json)
-            elif action == "list":
-                _list(session, tenant, as_json)
-            elif action == "revoke" and key_id is not None:
-                _revoke(session, key_id)
-            else:
-                raise AssertionError(f"unhandled keys action {action!r}")
+            ACTIONS[args.key_action](session, args)
     except DatabaseNotMigrated as error:
         print(f"trainjob keys: {error}", file=sys.stderr)
         return 2

@@ -214,13 +214,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="where to write (default ID.safetensors, or ID-stepN.safetensors)",
     )
     download.add_argument("--step", type=int, metavar="N", help="the checkpoint at step N")
-    add_files_commands(commands, server)
 
-
-def add_files_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], server: argparse.ArgumentParser
-) -> None:
-    """`trainjob files upload|list|rm`, with the client's --url, --api-key and --json."""
     files = commands.add_parser(
         "files",
         help="data files to train on: upload, list, rm",
@@ -284,22 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in CLIENT_COMMANDS:
-        given = [
-            flag
-            for flag, value in (("--url", args.url), ("--api-key", args.api_key))
-            if value is not None
-        ] + (["--json"] if args.as_json else [])
-        if given:
-            parser.error(
-                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
-                f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
-            )
     if args.command in CLIENT_COMMANDS:
         # Imported here: the other commands need no HTTP client.
         from cli.client import client_command
 
         return client_command(args)
+    options = (("--url", args.url), ("--api-key", args.api_key), ("--json", args.as_json))
+    given = [flag for flag, value in options if value not in (None, False)]
+    if given:
+        parser.error(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client "
+            f"commands ({', '.join(CLIENT_COMMANDS)}), not for {args.command}"
+        )
     if args.command == "run":
         # Imported here: torch loads only for the commands that train.
         from cli.run import run_command
@@ -316,14 +306,7 @@ def run_command(argv: Sequence[str] | None) -> int:
     if args.command == "keys":
         from cli.keys import keys_command
 
-        return keys_command(
-            args.key_action,
-            tenant=getattr(args, "tenant", None),
-            admin=getattr(args, "admin", False),
-            name=getattr(args, "name", None),
-            key_id=getattr(args, "key_id", None),
-            as_json=getattr(args, "json", False),
-        )
+        return keys_command(args)
     if args.command == "db":
         return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")

@@ -45,8 +45,9 @@ def job_summary(job: Json) -> str:
     loss = format_loss(metrics.get("loss"))
     if metrics.get("eval_loss") is not None:
         loss += f" (eval {format_loss(metrics['eval_loss'])})"
+    cancel_pending = job.get("cancel_requested") and job["status"] in {"running", "queued"}
     rows = [
-        ("status", job["status"] + (" (cancel requested)" if _cancel_pending(job) else "")),
+        ("status", job["status"] + (" (cancel requested)" if cancel_pending else "")),
         ("step", format_steps(job["progress"])),
         ("loss", loss),
         ("batch", format_batch(job)),
@@ -58,10 +59,6 @@ def job_summary(job: Json) -> str:
     ]
     title = job["id"] + (f"  {job['name']}" if job.get("name") else "")
     return "\n".join([title, *(f"  {label:<9} {value}" for label, value in rows)])
-
-
-def _cancel_pending(job: Json) -> bool:
-    return bool(job.get("cancel_requested")) and job["status"] in {"running", "queued"}
 
 
 def print_job_table(jobs: Sequence[Json]) -> None:

@@ -78,22 +78,18 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
             embedded_redis.stop()
 
 
-def _child_environment(settings: Settings) -> dict[str, str]:
-    environment = dict(os.environ)
-    environment["TRAINJOB_HOME"] = str(settings.home.resolve())
-    environment["TRAINJOB_DATABASE_URL"] = settings.effective_database_url
-    assert settings.redis_url is not None
-    environment["TRAINJOB_REDIS_URL"] = settings.redis_url
-    return environment
-
-
 def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # Its own process group: Ctrl-C reaches it through us, in order, and stopping the
     # group takes its pool children too. Should we die without stopping it (SIGKILL), it
     # dies too, and its pool children with it (worker/shutdown.py).
     return subprocess.Popen(
         [sys.executable, "-m", "cli.main", "worker"],
-        env=_child_environment(settings),
+        env={
+            **os.environ,
+            "TRAINJOB_HOME": str(settings.home.resolve()),
+            "TRAINJOB_DATABASE_URL": settings.effective_database_url,
+            "TRAINJOB_REDIS_URL": str(settings.redis_url),
+        },
         start_new_session=True,
         preexec_fn=dies_with(os.getpid(), signal.SIGKILL),
     )
@@ -103,11 +99,9 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM to the worker's main process only: it hands its job back with a checkpoint
     (worker/shutdown.py) and exits. Then clear the group, pool children included."""
     if process.poll() is None:
-        try:
-            process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -246,10 +240,9 @@ def reaper_command() -> int:
 
 
 def db_command(action: str, revision: str | None) -> int:
-    settings = get_settings()
-    url = settings.effective_database_url
     from app.db import current_revision, downgrade, head_revision
 
+    url = get_settings().effective_database_url
     if action == "upgrade":
         upgrade(url, revision or "head")
     elif action == "downgrade":

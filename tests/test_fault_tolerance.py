@@ -162,7 +162,9 @@ def test_the_same_job_delivered_twice_at_once_trains_once(cluster: Cluster) -> N
 def test_sigterm_hands_the_job_back_with_a_checkpoint_and_no_attempt_counted(
     cluster: Cluster, reference_weights: bytes
 ) -> None:
-    with cluster.worker("term-a") as first:
+    # The first worker trains at a slow pace (about 24 s for the job), so that it is still
+    # training when the second is ready, however long that takes on a loaded machine.
+    with cluster.worker("term-a", faults="slow=0.2") as first:
         job_id = cluster.client.post("/v1/jobs", json=SPEC).json()["id"]
         wait_for_checkpoint(cluster, job_id, at_least=5)
         with cluster.worker("term-b") as second:

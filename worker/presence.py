@@ -1,15 +1,11 @@
-"""A worker says it is alive: its main process announces itself in Redis every few seconds.
+"""A worker says it is alive: its main process announces itself in Redis every few seconds,
+under a key that expires, so that a worker that dies without a word drops off the
+dashboard by itself; a clean shutdown deletes it at once.
 
-The key `trainjob:worker:{node name}` holds a JSON object (name, hostname, pid, device,
-queues, started_at, last_seen) and expires after `PRESENCE_TTL_INTERVALS` announcement
-intervals, so a worker that dies without a word drops off the dashboard by itself; a
-clean shutdown deletes it at once.
-
-It runs on the consumer's timer (`c.timer.call_repeatedly`), the way Celery sends its
-own event heartbeats (celery/worker/consumer/heart.py): with the prefork pool that timer
-is driven by the main process's event loop, so the parent starts no thread. The parent
-never imports torch or touches CUDA either (forking after CUDA initialisation breaks the
-children), so the device is read from the driver's files, not asked of PyTorch.
+It runs on the consumer's timer, the way Celery sends its own event heartbeats
+(celery/worker/consumer/heart.py): the prefork parent starts no thread. The parent never
+touches CUDA either (forking after CUDA initialisation breaks the children), so the device
+is read from the driver's files, not asked of PyTorch.
 """
 
 from __future__ import annotations

@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, event, insert, select
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy import delete, insert
+from sqlalchemy.orm import Session
 
 from app.checkpoints.models import Checkpoint, CheckpointChunk
+from app.db import after_commit, read_by_seq
 
 CHUNK_BYTES = 4 * 1024 * 1024
 PARTS = ("weights", "state")
@@ -63,20 +65,16 @@ class DatabaseChunkWriter:
 
     def write(self, data: bytes | memoryview, /) -> int:
         view = memoryview(data).cast("B")  # slices of a view copy nothing
-        taken = 0
-        while taken < len(view):
-            if not self.pending and len(view) - taken >= CHUNK_BYTES:
-                self._insert(bytes(view[taken : taken + CHUNK_BYTES]))  # a whole chunk
-                taken += CHUNK_BYTES
-                continue
-            piece = view[taken : taken + CHUNK_BYTES - len(self.pending)]
-            self.pending += piece
-            taken += len(piece)
+        size = len(view)
+        while view:
+            room = CHUNK_BYTES - len(self.pending)
+            self.pending += view[:room]
+            view = view[room:]
             if len(self.pending) == CHUNK_BYTES:
                 self._insert(bytes(self.pending))
                 self.pending.clear()
-        self.size += taken
-        return taken
+        self.size += size
+        return size
 
     def flush(self) -> None:
         pass  # a partial chunk waits for more bytes or for finish()
@@ -101,20 +99,13 @@ class DatabaseStore:
         return DatabaseChunkWriter(session, checkpoint.id, part)
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
-        # One chunk at a time: a large checkpoint never sits whole in memory.
-        seqs = session.scalars(
-            select(CheckpointChunk.seq)
-            .where(CheckpointChunk.checkpoint_id == checkpoint.id, CheckpointChunk.part == part)
-            .order_by(CheckpointChunk.seq)
-        ).all()
-        for seq in seqs:
-            yield session.scalars(
-                select(CheckpointChunk.data).where(
-                    CheckpointChunk.checkpoint_id == checkpoint.id,
-                    CheckpointChunk.part == part,
-                    CheckpointChunk.seq == seq,
-                )
-            ).one()
+        return read_by_seq(
+            session,
+            CheckpointChunk.data,
+            CheckpointChunk.seq,
+            CheckpointChunk.checkpoint_id == checkpoint.id,
+            CheckpointChunk.part == part,
+        )
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None:
         session.execute(
@@ -141,17 +132,14 @@ class DirectoryStore:
         return DirectoryPartWriter(self.path(checkpoint, part))
 
     def read(self, session: Session, checkpoint: Checkpoint, part: str) -> Iterator[bytes]:
-        with self.path(checkpoint, part).open("rb") as handle:
-            while chunk := handle.read(CHUNK_BYTES):
-                yield chunk
+        return read_chunks(self.path(checkpoint, part))
 
     def delete(self, session: Session, checkpoint: Checkpoint) -> None:
         _remove_step_directory(self.step_directory(checkpoint))
 
     def discard(self, session: Session, checkpoint: Checkpoint) -> None:
-        # Files are not rolled back: deleted before a commit that then fails, they would
-        # leave a row (perhaps the one a resume starts from) without its bytes.
-        session.info.setdefault(_DISCARDED_DIRECTORIES, []).append(self.step_directory(checkpoint))
+        # Perhaps the row a resume starts from: its bytes must outlive a failed commit.
+        after_commit(session, partial(_remove_step_directory, self.step_directory(checkpoint)))
 
 
 class DirectoryPartWriter:
@@ -193,6 +181,13 @@ def _make_directories(directory: Path) -> None:
     _fsync_directory(directory.parent)
 
 
+def read_chunks(path: Path) -> Iterator[bytes]:
+    """A file's bytes, CHUNK_BYTES at a time."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk
+
+
 def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -201,28 +196,12 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-_DISCARDED_DIRECTORIES = "trainjob_discarded_checkpoint_directories"
-
-
 def _remove_step_directory(directory: Path) -> None:
     for part in PARTS:
         (directory / f"{part}.bin").unlink(missing_ok=True)
         (directory / f"{part}.partial").unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # already gone, or holding something not ours
         directory.rmdir()
-
-
-@event.listens_for(Session, "after_commit")
-def _remove_discarded_directories(session: Session) -> None:
-    for directory in session.info.pop(_DISCARDED_DIRECTORIES, ()):
-        _remove_step_directory(directory)
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _keep_discarded_directories(session: Session, transaction: SessionTransaction) -> None:
-    # A transaction that ends without a commit (rollback, close) deleted no rows.
-    if transaction.parent is None:
-        session.info.pop(_DISCARDED_DIRECTORIES, None)
 
 
 def store_for(storage: str, checkpoint_dir: Path | None) -> CheckpointStore:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
-from sqlalchemy import delete, event, insert, select
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy import delete, insert
+from sqlalchemy.orm import Session
 
-from app.checkpoints.store import CHUNK_BYTES
+from app.checkpoints.store import CHUNK_BYTES, read_chunks
+from app.db import after_commit, read_by_seq
 from app.files.models import DataFile, FileChunk
 
 
@@ -78,17 +80,9 @@ class DatabaseFileStore:
         return DatabaseFileWriter(data_file.id)
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
-        # One chunk per query: a large file never sits whole in memory.
-        seq = 0
-        while (
-            chunk := session.scalar(
-                select(FileChunk.data).where(
-                    FileChunk.file_id == data_file.id, FileChunk.seq == seq
-                )
-            )
-        ) is not None:
-            yield chunk
-            seq += 1
+        return read_by_seq(
+            session, FileChunk.data, FileChunk.seq, FileChunk.file_id == data_file.id
+        )
 
     def delete(self, session: Session, data_file: DataFile) -> None:
         session.execute(delete(FileChunk).where(FileChunk.file_id == data_file.id))
@@ -129,29 +123,10 @@ class DirectoryFileStore:
         return DirectoryFileWriter(self.path(data_file))
 
     def read(self, session: Session, data_file: DataFile) -> Iterator[bytes]:
-        with self.path(data_file).open("rb") as handle:
-            while chunk := handle.read(CHUNK_BYTES):
-                yield chunk
+        return read_chunks(self.path(data_file))
 
     def delete(self, session: Session, data_file: DataFile) -> None:
-        # A file is not rolled back: it goes once the row's deletion commits, else a failed
-        # commit would leave a row without its bytes.
-        session.info.setdefault(_UNLINK_ON_COMMIT, []).append(self.path(data_file))
-
-
-_UNLINK_ON_COMMIT = "trainjob_files_to_unlink"
-
-
-@event.listens_for(Session, "after_commit")
-def _unlink_deleted_files(session: Session) -> None:
-    for path in session.info.pop(_UNLINK_ON_COMMIT, ()):
-        path.unlink(missing_ok=True)
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _keep_files_of_uncommitted_deletes(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:  # the outer transaction ended; a commit popped them already
-        session.info.pop(_UNLINK_ON_COMMIT, None)
+        after_commit(session, partial(self.path(data_file).unlink, missing_ok=True))
 
 
 def store_for(storage: str, files_dir: Path | None) -> FileStore:

@@ -211,7 +211,9 @@ def finish_job(
         values["runtime_seconds"] = runtime_seconds
     if error is not None:
         values |= {"error_type": error[0], "error_message": error[1]}
-    _update_owned(session, claim, values)
+    changed = session.execute(update(Job).where(owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    if not changed:
+        raise LeaseLost(claim.job_id)
     end_attempt(session, claim, reason=error[0] if error else status, now=now)
     data = {"status": status, **(event_data or {})}
     if error is not None:
@@ -283,12 +285,6 @@ def request_release(session: Session, *, worker: str) -> int:
             .values(release_requested=True)
         ).rowcount  # type: ignore[attr-defined]
     )
-
-
-def _update_owned(session: Session, claim: Claim, values: dict[str, Any]) -> None:
-    changed = session.execute(update(Job).where(owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
-    if not changed:
-        raise LeaseLost(claim.job_id)
 
 
 def end_attempt(
