@@ -13,7 +13,7 @@ from typing import Annotated
 import anyio
 import redis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from app.db import Database, max_connections
@@ -90,3 +90,10 @@ DatabaseDep = Annotated[Database, Depends(_database)]
 ReadsDep = Annotated[Reads, Depends(_reads)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
 RedisDep = Annotated[redis.Redis, Depends(_redis)]
+
+# Query parameters of the paged lists. Cursors are bounded by their columns: past them a
+# request is a 422, not a database error.
+MAX_INT32 = 2**31 - 1  # steps, attempt numbers
+Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
+StepCursor = Annotated[int | None, Query(ge=0, le=MAX_INT32)]
+StepsLimit = Annotated[int, Query(ge=1, le=1000)]

@@ -26,7 +26,7 @@ from app.limits import BodySizeLimit, PathLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
-from app.queue import enqueue_training, enqueue_validation, job_ids_in_broker
+from app.queue import enqueue_validation, training_sender
 from app.reads import open_reads
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -42,13 +42,10 @@ def make_reaper(
         lease_timeout=settings.lease_timeout_seconds,
         requeue_after=settings.requeue_after_seconds,
         interval=settings.reaper_interval_seconds,
-        in_broker=lambda: job_ids_in_broker(
-            client,
-            settings.queue,
-            settings.files_queue,
-            unacked_max_age=settings.requeue_after_seconds,
-        ),
-        send=lambda job_id: enqueue_training(celery, job_id=job_id, queue=settings.queue),
+        send=training_sender(celery, settings.queue),
+        # Redis keeps a queue as a list: its length is how many messages wait in it.
+        waiting=lambda: client.llen(settings.queue),
+        validations_waiting=lambda: client.llen(settings.files_queue),
         send_validation=lambda file_id: enqueue_validation(
             celery, file_id=file_id, queue=settings.files_queue
         ),

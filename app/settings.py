@@ -93,8 +93,8 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(
         300.0,
         gt=0,
-        description="A queued job whose message is older than this and no longer in the "
-        "broker (a Redis restart, a failed publish) is sent again.",
+        description="A queued job sent this long ago whose message is lost (a Redis "
+        "restart, a worker that died before claiming it) is sent again.",
     )
     shutdown_timeout_seconds: float = Field(
         60.0,

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from celery import Celery
 
+from app.queue import TRAIN_TASK, VALIDATE_TASK
 from app.settings import Settings
 from worker.presence import presence_step
-
-TRAIN_TASK = "trainjob.train_job"
-VALIDATE_TASK = "trainjob.validate_file"
 
 
 def broker_url(redis_url: str) -> str:

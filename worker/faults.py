@@ -69,23 +69,22 @@ def fault_hooks(value: str | None) -> Hooks:
     if not faults:
         return NO_HOOKS
 
+    def out_of_memory_above(fault: str) -> BatchHook | None:
+        return _out_of_memory_above(fault, faults[fault]) if fault in faults else None
+
+    forward_out_of_memory = out_of_memory_above("oom")
+
     def before_forward(size: int, batch: Batch) -> None:
         if "slow" in faults:  # a pace that tests can interrupt mid-job; weights unchanged
             time.sleep(faults["slow"])
-        if "oom" in faults:
-            _out_of_memory_above("oom", faults["oom"])(size, batch)
+        if forward_out_of_memory is not None:
+            forward_out_of_memory(size, batch)
         if "nan" in faults and batch.inputs.is_floating_point():
             batch.inputs.fill_(float("nan"))
 
     return Hooks(
         before_forward=before_forward,
-        in_backward=(
-            _out_of_memory_above("oom_backward", faults["oom_backward"])
-            if "oom_backward" in faults
-            else None
-        ),
+        in_backward=out_of_memory_above("oom_backward"),
         before_step=_out_of_memory_in_step if "oom_step" in faults else None,
-        before_evaluation=(
-            _out_of_memory_above("oom_eval", faults["oom_eval"]) if "oom_eval" in faults else None
-        ),
+        before_evaluation=out_of_memory_above("oom_eval"),
     )

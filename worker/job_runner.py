@@ -23,8 +23,7 @@ from app.db import Database
 from app.errors import NotFound
 from app.files import usage as files_usage
 from app.jobs.models import Job
-from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back
-from app.jobs.service import mark_unsent
+from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back, send_jobs
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.observability.logs import job_context
 from app.settings import Settings
@@ -106,15 +105,13 @@ def run_job(
 
 def _files_ready(database: Database, publisher: LivePublisher, job_id: str) -> bool:
     """Whether the job's files (if it trains on uploaded files) are all valid. A job
-    waiting for a file's validation stays queued and unsent: the validation (or the
-    reaper) sends it again. One whose file turned out invalid fails `invalid_data`."""
+    waiting for a file's validation stays queued (the claim refuses it: that validation
+    sends it). One whose file turned out invalid fails `invalid_data`."""
     with database.session() as session:
         blocker = files_usage.blocking_file(session, job_id=job_id)
         if blocker is None:
             return True
         if blocker.status == "validating":
-            mark_unsent(session, job_id=job_id)
-            session.commit()
             logger.info("job %s waits for file %s to be validated", job_id, blocker.id)
             return False
         message = files_usage.invalid_file_message(blocker)
@@ -287,10 +284,8 @@ def _record(
         return
     if requeued:
         logger.info("job %s handed back (%s)", claim.job_id, outcome.hand_back)
-        if not enqueue(claim.job_id):
-            with database.session() as session:
-                mark_unsent(session, job_id=claim.job_id)
-                session.commit()
+        with database.session() as session:
+            send_jobs(session, [claim.job_id], send=enqueue)
         publisher.publish(
             claim.job_id,
             [{"type": "status", "data": {"status": "queued", "reason": outcome.hand_back}}],

@@ -21,18 +21,18 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from app.dashboard.schemas import PRESENCE_KEY_PREFIX
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "trainjob:worker:"
 # A key outlives this many missed announcements before a silent worker counts as gone.
 PRESENCE_TTL_INTERVALS = 3
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
 def presence_key(name: str) -> str:
-    return KEY_PREFIX + name
+    return PRESENCE_KEY_PREFIX + name
 
 
 def detect_device(

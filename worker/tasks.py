@@ -9,8 +9,8 @@ from typing import Any
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
 
+from app.queue import TRAIN_TASK, VALIDATE_TASK, training_sender
 from app.settings import get_settings
-from worker.celery_app import TRAIN_TASK, VALIDATE_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ def preload_the_engine(**_: Any) -> None:
 @shared_task(name=TRAIN_TASK, bind=True)
 def train_job(self: Any, job_id: str) -> None:
     """Claim job `job_id`, train it, and record the outcome in the database."""
-    from app.queue import enqueue_training
     from worker.job_runner import run_job  # preloaded in the child; never the parent
 
     settings = get_settings()
@@ -45,7 +44,7 @@ def train_job(self: Any, job_id: str) -> None:
         settings,
         # The worker's node name: a shutting-down worker asks its own jobs to stop.
         worker=self.request.hostname or "unknown",
-        enqueue=lambda job: enqueue_training(self.app, job_id=job, queue=settings.queue),
+        enqueue=training_sender(self.app, settings.queue),
     )
 
 
@@ -53,12 +52,7 @@ def train_job(self: Any, job_id: str) -> None:
 def validate_file(self: Any, file_id: str) -> None:
     """Check uploaded file `file_id`, record `valid` or `invalid`, and send the jobs that
     were waiting for it."""
-    from app.queue import enqueue_training
     from worker.datafiles.runner import validate_stored_file
 
     settings = get_settings()
-    validate_stored_file(
-        file_id,
-        settings,
-        enqueue=lambda job: enqueue_training(self.app, job_id=job, queue=settings.queue),
-    )
+    validate_stored_file(file_id, settings, enqueue=training_sender(self.app, settings.queue))

@@ -16,23 +16,12 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import service as auth_service
+from app.auth.exceptions import Forbidden, Unauthorized
 from app.auth.models import ApiKey
 from app.auth.service import OPEN, Principal
 from app.db import Database
-from app.errors import AppError
 
 RECHECK_SECONDS = 2.0
-
-
-class Unauthorized(AppError):
-    status_code = 401
-    type = "unauthorized"
-    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
-
-
-class Forbidden(AppError):
-    status_code = 403
-    type = "forbidden"
 
 
 class AuthGate:
@@ -57,10 +46,9 @@ class AuthGate:
         return None
 
     def required(self) -> bool:
-        if self._on:
-            return True
-        if self.mode == "off":
-            return False
+        known = self.known()
+        if known is not None:
+            return known
         with self._lock:
             if time.monotonic() - self._checked_at >= RECHECK_SECONDS:
                 with self.database.session() as session:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.auth.deps import PrincipalDep
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.schemas import CheckpointList, CheckpointPublic
-from app.deps import DatabaseDep, SessionDep, SettingsDep
+from app.checkpoints.schemas import CheckpointList
+from app.deps import DatabaseDep, SessionDep, SettingsDep, StepCursor, StepsLimit
 from app.errors import error_responses
 
 router = APIRouter(
@@ -19,8 +17,6 @@ router = APIRouter(
     responses=error_responses({401: "an API key is needed, or it is unknown or revoked"}),
 )
 ERRORS = error_responses({404: "no such job or checkpoint", 422: "invalid request"})
-# Steps are 32-bit in the database: past that a request is a 422, not a database error.
-MAX_STEP = 2**31 - 1
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
@@ -28,23 +24,13 @@ def list_checkpoints(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after_step: StepCursor = None,
+    limit: StepsLimit = 100,
 ) -> CheckpointList:
     rows, has_more = checkpoints_service.list_checkpoints(
         session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
-    data = [
-        CheckpointPublic(
-            step=c.step,
-            created_at=c.created_at,
-            size_bytes=c.size_bytes,
-            loss=c.loss,
-            eval_loss=c.eval_loss,
-        )
-        for c in rows
-    ]
-    return CheckpointList(data=data, has_more=has_more)
+    return CheckpointList(data=rows, has_more=has_more)
 
 
 @router.get(
@@ -58,7 +44,7 @@ def download_weights(
     database: DatabaseDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-    step: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
+    step: StepCursor = None,
 ) -> StreamingResponse:
     """The model weights as safetensors: the final weights once the job succeeded
     (its last checkpoint), else the latest checkpoint, or the one at `step`."""

@@ -11,20 +11,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.checkpoints import retention
+from app.checkpoints.exceptions import NoCheckpoint
 from app.checkpoints.models import Checkpoint
 from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
-from app.db import page, utcnow
-from app.errors import NotFound
+from app.db import utcnow
+from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
-from app.jobs.runs import LIVE_STATUSES, Claim, LeaseLost, append_events
+from app.jobs.runs import Claim, LeaseLost, append_events
 from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
-
-
-class NoCheckpoint(NotFound):
-    type = "no_checkpoint"
 
 
 # A part's bytes, or a function that writes them into the store as it serialises them:
@@ -45,13 +42,10 @@ def save_checkpoint(
 ) -> Checkpoint:
     """Store a checkpoint's bytes and metadata, if the job is still this worker's, then
     delete those that the job's `keep_checkpoints` no longer keeps."""
-    owned = session.execute(
-        update(Job)
-        .where(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
-        .values(heartbeat_at=utcnow())
-        .returning(Job.spec)
+    job = session.execute(
+        update(Job).where(runs.owned(claim)).values(heartbeat_at=utcnow()).returning(Job.spec)
     ).first()
-    if owned is None:
+    if job is None:
         raise LeaseLost(claim.job_id)
     existing = session.scalars(
         select(Checkpoint).where(Checkpoint.job_id == claim.job_id, Checkpoint.step == step)
@@ -82,7 +76,7 @@ def save_checkpoint(
         claim.job_id,
         [("checkpoint", {"step": step, "size_bytes": size, "loss": loss, "eval_loss": eval_loss})],
     )
-    keep = owned.spec.get("keep_checkpoints")
+    keep = job.spec.get("keep_checkpoints")
     if keep is not None:
         policy = KeepCheckpointsSpec.model_validate(keep)
         prune_checkpoints(session, job_id=claim.job_id, policy=policy, store=store)
@@ -156,11 +150,9 @@ def list_checkpoints(
     tenant: str | None = None,
 ) -> tuple[list[Checkpoint], bool]:
     """A job's checkpoints in step order."""
-    jobs_service.get_job(session, job_id=job_id, tenant=tenant)
-    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
-    if after_step is not None:
-        query = query.where(Checkpoint.step > after_step)
-    return page(session, query, limit)
+    return jobs_service.job_rows(
+        session, Checkpoint.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
+    )
 
 
 def find_checkpoint(

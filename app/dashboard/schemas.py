@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import AliasPath, BaseModel, ConfigDict, Field
 
 # Times as the jobs API writes them (UTC, `+00:00`), also for SQLite's naive datetimes.
-from app.jobs.schemas import JobProgress, JobStatus
+from app.jobs.schemas import JobProgress, JobRow, JobStatus
 from app.jobs.schemas import _TimesInUtc as TimesInUtc
 
 
-class RunningJob(TimesInUtc):
+class RunningJob(JobRow):
     """A running (or cancelling) job, with the numbers the jobs table shows."""
+
+    # Read from a job row: `loss` and `samples_per_sec` from its latest metrics, if any
+    # (None before the first step), yet always in the answer.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
     id: str
     name: str | None
@@ -21,10 +25,21 @@ class RunningJob(TimesInUtc):
     batch_size: int
     micro_batch_size: int
     accumulation_steps: int
-    loss: float | None = Field(description="the latest optimizer step's loss")
-    samples_per_sec: float | None
+    loss: float | None = Field(
+        None,
+        validation_alias=AliasPath("metrics", "loss"),
+        description="the latest optimizer step's loss",
+    )
+    samples_per_sec: float | None = Field(
+        None, validation_alias=AliasPath("metrics", "samples_per_sec")
+    )
     worker: str | None = Field(description="node name of the worker running it")
     started_at: datetime | None
+
+
+# Where each worker's main process announces itself (worker/presence.py writes the keys,
+# a WorkerPublic record each, with `job_id` left out).
+PRESENCE_KEY_PREFIX = "trainjob:worker:"
 
 
 class WorkerPublic(TimesInUtc):

@@ -19,13 +19,16 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.dashboard.schemas import Dashboard, FinishedCounts, RunningJob, WorkerPublic
+from app.dashboard.schemas import (
+    PRESENCE_KEY_PREFIX,
+    Dashboard,
+    FinishedCounts,
+    WorkerPublic,
+)
 from app.db import utcnow
-from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES
-from app.jobs.schemas import JobStatus, as_utc
-from worker.presence import KEY_PREFIX
+from app.jobs.schemas import TERMINAL_STATUSES, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +45,20 @@ def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
     query = select(Job.status, func.count()).group_by(Job.status)
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    counts: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
-    for status, count in session.execute(query):
-        counts[status] = count
-    return counts
+    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).all())
 
 
 def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
     """Jobs that reached each terminal status at or after `since`."""
     query = (
         select(Job.status, func.count())
-        .where(Job.finished_at >= since, Job.status.in_(("succeeded", "failed", "cancelled")))
+        .where(Job.finished_at >= since, Job.status.in_(TERMINAL_STATUSES))
         .group_by(Job.status)
     )
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
-    counts = {status: count for status, count in session.execute(query)}
-    return FinishedCounts(
-        succeeded=counts.get("succeeded", 0),
-        failed=counts.get("failed", 0),
-        cancelled=counts.get("cancelled", 0),
-    )
+    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).all())
+    return FinishedCounts.model_validate(counts)
 
 
 def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_LIMIT) -> list[Job]:
@@ -73,33 +69,12 @@ def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_L
     return list(session.scalars(query))
 
 
-def _number(metrics: dict[str, Any] | None, key: str) -> float | None:
-    value = (metrics or {}).get(key)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def to_running(job: Job) -> RunningJob:
-    return RunningJob(
-        id=job.id,
-        name=job.name,
-        status=job.status,  # a live status, from the query
-        progress=jobs_service.job_progress(job),
-        batch_size=job.batch_size,
-        micro_batch_size=job.micro_batch_size,
-        accumulation_steps=job.accumulation_steps,
-        loss=_number(job.metrics, "loss"),
-        samples_per_sec=_number(job.metrics, "samples_per_sec"),
-        worker=job.worker,
-        started_at=as_utc(job.started_at),
-    )
-
-
 def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[dict[str, Any]]:
     """The presence records of workers whose key has not expired, by name."""
     keys: list[bytes | str] = []
     cursor = 0
     while True:
-        cursor, page = client.scan(cursor, match=KEY_PREFIX + "*", count=SCAN_COUNT)
+        cursor, page = client.scan(cursor, match=PRESENCE_KEY_PREFIX + "*", count=SCAN_COUNT)
         keys.extend(page)
         if cursor == 0 or len(keys) >= limit:
             break
@@ -158,7 +133,7 @@ def read_dashboard(
     return Dashboard(
         counts=job_counts(session, tenant=tenant),
         queue_depth=client.llen(queue),
-        running=[to_running(job) for job in running_jobs(session, tenant=tenant)],
+        running=running_jobs(session, tenant=tenant),
         workers=to_workers(records, jobs_of_workers(session, names=names, tenant=tenant)),
         finished_last_hour=finished_since(session, since=now - FINISHED_WINDOW, tenant=tenant),
         time=now,

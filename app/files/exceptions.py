@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import AppError, Conflict, InvalidRequest, NotFound
 
 
 class FileNotFound(NotFound):
@@ -29,3 +29,7 @@ class BadUpload(InvalidRequest):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", fields=[{"path": field, "message": message}])
+
+
+class UploadInterrupted(AppError):
+    type = "upload_interrupted"

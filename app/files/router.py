@@ -14,9 +14,10 @@ from starlette.requests import ClientDisconnect
 
 from app.auth.deps import PrincipalDep
 from app.db import Database
-from app.deps import CeleryDep, DatabaseDep, SessionDep, SettingsDep
-from app.errors import AppError, error_responses
+from app.deps import CeleryDep, DatabaseDep, Limit, SessionDep, SettingsDep
+from app.errors import error_responses
 from app.files import service as files_service
+from app.files.exceptions import UploadInterrupted
 from app.files.formats import FORMATS
 from app.files.ids import FILE_ID_PATTERN
 from app.files.models import DataFile
@@ -56,10 +57,6 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
-class UploadInterrupted(AppError):
-    type = "upload_interrupted"
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -84,7 +81,7 @@ async def upload_file(
     await run_in_threadpool(
         enqueue_validation, celery, file_id=data_file.id, queue=settings.files_queue
     )
-    return files_service.to_public(data_file)
+    return FilePublic.model_validate(data_file)
 
 
 async def _store_and_commit(
@@ -132,13 +129,8 @@ async def _store_and_commit(
 
 
 def _commit(database: Database, upload: files_service.Upload, file_format: str) -> DataFile:
-    with database.session() as session:  # closed without a commit: rolled back
-        data_file = upload.finish(session, format=file_format)
-        session.commit()
-        return data_file
-
-
-Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
+    with database.sessions.begin() as session:  # an error rolls back
+        return upload.finish(session, format=file_format)
 
 
 @router.get("", response_model=FileList, responses=ERRORS)
@@ -155,13 +147,13 @@ def list_files(
     rows, has_more = files_service.list_files(
         session, limit=limit, after=after, status=status, tenant=principal.scope
     )
-    return FileList(data=[files_service.to_public(row) for row in rows], has_more=has_more)
+    return FileList(data=rows, has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FilePublic, responses=ERRORS)
 def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> FilePublic:
     data_file = files_service.get_file(session, file_id=file_id, tenant=principal.scope)
-    return files_service.to_public(data_file)
+    return FilePublic.model_validate(data_file)
 
 
 @router.get(

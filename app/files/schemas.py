@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from app.files.formats import FileFormat
 from app.jobs.schemas import _TimesInUtc
@@ -29,6 +29,11 @@ class FilePublic(_TimesInUtc):
     stats: dict[str, Any] | None = Field(description="rows, tokens, classes, ...; once valid")
     created_at: datetime
     validated_at: datetime | None
+
+    @field_validator("errors", mode="before")
+    @classmethod
+    def _none_is_no_errors(cls, errors: list[str] | None) -> list[str]:
+        return errors or []
 
 
 class FileList(BaseModel):

@@ -16,7 +16,6 @@ from app.files.exceptions import BadUpload, FileInUse, FileNotFound
 from app.files.formats import FORMATS, detect_format
 from app.files.ids import is_file_id, new_file_id
 from app.files.models import DataFile, JobFile
-from app.files.schemas import FilePublic
 from app.files.store import FileStore, store_for
 from app.jobs.models import Job
 
@@ -166,20 +165,3 @@ def read_content(
 ) -> Iterator[bytes]:
     """The file's bytes, one chunk (at most CHUNK_BYTES) at a time."""
     return store_for(data_file.storage, files_dir).read(session, data_file)
-
-
-def to_public(data_file: DataFile) -> FilePublic:
-    return FilePublic(
-        id=data_file.id,
-        tenant=data_file.tenant,
-        filename=data_file.filename,
-        format=data_file.format,
-        kind=data_file.kind,
-        size_bytes=data_file.size_bytes,
-        sha256=data_file.sha256,
-        status=data_file.status,
-        errors=data_file.errors or [],
-        stats=data_file.stats,
-        created_at=data_file.created_at,
-        validated_at=data_file.validated_at,
-    )

@@ -1,12 +1,11 @@
 """Jobs and the files they train on: the checks at submit, and what a file's validation
 means for the jobs waiting for it.
 
-A job whose file is still `validating` is stored `queued` but unsent (`enqueued_at` is
-NULL). When the file's validation is recorded, each such job is either failed
-(`invalid_data`: the file is invalid or does not fit the model) or marked sent, and the
-caller publishes it after the commit. The reaper never sends a job that waits for a
-file (`waits_for_validation`) and sends the rest of the unsent ones, so a job whose
-message is lost in between still runs.
+A job whose file is still `validating` is stored `queued` but unsent: it is not
+`sendable` (app/jobs/runs.py) until the file's validation is recorded. Then each such
+job is either failed (`invalid_data`: the file is invalid or does not fit the model) or
+marked sent, and the caller publishes it after the commit; the reaper sends it if that
+message is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -23,7 +22,7 @@ from app.errors import InvalidRequest
 from app.files.kinds import describe_kind, model_fit_error
 from app.files.models import DataFile, JobFile
 from app.jobs.models import Job
-from app.jobs.runs import append_events
+from app.jobs.runs import append_events, mark_sent, sendable
 from app.jobs.spec import FileDatasetSpec
 
 INVALID_DATA = "invalid_data"
@@ -136,27 +135,6 @@ def link_job_files(session: Session, *, job_id: str, dataset: FileDatasetSpec) -
     session.flush()
 
 
-def waits_for_validation() -> ColumnElement[bool]:
-    """For a query over jobs: the job uses a file that is still validating (a correlated
-    EXISTS, by the primary keys of job_files and files)."""
-    return exists(
-        select(JobFile.file_id)
-        .join(DataFile, DataFile.id == JobFile.file_id)
-        .where(JobFile.job_id == Job.id, DataFile.status == "validating")
-        .correlate(Job)
-    )
-
-
-def _uses_a_file_not_valid() -> ColumnElement[bool]:
-    return exists(
-        select(JobFile.file_id)
-        .join(DataFile, DataFile.id == JobFile.file_id)
-        .where(JobFile.job_id == Job.id, DataFile.status != "valid")
-        # Only the job: a query that also joins job_files must not narrow this to its row.
-        .correlate(Job)
-    )
-
-
 def blocking_file(session: Session, *, job_id: str) -> DataFile | None:
     """A file of the job that is not valid (an invalid one first), or None: the job can run."""
     rows = session.scalars(
@@ -239,25 +217,11 @@ def record_validation(
     waiting = session.execute(
         select(Job.id, Job.spec)
         .join(JobFile, JobFile.job_id == Job.id)
-        .where(
-            JobFile.file_id == file_id,
-            Job.status == "queued",
-            Job.enqueued_at.is_(None),
-            ~_uses_a_file_not_valid(),
-        )
+        .where(JobFile.file_id == file_id, sendable())
     ).all()
     misfits, ready = _fit_waiting_jobs(session, waiting)
     failed = fail_queued_jobs(session, messages=misfits)
-    to_send: list[str] = []
-    if ready:
-        to_send = list(
-            session.scalars(
-                update(Job)
-                .where(Job.id.in_(ready), Job.status == "queued", Job.enqueued_at.is_(None))
-                .values(enqueued_at=utcnow())
-                .returning(Job.id)
-            )
-        )
+    to_send = mark_sent(session, job_ids=ready)
     return Recorded(recorded=True, to_send=to_send, failed=failed)
 
 

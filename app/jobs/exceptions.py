@@ -36,3 +36,13 @@ class CudaNotSeen(InvalidRequest):
             "'cpu', or start a GPU worker (TRAINJOB_ALLOW_UNSEEN_CUDA=true queues it anyway)"
         )
         super().__init__(message, fields=[{"path": "device", "message": message}])
+
+
+class IdempotencyKeyReused(Conflict):
+    type = "idempotency_key_reused"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was used with a different body; use a new key",
+            idempotency_key=key,
+        )

@@ -11,24 +11,14 @@ import hashlib
 import json
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import Conflict
+from app.jobs.exceptions import IdempotencyKeyReused
 from app.jobs.models import IdempotencyKey, Job
 from app.jobs.schemas import as_utc
 from app.jobs.spec import JobSpec
-
-
-class IdempotencyKeyReused(Conflict):
-    type = "idempotency_key_reused"
-
-    def __init__(self, key: str) -> None:
-        super().__init__(
-            f"Idempotency-Key {key!r} was used with a different body; use a new key",
-            idempotency_key=key,
-        )
 
 
 def request_hash(spec: JobSpec) -> str:
@@ -70,13 +60,8 @@ def remember(session: Session, *, tenant: str, key: str, spec: JobSpec, job_id: 
 
 def forget_expired(session: Session, *, ttl_hours: float, limit: int = 1000) -> int:
     """Delete keys past their lifetime (a bounded batch); the reaper calls it."""
+    columns = (IdempotencyKey.tenant, IdempotencyKey.key)
     cutoff = utcnow() - timedelta(hours=ttl_hours)
-    expired = select(IdempotencyKey.tenant, IdempotencyKey.key).where(
-        IdempotencyKey.created_at < cutoff
-    )
-    rows = session.execute(expired.limit(limit)).all()
-    for tenant, key in rows:
-        session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
-        )
-    return len(rows)
+    expired = select(*columns).where(IdempotencyKey.created_at < cutoff).limit(limit)
+    deleted = session.execute(delete(IdempotencyKey).where(tuple_(*columns).in_(expired)))
+    return int(deleted.rowcount)  # type: ignore[attr-defined]

@@ -4,28 +4,30 @@ whose message is gone.
 Celery with Redis delivers at least once but not promptly: a SIGKILLed worker's
 message comes back only after the visibility timeout (days), and a Redis restart or a
 failed publish loses messages outright. The jobs table is the truth; this periodic
-pass makes the broker agree with it. Rows are taken with FOR UPDATE SKIP LOCKED, so
-any number of API processes can run it side by side (SQLite has one writer anyway).
+pass sends again what has waited too long, without asking the broker what it holds: a
+duplicate message is harmless, as the claim refuses a job that is no longer queued.
+Rows are taken with FOR UPDATE SKIP LOCKED, so any number of API processes can run it
+side by side (SQLite has one writer anyway).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, true, update
+from sqlalchemy import Select, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.files.models import DataFile
-from app.files.usage import waits_for_validation
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
-from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts
+from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
 
 logger = logging.getLogger(__name__)
 
@@ -91,169 +93,120 @@ def reap_lost_runs(
             outcome.append(job.id)
 
 
-def send_due_messages(
+def send_due_jobs(
     session: Session,
     *,
     now: datetime,
-    requeue_after: float,
-    check_all: bool,
-    in_broker: Callable[[], set[str]],
+    resend_after: float,
+    waiting: int,
     send: Callable[[str], bool],
-    report: ReapReport,
-    after: str | None = None,
-) -> tuple[str | None, bool]:
-    """Send queued jobs that have no message: never sent, or sent long ago and no longer
-    in the broker. `check_all` checks every queued job (the first pass after a start),
-    a batch at a time from the job id `after`. A job waiting for a file's validation is
-    never sent: the validation sends it.
+) -> list[str]:
+    """Send the sendable jobs never sent (or whose send failed), and again those whose
+    message is lost: a Redis restart, a worker killed between taking it and claiming the
+    job. A duplicate is harmless, the claim refuses a job no longer queued, but it costs
+    a worker a fresh process: a job that merely waits its turn is not sent again.
 
-    Returns (the id to go on from, whether every due job was seen). A failed send stops
-    the pass, so that rows are not held locked while the broker is away.
+    The broker's queue hands out its oldest message first: of the jobs sent, as many as
+    there are more of them than messages `waiting` in the queue are lost, and they are
+    those sent longest ago. Each of them sent `resend_after` ago or more is sent again,
+    and stamped.
+
+    A batch per pass; the ids sent. A failed send ends the pass, so that rows are not
+    held locked while the broker is away.
     """
-    overdue = Job.enqueued_at < now - timedelta(seconds=requeue_after)
-    due = (Job.id > after if after else true()) if check_all else None
-    query = select(Job.id, Job.enqueued_at).where(Job.status == "queued", ~waits_for_validation())
-    query = query.where(due if due is not None else or_(Job.enqueued_at.is_(None), overdue))
-    jobs = session.execute(
-        query.order_by(Job.id).limit(BATCH).with_for_update(skip_locked=True)
-    ).all()
-    if not jobs:
-        return after, True
-    present = in_broker() if any(job.enqueued_at is not None for job in jobs) else set()
-    checked: list[str] = []
-    complete = len(jobs) < BATCH
-    for job in jobs:
-        if job.enqueued_at is None or job.id not in present:
-            if not send(job.id):
-                complete = False  # broker away: the next pass goes on from here
-                break
-            report.sent.append(job.id)
-        checked.append(job.id)
-    if checked:
-        session.execute(
-            update(Job).where(Job.id.in_(checked), Job.status == "queued").values(enqueued_at=now)
-        )
-    return (checked[-1] if checked else after), complete
+    sent_jobs = select(Job.id).where(sendable(), Job.enqueued_at.is_not(None)).subquery()
+    lost = (session.scalar(select(func.count()).select_from(sent_jobs)) or 0) - waiting
+    overdue = Job.enqueued_at < now - timedelta(seconds=resend_after)
+    never_sent = select(Job.id).where(sendable(), Job.enqueued_at.is_(None)).order_by(Job.id)
+    lost_messages = select(Job.id).where(sendable(), overdue).order_by(Job.enqueued_at)
+    due = [*_locked(session, never_sent, BATCH), *_locked(session, lost_messages, min(lost, BATCH))]
+    sent = list(itertools.takewhile(send, due))  # up to the first send that fails
+    if sent:
+        session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
+    return sent
 
 
-def resend_lost_validations(
+def send_due_validations(
     session: Session,
     *,
     now: datetime,
-    requeue_after: float,
-    in_broker: Callable[[], set[str]],
+    resend_after: float,
+    waiting: int,
+    sent_at: dict[str, datetime],
     send: Callable[[str], bool],
-    report: ReapReport,
-    after: str | None = None,
-) -> str | None:
-    """Send again the validation of files still `validating` `requeue_after` seconds
-    after their upload whose message the broker no longer holds (a failed publish, a
-    Redis restart, a worker that died). A batch per pass, in id order from the file id
-    `after`; returns where the next pass goes on (None: from the start again).
-    """
-    uploaded_before = now - timedelta(seconds=requeue_after)
-    query = select(DataFile.id).where(
-        DataFile.status == "validating", DataFile.created_at < uploaded_before
-    )
-    if after is not None:
-        query = query.where(DataFile.id > after)
-    file_ids = session.scalars(
-        query.order_by(DataFile.id).limit(BATCH).with_for_update(skip_locked=True)
-    ).all()
-    if not file_ids:
-        return None
-    present = in_broker()  # task ids start with the file id, as with jobs
-    checked = after
-    for file_id in file_ids:
-        if file_id not in present:
-            if not send(file_id):
-                return checked  # broker away: the next pass tries this file again
-            report.validations.append(file_id)
-        checked = file_id
-    return checked if len(file_ids) == BATCH else None
+) -> list[str]:
+    """Send again the validation of files still `validating` `resend_after` seconds after
+    their upload whose message is lost, found as a job's is (`waiting`: the length of
+    the files queue). `sent_at` (file id -> when, kept by the caller) stands in for a
+    job's stamp: a file sent again waits another `resend_after`. The ids sent."""
+    cutoff = now - timedelta(seconds=resend_after)
+    for file_id in [file_id for file_id, at in sent_at.items() if at < cutoff]:
+        del sent_at[file_id]
+    validating = DataFile.status == "validating"
+    lost = (session.scalar(select(func.count()).where(validating)) or 0) - waiting
+    overdue = and_(DataFile.created_at < cutoff, DataFile.id.not_in(list(sent_at)))
+    query = select(DataFile.id).where(validating, overdue).order_by(DataFile.id)
+    due = _locked(session, query, min(lost, BATCH))
+    sent = list(itertools.takewhile(send, due))
+    sent_at.update(dict.fromkeys(sent, now))
+    return sent
 
 
-def _once(scan: Callable[[], set[str]]) -> Callable[[], set[str]]:
-    """One read of the broker per pass, however many parts of the pass need it."""
-    found: list[set[str]] = []
-
-    def scan_once() -> set[str]:
-        if not found:
-            found.append(scan())
-        return found[0]
-
-    return scan_once
+def _locked(session: Session, query: Select[str], limit: int) -> Sequence[str]:
+    """Up to `limit` ids of `query`, of rows no other transaction holds, locked until the
+    commit."""
+    if limit <= 0:
+        return []
+    return session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
 
 
+@dataclass
 class Reaper:
     """One pass: `run_once`; as a daemon thread: `start` / `stop`."""
 
-    def __init__(
-        self,
-        database: Database,
-        *,
-        lease_timeout: float,
-        requeue_after: float,
-        interval: float,
-        in_broker: Callable[[], set[str]],
-        send: Callable[[str], bool],
-        ring: Callable[[list[str]], None] = lambda job_ids: None,
-        idempotency_ttl_hours: float | None = None,
-        send_validation: Callable[[str], bool] | None = None,
-    ) -> None:
-        self.database = database
-        self.send_validation = send_validation
-        self._validation_cursor: str | None = None
-        self.idempotency_ttl_hours = idempotency_ttl_hours
-        self.ring = ring
-        self.lease_timeout = lease_timeout
-        self.requeue_after = requeue_after
-        self.interval = interval
-        self.in_broker = in_broker
-        self.send = send
-        self._first_pass = True
-        self._startup_cursor: str | None = None
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
+    database: Database
+    _: KW_ONLY
+    lease_timeout: float
+    requeue_after: float
+    interval: float
+    send: Callable[[str], bool]
+    # How many messages wait in the training queue, and in the files queue.
+    waiting: Callable[[], int]
+    validations_waiting: Callable[[], int] = lambda: 0
+    ring: Callable[[list[str]], None] = lambda job_ids: None
+    idempotency_ttl_hours: float | None = None
+    send_validation: Callable[[str], bool] | None = None
+    _validations_sent: dict[str, datetime] = field(default_factory=dict, init=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     def run_once(self) -> ReapReport:
         report = ReapReport()
         now = utcnow()
-        in_broker = _once(self.in_broker)
-        with self.database.session() as session:
+        # A transaction each: one part's failure does not undo the others.
+        with self.database.sessions.begin() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
-            session.commit()
-        with self.database.session() as session:
-            cursor, complete = send_due_messages(
+        with self.database.sessions.begin() as session:
+            report.sent = send_due_jobs(
                 session,
                 now=now,
-                requeue_after=self.requeue_after,
-                check_all=self._first_pass,
-                in_broker=in_broker,
+                resend_after=self.requeue_after,
+                waiting=self.waiting(),
                 send=self.send,
-                report=report,
-                after=self._startup_cursor,
             )
-            session.commit()
-        if self._first_pass:  # the startup check of every queued job, a batch per pass
-            self._startup_cursor = cursor
-            self._first_pass = not complete
         if self.send_validation is not None:
-            with self.database.session() as session:
-                self._validation_cursor = resend_lost_validations(
+            with self.database.sessions.begin() as session:
+                report.validations = send_due_validations(
                     session,
                     now=now,
-                    requeue_after=self.requeue_after,
-                    in_broker=in_broker,
+                    resend_after=self.requeue_after,
+                    waiting=self.validations_waiting(),
+                    sent_at=self._validations_sent,
                     send=self.send_validation,
-                    report=report,
-                    after=self._validation_cursor,
                 )
-                session.commit()
         if self.idempotency_ttl_hours is not None:
-            with self.database.session() as session:
+            with self.database.sessions.begin() as session:
                 forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
-                session.commit()
         if changed := report.requeued + report.failed + report.cancelled:
             self.ring(changed)  # their streams show the new status at once
         for kind in ("requeued", "failed", "cancelled", "sent", "validations"):

@@ -10,23 +10,31 @@ from fastapi.sse import ServerSentEvent
 from pydantic import StringConstraints
 
 from app.auth.deps import PrincipalDep
-from app.deps import CeleryDep, ReadsDep, RedisDep, SessionDep, SettingsDep
-from app.errors import AppError, error_responses
+from app.deps import (
+    MAX_INT32,
+    CeleryDep,
+    Limit,
+    ReadsDep,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+    StepCursor,
+    StepsLimit,
+)
+from app.errors import error_responses
 from app.jobs import devices
 from app.jobs import service as jobs_service
 from app.jobs.ids import JOB_ID_PATTERN
 from app.jobs.json_body import JsonBodyRoute
+from app.jobs.runs import send_jobs
 from app.jobs.schemas import (
     TERMINAL_STATUSES,
     AttemptList,
-    AttemptPublic,
     EventList,
-    EventPublic,
     JobList,
     JobPublic,
     JobStatus,
     MetricList,
-    MetricPublic,
 )
 from app.jobs.spec import JobSpec
 from app.live.channels import ring
@@ -36,7 +44,7 @@ from app.live.stream import (
     job_event_stream,
     parse_last_event_id,
 )
-from app.queue import enqueue_training
+from app.queue import training_sender
 
 router = APIRouter(
     prefix="/v1/jobs",
@@ -44,10 +52,7 @@ router = APIRouter(
     responses=error_responses({401: "an API key is needed, or it is unknown or revoked"}),
 )
 
-Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
-# Cursors are bounded by their columns: past them a request is a 422, not a database error.
-MAX_INT32 = 2**31 - 1  # steps, attempt numbers
-MAX_INT64 = 2**63 - 1  # event ids
+MAX_INT64 = 2**63 - 1  # event ids: past it a cursor is a 422, not a database error
 ERRORS = error_responses({404: "no such job", 422: "invalid request"})
 
 
@@ -78,33 +83,23 @@ def submit_job(
 ) -> JobPublic:
     """Validate a job spec, store the job as `queued`, and send it to the workers (a job
     whose dataset file is still validating is sent when the file is valid)."""
-    try:
-        submitted = jobs_service.submit_job(
-            session,
-            spec=spec,
-            tenant=principal.tenant,
-            max_active_jobs=settings.max_active_jobs_per_tenant,
-            cuda_available=lambda: (
-                settings.allow_unseen_cuda
-                or devices.cuda_worker_seen(redis_client, queue=settings.queue)
-            ),
-            idempotency_key=idempotency_key,
-            idempotency_ttl_hours=settings.idempotency_ttl_hours,
-        )
-    except AppError:
-        session.rollback()  # lets go of the tenant's lock before the answer, not after it
-        raise
+    submitted = jobs_service.submit_job(
+        session,
+        spec=spec,
+        tenant=principal.tenant,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
+        cuda_available=lambda: (
+            settings.allow_unseen_cuda
+            or devices.cuda_worker_seen(redis_client, queue=settings.queue)
+        ),
+        idempotency_key=idempotency_key,
+        idempotency_ttl_hours=settings.idempotency_ttl_hours,
+    )
     session.commit()
-    job = submitted.job
+    send_jobs(session, submitted.to_send, send=training_sender(celery, settings.queue))
     if submitted.replayed:
         response.status_code = status.HTTP_200_OK
-        return jobs_service.to_public(job)
-    if jobs_service.waits_for_files(job):  # a file is still validating: that task sends it
-        return jobs_service.to_public(job)
-    if not enqueue_training(celery, job_id=job.id, queue=settings.queue):
-        jobs_service.mark_unsent(session, job_id=job.id)
-        session.commit()
-    return jobs_service.to_public(job)
+    return JobPublic.model_validate(submitted.job)
 
 
 router.add_api_route(
@@ -144,14 +139,14 @@ async def list_jobs(
     jobs, has_more = await jobs_service.read_jobs_page(
         reads, status=status, limit=limit, after=after, tenant=principal.scope
     )
-    return JobList(data=[jobs_service.to_public(job) for job in jobs], has_more=has_more)
+    return JobList(data=jobs, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
 async def get_job(job_id: str, reads: ReadsDep, principal: PrincipalDep) -> JobPublic:
     # The hottest read: in the event loop on PostgreSQL (app/reads.py).
     job = await jobs_service.read_job(reads, job_id=job_id, tenant=principal.scope)
-    return jobs_service.to_public(job)
+    return JobPublic.model_validate(job)
 
 
 @router.post(
@@ -166,7 +161,7 @@ def cancel_job(
     job = jobs_service.request_cancel(session, job_id=job_id, tenant=principal.scope)
     session.commit()
     ring(redis_client, [job_id])
-    return jobs_service.to_public(job)
+    return JobPublic.model_validate(job)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=ERRORS)
@@ -174,28 +169,14 @@ def list_metrics(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after_step: StepCursor = None,
+    limit: StepsLimit = 100,
 ) -> MetricList:
     """Per-optimizer-step metrics in step order."""
     rows, has_more = jobs_service.list_metrics(
         session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
     )
-    data = [
-        MetricPublic(
-            step=row.step,
-            loss=row.loss,
-            lr=row.lr,
-            grad_norm=row.grad_norm,
-            samples_per_sec=row.samples_per_sec,
-            micro_batch_size=row.micro_batch_size,
-            time=row.time,
-            eval_loss=row.extra.get("eval_loss"),
-            eval_accuracy=row.extra.get("eval_accuracy"),
-        )
-        for row in rows
-    ]
-    return MetricList(data=data, has_more=has_more)
+    return MetricList(data=rows, has_more=has_more)
 
 
 EventTypes = Annotated[
@@ -279,8 +260,7 @@ def list_events(
     rows, has_more = jobs_service.list_events(
         session, job_id=job_id, after=after, limit=limit, types=type, tenant=principal.scope
     )
-    data = [EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data) for e in rows]
-    return EventList(data=data, has_more=has_more)
+    return EventList(data=rows, has_more=has_more)
 
 
 @router.get("/{job_id}/attempts", response_model=AttemptList, responses=ERRORS)
@@ -297,16 +277,4 @@ def list_attempts(
     rows, has_more = jobs_service.list_attempts(
         session, job_id=job_id, after=after, limit=limit, tenant=principal.scope
     )
-    data = [
-        AttemptPublic(
-            attempt=row.attempt,
-            worker=row.worker,
-            started_at=row.started_at,
-            ended_at=row.ended_at,
-            resumed_from_step=row.resumed_from_step,
-            reason=row.reason,
-            counted=row.counted,
-        )
-        for row in rows
-    ]
-    return AttemptList(data=data, has_more=has_more)
+    return AttemptList(data=rows, has_more=has_more)

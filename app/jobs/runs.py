@@ -9,16 +9,17 @@ work of the job's current owner.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.checkpoints.models import Checkpoint
 from app.db import utcnow
+from app.files.models import DataFile, JobFile
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
@@ -46,12 +47,60 @@ class Heartbeat:
     release_requested: bool
 
 
+def sendable() -> ColumnElement[bool]:
+    """Whether a job may go to a worker now: the one answer for submit, a file's
+    validation, the reaper and the claim. Queued (so neither cancelled nor out of
+    attempts: a cancel of a queued job ends it at once, and a run that used the last
+    attempt fails it) and training on no file that is still validating (that
+    validation sends the job)."""
+    file_validating = exists(
+        select(JobFile.file_id)
+        .join(DataFile, DataFile.id == JobFile.file_id)
+        .where(JobFile.job_id == Job.id, DataFile.status == "validating")
+        # Only the job: a query that also joins job_files must not narrow this to its row.
+        .correlate(Job)
+    )
+    return and_(Job.status == "queued", ~file_validating)
+
+
+def mark_sent(session: Session, *, job_ids: Sequence[str]) -> list[str]:
+    """Of `job_ids`, the sendable ones, stamped sent now: the caller sends each after the
+    commit (and calls `mark_unsent` for one it could not send)."""
+    if not job_ids:
+        return []
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(job_ids), sendable())
+            .values(enqueued_at=utcnow())
+            .returning(Job.id)
+        )
+    )
+
+
+def mark_unsent(session: Session, *, job_id: str) -> None:
+    """The job's message could not be published: the reaper sends it on its next pass."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=None)
+    )
+
+
+def send_jobs(session: Session, job_ids: Sequence[str], *, send: Callable[[str], bool]) -> None:
+    """Send jobs marked sent, after the commit that marked them; one the broker does not
+    take is marked unsent again (committed), for the reaper's next pass."""
+    unsent = [job_id for job_id in job_ids if not send(job_id)]
+    for job_id in unsent:
+        mark_unsent(session, job_id=job_id)
+    if unsent:
+        session.commit()
+
+
 def claimable(now: datetime, lease_timeout: float) -> ColumnElement[bool]:
-    """Queued, or running with a heartbeat older than the lease: its worker is gone."""
+    """Sendable, or running with a heartbeat older than the lease: its worker is gone."""
     stale = Job.heartbeat_at < now - timedelta(seconds=lease_timeout)
     return and_(
         Job.attempts < Job.max_attempts,
-        or_(Job.status == "queued", and_(Job.status == "running", stale)),
+        or_(sendable(), and_(Job.status == "running", stale)),
     )
 
 
@@ -105,25 +154,14 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
     )
 
 
-def _owned(claim: Claim) -> ColumnElement[bool]:
+def owned(claim: Claim) -> ColumnElement[bool]:
+    """The claimed job, while the claim is its current one and the run is live."""
     return and_(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
 
 
 def renew_lease(session: Session, *, claim: Claim, runtime_seconds: float) -> Heartbeat:
     """Renew the lease, record the training time, and read the flags a worker obeys."""
     return _heartbeat(session, claim, {"runtime_seconds": runtime_seconds})
-
-
-def _heartbeat(session: Session, claim: Claim, values: dict[str, Any]) -> Heartbeat:
-    row = session.execute(
-        update(Job)
-        .where(_owned(claim))
-        .values(heartbeat_at=utcnow(), **values)
-        .returning(Job.cancel_requested, Job.release_requested)
-    ).first()
-    if row is None:
-        raise LeaseLost(claim.job_id)
-    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
 def record_progress(
@@ -145,6 +183,18 @@ def record_progress(
     return heartbeat
 
 
+def _heartbeat(session: Session, claim: Claim, values: dict[str, Any]) -> Heartbeat:
+    row = session.execute(
+        update(Job)
+        .where(owned(claim))
+        .values(heartbeat_at=utcnow(), **values)
+        .returning(Job.cancel_requested, Job.release_requested)
+    ).first()
+    if row is None:
+        raise LeaseLost(claim.job_id)
+    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
+
+
 def finish_job(
     session: Session,
     *,
@@ -161,7 +211,7 @@ def finish_job(
         values["runtime_seconds"] = runtime_seconds
     if error is not None:
         values |= {"error_type": error[0], "error_message": error[1]}
-    changed = session.execute(update(Job).where(_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    changed = session.execute(update(Job).where(owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
     if not changed:
         raise LeaseLost(claim.job_id)
     end_attempt(session, claim, reason=error[0] if error else status, now=now)
@@ -188,7 +238,7 @@ def hand_back(
     """
     now = utcnow()
     job = session.execute(
-        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(_owned(claim))
+        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(owned(claim))
     ).first()
     if job is None:
         raise LeaseLost(claim.job_id)
@@ -216,7 +266,7 @@ def hand_back(
         values["runtime_seconds"] = runtime_seconds
     # Conditional on no cancel: one that lands after the read above must not be lost.
     requeued = session.execute(
-        update(Job).where(_owned(claim), Job.cancel_requested.is_(False)).values(**values)
+        update(Job).where(owned(claim), Job.cancel_requested.is_(False)).values(**values)
     ).rowcount  # type: ignore[attr-defined]
     if not requeued:
         finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, field_serializer
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -19,12 +19,18 @@ def as_utc(moment: datetime | None) -> datetime | None:
 
 
 class _TimesInUtc(BaseModel):
+    """A response model: read from a row (`model_validate(row)`), times written in UTC."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     @field_serializer("*", when_used="json")
     def _utc(self, value: Any) -> Any:
         return as_utc(value).isoformat() if isinstance(value, datetime) else value  # type: ignore[union-attr]
 
 
 class JobProgress(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     step: int
     max_steps: int | None
     epoch: int
@@ -33,7 +39,10 @@ class JobProgress(BaseModel):
     # Samples in the latest optimizer step's window: below batch_size when that was an
     # epoch's short last window (the job's micro_batch_size × accumulation_steps stay
     # the full window's split). None before the first step.
-    last_window_samples: int | None = None
+    # The latest step's metrics hold it (stored with the step, so no column of its own).
+    last_window_samples: int | None = Field(
+        None, validation_alias=AliasPath("metrics", "window_samples")
+    )
 
 
 class JobError(BaseModel):
@@ -41,7 +50,22 @@ class JobError(BaseModel):
     message: str
 
 
-class JobPublic(_TimesInUtc):
+class JobRow(_TimesInUtc):
+    """A response model read from a job's row, an ORM object or a read's row alike
+    (app/reads.py): the row's counters are its `progress`, its two error columns its
+    `error`, and its other fields the row's columns of the same names."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, job: Any) -> Any:
+        if isinstance(job, dict):
+            return job
+        error = job.error_type and {"type": job.error_type, "message": job.error_message or ""}
+        columns = {name: getattr(job, name, None) for name in [*cls.model_fields, "metrics"]}
+        return columns | {"progress": job, "error": error}
+
+
+class JobPublic(JobRow):
     id: str
     name: str | None
     tenant: str
@@ -94,8 +118,9 @@ class MetricPublic(_TimesInUtc):
     samples_per_sec: float
     micro_batch_size: int
     time: datetime
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
+    # Kept with the step's other extra numbers; only on the steps that evaluated.
+    eval_loss: float | None = Field(None, validation_alias=AliasPath("extra", "eval_loss"))
+    eval_accuracy: float | None = Field(None, validation_alias=AliasPath("extra", "eval_accuracy"))
 
 
 class MetricList(BaseModel):

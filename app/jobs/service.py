@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Table, bindparam, func, select, text, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
 from app.files import usage as files_usage
-from app.jobs import idempotency
+from app.jobs import idempotency, runs
 from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
 from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
-from app.jobs.schemas import TERMINAL_STATUSES, JobError, JobProgress, JobPublic
+from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.reads import Reads, Statement
 
@@ -29,6 +29,8 @@ from app.reads import Reads, Statement
 class Submitted:
     job: Job
     replayed: bool  # an earlier submit with the same Idempotency-Key made it
+    # The new job, when it may go to a worker now: the route sends it after the commit.
+    to_send: list[str]
 
 
 def submit_job(
@@ -43,13 +45,15 @@ def submit_job(
 ) -> Submitted:
     """A submit: the earlier job of a known Idempotency-Key, else a new queued job, within
     the tenant's cap (TooManyJobs) and on a device some worker has (CudaNotSeen)."""
+    # An error rolls back with the request's session, which closes before the error is
+    # answered: the tenant's lock below is never held while a client reads.
     lock_tenant(session, tenant=tenant)
     if idempotency_key is not None:
         earlier = idempotency.replay(
             session, tenant=tenant, key=idempotency_key, spec=spec, ttl_hours=idempotency_ttl_hours
         )
         if earlier is not None:
-            return Submitted(earlier, replayed=True)
+            return Submitted(earlier, replayed=True, to_send=[])
     if spec.device == "cuda" and not cuda_available():
         raise CudaNotSeen()
     active = count_active(session, tenant=tenant)
@@ -58,7 +62,7 @@ def submit_job(
     job = create_job(session, spec=spec, tenant=tenant)
     if idempotency_key is not None:
         idempotency.remember(session, tenant=tenant, key=idempotency_key, spec=spec, job_id=job.id)
-    return Submitted(job, replayed=False)
+    return Submitted(job, replayed=False, to_send=[job.id] if job.enqueued_at else [])
 
 
 # The class id of the tenants' advisory locks (two-key form), apart from any other user's.
@@ -88,11 +92,9 @@ def lock_tenant(session: Session, *, tenant: str) -> None:
 
 def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT) -> Job:
     """Insert a queued job for a validated spec. A file dataset's files must be the
-    tenant's and fit the model (else InvalidRequest); while one is still validating, the
-    job is stored unsent, and the file's validation sends it."""
-    waits_for_files = False
+    tenant's and fit the model (else InvalidRequest)."""
     if isinstance(spec.dataset, FileDatasetSpec):
-        waits_for_files = not files_usage.check_dataset_files(
+        files_usage.check_dataset_files(
             session, dataset=spec.dataset, model_type=spec.model.type, tenant=tenant
         )
     micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
@@ -107,31 +109,20 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         micro_batch_size=micro,
         accumulation_steps=spec.accumulation_steps or 1,
         max_steps=spec.max_steps,
-        step=0,
-        epoch=0,
-        samples_seen=0,
-        tokens_seen=0,
-        attempts=0,
         max_attempts=spec.max_attempts,
-        cancel_requested=False,
-        release_requested=False,
-        lease=0,
-        runtime_seconds=0.0,
-        # Sent right after the commit; if that fails the route clears it, and if the
-        # process dies in between the reaper finds no message and sends one.
-        enqueued_at=None if waits_for_files else utcnow(),
+        # Marked sent below, once the job's files are linked; the counters start at
+        # their columns' defaults.
+        enqueued_at=None,
     )
     session.add(job)
     session.flush()
     if isinstance(spec.dataset, FileDatasetSpec):
         files_usage.link_job_files(session, job_id=job.id, dataset=spec.dataset)
-    add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+    runs.append_events(session, job.id, [("status", {"status": "queued"})])
+    # Stamped sent, unless a file is still validating (that validation sends the job):
+    # the caller sends it after the commit.
+    runs.mark_sent(session, job_ids=[job.id])
     return job
-
-
-def waits_for_files(job: Job) -> bool:
-    """A new job stored unsent: it waits for its files' validation, which sends it."""
-    return job.enqueued_at is None and job.status == "queued"
 
 
 def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
@@ -208,16 +199,8 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
     session.expire(job)
     if not changed:  # the status moved under us: try again against the new one
         return request_cancel(session, job_id=job_id, tenant=tenant)
-    add_event(session, job_id=job_id, type="status", data={"status": values["status"]})
+    runs.append_events(session, job_id, [("status", {"status": values["status"]})])
     return job
-
-
-def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> JobEvent:
-    """Append an event to the job's log."""
-    event = JobEvent(job_id=job_id, type=type, data=data, created_at=utcnow())
-    session.add(event)
-    session.flush()
-    return event
 
 
 def list_events(
@@ -230,13 +213,10 @@ def list_events(
     tenant: str | None = None,
 ) -> tuple[list[JobEvent], bool]:
     """Oldest first from the cursor `after` (an event id), optionally of some types only."""
-    get_job(session, job_id=job_id, tenant=tenant)
-    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
-    if after is not None:
-        query = query.where(JobEvent.id > after)
-    if types:
-        query = query.where(JobEvent.type.in_(types))
-    return page(session, query, limit)
+    only = [JobEvent.type.in_(types)] if types else []
+    return job_rows(
+        session, JobEvent.id, job_id=job_id, after=after, limit=limit, tenant=tenant, where=only
+    )
 
 
 def count_active(session: Session, *, tenant: str) -> int:
@@ -251,73 +231,39 @@ def count_active(session: Session, *, tenant: str) -> int:
     )
 
 
-def mark_unsent(session: Session, *, job_id: str) -> None:
-    """The job's message could not be published: the reaper sends it on its next pass."""
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=None)
-    )
-
-
 def list_attempts(
     session: Session, *, job_id: str, after: int | None, limit: int, tenant: str | None = None
 ) -> tuple[list[JobAttempt], bool]:
     """The job's runs, oldest first, from the cursor `after` (an attempt number)."""
-    get_job(session, job_id=job_id, tenant=tenant)
-    query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
-    if after is not None:
-        query = query.where(JobAttempt.attempt > after)
-    return page(session, query, limit)
+    return job_rows(
+        session, JobAttempt.attempt, job_id=job_id, after=after, limit=limit, tenant=tenant
+    )
 
 
 def list_metrics(
     session: Session, *, job_id: str, after_step: int | None, limit: int, tenant: str | None = None
 ) -> tuple[list[JobMetric], bool]:
     """Per-step metrics in step order from the cursor `after_step`."""
+    return job_rows(
+        session, JobMetric.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
+    )
+
+
+def job_rows(
+    session: Session,
+    cursor: InstrumentedAttribute[int],
+    *,
+    job_id: str,
+    after: int | None,
+    limit: int,
+    tenant: str | None = None,
+    where: Sequence[ColumnElement[bool]] = (),
+) -> tuple[list[Any], bool]:
+    """A page of the job's rows of `cursor`'s table (metrics, events, ...) in `cursor`
+    order, from the value `after`; JobNotFound when `tenant` may not see the job."""
     get_job(session, job_id=job_id, tenant=tenant)
-    query = select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
-    if after_step is not None:
-        query = query.where(JobMetric.step > after_step)
+    model = cursor.class_
+    query = select(model).where(model.job_id == job_id, *where).order_by(cursor)
+    if after is not None:
+        query = query.where(cursor > after)
     return page(session, query, limit)
-
-
-def job_progress(job: Job) -> JobProgress:
-    """Where the job's training stands, for the job object and the dashboard."""
-    # The latest step's metrics hold its window's size (stored with the step, so no
-    # column of its own); absent before the first step.
-    window_samples = (job.metrics or {}).get("window_samples")
-    return JobProgress(
-        step=job.step,
-        max_steps=job.max_steps,
-        epoch=job.epoch,
-        samples_seen=job.samples_seen,
-        tokens_seen=job.tokens_seen,
-        last_window_samples=window_samples if isinstance(window_samples, int) else None,
-    )
-
-
-def to_public(job: Job) -> JobPublic:
-    """The job object of the HTTP contract."""
-    error = (
-        JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None
-    )
-    return JobPublic(
-        id=job.id,
-        name=job.name,
-        tenant=job.tenant,
-        status=job.status,
-        spec=job.spec,
-        batch_size=job.batch_size,
-        micro_batch_size=job.micro_batch_size,
-        accumulation_steps=job.accumulation_steps,
-        progress=job_progress(job),
-        metrics=job.metrics,
-        error=error,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        worker=job.worker,
-        runtime_seconds=job.runtime_seconds,
-        cancel_requested=job.cancel_requested,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )

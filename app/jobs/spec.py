@@ -273,45 +273,23 @@ def plugin_names(group: str) -> frozenset[str]:
     return frozenset(entry_point.name for entry_point in entry_points(group=group))
 
 
-def known_models() -> list[str]:
-    return sorted(set(BUILTIN_MODELS) | plugin_names(MODEL_ENTRY_POINT_GROUP))
-
-
-def known_datasets() -> list[str]:
-    return sorted(set(BUILTIN_DATASETS) | plugin_names(DATASET_ENTRY_POINT_GROUP))
-
-
 _REGISTRIES: dict[str, tuple[dict[str, type[BaseModel]], type[BaseModel], str]] = {
     "model": (BUILTIN_MODELS, PluginModelSpec, MODEL_ENTRY_POINT_GROUP),
     "dataset": (BUILTIN_DATASETS, PluginDatasetSpec, DATASET_ENTRY_POINT_GROUP),
 }
 
 
-def _parse_registry_entry(
-    value: Any,
-    builtins: dict[str, type[BaseModel]],
-    plugin_class: type[BaseModel],
-    group: str,
-    what: str,
-) -> BaseModel:
-    if isinstance(value, BaseModel):
-        return value
-    if not isinstance(value, dict):
-        raise PydanticCustomError(
-            "object_type", "{what} must be an object with a 'type'", {"what": what}
-        )
-    type_name = value.get("type")
-    # A list or an object is no type name (and is unhashable: no `in` on a dict).
-    if isinstance(type_name, str) and type_name in builtins:
-        return builtins[type_name].model_validate(value)
-    if isinstance(type_name, str) and type_name in plugin_names(group):
-        return plugin_class.model_validate(value)
-    known = sorted(set(builtins) | plugin_names(group))
-    raise PydanticCustomError(
-        "unknown_type",
-        "unknown {what} type '{type}'; known: {known}",
-        {"what": what, "type": type_name, "known": ", ".join(known)},
-    )
+def _known(what: str) -> list[str]:
+    builtins, _, group = _REGISTRIES[what]
+    return sorted(set(builtins) | plugin_names(group))
+
+
+def known_models() -> list[str]:
+    return _known("model")
+
+
+def known_datasets() -> list[str]:
+    return _known("dataset")
 
 
 # ---------------------------------------------------------------- training
@@ -335,32 +313,6 @@ class OptimizerSpec(_Strict):
         if isinstance(data, dict) and "lr" not in data and data.get("type") == "adamw":
             return {**data, "lr": ADAMW_LR}
         return data
-
-
-def default_optimizer_fields(model: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer fields a spec leaves out, as the model is usually trained: AdamW for
-    transformers, at FINE_TUNING_LR when they start from pretrained weights; SGD for the
-    small built-in MLP and CNN and for plugins. `model` is the raw spec's model."""
-    if isinstance(model, BaseModel):
-        model_type, pretrained = getattr(model, "type", None), getattr(model, "pretrained", None)
-    elif isinstance(model, dict):
-        model_type, pretrained = model.get("type"), model.get("pretrained")
-    else:
-        return {}
-    if not isinstance(model_type, str):
-        return {}  # the model's own validation says what is wrong
-    defaults: dict[str, Any] = {}
-    optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
-    if "type" not in optimizer:
-        defaults["type"] = optimizer_type
-    if (
-        "lr" not in optimizer
-        and optimizer_type == "adamw"
-        and model_type in HF_MODELS
-        and pretrained is not None
-    ):
-        defaults["lr"] = FINE_TUNING_LR
-    return defaults
 
 
 class LrScheduleSpec(_Strict):
@@ -415,8 +367,24 @@ class JobSpec(_Strict):
     @classmethod
     def _from_registry(cls, value: Any, info: ValidationInfo) -> BaseModel:
         what = str(info.field_name)  # "model" or "dataset"
+        if isinstance(value, BaseModel):
+            return value
+        if not isinstance(value, dict):
+            raise PydanticCustomError(
+                "object_type", "{what} must be an object with a 'type'", {"what": what}
+            )
         builtins, plugin_class, group = _REGISTRIES[what]
-        return _parse_registry_entry(value, builtins, plugin_class, group, what)
+        type_name = value.get("type")
+        # A list or an object is no type name (and is unhashable: no `in` on a dict).
+        if isinstance(type_name, str) and type_name in builtins:
+            return builtins[type_name].model_validate(value)
+        if isinstance(type_name, str) and type_name in plugin_names(group):
+            return plugin_class.model_validate(value)
+        raise PydanticCustomError(
+            "unknown_type",
+            "unknown {what} type '{type}'; known: {known}",
+            {"what": what, "type": type_name, "known": ", ".join(_known(what))},
+        )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -444,15 +412,28 @@ class JobSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _optimizer_for_the_model(cls, data: Any) -> Any:
+        """The optimizer fields a spec leaves out, as the model is usually trained: AdamW for
+        transformers, at FINE_TUNING_LR when they start from pretrained weights; SGD for the
+        small built-in MLP and CNN and for plugins."""
         # Only what the body leaves out: a stored spec has every value spelled out, so it
         # validates to the same optimizer whatever these defaults become.
         if not isinstance(data, dict):
             return data
-        optimizer = data.get("optimizer", {})
-        if not isinstance(optimizer, dict):
+        model, optimizer = data.get("model"), data.get("optimizer", {})
+        if isinstance(model, BaseModel):
+            model = model.model_dump()
+        if not isinstance(optimizer, dict) or not isinstance(model, dict):
             return data
-        defaults = default_optimizer_fields(data.get("model"), optimizer)
-        return {**data, "optimizer": {**defaults, **optimizer}} if defaults else data
+        model_type = model.get("type")
+        if not isinstance(model_type, str):
+            return data  # the model's own validation says what is wrong
+        optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
+        defaults: dict[str, Any] = {"type": optimizer_type}
+        pretrained = model.get("pretrained") is not None
+        if optimizer_type == "adamw" and model_type in HF_MODELS and pretrained:
+            defaults["lr"] = FINE_TUNING_LR
+        merged = {**defaults, **optimizer}
+        return data if merged == optimizer else {**data, "optimizer": merged}
 
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:
@@ -695,7 +676,7 @@ def validation_messages(error: ValidationError) -> list[str]:
         if ctx_field:
             location = str(ctx_field)
             message = str(item["ctx"]["message"])
-        elif message.startswith("Value error, "):
+        else:
             message = message.removeprefix("Value error, ")
         lines.append(f"{location}: {message}" if location else message)
     return lines

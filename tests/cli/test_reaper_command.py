@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -14,12 +15,15 @@ from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
 from app.jobs.spec import JobSpec
-from app.queue import job_ids_in_broker
 from tests.conftest import REDIS_URL, wait_for
 from tests.processes import running, service_env
 
 SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "micro_batch_size": 4,
         "accumulation_steps": 2, "max_steps": 3}  # fmt: skip
+
+
+def message_args(client: redis.Redis, queue: str) -> list[str]:
+    return [json.loads(raw)["headers"]["argsrepr"] for raw in client.lrange(queue, 0, -1)]
 
 
 def test_reaper_re_queues_a_run_whose_worker_stopped_heartbeating(
@@ -48,7 +52,7 @@ def test_reaper_re_queues_a_run_whose_worker_stopped_heartbeating(
             # pass between the two.
             wait_for(
                 lambda: (
-                    job_id in job_ids_in_broker(client, queue, unacked_max_age=60)
+                    repr([job_id]) in message_args(client, queue)
                     and "requeued " + job_id in log.read_text()
                 ),
                 30,

@@ -13,6 +13,7 @@ from sqlalchemy import update
 
 from app.db import Database
 from app.files.models import DataFile
+from app.files.usage import record_validation
 from app.jobs import service as jobs_service
 from app.settings import Settings
 from tests.app.files.stored_files import (
@@ -52,7 +53,7 @@ def set_status(database: Database, file_id: str, status: str, errors: list[str])
         session.commit()
 
 
-def test_a_job_whose_file_is_validating_is_left_queued_and_unsent(
+def test_a_job_whose_file_is_validating_is_left_queued_for_the_validation_to_send(
     database: Database, settings: Settings
 ) -> None:
     file_id = add_file(database, content=TEXT)
@@ -62,7 +63,13 @@ def test_a_job_whose_file_is_validating_is_left_queued_and_unsent(
     run_job(job_id, settings, worker="w1", enqueue=never_enqueue)
 
     job = load_job(database, job_id)
-    assert (job.status, job.attempts, job.enqueued_at) == ("queued", 0, None)
+    assert (job.status, job.attempts, job.worker) == ("queued", 0, None)
+    with database.session() as session:
+        recorded = record_validation(
+            session, file_id=file_id, status="valid", kind="text", errors=[], stats=TEXT_STATS
+        )
+        session.commit()
+    assert recorded.to_send == [job_id]
 
 
 def test_a_job_whose_file_turned_out_invalid_fails_invalid_data(

@@ -37,13 +37,14 @@ from worker.datafiles.validate import (
     PROMPT_COMPLETION,
     REGRESSION,
     SCAN_ELEMENTS,
-    CsvReader,
     JsonlRow,
     Label,
     RowProblem,
     distinct_classes,
     open_xy,
     parse_csv_row,
+    read_csv,
+    read_csv_layout,
     read_jsonl,
     read_npy_as,
     typed_csv_labels,
@@ -318,30 +319,30 @@ def _csv_row_bound(path: Path, columns: int) -> int:
 
 
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
-    with CsvReader(path).open() as reader:
-        layout = reader.layout()
-        # Filled in place as rows stream in: no Python objects per value or per row, and
-        # no copy when done (the unused tail of the arrays is never touched, so it takes
-        # address space, not memory).
-        bound = _csv_row_bound(path, len(layout.columns))
-        features = np.empty((bound, len(layout.feature_columns)), dtype=np.float32)
-        targets = np.empty(bound, dtype=np.float32)
-        codes = np.empty(bound, dtype=np.int32)
-        code_of: dict[str, int] = {}  # each distinct raw label, by first appearance
-        rows = 0
-        for cells in reader.rows():
-            try:
-                row, target = parse_csv_row(layout, cells)
-            except RowProblem as problem:
-                raise RowProblem(f"line {reader.line}: {problem}") from None
-            if rows == bound:  # cannot happen: each row holds a newline and its cells
-                raise RowProblem(f"line {reader.line}: more rows than the file's size allows")
-            features[rows] = row
-            if isinstance(target, str):
-                codes[rows] = code_of.setdefault(target, len(code_of))
-            else:
-                targets[rows] = target
-            rows += 1
+    lines = read_csv(path)
+    layout = read_csv_layout(lines)
+    # Filled in place as rows stream in: no Python objects per value or per row, and
+    # no copy when done (the unused tail of the arrays is never touched, so it takes
+    # address space, not memory).
+    bound = _csv_row_bound(path, len(layout.columns))
+    features = np.empty((bound, len(layout.feature_columns)), dtype=np.float32)
+    targets = np.empty(bound, dtype=np.float32)
+    codes = np.empty(bound, dtype=np.int32)
+    code_of: dict[str, int] = {}  # each distinct raw label, by first appearance
+    rows = 0
+    for line, cells in lines:
+        try:
+            row, target = parse_csv_row(layout, cells)
+        except RowProblem as problem:
+            raise RowProblem(f"line {line}: {problem}") from None
+        if rows == bound:  # cannot happen: each row holds a newline and its cells
+            raise RowProblem(f"line {line}: more rows than the file's size allows")
+        features[rows] = row
+        if isinstance(target, str):
+            codes[rows] = code_of.setdefault(target, len(code_of))
+        else:
+            targets[rows] = target
+        rows += 1
     features_tensor = torch.from_numpy(features[:rows])
     if layout.kind == REGRESSION:
         target_tensor = torch.from_numpy(targets[:rows].reshape(rows, 1))

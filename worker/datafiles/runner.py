@@ -28,7 +28,7 @@ from app.db import Database
 from app.errors import NotFound
 from app.files.models import DataFile
 from app.files.usage import record_validation
-from app.jobs.service import mark_unsent
+from app.jobs.runs import send_jobs
 from app.live.channels import ring
 from app.settings import Settings
 from worker.datafiles.fetch import fetch_file
@@ -80,11 +80,8 @@ def validate_stored_file(
             ", ".join(recorded.to_send) or "none",
             ", ".join(recorded.failed) or "none",
         )
-        for job_id in recorded.to_send:
-            if not enqueue(job_id):
-                with database.session() as session:
-                    mark_unsent(session, job_id=job_id)  # the reaper sends it
-                    session.commit()
+        with database.session() as session:
+            send_jobs(session, recorded.to_send, send=enqueue)
         if recorded.failed and settings.redis_url:
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
             try:

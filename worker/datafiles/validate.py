@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -371,46 +371,32 @@ def _utf8_lines(handle: IO[bytes]) -> Iterator[str]:
         yield line.removeprefix("\ufeff") if number == 1 else line
 
 
-@dataclass
-class CsvReader:
-    """Streams a CSV's header, then its data rows with their line numbers.
+def read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of every non-blank row, streamed, the header first; `line` is the
+    row's last line as an editor shows it. Raises RowProblem (with its line) for a file
+    that cannot be read on: bad UTF-8, a malformed quote."""
+    with path.open("rb") as handle:
+        reader = csv.reader(_utf8_lines(handle))
+        while True:
+            try:
+                cells = next(reader, None)
+            except csv.Error as error:
+                raise RowProblem(f"line {reader.line_num}: {error}") from None
+            if cells is None:
+                return
+            if cells:  # not a blank line
+                yield reader.line_num, cells
 
-    `line` is the current line as an editor shows it. Raises RowProblem (with its line)
-    for a file that cannot be read on: bad UTF-8, a malformed quote.
-    """
 
-    path: Path
-    line: int = 0
-    _reader: Any = field(default=None, repr=False)
-
-    @contextmanager
-    def open(self) -> Iterator[CsvReader]:
-        with self.path.open("rb") as handle:
-            self._reader = csv.reader(_utf8_lines(handle))
-            yield self
-
-    def _next(self) -> list[str] | None:
+def read_csv_layout(rows: Iterator[tuple[int, list[str]]]) -> CsvLayout:
+    """The header's layout, from read_csv's first row; RowProblem for an empty file or a
+    bad header."""
+    for line, cells in rows:
         try:
-            cells: list[str] | None = next(self._reader, None)
-        except csv.Error as error:
-            raise RowProblem(f"line {self._reader.line_num}: {error}") from None
-        self.line = self._reader.line_num
-        return cells
-
-    def layout(self) -> CsvLayout:
-        """The header's layout; RowProblem for an empty file or a bad header."""
-        while (cells := self._next()) is not None:
-            if cells:
-                try:
-                    return parse_csv_header(cells)
-                except RowProblem as problem:
-                    raise RowProblem(f"line {self.line}: {problem}") from None
-        raise RowProblem("the file is empty")
-
-    def rows(self) -> Iterator[list[str]]:
-        while (cells := self._next()) is not None:
-            if cells:  # a blank line
-                yield cells
+            return parse_csv_header(cells)
+        except RowProblem as problem:
+            raise RowProblem(f"line {line}: {problem}") from None
+    raise RowProblem("the file is empty")
 
 
 def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str, Any]]:
@@ -418,16 +404,16 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
     raw_labels = LabelSet()
     layout: CsvLayout | None = None
     try:
-        with CsvReader(path).open() as reader:
-            layout = reader.layout()
-            for cells in reader.rows():
-                rows += 1
-                try:
-                    _, target = parse_csv_row(layout, cells)
-                    if isinstance(target, str):
-                        raw_labels.add(target, reader.line)
-                except RowProblem as problem:
-                    problems.add(f"line {reader.line}: {problem}")
+        lines = read_csv(path)
+        layout = read_csv_layout(lines)
+        for line, cells in lines:
+            rows += 1
+            try:
+                _, target = parse_csv_row(layout, cells)
+                if isinstance(target, str):
+                    raw_labels.add(target, line)
+            except RowProblem as problem:
+                problems.add(f"line {line}: {problem}")
     except RowProblem as problem:
         problems.add(str(problem))
     if layout is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache, partial
 
 import torch
 
@@ -51,14 +52,8 @@ class WindowPlanner:
         self.size = size
         self.window_size = window_size
         self.seed = seed
-        self._cached_epoch = -1
-        self._cached_order: list[int] = []
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._cached_epoch:
-            self._cached_order = epoch_order(self.size, self.seed, epoch)
-            self._cached_epoch = epoch
-        return self._cached_order
+        # The current epoch's order, made once: each window is a slice of it.
+        self._order = lru_cache(maxsize=1)(partial(epoch_order, size, seed))
 
     def window_at(self, position: DataPosition) -> Window:
         order = self._order(position.epoch)

@@ -214,17 +214,12 @@ def unpack_state(content: bytes) -> dict[str, Any]:
 
 
 def capture_rng() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    # (kind, keys, position, has_gauss, cached_gaussian)
+    kind, keys, *scalars = np.random.get_state()
     return {
         "python": random.getstate(),
         # numpy arrays are not weights-only loadable; keep the key words as a tensor.
-        "numpy": (
-            kind,
-            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            position,
-            has_gauss,
-            cached_gaussian,
-        ),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), *scalars),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -232,10 +227,8 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state(
-        (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
-    )
+    kind, keys, *scalars = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *scalars))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

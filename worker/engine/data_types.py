@@ -149,16 +149,12 @@ class TokenSequenceSet:
         return sum(self.input_counts[index] for index in indices)
 
     def collate(self, indices: list[int]) -> Batch:
-        width = max(self.input_counts[index] for index in indices)
-        inputs = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+        inputs = _right_padded([self.sequences[index][:-1] for index in indices], self.pad_id)
+        targets = torch.full_like(inputs, IGNORE_INDEX)
         for row, index in enumerate(indices):
-            sequence = self.sequences[index]
-            length = self.input_counts[index]
             start = self.loss_starts[index]
-            inputs[row, :length] = sequence[:-1]
             # Position i predicts token i+1: targets from the loss start on.
-            targets[row, start - 1 : length] = sequence[start:]
+            targets[row, start - 1 : self.input_counts[index]] = self.sequences[index][start:]
         return Batch(inputs, targets)
 
 
@@ -186,12 +182,13 @@ class TextClassificationSet:
         return sum(self.lengths[index] for index in indices)
 
     def collate(self, indices: list[int]) -> Batch:
-        width = max(self.lengths[index] for index in indices)
-        inputs = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            length = self.lengths[index]
-            inputs[row, :length] = self.sequences[index]
-            mask[row, :length] = 1
-        index_tensor = torch.tensor(indices, dtype=torch.long)
-        return Batch(inputs, self.labels[index_tensor], attention_mask=mask)
+        inputs = _right_padded([self.sequences[index] for index in indices], self.pad_id)
+        lengths = torch.tensor([self.lengths[index] for index in indices])
+        mask = (torch.arange(inputs.shape[1]) < lengths[:, None]).long()
+        return Batch(inputs, self.labels[indices], attention_mask=mask)
+
+
+def _right_padded(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """The sequences as rows of one long tensor, each padded on its right with pad_id."""
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+    return padded.long()

@@ -56,16 +56,12 @@ def digits(spec: DigitsSpec, seed: int) -> DataSplits:
     return DataSplits(train, held_out, DataInfo(input_shape=(1, 8, 8), num_classes=10))
 
 
-def tiny_text_corpus() -> str:
-    return (_DATA / "tiny_text.txt").read_text(encoding="utf-8")
-
-
 def tiny_text(spec: TinyTextSpec, seed: int) -> DataSplits:
     """The shipped corpus, character-level, cut into sequences of seeded random lengths.
 
     Token 0 is padding; characters are numbered from 1 in sorted order.
     """
-    text = tiny_text_corpus()
+    text = (_DATA / "tiny_text.txt").read_text(encoding="utf-8")
     alphabet = sorted(set(text))
     encoded = torch.tensor([alphabet.index(char) + 1 for char in text], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)

@@ -284,30 +284,32 @@ def _cached_snapshot(name: str) -> Path:
 # ---------------------------------------------------------------- wrappers
 
 
-class CausalLm(nn.Module):
-    """Right padding with causal attention: real tokens never attend to padding, so a
-    sequence's logits do not depend on how much padding its micro-batch has."""
+class _Wrapper(nn.Module):
+    """A transformers model as `model`, saved and loaded as the transformers model itself:
+    the wrapper's own state dict would prefix every key with "model." and store tied
+    weights (GPT-2's lm_head and token embeddings) twice, which safetensors refuses."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        _save_and_load_as_transformers(self)
+        self.register_state_dict_post_hook(_state_dict_as_transformers)
+        self.register_load_state_dict_pre_hook(_load_state_dict_as_transformers)
+
+
+class CausalLm(_Wrapper):
+    """Right padding with causal attention: real tokens never attend to padding, so a
+    sequence's logits do not depend on how much padding its micro-batch has."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, attention_mask=_long_mask(attention_mask)).logits
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(_Wrapper):
     """Decoders score every token and transformers keeps the last one that is not the pad
     token id, which is wrong for a text whose own last token has that id. The wrapper
     takes the per-token scores and picks each sequence's last real token by the attention
     mask instead. Encoders (BERT-like) read their first token and return [batch, classes]
     themselves; their scores are used as they are."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        _save_and_load_as_transformers(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
         head = getattr(self.model, "score", None)
@@ -350,14 +352,7 @@ def _last_real_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return (positions * (attention_mask != 0)).argmax(-1)
 
 
-# The wrapper's own state dict would prefix every key with "model." and store tied
-# weights (GPT-2's lm_head and token embeddings) twice, which safetensors refuses.
 _INNER = "model."
-
-
-def _save_and_load_as_transformers(wrapper: nn.Module) -> None:
-    wrapper.register_state_dict_post_hook(_state_dict_as_transformers)
-    wrapper.register_load_state_dict_pre_hook(_load_state_dict_as_transformers)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -422,13 +417,8 @@ def load_tokenizer(spec: HfModelSpec, model_dirs: Sequence[Path]) -> TextTokeniz
     transformers = _import_transformers()
     with _transformers_errors("model.pretrained (its tokenizer)"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **_OFFLINE_AND_SAFE)
-    pad_id = next(
-        (
-            token_id
-            for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
-            if isinstance(token_id, int)
-        ),
-        0,
-    )
+    pad_id = tokenizer.pad_token_id
+    if not isinstance(pad_id, int):  # GPT-2 has none: pad with its end of text
+        pad_id = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else 0
     # len() counts tokens added after training the vocabulary; vocab_size does not.
     return PretrainedTokenizer(tokenizer, vocab_size=len(tokenizer), pad_id=pad_id)

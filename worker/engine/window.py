@@ -39,7 +39,6 @@ class WindowOutcome:
     grad_norm: float  # of the whole window's gradient, unscaled, before clipping
     skipped: bool  # fp16 overflow: no update was applied
     scale: float | None  # the fp16 loss scale after a skipped update
-    units: int
     tokens: int
 
 
@@ -246,6 +245,5 @@ def run_window(
         grad_norm=grad_norm,
         skipped=skipped,
         scale=parts.scaler.get_scale() if skipped else None,
-        units=window_units,
         tokens=data.tokens([index for batch in micro_batches for index in batch]),
     )

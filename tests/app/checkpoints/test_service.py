@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints import store as store_module
+from app.checkpoints.exceptions import NoCheckpoint
 from app.checkpoints.models import CheckpointChunk
 from app.checkpoints.store import CheckpointStore, DatabaseStore, DirectoryStore
 from app.db import Database
@@ -74,7 +75,7 @@ def test_latest_and_named_checkpoints(database: Database) -> None:
         session.commit()
         assert checkpoints_service.find_checkpoint(session, job_id=claim.job_id).step == 6
         assert checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=4).step == 4
-        with pytest.raises(checkpoints_service.NoCheckpoint):
+        with pytest.raises(NoCheckpoint):
             checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=5)
         rows, more = checkpoints_service.list_checkpoints(
             session, job_id=claim.job_id, after_step=2, limit=1

@@ -24,10 +24,10 @@ from app.files.store import CHUNK_BYTES
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
 from app.main import create_app
+from app.queue import VALIDATE_TASK
 from app.settings import Settings
 from tests.app.files.uploads import CONTENT_TYPE, multipart
 from tests.conftest import REDIS_URL
-from worker.celery_app import VALIDATE_TASK
 
 SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "batch_size": 8,
         "micro_batch_size": 8, "max_steps": 3}  # fmt: skip

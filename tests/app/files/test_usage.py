@@ -9,6 +9,8 @@ from app.db import Database
 from app.files.models import JobFile
 from app.files.usage import Recorded, blocking_file, record_validation
 from app.jobs import service as jobs_service
+from app.jobs.models import Job
+from app.jobs.runs import sendable
 from tests.app.files.stored_files import (
     CLASSIFICATION_STATS,
     TEXT_STATS,
@@ -51,8 +53,8 @@ def test_a_job_on_a_validating_file_is_stored_unsent_with_its_files_linked(
 
     job = load_job(database, job_id)
     assert job.status == "queued" and job.enqueued_at is None
-    assert jobs_service.waits_for_files(job)
     with database.session() as session:
+        assert session.scalar(select(Job.id).where(Job.id == job_id, sendable())) is None
         links = session.execute(
             select(JobFile.file_id, JobFile.role).where(JobFile.job_id == job_id)
         ).all()

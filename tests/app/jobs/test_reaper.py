@@ -1,8 +1,7 @@
 """The reaper: lost runs go back to the queue (or fail), and queued jobs get their message.
 
-The broker is a fake that records what the reaper asks of it; the real Redis scan has its
-own tests in tests/app/test_queue.py. Every test gets a database of its own, because the
-reaper looks at every job in it.
+The broker is a fake that records what the reaper sends. Every test gets a database of its
+own, because the reaper looks at every job in it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +81,21 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
 
 @dataclass
 class FakeBroker:
-    """Which jobs have a message in the broker, and what the reaper did with it."""
+    """What the reaper sent, what waits in the queue, and whether the broker takes messages."""
 
-    holds: set[str] = field(default_factory=set)
     reachable: bool = True
-    scans: int = 0
     sent: list[str] = field(default_factory=list)
-
-    def in_broker(self) -> set[str]:
-        self.scans += 1
-        return set(self.holds)
+    queue: list[str] = field(default_factory=list)
 
     def send(self, job_id: str) -> bool:
         if not self.reachable:
             return False
         self.sent.append(job_id)
-        self.holds.add(job_id)
+        self.queue.append(job_id)
         return True
+
+    def waiting(self) -> int:
+        return len(self.queue)
 
 
 def make_reaper(database: Database, broker: FakeBroker) -> Reaper:
@@ -107,16 +104,9 @@ def make_reaper(database: Database, broker: FakeBroker) -> Reaper:
         lease_timeout=LEASE,
         requeue_after=REQUEUE_AFTER,
         interval=1.0,  # run_once only
-        in_broker=broker.in_broker,
         send=broker.send,
+        waiting=broker.waiting,
     )
-
-
-def started(database: Database, broker: FakeBroker) -> Reaper:
-    """A reaper past its first pass (the one that checks every queued job)."""
-    reaper = make_reaper(database, broker)
-    assert reaper.run_once() == ReapReport()  # the database is empty
-    return reaper
 
 
 def lost_run(database: Database, **changes: Any) -> tuple[str, runs.Claim]:
@@ -129,7 +119,7 @@ def lost_run(database: Database, **changes: Any) -> tuple[str, runs.Claim]:
 
 def test_a_lost_run_is_requeued_and_sent_in_the_same_pass(database: Database) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     lost, _ = lost_run(database)
     live = create(database)
     claim(database, live, "live-worker")
@@ -155,7 +145,7 @@ def test_a_lost_run_is_requeued_and_sent_in_the_same_pass(database: Database) ->
 
 def test_a_lost_run_on_its_last_attempt_fails_worker_lost(database: Database) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     job_id, _ = lost_run(database, max_attempts=1)
 
     assert reaper.run_once() == ReapReport(failed=[job_id])
@@ -172,7 +162,7 @@ def test_a_lost_run_on_its_last_attempt_fails_worker_lost(database: Database) ->
 
 def test_a_lost_run_that_was_being_cancelled_is_cancelled(database: Database) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     job_id, _ = lost_run(database)
     with database.session() as session:
         jobs_service.request_cancel(session, job_id=job_id)
@@ -188,7 +178,7 @@ def test_a_lost_run_that_was_being_cancelled_is_cancelled(database: Database) ->
 
 
 def test_a_worker_that_comes_back_after_the_reaper_has_lost_its_job(database: Database) -> None:
-    reaper = started(database, FakeBroker())
+    reaper = make_reaper(database, FakeBroker())
     job_id, taken = lost_run(database)
     assert reaper.run_once().requeued == [job_id]
     with database.session() as session, pytest.raises(runs.LeaseLost):
@@ -198,10 +188,10 @@ def test_a_worker_that_comes_back_after_the_reaper_has_lost_its_job(database: Da
 
 def test_an_unsent_job_is_sent_and_a_failed_send_is_retried(database: Database) -> None:
     broker = FakeBroker(reachable=False)
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     job_id = create(database)
     with database.session() as session:
-        jobs_service.mark_unsent(session, job_id=job_id)  # the API could not publish
+        runs.mark_unsent(session, job_id=job_id)  # the API could not publish
         session.commit()
 
     assert reaper.run_once() == ReapReport()
@@ -210,68 +200,58 @@ def test_an_unsent_job_is_sent_and_a_failed_send_is_retried(database: Database) 
     broker.reachable = True
     assert reaper.run_once() == ReapReport(sent=[job_id])
     assert broker.sent == [job_id] and enqueued_at(database, job_id) is not None
-    assert broker.scans == 0  # a job never sent needs no look at the broker
 
     assert reaper.run_once() == ReapReport() and broker.sent == [job_id]
 
 
-def test_an_overdue_job_is_sent_again_only_when_the_broker_lost_its_message(
+def test_of_overdue_jobs_those_the_queue_lacks_are_sent_again_oldest_first_once(
     database: Database,
 ) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
-    held, lost_message, fresh = create(database), create(database), create(database)
-    long_ago = set_enqueued_at(database, held, REQUEUE_AFTER * 2)
-    set_enqueued_at(database, lost_message, REQUEUE_AFTER * 2)
+    reaper = make_reaper(database, broker)
+    oldest, older, waiting_its_turn, fresh, running = (create(database) for _ in range(5))
+    set_enqueued_at(database, oldest, REQUEUE_AFTER * 3)
+    set_enqueued_at(database, older, REQUEUE_AFTER * 2.5)
+    set_enqueued_at(database, waiting_its_turn, REQUEUE_AFTER * 2)
+    set_enqueued_at(database, running, REQUEUE_AFTER * 4)
+    claim(database, running, "worker")
     fresh_at = enqueued_at(database, fresh)
-    broker.holds = {held}  # `fresh` may still be on its way: not looked for
+    # Four jobs sent, two messages in the queue: the two sent longest ago were taken by
+    # a worker that died, or Redis lost them.
+    broker.queue = [waiting_its_turn, fresh]
 
-    report = reaper.run_once()
-
-    assert report == ReapReport(sent=[lost_message]) and broker.sent == [lost_message]
-    assert broker.scans == 1
-    checked_at = enqueued_at(database, held)
-    assert long_ago is not None and checked_at is not None
-    assert checked_at > utcnow() - timedelta(seconds=REQUEUE_AFTER)  # not overdue any more
+    assert reaper.run_once() == ReapReport(sent=[oldest, older])
+    for job_id in (oldest, older):
+        sent_at = enqueued_at(database, job_id)
+        assert sent_at is not None and sent_at > utcnow() - timedelta(seconds=REQUEUE_AFTER)
     assert enqueued_at(database, fresh) == fresh_at
 
+    # Not again at every pass: the queue holds a message for each queued job now.
     assert reaper.run_once() == ReapReport()
-    assert broker.scans == 1  # nothing overdue: the broker is not read
+    broker.queue.clear()  # a Redis restart
+    assert reaper.run_once() == ReapReport(sent=[waiting_its_turn])  # only the overdue one
+    assert broker.sent == [oldest, older, waiting_its_turn]
 
 
-def test_the_first_pass_checks_every_queued_job(database: Database) -> None:
-    held, lost_message, unsent, running = (create(database) for _ in range(4))
-    set_enqueued_at(database, unsent, None)
-    claim(database, running, "worker")
-    broker = FakeBroker(holds={held})
-    reaper = make_reaper(database, broker)
-
-    report = reaper.run_once()
-
-    assert sorted(report.sent) == sorted([lost_message, unsent])
-    assert sorted(broker.sent) == sorted([lost_message, unsent]) and broker.scans == 1
-
-    after_start = create(database)  # recent and not in the broker: left alone from now on
-    assert reaper.run_once() == ReapReport() and after_start not in broker.sent
-
-
-def test_the_first_pass_goes_through_more_queued_jobs_than_one_batch(
+def test_due_jobs_are_sent_a_batch_per_pass(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reaper_module, "BATCH", 2)
-    jobs = [create(database) for _ in range(5)]  # recently sent, but Redis lost them all
+    jobs = [create(database) for _ in range(5)]
+    for job_id in jobs:
+        set_enqueued_at(database, job_id, REQUEUE_AFTER * 2)  # Redis lost them all
     broker = FakeBroker()
     reaper = make_reaper(database, broker)
 
     sent = [job for _ in range(3) for job in reaper.run_once().sent]
 
-    assert sorted(sent) == sorted(jobs)  # a batch per pass, each job once
-    assert reaper.run_once() == ReapReport()  # the startup check is over
+    assert sent == sorted(jobs)  # oldest first, a batch per pass, each job once
+    assert reaper.run_once() == ReapReport()
 
 
 def test_a_failed_send_ends_the_pass_and_the_next_goes_on(database: Database) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     first, second = create(database), create(database)
     for job_id in (first, second):
         set_enqueued_at(database, job_id, None)
@@ -291,16 +271,15 @@ def test_a_hand_back_is_sent_again_only_when_its_worker_could_not_send_it(
     database: Database,
 ) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     published, unpublished = create(database), create(database)
     for job_id in (published, unpublished):
         taken = claim(database, job_id, "stopping-worker")
         with database.session() as session:
             assert runs.hand_back(session, claim=taken, reason="shutdown", counted=False)
             session.commit()
-    broker.holds.add(published)  # the worker's send worked
     with database.session() as session:
-        jobs_service.mark_unsent(session, job_id=unpublished)  # this one's did not
+        runs.mark_unsent(session, job_id=unpublished)  # this one's did not
         session.commit()
 
     assert reaper.run_once() == ReapReport(sent=[unpublished])
@@ -309,7 +288,7 @@ def test_a_hand_back_is_sent_again_only_when_its_worker_could_not_send_it(
 @pytest.mark.parametrize("database", ["postgres"], indirect=True)
 def test_rows_another_transaction_holds_are_skipped_not_waited_for(database: Database) -> None:
     broker = FakeBroker()
-    reaper = started(database, broker)
+    reaper = make_reaper(database, broker)
     lost, _ = lost_run(database)
     unsent = create(database)
     set_enqueued_at(database, unsent, None)
@@ -332,7 +311,7 @@ def test_rows_another_transaction_holds_are_skipped_not_waited_for(database: Dat
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_a_heartbeat_that_lands_while_the_reaper_looks_keeps_the_job(database: Database) -> None:
-    reaper = started(database, FakeBroker())
+    reaper = make_reaper(database, FakeBroker())
     job_id, taken = lost_run(database)
     renewed: list[bool] = []
 
@@ -356,32 +335,31 @@ def test_a_heartbeat_that_lands_while_the_reaper_looks_keeps_the_job(database: D
 
 def test_the_background_reaper_outlives_a_failing_pass(database: Database) -> None:
     broker = FakeBroker()
-    scans: list[str] = []
+    sends: list[str] = []
 
-    def broker_away_at_first() -> set[str]:
-        scans.append("scan")
-        if len(scans) == 1:
+    def broker_away_at_first(job_id: str) -> bool:
+        sends.append(job_id)
+        if len(sends) == 1:
             raise ConnectionError("broker still starting")
-        return broker.in_broker()
+        return broker.send(job_id)
 
-    held, orphan = create(database), create(database)  # sent recently; one message was lost
-    broker.holds.add(held)
+    orphan = create(database)
+    set_enqueued_at(database, orphan, None)  # never sent
     lost, _ = lost_run(database)
     reaper = Reaper(
         database,
         lease_timeout=LEASE,
         requeue_after=REQUEUE_AFTER,
         interval=0.01,
-        in_broker=broker_away_at_first,
-        send=broker.send,
+        send=broker_away_at_first,
+        waiting=broker.waiting,
     )
     reaper.start()
     try:
         wait_for(lambda: len(broker.sent) >= 2, timeout=5, what="the reaper's second pass")
     finally:
         reaper.stop()
-    # The check of every queued job that a start owes is made once the broker answers.
-    assert sorted(broker.sent) == sorted([lost, orphan]) and len(scans) >= 2
+    assert sorted(broker.sent) == sorted([lost, orphan]) and len(sends) >= 3
     assert load(database, lost).status == "queued"
 
 
@@ -404,7 +382,7 @@ def test_the_api_runs_the_reaper_against_the_real_broker(
         with TestClient(create_app(fast)):
             wait_for(lambda: messages_for(lost), timeout=5, what="the lost run's message")
         assert load(database, lost).status == "queued"
-        assert messages_for(held) == 1  # found in Redis by the start's check: not sent again
+        assert messages_for(held) == 1  # sent recently: not sent again
     finally:
         redis_client.delete(queue)
 
@@ -416,6 +394,7 @@ def make_file_reaper(database: Database, broker: FakeBroker) -> Reaper:
     """A reaper that also sends validations again (to the same fake broker)."""
     reaper = make_reaper(database, broker)
     reaper.send_validation = broker.send
+    reaper.validations_waiting = broker.waiting
     return reaper
 
 
@@ -443,7 +422,7 @@ def test_a_job_waiting_for_a_validating_file_is_never_sent(database: Database) -
     broker = FakeBroker()
     reaper = make_reaper(database, broker)
 
-    assert reaper.run_once().sent == [unsent]  # the first pass, which checks every queued job
+    assert reaper.run_once().sent == [unsent]
     assert reaper.run_once() == ReapReport()
     assert enqueued_at(database, waiting) is None
 
@@ -452,19 +431,36 @@ def test_a_job_waiting_for_a_validating_file_is_never_sent(database: Database) -
     assert reaper.run_once().sent == [waiting] and broker.sent == [unsent, waiting]
 
 
-def test_a_validation_whose_message_was_lost_is_sent_again(database: Database) -> None:
-    lost, queued, recent, valid = (add_file(database) for _ in range(4))
-    for file_id in (lost, queued, valid):
+def test_a_validation_whose_message_was_lost_is_sent_again_once_per_delay(
+    database: Database,
+) -> None:
+    lost, waiting_its_turn, recent, valid = (add_file(database) for _ in range(4))
+    for file_id in (lost, waiting_its_turn, valid):
         set_uploaded_at(database, file_id, REQUEUE_AFTER * 2)
     set_file_status(database, valid, "valid")
-    broker = FakeBroker(holds={queued})  # behind a long job in the queue, still there
-    reaper = started(database, broker)
-    reaper.send_validation = broker.send
+    broker = FakeBroker(queue=[waiting_its_turn, recent])  # behind a long validation
+    sent_at: dict[str, datetime] = {}
 
-    assert reaper.run_once() == ReapReport(validations=[lost])
-    assert broker.sent == [lost] and broker.scans == 1
-    assert reaper.run_once() == ReapReport()  # its message is in the broker now
-    assert recent not in broker.sent
+    def send_due(seconds_later: float) -> list[str]:
+        now = utcnow() + timedelta(seconds=seconds_later)
+        with database.session() as session:
+            sent = reaper_module.send_due_validations(
+                session,
+                now=now,
+                resend_after=REQUEUE_AFTER,
+                waiting=broker.waiting(),
+                sent_at=sent_at,
+                send=broker.send,
+            )
+            session.commit()
+        return sent
+
+    assert send_due(0) == [lost] and broker.sent == [lost]
+    broker.queue.clear()  # a Redis restart, or workers that took them and died
+    assert send_due(REQUEUE_AFTER / 2) == [waiting_its_turn]  # `lost` was sent just now
+    assert send_due(REQUEUE_AFTER / 2) == []  # `recent`: its message is owed to the queue
+    broker.queue.clear()
+    assert send_due(REQUEUE_AFTER * 1.6) == sorted([lost, waiting_its_turn, recent])
 
 
 def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send(
@@ -481,8 +477,8 @@ def test_validations_are_checked_a_batch_per_pass_and_resume_after_a_failed_send
     broker.reachable = True
     sent = [file_id for _ in range(3) for file_id in reaper.run_once().validations]
 
-    assert sent == sorted(stuck)  # in id order, a batch per pass, each file once
-    assert reaper.run_once() == ReapReport()  # from the start again: all in the broker
+    assert sent == sorted(stuck)  # oldest first, a batch per pass, each file once
+    assert reaper.run_once() == ReapReport()  # each has its message in the queue now
 
 
 def test_the_api_sends_a_lost_validation_to_the_real_broker(

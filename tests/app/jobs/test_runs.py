@@ -16,6 +16,8 @@ from app.checkpoints.store import DatabaseStore, DirectoryStore
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
+from app.jobs.models import Job
+from tests.app.files.stored_files import add_file, create_job, text_job_spec, valid_text_file
 from tests.app.jobs.helpers import (
     LEASE,
     age_heartbeat,
@@ -134,6 +136,22 @@ def test_a_job_whose_attempts_are_used_up_is_not_claimed(database: Database) -> 
     job = load(database, job_id)
     assert (job.worker, job.attempts, job.lease) == ("worker-b", 2, 2)
     assert [row.worker for row in attempt_rows(database, job_id)] == ["worker-a", "worker-b"]
+
+
+def test_a_job_waiting_for_a_validating_file_is_not_sendable_nor_claimed(
+    database: Database,
+) -> None:
+    waiting = create_job(database, text_job_spec(add_file(database)))
+    ready = create_job(database, text_job_spec(valid_text_file(database)))
+
+    with database.session() as session:
+        sendable = session.scalars(
+            select(Job.id).where(Job.id.in_([waiting, ready]), runs.sendable())
+        ).all()
+    assert sendable == [ready]
+    assert try_claim(database, waiting, "worker") is None
+    assert load(database, waiting).status == "queued"
+    assert claim(database, ready, "worker").attempt == 1
 
 
 def test_a_worker_that_lost_its_job_writes_nothing(database: Database, tmp_path: Path) -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
+import anyio
 import pytest
 
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
+from app.jobs.schemas import JobPublic
 from app.jobs.spec import JobSpec
+from app.reads import ThreadedReads
 
 SPEC = {
     "model": {"type": "mlp"},
@@ -34,7 +38,7 @@ def test_created_job_is_queued_with_derived_batch_fields(database: Database) -> 
     job_id = create(database, name="digits")
     with database.session() as session:
         job = jobs_service.get_job(session, job_id=job_id)
-        public = jobs_service.to_public(job)
+        public = JobPublic.model_validate(job)
         events, _ = jobs_service.list_events(session, job_id=job_id, after=None, limit=10)
     assert public.status == "queued" and public.name == "digits"
     assert (public.batch_size, public.micro_batch_size, public.accumulation_steps) == (16, 4, 4)
@@ -50,15 +54,20 @@ def test_unknown_or_malformed_ids_are_not_found(database: Database) -> None:
                 jobs_service.get_job(session, job_id=job_id)
 
 
+def list_jobs(database: Database, **filters: Any) -> tuple[list[Any], bool]:
+    """The job list's read (app/reads.py), on the synchronous engine."""
+    read = functools.partial(jobs_service.read_jobs_page, ThreadedReads(database), **filters)
+    return anyio.run(read)
+
+
 def test_list_is_newest_first_and_pages_with_the_after_cursor(database: Database) -> None:
     created = []
     for _ in range(5):
         created.append(create(database))
         time.sleep(0.002)  # distinct milliseconds in the ids
-    with database.session() as session:
-        first, more = jobs_service.list_jobs(session, status=None, limit=2, after=None)
-        second, more_2 = jobs_service.list_jobs(session, status=None, limit=2, after=first[-1].id)
-        everything, _ = jobs_service.list_jobs(session, status=None, limit=100, after=None)
+    first, more = list_jobs(database, status=None, limit=2, after=None)
+    second, more_2 = list_jobs(database, status=None, limit=2, after=first[-1].id)
+    everything, _ = list_jobs(database, status=None, limit=100, after=None)
     newest = [job.id for job in everything if job.id in created]
     assert newest == created[::-1]
     assert [job.id for job in first + second] == [job.id for job in everything[:4]]
@@ -70,7 +79,7 @@ def test_list_filters_by_status(database: Database) -> None:
     with database.session() as session:
         jobs_service.request_cancel(session, job_id=cancelled)
         session.commit()
-        rows, _ = jobs_service.list_jobs(session, status="cancelled", limit=100, after=None)
+    rows, _ = list_jobs(database, status="cancelled", limit=100, after=None)
     ids = {job.id for job in rows}
     assert cancelled in ids and kept not in ids
 
@@ -157,6 +166,6 @@ def test_a_worker_that_lost_its_lease_cannot_write(database: Database) -> None:
         session.rollback()
         runs.finish_job(session, claim=claim, status="failed", error=("nan_loss", "loss is nan"))
         session.commit()
-        job = jobs_service.to_public(jobs_service.get_job(session, job_id=job_id))
+        job = JobPublic.model_validate(jobs_service.get_job(session, job_id=job_id))
     assert job.status == "failed" and job.error is not None and job.error.type == "nan_loss"
     assert job.progress.step == 0 and job.finished_at is not None
