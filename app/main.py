@@ -80,7 +80,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.reaper_interval_seconds > 0:
             reaper.start()
         app.state.hub = LiveHub(database, settings.redis_url)
-        app.state.hub.add_listener(app.state.metrics.observe_event)
         app.state.hub.start()
         try:
             yield

@@ -1,20 +1,18 @@
-"""Rings the live hub's doorbell on Redis pub/sub after each commit (at most once).
+"""Rings the live hubs' doorbell on Redis pub/sub after each commit: one PUBLISH of the
+batch of events the commit added (at most once: the hubs also poll the database).
 
-The API's hub reads the events themselves from the database; the payload is for
-other subscribers (e.g. `redis-cli psubscribe 'trainjob:job:*'`).
+The API's hub reads the events themselves from the database; the payload, a JSON list
+of `{"type", "data"}`, is for other subscribers (e.g. `redis-cli psubscribe 'trainjob:job:*'`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import redis
 
-from app.live.channels import job_channel
-
-logger = logging.getLogger(__name__)
+from app.live.channels import ring
 
 
 class LivePublisher:
@@ -22,15 +20,8 @@ class LivePublisher:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5) if redis_url else None
 
     def publish(self, job_id: str, messages: list[dict[str, Any]]) -> None:
-        if self.client is None or not messages:
-            return
-        try:
-            pipeline = self.client.pipeline(transaction=False)
-            for message in messages:
-                pipeline.publish(job_channel(job_id), json.dumps(message, default=str))
-            pipeline.execute()
-        except redis.RedisError:  # live updates are best effort; the database has it all
-            logger.warning("could not publish live events for %s", job_id, exc_info=True)
+        if self.client is not None and messages:
+            ring(self.client, [job_id], json.dumps(messages, default=str).encode())
 
     def close(self) -> None:
         if self.client is not None:

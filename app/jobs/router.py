@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.sse import ServerSentEvent
 from pydantic import StringConstraints
-from sqlalchemy.orm import Session
 
 from app.auth.deps import PrincipalDep
-from app.auth.service import Principal
 from app.deps import (
     MAX_INT32,
     CeleryDep,
@@ -29,6 +28,7 @@ from app.jobs.ids import JOB_ID_PATTERN
 from app.jobs.json_body import JsonBodyRoute
 from app.jobs.runs import send_jobs
 from app.jobs.schemas import (
+    TERMINAL_STATUSES,
     AttemptList,
     EventList,
     JobList,
@@ -38,7 +38,12 @@ from app.jobs.schemas import (
 )
 from app.jobs.spec import JobSpec
 from app.live.channels import ring
-from app.live.stream import job_event_stream, parse_last_event_id
+from app.live.stream import (
+    AcceptsEventStream,
+    EventStreamResponse,
+    job_event_stream,
+    parse_last_event_id,
+)
 from app.queue import training_sender
 
 router = APIRouter(
@@ -174,26 +179,6 @@ def list_metrics(
     return MetricList(data=rows, has_more=has_more)
 
 
-EVENT_STREAM = "text/event-stream"
-# One event of the stream, the way OpenAPI 3.2's itemSchema describes text/event-stream
-# (and schemathesis reads `schema` of an event stream before 3.2): not the raw text.
-SSE_EVENT: dict[str, Any] = {
-    "type": "object",
-    "required": ["id", "event", "data"],
-    "properties": {
-        "id": {"type": "string", "description": "the event id"},
-        "event": {"type": "string", "description": "the event type"},
-        "data": {"type": "string", "description": "the event's data as JSON"},
-    },
-}
-STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "JSON page of events, or with `Accept: text/event-stream` a "
-        "Server-Sent Events stream: `id:` the event id, `event:` its type, `data:` JSON",
-        "content": {EVENT_STREAM: {"schema": SSE_EVENT}},
-    },
-    **ERRORS,
-}
 EventTypes = Annotated[
     list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]] | None,
     Query(max_length=20, description="only events of these types, e.g. type=status&type=error"),
@@ -210,73 +195,72 @@ MetricsBacklog = Annotated[
 ]
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=STREAM_RESPONSE)
-def list_events(
+def _streamed_job_finished(job_id: str, session: SessionDep, principal: PrincipalDep) -> bool:
+    # 404 (another tenant's job included) before the stream starts. The stream lasts as
+    # long as the job and reads through the hub: the request's session closes before it
+    # starts (SessionDep), so a stream holds no slot nor connection of the short routes.
+    job = jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
+    return job.status in TERMINAL_STATUSES
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=EventStreamResponse,
+    response_description="Server-Sent Events: `id:` the event id, `event:` its type, "
+    "`data:` the event as JSON",
+    responses=ERRORS,
+)
+async def stream_events(
     job_id: str,
     request: Request,
+    finished: Annotated[bool, Depends(_streamed_job_finished)],
+    after: EventCursor = None,
+    metrics_backlog: MetricsBacklog = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
+    ones; keep-alive comments while idle; ends after the job's terminal status event.
+    `metrics_backlog` thins the stored metrics to a chart's worth."""
+    last_id = parse_last_event_id(request.headers.get("last-event-id"))
+    state = request.app.state
+    async for event in job_event_stream(
+        hub=state.hub,
+        database=state.database,
+        job_id=job_id,
+        finished_before=finished,
+        after=last_id if last_id is not None else (after or 0),
+        keepalive_seconds=state.settings.stream_keepalive_seconds,
+        metrics_backlog=metrics_backlog,
+    ):
+        yield event
+
+
+# `/events` asking for `text/event-stream` is the stream above; before the JSON route.
+router.add_api_route(
+    "/{job_id}/events",
+    stream_events,
+    response_class=EventStreamResponse,
+    route_class_override=AcceptsEventStream,
+    include_in_schema=False,
+)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+def list_events(
+    job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
     after: EventCursor = None,
     limit: Limit = 100,
     type: EventTypes = None,
     metrics_backlog: MetricsBacklog = None,
-) -> EventList | StreamingResponse:
+) -> EventList:
     """The job's events, oldest first: status, metrics (one per step), checkpoint,
     oom_backoff, overflow_skip, warning, error. With `Accept: text/event-stream`, a live
     stream of them (see `/events/stream`)."""
-    if EVENT_STREAM in request.headers.get("accept", ""):
-        return _event_stream(job_id, request, session, after, principal, metrics_backlog)
     rows, has_more = jobs_service.list_events(
         session, job_id=job_id, after=after, limit=limit, types=type, tenant=principal.scope
     )
     return EventList(data=rows, has_more=has_more)
-
-
-@router.get(
-    "/{job_id}/events/stream",
-    response_class=StreamingResponse,
-    responses={200: {"content": {EVENT_STREAM: {"schema": SSE_EVENT}}}, **ERRORS},
-)
-def stream_events(
-    job_id: str,
-    request: Request,
-    session: SessionDep,
-    principal: PrincipalDep,
-    after: EventCursor = None,
-    metrics_backlog: MetricsBacklog = None,
-) -> StreamingResponse:
-    """Server-Sent Events: the stored events after `Last-Event-ID` (or `after`), then live
-    ones; keep-alive comments while idle; ends after the job's terminal status event.
-    `metrics_backlog` thins the stored metrics to a chart's worth."""
-    return _event_stream(job_id, request, session, after, principal, metrics_backlog)
-
-
-def _event_stream(
-    job_id: str,
-    request: Request,
-    session: Session,
-    after: int | None,
-    principal: Principal,
-    metrics_backlog: int | None = None,
-) -> StreamingResponse:
-    # 404 (another tenant's job included) before the stream starts. The stream lasts as
-    # long as the job and reads through the hub: the request's session closes before it
-    # starts (SessionDep), so a stream holds no slot nor connection of the short routes.
-    jobs_service.get_job(session, job_id=job_id, tenant=principal.scope)
-    last_id = parse_last_event_id(request.headers.get("last-event-id"))
-    stream = job_event_stream(
-        hub=request.app.state.hub,
-        database=request.app.state.database,
-        job_id=job_id,
-        after=last_id if last_id is not None else (after or 0),
-        keepalive_seconds=request.app.state.settings.stream_keepalive_seconds,
-        metrics_backlog=metrics_backlog,
-    )
-    return StreamingResponse(
-        stream,
-        media_type=EVENT_STREAM,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
 
 
 @router.get("/{job_id}/attempts", response_model=AttemptList, responses=ERRORS)

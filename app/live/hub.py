@@ -1,10 +1,12 @@
 """One Redis subscription per API process, fanned out to every event stream it serves.
 
-Redis pub/sub is only a doorbell here: "job X has new events". On a ring the hub reads
-that job's new events from the database once, after the last id it has handed out, and
-gives the batch to every stream of the job. A thousand viewers of one job cost one
-query per flush of its worker, not a thousand. Pub/sub delivers at most once, so the
-hub also re-reads every watched job every `poll_seconds`, and after a reconnect.
+Redis pub/sub is only a doorbell here: "job X has new events", rung once per commit.
+The hub follows only the jobs its streams watch and drops the other rings unread. A
+watched job has a reader task: on a ring (or a burst of them) it reads the job's new
+events from the database once, after the last id it has handed out, and gives the
+batch to every stream of the job. A thousand viewers of one job cost one query per
+flush of its worker, not a thousand. Pub/sub delivers at most once, so the hub also
+rings every watched job itself every `poll_seconds`, and after a reconnect.
 
 Why reading "after the last id" misses nothing: every writer of a job's events first
 updates the job's row in the same transaction, so the row lock orders the writers of
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
+from fastapi.sse import ServerSentEvent
 from sqlalchemy import func, select
 
 from app.db import Database
@@ -31,10 +35,7 @@ from app.live.channels import CHANNEL_PREFIX
 logger = logging.getLogger(__name__)
 
 PAGE = 1000
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 STOP_SECONDS = 5.0
-# A job followed for the listeners only is dropped after this long without events.
-FORGET_AFTER_SECONDS = 900.0
 # Batches a stream may have waiting before it is told to catch up from the database.
 STREAM_BACKLOG = 256
 
@@ -45,8 +46,12 @@ class LiveEvent:
     type: str
     data: dict[str, Any]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "data": self.data}
+    @cached_property
+    def sse(self) -> ServerSentEvent:
+        """The event as the streams send it: built once for all of them. Our JSON, compact,
+        as `raw_data`: FastAPI would encode the dict again for every stream."""
+        data = json.dumps(self.data, separators=(",", ":"), default=str)
+        return ServerSentEvent(id=str(self.id), event=self.type, raw_data=data)
 
 
 def events_after(database: Database, job_id: str, after: int, limit: int = PAGE) -> list[LiveEvent]:
@@ -82,14 +87,9 @@ class Subscription:
 class _Watched:
     cursor: int
     subscriptions: set[Subscription] = field(default_factory=set)
-    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # A read is waiting to start: it will see whatever a ring now announces.
-    read_pending: bool = False
-    last_event_at: float = field(default_factory=time.monotonic)
-    finished: bool = False
-
-
-Listener = Callable[[str, dict[str, Any]], None]
+    # Set by rings and the periodic read: however many came, the reader reads once.
+    rung: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
 
 
 class LiveHub:
@@ -98,10 +98,7 @@ class LiveHub:
         self.redis_url = redis_url
         self.poll_seconds = poll_seconds
         self._watched: dict[str, _Watched] = {}
-        self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
-        # Reads started by rings: kept, so that stop() can cancel them too.
-        self._reads: set[asyncio.Task[None]] = set()
 
     # ---- streams
 
@@ -111,7 +108,10 @@ class LiveHub:
         watched = self._watched.get(job_id)
         if watched is None:
             cursor = await asyncio.to_thread(last_event_id, self.database, job_id)
-            watched = self._watched.setdefault(job_id, _Watched(cursor))
+            watched = self._watched.get(job_id)  # another stream may have come meanwhile
+            if watched is None:
+                watched = self._watched[job_id] = _Watched(cursor)
+                watched.reader = asyncio.create_task(self._follow(job_id, watched))
         watched.subscriptions.add(subscription)
         return subscription
 
@@ -120,111 +120,63 @@ class LiveHub:
         if watched is None:
             return
         watched.subscriptions.discard(subscription)
-        if not watched.subscriptions and (not self._listeners or watched.finished):
+        if not watched.subscriptions:
             del self._watched[subscription.job_id]
-
-    def add_listener(self, listener: Listener) -> None:
-        """Called with (job_id, event) for the events of every job that rings, watched or
-        not (e.g. for Prometheus). A job first heard of mid-run is followed from then on."""
-        self._listeners.append(listener)
-
-    async def _follow(self, job_id: str) -> None:
-        if job_id not in self._watched:
-            cursor = await asyncio.to_thread(last_event_id, self.database, job_id)
-            self._watched.setdefault(job_id, _Watched(cursor))
-
-    def _forget_idle(self) -> None:
-        """Jobs followed only for the listeners, once finished or silent for long."""
-        idle_before = time.monotonic() - FORGET_AFTER_SECONDS
-        for job_id, watched in list(self._watched.items()):
-            if not watched.subscriptions and (
-                watched.finished or watched.last_event_at < idle_before
-            ):
-                del self._watched[job_id]
+            if watched.reader is not None:
+                watched.reader.cancel()
 
     @property
     def watched_jobs(self) -> int:
         return len(self._watched)
 
+    def ring(self, job_id: str) -> None:
+        """The job has new events (if anyone watches it)."""
+        if (watched := self._watched.get(job_id)) is not None:
+            watched.rung.set()
+
+    def ring_all(self) -> None:
+        for watched in self._watched.values():
+            watched.rung.set()
+
     # ---- reading
 
-    async def refresh(self, job_id: str) -> None:
-        """Read the job's new events once and hand them to its streams."""
-        watched = self._watched.get(job_id)
-        if watched is None or watched.read_pending:
-            return  # the pending read starts after this ring: it covers it
-        watched.read_pending = True
-        try:
-            # A worker's flush rings once per event, all at once: let the rest of the
-            # burst arrive (and coalesce here) before reading.
-            await asyncio.sleep(0)
-            await watched.fetching.acquire()  # one read per job at a time
-        finally:
-            watched.read_pending = False
-        try:
-            while True:
-                batch = await asyncio.to_thread(events_after, self.database, job_id, watched.cursor)
-                if not batch:
-                    return
-                watched.cursor = batch[-1].id
-                watched.last_event_at = time.monotonic()
-                watched.finished = (
-                    any(
-                        event.type == "status" and event.data.get("status") in FINISHED
-                        for event in batch[-1:]
-                    )
-                    or watched.finished
-                )
-                for subscription in list(watched.subscriptions):
-                    try:
-                        subscription.batches.put_nowait(batch)
-                    except asyncio.QueueFull:
-                        subscription.lagging = True
-                for event in batch:
-                    self._tell_listeners(job_id, event)
-                if len(batch) < PAGE:
-                    return
-        finally:
-            watched.fetching.release()
-
-    def _tell_listeners(self, job_id: str, event: LiveEvent) -> None:
-        for listener in self._listeners:
+    async def _follow(self, job_id: str, watched: _Watched) -> None:
+        """The job's reader, while it is watched: one read per ring, or per burst of them."""
+        while True:
+            await watched.rung.wait()
+            watched.rung.clear()
             try:
-                listener(job_id, event.as_dict())
-            except Exception:  # a listener's bug must not stop the streams
-                logger.exception("live listener failed")
+                await self.read_new(job_id, watched)
+            except Exception:  # the next ring or the periodic read tries again
+                logger.warning("live hub: reading %s failed", job_id, exc_info=True)
 
-    async def _ring(self, job_id: str) -> None:
-        try:
-            if job_id not in self._watched:
-                await self._follow(job_id)
-            await self.refresh(job_id)
-        except Exception:  # the next ring or the periodic read tries again
-            logger.warning("live hub: reading %s failed", job_id, exc_info=True)
-
-    async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(job_id) for job_id in list(self._watched)))
+    async def read_new(self, job_id: str, watched: _Watched) -> None:
+        """Read the job's new events once and hand them to its streams."""
+        while True:
+            batch = await asyncio.to_thread(events_after, self.database, job_id, watched.cursor)
+            if not batch:
+                return
+            watched.cursor = batch[-1].id
+            for subscription in list(watched.subscriptions):
+                try:
+                    subscription.batches.put_nowait(batch)
+                except asyncio.QueueFull:
+                    subscription.lagging = True
+            if len(batch) < PAGE:
+                return
 
     # ---- background tasks
 
     async def _listen(self) -> None:
         while True:
-            client = aioredis.Redis.from_url(self.redis_url)
+            client = aioredis.Redis.from_url(self.redis_url)  # payloads stay unread bytes
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.psubscribe(CHANNEL_PREFIX + "*")
-                    await self.refresh_all()  # whatever rang while we were away
+                    self.ring_all()  # whatever rang while we were away
                     async for message in pubsub.listen():
-                        if message.get("type") != "pmessage":
-                            continue
-                        channel = message["channel"]
-                        if isinstance(channel, bytes):
-                            channel = channel.decode()
-                        job_id = channel.removeprefix(CHANNEL_PREFIX)
-                        if job_id in self._watched or self._listeners:
-                            read = asyncio.create_task(self._ring(job_id))
-                            self._reads.add(read)
-                            read.add_done_callback(self._reads.discard)
+                        if message.get("type") == "pmessage":
+                            self.ring(message["channel"].decode().removeprefix(CHANNEL_PREFIX))
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: streams still get the periodic reads
@@ -237,21 +189,17 @@ class LiveHub:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_seconds)
-            try:
-                self._forget_idle()
-                await self.refresh_all()
-            except Exception:
-                logger.warning("live hub: periodic read failed", exc_info=True)
+            self.ring_all()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._poll())]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._reads]
+        readers = [watched.reader for watched in self._watched.values() if watched.reader]
+        tasks = [*self._tasks, *readers]
         for task in tasks:
             task.cancel()
         if tasks:
             # Bounded: a read stuck in a database call must not hold up the shutdown.
             await asyncio.wait(tasks, timeout=STOP_SECONDS)
         self._tasks = []
-        self._reads.clear()

@@ -1,5 +1,9 @@
 """A job's events as Server-Sent Events: the stored ones after a cursor, then live ones.
 
+FastAPI's `EventSourceResponse` does the framing, the headers and the OpenAPI entry of
+the routes that yield these. Its own keep-alive pings every 15 s for every app of the
+process; the stream sends its own at the app's `stream_keepalive_seconds` instead.
+
 The order of operations is what makes a reconnect miss nothing and repeat nothing:
 subscribe to the hub first, then read the database after the client's cursor, then
 pass on live batches, skipping every id already sent.
@@ -8,32 +12,44 @@ pass on live batches, skipping every id already sent.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.datastructures import Headers
+from starlette.routing import Match
+from starlette.types import Scope
+
 from app.db import Database
-from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.live.backlog import sampled_events_after
 from app.live.hub import PAGE, LiveEvent, LiveHub, events_after
 
 RETRY_MILLISECONDS = 2000
+KEEP_ALIVE = ServerSentEvent(comment="keep-alive")
 
 
-def format_event(event: LiveEvent) -> str:
-    data = json.dumps(event.data, separators=(",", ":"), default=str)
-    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
+class EventStreamResponse(EventSourceResponse):
+    """The stream's error answers are JSON envelopes, not events; FastAPI documents them
+    in the media type of the response class, so this one leaves it unset. (The stream
+    itself is sent as text/event-stream all the same.)"""
+
+    media_type = None  # type: ignore[assignment]
+
+
+class AcceptsEventStream(APIRoute):
+    """Matches only requests that accept `text/event-stream`: the others go on to the
+    next route of the same path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if "text/event-stream" not in Headers(scope=scope).get("accept", ""):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def is_terminal(event: LiveEvent) -> bool:
     return event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
-
-
-def _job_status(database: Database, job_id: str) -> str | None:
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        return job.status if job is not None else None
 
 
 class _Cursor:
@@ -43,23 +59,25 @@ class _Cursor:
         self.last = after
         self.finished = False
 
-    def take(self, events: Iterable[LiveEvent]) -> list[str]:
-        chunks = []
+    def take(self, events: Iterable[LiveEvent]) -> list[ServerSentEvent]:
+        taken = []
         for event in events:
             if event.id <= self.last or self.finished:
                 continue
-            chunks.append(format_event(event))
+            taken.append(event.sse)
             self.last = event.id
             self.finished = is_terminal(event)
-        return chunks
+        return taken
 
 
-async def _stored(database: Database, job_id: str, cursor: _Cursor) -> AsyncIterator[str]:
+async def _stored(
+    database: Database, job_id: str, cursor: _Cursor
+) -> AsyncIterator[ServerSentEvent]:
     """Everything stored after the cursor, a page at a time."""
     while not cursor.finished:
         page = await asyncio.to_thread(events_after, database, job_id, cursor.last, PAGE)
-        for chunk in cursor.take(page):
-            yield chunk
+        for sse in cursor.take(page):
+            yield sse
         if len(page) < PAGE:
             return
 
@@ -69,41 +87,41 @@ async def job_event_stream(
     hub: LiveHub,
     database: Database,
     job_id: str,
+    finished_before: bool,
     after: int,
     keepalive_seconds: float,
     metrics_backlog: int | None = None,
-) -> AsyncIterator[str]:
-    """`metrics_backlog`: at most that many of the stored metrics events, evenly spread,
-    the newest exact (app/live/backlog.py); None: every stored event."""
+) -> AsyncIterator[ServerSentEvent]:
+    """`finished_before`: the job had finished when the stream was asked for (so its
+    terminal event is stored). `metrics_backlog`: at most that many of the stored metrics
+    events, evenly spread, the newest exact (app/live/backlog.py); None: every one."""
     subscription = await hub.subscribe(job_id)
     try:
-        yield f"retry: {RETRY_MILLISECONDS}\n\n"
-        # Read before the backlog: a job finished now has its terminal event stored.
-        finished_before = await asyncio.to_thread(_job_status, database, job_id)
+        yield ServerSentEvent(retry=RETRY_MILLISECONDS)
         cursor = _Cursor(after)
         if metrics_backlog is not None:
             sampled = await asyncio.to_thread(
                 sampled_events_after, database, job_id, cursor.last, metrics_backlog
             )
-            for chunk in cursor.take(sampled or ()):
-                yield chunk
-        async for chunk in _stored(database, job_id, cursor):
-            yield chunk
-        if finished_before in TERMINAL_STATUSES:
+            for sse in cursor.take(sampled or ()):
+                yield sse
+        async for sse in _stored(database, job_id, cursor):
+            yield sse
+        if finished_before:
             return  # the cursor was past the terminal event: nothing more will come
         while not cursor.finished:
             if subscription.lagging:  # batches were dropped: catch up from the database
                 subscription.lagging = False
-                async for chunk in _stored(database, job_id, cursor):
-                    yield chunk
+                async for sse in _stored(database, job_id, cursor):
+                    yield sse
                 continue
             try:
                 batch = await asyncio.wait_for(subscription.batches.get(), keepalive_seconds)
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
-            for chunk in cursor.take(batch):
-                yield chunk
+            for sse in cursor.take(batch):
+                yield sse
     finally:
         hub.unsubscribe(subscription)
 

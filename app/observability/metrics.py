@@ -1,9 +1,10 @@
 """Prometheus metrics of one API process, served at GET /metrics.
 
 Read at each scrape: jobs by status (one GROUP BY on the jobs table, answered by its
-(status, id) index) and the depth of the training queue in Redis. Recorded as they
-happen: the duration of every HTTP request, by route template, and the steps of
-running jobs, from the live events the process's hub reads (`Metrics.observe_event`).
+(status, id) index), the latest samples/s of each running job (its row), the steps
+stored since the previous scrape (their `metrics` events) and the depth of the
+training queue in Redis. Recorded as they happen: the duration of every HTTP request,
+by route template.
 
 Each app has a registry of its own, not prometheus_client's global one, so that a
 test can create as many apps as it likes.
@@ -12,22 +13,22 @@ test can create as many apps as it likes.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, TypeGuard, get_args
+from typing import get_args
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth.deps import AdminDep
-from app.jobs.models import Job
+from app.jobs.models import Job, JobEvent
 from app.jobs.runs import LIVE_STATUSES
 from app.jobs.schemas import JobStatus
 
@@ -38,9 +39,6 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Optimizer steps take from milliseconds (a small MLP on CPU) to minutes (big windows).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-# A job's samples/s is dropped when none of its steps has come for this long: the hub
-# delivers at most once, so a missed final status must not keep the series forever.
-STALE_SECONDS = 900.0
 
 
 class Metrics:
@@ -48,6 +46,9 @@ class Metrics:
 
     def __init__(self, state: State, *, queue: str) -> None:
         self.registry = CollectorRegistry()
+        # First: it observes the steps stored since the last scrape into step_duration,
+        # which the registry then collects (in the order of registration).
+        self.registry.register(_ReadAtScrape(self, state, queue))
         self.step_duration = Histogram(
             "trainjob_step_duration_seconds",
             "Wall time of one optimizer step of a running job (its whole window).",
@@ -60,38 +61,6 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self._samples_per_second: dict[str, tuple[float, float]] = {}  # job: (rate, when)
-        self._lock = threading.Lock()
-        self.registry.register(_ReadAtScrape(self, state, queue))
-
-    def observe_event(self, job_id: str, event: dict[str, Any]) -> None:
-        """A live event of a job, as the hub's listeners get it: a `metrics` event is one
-        optimizer step; a status other than running or cancelling ends the job's rate."""
-        data = event.get("data") or {}
-        if event.get("type") == "metrics":
-            seconds = data.get("step_seconds")  # absent in events of older workers
-            if _is_number(seconds) and seconds >= 0:
-                self.step_duration.observe(seconds)
-            rate = data.get("samples_per_sec")
-            if _is_number(rate):
-                with self._lock:
-                    self._samples_per_second[job_id] = (float(rate), time.monotonic())
-        elif event.get("type") == "status" and data.get("status") not in LIVE_STATUSES:
-            with self._lock:
-                self._samples_per_second.pop(job_id, None)
-
-    def samples_per_second(self) -> dict[str, float]:
-        """The latest rate of each running job, forgetting jobs gone quiet."""
-        cutoff = time.monotonic() - STALE_SECONDS
-        with self._lock:
-            for job_id, (_, when) in list(self._samples_per_second.items()):
-                if when < cutoff:
-                    del self._samples_per_second[job_id]
-            return {job_id: rate for job_id, (rate, _) in self._samples_per_second.items()}
-
-
-def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _ReadAtScrape(Collector):
@@ -104,34 +73,63 @@ class _ReadAtScrape(Collector):
         self.metrics = metrics
         self.state = state  # the lifespan opens state.database and state.redis
         self.queue = queue
+        self.steps_after: int | None = None  # the newest metrics event observed
+        self.reading_steps = threading.Lock()  # two scrapes at once must not count twice
 
     def collect(self) -> Iterable[Metric]:
         yield from self._jobs()
         yield from self._queue_depth()
-        rates = GaugeMetricFamily(
-            "trainjob_samples_per_second",
-            "Training samples per second of each running job, at its latest step.",
-            labels=["job_id"],
-        )
-        for job_id, rate in sorted(self.metrics.samples_per_second().items()):
-            rates.add_metric([job_id], rate)
-        yield rates
 
     def _jobs(self) -> Iterable[Metric]:
         database = getattr(self.state, "database", None)
         if database is None:
             return
+        rate = Job.metrics["samples_per_sec"].as_float()
         try:
             with database.session() as session:
                 rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
                 counts = {status: count for status, count in rows}
+                rates = session.execute(
+                    select(Job.id, rate)
+                    .where(Job.status.in_(LIVE_STATUSES), rate.is_not(None))
+                    .order_by(Job.id)
+                ).all()
+                self._observe_new_steps(session)
         except Exception:
-            logger.warning("metrics: could not count jobs", exc_info=True)
+            logger.warning("metrics: could not read the jobs", exc_info=True)
             return
         family = GaugeMetricFamily("trainjob_jobs", "Jobs by status.", labels=["status"])
         for status in JOB_STATUSES:
             family.add_metric([status], counts.get(status, 0))
         yield family
+        family = GaugeMetricFamily(
+            "trainjob_samples_per_second",
+            "Training samples per second of each running job, at its latest step.",
+            labels=["job_id"],
+        )
+        for job_id, samples_per_second in rates:
+            family.add_metric([job_id], samples_per_second)
+        yield family
+
+    def _observe_new_steps(self, session: Session) -> None:
+        """The `step_seconds` of the `metrics` events stored since the previous scrape (the
+        first scrape starts the count, as a counter does). Ids are taken at insert: an
+        event committed after a newer one was observed is missed, a sample lost."""
+        seconds = JobEvent.data["step_seconds"].as_float()  # absent from older workers'
+        with self.reading_steps:
+            if self.steps_after is None:
+                self.steps_after = session.scalar(select(func.max(JobEvent.id))) or 0
+                return
+            rows = session.execute(
+                select(JobEvent.id, seconds)
+                .where(JobEvent.id > self.steps_after, JobEvent.type == "metrics")
+                .order_by(JobEvent.id)
+            ).all()
+            for _, value in rows:
+                if value is not None and value >= 0:
+                    self.metrics.step_duration.observe(value)
+            if rows:
+                self.steps_after = rows[-1].id
 
     def _queue_depth(self) -> Iterable[Metric]:
         client = getattr(self.state, "redis", None)

@@ -5,10 +5,12 @@ checkpoints its policy names."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 
@@ -18,6 +20,7 @@ from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
+from app.live.channels import job_channel
 from app.main import create_app
 from app.settings import Settings
 from tests.app.live.test_stream import parse_sse
@@ -60,6 +63,24 @@ def expected_survivors(eval_by_step: dict[int, float], train_by_step: dict[int, 
     return set(alive)
 
 
+def claimed_job_writer(
+    database: Database, checkpoint_dir: Path | None, *, flush_seconds: float
+) -> tuple[runs.Claim, LivePublisher, ProgressWriter]:
+    """A job of SPEC claimed by worker "w", and the progress writer of its run."""
+    with database.session() as session:
+        job_id = jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC)).id
+        claim = runs.claim_job(session, job_id=job_id, worker="w", lease_timeout=60)
+        session.commit()
+    assert claim is not None
+    keeper = LeaseKeeper(database, claim, heartbeat_seconds=60, max_runtime_seconds=None)
+    publisher = LivePublisher(REDIS_URL)
+    writer = ProgressWriter(
+        database, claim, default_store(checkpoint_dir), publisher, keeper,
+        flush_seconds=flush_seconds, give_up_seconds=5.0,
+    )  # fmt: skip
+    return claim, publisher, writer
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_for_determinism() -> None:
     torch.set_num_threads(1)
@@ -72,17 +93,8 @@ def test_a_stopped_and_resumed_run_keeps_exactly_the_policy_s_checkpoints(
     checkpoint_dir = tmp_path / "checkpoints" if storage == "directory" else None
     settings = settings.model_copy(update={"checkpoint_dir": checkpoint_dir})
     spec = JobSpec.model_validate(SPEC)
-    with database.session() as session:
-        job_id = jobs_service.create_job(session, spec=spec).id
-        claim = runs.claim_job(session, job_id=job_id, worker="w", lease_timeout=60)
-        session.commit()
-    assert claim is not None
-    keeper = LeaseKeeper(database, claim, heartbeat_seconds=60, max_runtime_seconds=None)
-    publisher = LivePublisher(REDIS_URL)
-    writer = ProgressWriter(
-        database, claim, default_store(checkpoint_dir), publisher, keeper,
-        flush_seconds=0.0, give_up_seconds=5.0,
-    )  # fmt: skip
+    claim, publisher, writer = claimed_job_writer(database, checkpoint_dir, flush_seconds=0.0)
+    job_id = claim.job_id
     steps: list[StepMetrics] = []
 
     def on_step(metrics: StepMetrics) -> None:
@@ -140,3 +152,39 @@ def test_a_stopped_and_resumed_run_keeps_exactly_the_policy_s_checkpoints(
     assert [(c["step"], c["eval_loss"]) for c in listed] == [
         (step, last_eval[step]) for step in sorted(expected)
     ]
+
+
+def test_a_flush_publishes_its_whole_batch_once_on_the_job_s_channel(database: Database) -> None:
+    claim, publisher, writer = claimed_job_writer(database, None, flush_seconds=3600.0)
+    listener = redis.Redis.from_url(REDIS_URL)
+    pubsub = listener.pubsub()
+    pubsub.subscribe(job_channel(claim.job_id))
+    assert pubsub.get_message(timeout=5.0)["type"] == "subscribe"  # type: ignore[index]
+    try:
+        for step in range(1, 6):
+            writer.on_step(
+                StepMetrics(step=step, epoch=0, loss=1.0, lr=0.1, grad_norm=0.5,
+                            samples_seen=8 * step, tokens_seen=0, samples_per_sec=80.0,
+                            step_seconds=0.1, micro_batch_size=4, accumulation_steps=2,
+                            window_samples=8, skipped=False, time=0.0)
+            )  # fmt: skip
+        writer.on_event("warning", {"message": "hello"})
+        writer.flush(required=True)
+        messages = []
+        while (message := pubsub.get_message(timeout=1.0)) is not None:
+            messages.append(message)
+    finally:
+        publisher.close()
+        pubsub.close()
+        listener.close()
+
+    assert len(messages) == 1  # one PUBLISH for the flush, not one per event
+    batch = json.loads(messages[0]["data"])
+    assert [event["data"]["step"] for event in batch if event["type"] == "metrics"] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert batch[-1] == {"type": "warning", "data": {"message": "hello"}}

@@ -20,7 +20,7 @@ from app.jobs.models import JobEvent
 from app.live.channels import ring
 from tests.app.jobs.helpers import claim, create
 
-from .test_stream import finish, metric, parse_sse, write_steps
+from .test_stream import finish, finished_job, metric, parse_sse, write_steps
 
 STEPS = 20_000
 BACKLOG = 1000
@@ -110,10 +110,7 @@ def test_a_short_backlog_is_sent_whole_and_live_events_follow_it(
 def test_a_plain_stream_still_replays_every_stored_step(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 40))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 40))
     events = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream").text)
     assert [e["data"]["step"] for e in events if e["event"] == "metrics"] == list(range(1, 40))
 

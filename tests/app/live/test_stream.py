@@ -20,8 +20,6 @@ from fastapi.testclient import TestClient
 from app.db import Database
 from app.jobs import runs
 from app.live.channels import ring
-from app.live.hub import LiveEvent
-from app.live.stream import format_event
 from app.main import create_app
 from app.settings import Settings
 from tests.app.jobs.helpers import claim, create
@@ -74,6 +72,15 @@ def finish(database: Database, taken: runs.Claim) -> None:
         session.commit()
 
 
+def finished_job(database: Database, steps: range) -> str:
+    """A job that trained `steps` and succeeded."""
+    job_id = create(database)
+    taken = claim(database, job_id, "w")
+    write_steps(database, taken, steps)
+    finish(database, taken)
+    return job_id
+
+
 @pytest.fixture
 def rung() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
@@ -84,10 +91,7 @@ def rung() -> Iterator[redis.Redis]:
 def test_a_finished_job_streams_its_stored_events_and_ends(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 4))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 4))
 
     response = client.get(f"/v1/jobs/{job_id}/events", headers=SSE)
 
@@ -103,10 +107,7 @@ def test_a_finished_job_streams_its_stored_events_and_ends(
 def test_last_event_id_resumes_after_that_event_and_a_cursor_past_the_end_ends(
     client: TestClient, database: Database
 ) -> None:
-    job_id = create(database)
-    taken = claim(database, job_id, "w")
-    write_steps(database, taken, range(1, 6))
-    finish(database, taken)
+    job_id = finished_job(database, range(1, 6))
     everything = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream").text)
     cut = everything[3]["id"]
 
@@ -157,9 +158,14 @@ def test_an_unknown_job_is_a_404_envelope_not_a_stream(client: TestClient) -> No
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
-def test_an_event_is_written_as_one_sse_block() -> None:
-    block = format_event(LiveEvent(7, "metrics", {"step": 1, "note": "a\nb"}))
-    assert block == 'id: 7\nevent: metrics\ndata: {"step":1,"note":"a\\nb"}\n\n'
+def test_an_event_is_one_sse_block_with_its_data_as_compact_json(
+    client: TestClient, database: Database
+) -> None:
+    job_id = finished_job(database, range(1, 2))
+    first = client.get(f"/v1/jobs/{job_id}/events").json()["data"][0]
+    body = client.get(f"/v1/jobs/{job_id}/events/stream").text
+    assert body.startswith("retry: 2000\n\n")
+    assert f'event: status\ndata: {{"status":"queued"}}\nid: {first["id"]}\n\n' in body
 
 
 def test_an_idle_stream_sends_keep_alive_comments(
@@ -170,16 +176,15 @@ def test_an_idle_stream_sends_keep_alive_comments(
     )
     job_id = create(database)
     taken = claim(database, job_id, "w")
-    with TestClient(create_app(quick)) as client:
-
-        def finish_later() -> None:
-            time.sleep(0.5)  # idle on purpose: the stream must keep the connection warm
-            finish(database, taken)
-            ring(rung, [job_id])
-
-        writer = threading.Thread(target=finish_later)
-        writer.start()
-        body = client.get(f"/v1/jobs/{job_id}/events/stream").text
-        writer.join()
+    body, finished = "", False
+    path = f"/v1/jobs/{job_id}/events/stream"
+    with TestClient(create_app(quick)) as client, client.stream("GET", path) as response:
+        for text in response.iter_text():
+            body += text
+            # Idle on purpose until two keep-alives came: then the job finishes.
+            if body.count(": keep-alive\n\n") >= 2 and not finished:
+                finish(database, taken)
+                ring(rung, [job_id])
+                finished = True
     assert body.count(": keep-alive\n\n") >= 2
     assert parse_sse(body)[-1]["data"]["status"] == "succeeded"

@@ -1,9 +1,8 @@
-"""GET /metrics: jobs by status and queue depth read at scrape, HTTP timings by route
-template, and the step series fed by live events (Metrics.observe_event)."""
+"""GET /metrics: jobs by status, queue depth and the step series read at scrape, and
+HTTP timings by route template."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.db import Database
-from app.main import create_app
-from app.observability import metrics as metrics_module
-from app.observability.metrics import Metrics
+from app.jobs import runs
 from app.settings import Settings
 from tests.app.jobs import helpers
 
@@ -114,55 +111,41 @@ def test_http_requests_are_timed_by_route_template_never_the_raw_path(
     assert not any("job_0000" in route or route == "/no/such/page" for route in routes)
 
 
-@pytest.fixture
-def app_metrics(tmp_path: Path) -> Metrics:
-    """The metrics of an app that was never started: nothing read at scrape."""
-    settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:6379/0")
-    metrics: Metrics = create_app(settings).state.metrics
-    return metrics
-
-
-def step_event(step: int, **data: Any) -> dict[str, Any]:
-    base = {"step": step, "loss": 1.0, "lr": 0.1, "samples_per_sec": 400.0,
-            "micro_batch_size": 4, "time": "2026-11-25T00:00Z", "step_seconds": 0.02}  # fmt: skip
-    return {"id": step, "type": "metrics", "data": base | data}
-
-
-def test_observe_event_times_steps_and_tracks_each_running_job_until_it_finishes(
-    app_metrics: Metrics,
+def test_step_durations_and_running_rates_are_read_from_the_database_at_scrape(
+    client: TestClient, database: Database
 ) -> None:
-    registry = app_metrics.registry
+    def steps(samples: Samples, bucket: str | None = None) -> float:
+        name = "trainjob_step_duration_seconds_" + ("bucket" if bucket else "count")
+        return samples.get((name, (("le", bucket),) if bucket else ()), 0.0)
 
-    def rate(job_id: str) -> float | None:
-        return registry.get_sample_value("trainjob_samples_per_second", {"job_id": job_id})
+    def rate(samples: Samples, job_id: str) -> float | None:
+        return samples.get(("trainjob_samples_per_second", (("job_id", job_id),)))
 
-    app_metrics.observe_event("job_a", {"id": 1, "type": "status", "data": {"status": "running"}})
-    app_metrics.observe_event("job_a", step_event(1, step_seconds=0.2, samples_per_sec=40.0))
-    app_metrics.observe_event("job_a", step_event(2, step_seconds=3.0, samples_per_sec=8.0))
-    app_metrics.observe_event("job_b", step_event(1))
-    app_metrics.observe_event("job_b", step_event(2, step_seconds=None))  # an older worker's
+    scrape(client)  # the step count starts at the first scrape
+    before = scrape(client)
+    job_id = helpers.create(database)
+    taken = helpers.claim(database, job_id, "w")
+    timed = [
+        helpers.metric(1) | {"step_seconds": 0.2, "samples_per_sec": 40.0},
+        helpers.metric(2) | {"step_seconds": 3.0, "samples_per_sec": 8.0},
+        helpers.metric(3),  # an older worker's: no step_seconds
+    ]
+    with database.session() as session:
+        runs.record_progress(
+            session, claim=taken, job_values={"step": 3, "metrics": timed[1]},
+            metrics=timed, events=[],
+        )  # fmt: skip
+        session.commit()
+    running = scrape(client)
+    assert steps(running) == steps(before) + 2
+    assert steps(running, "0.25") == steps(before, "0.25") + 1
+    assert steps(running, "+Inf") == steps(before, "+Inf") + 2
+    sum_key = ("trainjob_step_duration_seconds_sum", ())
+    assert running[sum_key] == pytest.approx(before[sum_key] + 3.2)
+    assert rate(running, job_id) == 8.0
+    assert steps(scrape(client)) == steps(running)  # each step counted once
 
-    assert registry.get_sample_value("trainjob_step_duration_seconds_count") == 3
-    assert registry.get_sample_value("trainjob_step_duration_seconds_sum") == pytest.approx(3.22)
-    bucket = {"le": "0.25"}
-    assert registry.get_sample_value("trainjob_step_duration_seconds_bucket", bucket) == 2
-    assert rate("job_a") == 8.0 and rate("job_b") == 400.0
-
-    cancelling = {"id": 9, "type": "status", "data": {"status": "cancelling"}}
-    app_metrics.observe_event("job_a", cancelling)
-    assert rate("job_a") == 8.0  # still running until its next step
-    finished = {"id": 10, "type": "status", "data": {"status": "cancelled"}}
-    app_metrics.observe_event("job_a", finished)
-    app_metrics.observe_event("job_b", {"id": 11, "type": "checkpoint", "data": {"step": 2}})
-    assert rate("job_a") is None and rate("job_b") == 400.0
-    app_metrics.observe_event("job_b", {"id": 12, "type": "status", "data": {"status": "queued"}})
-    assert rate("job_b") is None  # handed back: not running anywhere now
-
-
-def test_a_job_whose_steps_stop_coming_is_forgotten(
-    app_metrics: Metrics, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app_metrics.observe_event("job_quiet", step_event(1))
-    assert app_metrics.samples_per_second() == {"job_quiet": 400.0}
-    monkeypatch.setattr(metrics_module, "STALE_SECONDS", -1.0)  # as if long ago
-    assert app_metrics.samples_per_second() == {}
+    with database.session() as session:
+        runs.finish_job(session, claim=taken, status="succeeded")
+        session.commit()
+    assert rate(scrape(client), job_id) is None  # the rate of running jobs only
