@@ -270,7 +270,8 @@ class _Labels:
 
     def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
         """Each row's index among the sorted training classes; unknown labels fail."""
-        return _class_indices(file_id, self.values, classes)[torch.from_numpy(self.codes)]
+        by_code = _class_indices(file_id, self.values, classes).numpy()
+        return torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
 
 
 @dataclass
