@@ -8,14 +8,14 @@ write (worker/presence.py), found with SCAN, never KEYS, which would block Redis
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, get_args
+from typing import get_args
 
 import redis
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -69,29 +69,20 @@ def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_L
     return list(session.scalars(query))
 
 
-def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[dict[str, Any]]:
-    """The presence records of workers whose key has not expired, by name."""
-    keys: list[bytes | str] = []
-    cursor = 0
-    while True:
-        cursor, page = client.scan(cursor, match=PRESENCE_KEY_PREFIX + "*", count=SCAN_COUNT)
-        keys.extend(page)
-        if cursor == 0 or len(keys) >= limit:
-            break
+def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[WorkerPublic]:
+    """The workers whose presence key has not expired, by name; `job_id` left unset."""
+    found = client.scan_iter(match=PRESENCE_KEY_PREFIX + "*", count=SCAN_COUNT)
     # SCAN may return a key twice; a key may expire between SCAN and MGET (None).
-    keys = sorted(set(keys))[:limit]
-    records = []
+    keys = sorted(set(itertools.islice(found, limit)))
+    workers = []
     for raw in client.mget(keys) if keys else []:
         if raw is None:
             continue
         try:
-            record = json.loads(raw)
-        except ValueError:
-            logger.warning("dashboard: a worker presence key is not JSON; skipped")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return sorted(records, key=lambda record: str(record.get("name", "")))
+            workers.append(WorkerPublic.model_validate({**json.loads(raw), "job_id": None}))
+        except (ValueError, TypeError):  # not JSON, or a record of another version
+            logger.warning("dashboard: skipped an unreadable worker presence record")
+    return sorted(workers, key=lambda worker: worker.name)
 
 
 def jobs_of_workers(
@@ -110,31 +101,20 @@ def jobs_of_workers(
     return {worker: job_id for worker, job_id in session.execute(query) if worker is not None}
 
 
-def to_workers(records: Sequence[dict[str, Any]], jobs: dict[str, str]) -> list[WorkerPublic]:
-    workers = []
-    for record in records:
-        try:
-            worker = WorkerPublic.model_validate(record | {"job_id": None})
-        except ValidationError:  # a record of another version: leave it out
-            logger.warning("dashboard: skipped an unreadable worker presence record")
-            continue
-        worker.job_id = jobs.get(worker.name)
-        workers.append(worker)
-    return workers
-
-
 def read_dashboard(
     session: Session, client: redis.Redis, *, queue: str, tenant: str | None
 ) -> Dashboard:
     """Everything `GET /v1/dashboard` shows, for the jobs `tenant` may see (None: all)."""
     now = utcnow()
-    records = live_workers(client)
-    names = [str(record.get("name")) for record in records]
+    workers = live_workers(client)
+    jobs = jobs_of_workers(session, names=[worker.name for worker in workers], tenant=tenant)
+    for worker in workers:
+        worker.job_id = jobs.get(worker.name)
     return Dashboard(
         counts=job_counts(session, tenant=tenant),
         queue_depth=client.llen(queue),
         running=running_jobs(session, tenant=tenant),
-        workers=to_workers(records, jobs_of_workers(session, names=names, tenant=tenant)),
+        workers=workers,
         finished_last_hour=finished_since(session, since=now - FINISHED_WINDOW, tenant=tenant),
         time=now,
     )

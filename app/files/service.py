@@ -18,9 +18,8 @@ from app.files.ids import is_file_id, new_file_id
 from app.files.models import DataFile, JobFile
 from app.files.store import FileStore, store_for
 from app.jobs.models import Job
+from app.jobs.runs import ACTIVE_STATUSES
 
-# A job in one of these may still read the file.
-USING_STATUSES = ("queued", "running", "cancelling")
 MAX_LISTED_JOBS = 10
 MAX_FILENAME_CHARACTERS = 255
 
@@ -137,7 +136,7 @@ def jobs_using(session: Session, *, file_id: str) -> list[str]:
         session.scalars(
             select(JobFile.job_id)
             .join(Job, Job.id == JobFile.job_id)
-            .where(JobFile.file_id == file_id, Job.status.in_(USING_STATUSES))
+            .where(JobFile.file_id == file_id, Job.status.in_(ACTIVE_STATUSES))
             .order_by(JobFile.job_id)
             .limit(MAX_LISTED_JOBS)
         )
