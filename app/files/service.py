@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from app.db import page, utcnow
 from app.files.exceptions import BadUpload, FileInUse, FileNotFound
 from app.files.formats import FORMATS, detect_format
-from app.files.ids import is_file_id, new_file_id
 from app.files.models import DataFile, JobFile
 from app.files.store import FileStore, store_for
+from app.ids import is_file_id, new_file_id
 from app.jobs.models import Job
 from app.jobs.runs import ACTIVE_STATUSES
 

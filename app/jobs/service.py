@@ -16,9 +16,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
 from app.files import usage as files_usage
+from app.ids import is_job_id, new_job_id
 from app.jobs import idempotency, runs
 from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
-from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
