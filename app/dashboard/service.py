@@ -11,12 +11,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import get_args
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from app.dashboard.schemas import (
@@ -40,33 +40,20 @@ SCAN_COUNT = 100
 FINISHED_WINDOW = timedelta(hours=1)
 
 
-def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
-    """Jobs by status, every status present (0 when none)."""
-    query = select(Job.status, func.count()).group_by(Job.status)
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).all())
+def count_by_status(
+    session: Session, *where: ColumnElement[bool], statuses: Iterable[str]
+) -> dict[str, int]:
+    """The jobs matching `where` by status, each of `statuses` present (0 when none)."""
+    query = select(Job.status, func.count()).where(*where).group_by(Job.status)
+    return dict.fromkeys(statuses, 0) | dict(session.execute(query).all())
 
 
-def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
-    """Jobs that reached each terminal status at or after `since`."""
-    query = (
-        select(Job.status, func.count())
-        .where(Job.finished_at >= since, Job.status.in_(TERMINAL_STATUSES))
-        .group_by(Job.status)
-    )
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).all())
-    return FinishedCounts.model_validate(counts)
-
-
-def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_LIMIT) -> list[Job]:
-    """Running and cancelling jobs, newest first, at most `limit`."""
-    query = select(Job).where(Job.status.in_(LIVE_STATUSES)).order_by(Job.id.desc()).limit(limit)
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    return list(session.scalars(query))
+def running_jobs(
+    session: Session, *where: ColumnElement[bool], limit: int = RUNNING_LIMIT
+) -> list[Job]:
+    """Running and cancelling jobs matching `where`, newest first, at most `limit`."""
+    query = select(Job).where(Job.status.in_(LIVE_STATUSES), *where)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
 def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[WorkerPublic]:
@@ -86,18 +73,17 @@ def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[Wor
 
 
 def jobs_of_workers(
-    session: Session, *, names: Sequence[str], tenant: str | None
+    session: Session, *where: ColumnElement[bool], names: Sequence[str]
 ) -> dict[str, str]:
-    """The live job of each named worker (the newest, should one run several)."""
+    """The live job matching `where` of each named worker (the newest, should one run
+    several)."""
     if not names:
         return {}
     query = (
         select(Job.worker, Job.id)
-        .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names))
+        .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names), *where)
         .order_by(Job.id)
     )
-    if tenant is not None:  # another tenant's job stays hidden; the worker does not
-        query = query.where(Job.tenant == tenant)
     return {worker: job_id for worker, job_id in session.execute(query) if worker is not None}
 
 
@@ -106,15 +92,20 @@ def read_dashboard(
 ) -> Dashboard:
     """Everything `GET /v1/dashboard` shows, for the jobs `tenant` may see (None: all)."""
     now = utcnow()
+    visible = [] if tenant is None else [Job.tenant == tenant]
+    finished = [Job.finished_at >= now - FINISHED_WINDOW, Job.status.in_(TERMINAL_STATUSES)]
     workers = live_workers(client)
-    jobs = jobs_of_workers(session, names=[worker.name for worker in workers], tenant=tenant)
+    # Another tenant's job stays hidden; the worker does not.
+    jobs = jobs_of_workers(session, *visible, names=[worker.name for worker in workers])
     for worker in workers:
         worker.job_id = jobs.get(worker.name)
     return Dashboard(
-        counts=job_counts(session, tenant=tenant),
+        counts=count_by_status(session, *visible, statuses=JOB_STATUSES),
         queue_depth=client.llen(queue),
-        running=running_jobs(session, tenant=tenant),
+        running=running_jobs(session, *visible),
         workers=workers,
-        finished_last_hour=finished_since(session, since=now - FINISHED_WINDOW, tenant=tenant),
+        finished_last_hour=FinishedCounts.model_validate(
+            count_by_status(session, *visible, *finished, statuses=TERMINAL_STATUSES)
+        ),
         time=now,
     )
