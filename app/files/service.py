@@ -130,19 +130,6 @@ def list_files(
     return page(session, query, limit)
 
 
-def jobs_using(session: Session, *, file_id: str) -> list[str]:
-    """Up to ten queued or running jobs that train or evaluate on the file."""
-    return list(
-        session.scalars(
-            select(JobFile.job_id)
-            .join(Job, Job.id == JobFile.job_id)
-            .where(JobFile.file_id == file_id, Job.status.in_(ACTIVE_STATUSES))
-            .order_by(JobFile.job_id)
-            .limit(MAX_LISTED_JOBS)
-        )
-    )
-
-
 def delete_file(
     session: Session, *, file_id: str, files_dir: Path | None, tenant: str | None = None
 ) -> None:
@@ -151,7 +138,15 @@ def delete_file(
     # Lock the row first: a submit that links a job to the file now waits for this
     # transaction (and then finds no file), or committed its link before we look.
     session.refresh(data_file, with_for_update=True)
-    using = jobs_using(session, file_id=file_id)
+    using = list(
+        session.scalars(
+            select(JobFile.job_id)
+            .join(Job, Job.id == JobFile.job_id)
+            .where(JobFile.file_id == file_id, Job.status.in_(ACTIVE_STATUSES))
+            .order_by(JobFile.job_id)
+            .limit(MAX_LISTED_JOBS)
+        )
+    )
     if using:
         raise FileInUse(file_id, using)
     store_for(data_file.storage, files_dir).delete(session, data_file)
