@@ -7,8 +7,8 @@ giving a session's connection back, which is I/O, still goes to the pool.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
 
 import anyio
 import redis
@@ -21,9 +21,13 @@ from app.reads import Reads
 from app.settings import Settings
 
 
-async def _database(request: Request) -> Database:
-    database: Database = request.app.state.database
-    return database
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency on what the lifespan keeps in `app.state.<name>`."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return dependency
 
 
 # Threads of the routes (anyio's default limiter) that must stay free of database waits:
@@ -66,30 +70,15 @@ async def _reads(request: Request) -> Reads:
     return reads
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-async def _celery(request: Request) -> Celery:
-    celery: Celery = request.app.state.celery
-    return celery
-
-
-async def _redis(request: Request) -> redis.Redis:
-    client: redis.Redis = request.app.state.redis
-    return client
-
-
 # scope="function": with the default ("request") the session closed after the response's
 # last byte, so every stream and download held a slot for its whole life, and a dozen
 # event streams left no slot to the short routes.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
-SettingsDep = Annotated[Settings, Depends(_settings)]
-DatabaseDep = Annotated[Database, Depends(_database)]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+DatabaseDep = Annotated[Database, Depends(_state("database"))]
 ReadsDep = Annotated[Reads, Depends(_reads)]
-CeleryDep = Annotated[Celery, Depends(_celery)]
-RedisDep = Annotated[redis.Redis, Depends(_redis)]
+CeleryDep = Annotated[Celery, Depends(_state("celery"))]
+RedisDep = Annotated[redis.Redis, Depends(_state("redis"))]
 
 # Query parameters of the paged lists. Cursors are bounded by their columns: past them a
 # request is a 422, not a database error.

@@ -77,10 +77,6 @@ def revoke_key(session: Session, *, key_id: str) -> ApiKey:
     return row
 
 
-def any_active_key(session: Session) -> bool:
-    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
-
-
 KEY_BY_HASH = (
     select(ApiKey.id, ApiKey.tenant, ApiKey.admin)
     .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))

@@ -23,16 +23,16 @@ class Candidate:
     eval_loss: float | None
 
 
-def _finite(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
 def ranking(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The ranked checkpoints, best first; those without a ranking value are left out."""
-    evaluated = any(_finite(candidate.eval_loss) is not None for candidate in candidates)
+    evaluated = any(finite_or_none(candidate.eval_loss) is not None for candidate in candidates)
     ranked: list[tuple[float, int, Candidate]] = []
     for candidate in candidates:
-        value = _finite(candidate.eval_loss if evaluated else candidate.loss)
+        value = finite_or_none(candidate.eval_loss if evaluated else candidate.loss)
         if value is not None:
             ranked.append((value, -candidate.step, candidate))
     ranked.sort(key=lambda entry: entry[:2])

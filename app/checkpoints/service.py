@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def save_checkpoint(
         session.delete(existing)
         session.flush()
     # JSON has no NaN or infinity (an fp16 overflow has both): store them as unknown.
-    loss, eval_loss = _finite_or_none(loss), _finite_or_none(eval_loss)
+    loss, eval_loss = retention.finite_or_none(loss), retention.finite_or_none(eval_loss)
     checkpoint = Checkpoint(
         job_id=claim.job_id,
         step=step,
@@ -135,10 +134,6 @@ def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> Checkpoint
     if checkpoint.storage == DatabaseStore.name:
         return DatabaseStore()
     return None
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def list_checkpoints(

@@ -8,15 +8,15 @@ write (worker/presence.py), found with SCAN, never KEYS, which would block Redis
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Sequence
-from datetime import datetime, timedelta
-from typing import Any, get_args
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import get_args
 
 import redis
-from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from app.dashboard.schemas import (
@@ -40,87 +40,51 @@ SCAN_COUNT = 100
 FINISHED_WINDOW = timedelta(hours=1)
 
 
-def job_counts(session: Session, *, tenant: str | None) -> dict[str, int]:
-    """Jobs by status, every status present (0 when none)."""
-    query = select(Job.status, func.count()).group_by(Job.status)
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    return dict.fromkeys(JOB_STATUSES, 0) | dict(session.execute(query).all())
+def count_by_status(
+    session: Session, *where: ColumnElement[bool], statuses: Iterable[str]
+) -> dict[str, int]:
+    """The jobs matching `where` by status, each of `statuses` present (0 when none)."""
+    query = select(Job.status, func.count()).where(*where).group_by(Job.status)
+    return dict.fromkeys(statuses, 0) | dict(session.execute(query).all())
 
 
-def finished_since(session: Session, *, since: datetime, tenant: str | None) -> FinishedCounts:
-    """Jobs that reached each terminal status at or after `since`."""
-    query = (
-        select(Job.status, func.count())
-        .where(Job.finished_at >= since, Job.status.in_(TERMINAL_STATUSES))
-        .group_by(Job.status)
-    )
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(session.execute(query).all())
-    return FinishedCounts.model_validate(counts)
+def running_jobs(
+    session: Session, *where: ColumnElement[bool], limit: int = RUNNING_LIMIT
+) -> list[Job]:
+    """Running and cancelling jobs matching `where`, newest first, at most `limit`."""
+    query = select(Job).where(Job.status.in_(LIVE_STATUSES), *where)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
-def running_jobs(session: Session, *, tenant: str | None, limit: int = RUNNING_LIMIT) -> list[Job]:
-    """Running and cancelling jobs, newest first, at most `limit`."""
-    query = select(Job).where(Job.status.in_(LIVE_STATUSES)).order_by(Job.id.desc()).limit(limit)
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    return list(session.scalars(query))
-
-
-def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[dict[str, Any]]:
-    """The presence records of workers whose key has not expired, by name."""
-    keys: list[bytes | str] = []
-    cursor = 0
-    while True:
-        cursor, page = client.scan(cursor, match=PRESENCE_KEY_PREFIX + "*", count=SCAN_COUNT)
-        keys.extend(page)
-        if cursor == 0 or len(keys) >= limit:
-            break
+def live_workers(client: redis.Redis, *, limit: int = WORKERS_LIMIT) -> list[WorkerPublic]:
+    """The workers whose presence key has not expired, by name; `job_id` left unset."""
+    found = client.scan_iter(match=PRESENCE_KEY_PREFIX + "*", count=SCAN_COUNT)
     # SCAN may return a key twice; a key may expire between SCAN and MGET (None).
-    keys = sorted(set(keys))[:limit]
-    records = []
+    keys = sorted(set(itertools.islice(found, limit)))
+    workers = []
     for raw in client.mget(keys) if keys else []:
         if raw is None:
             continue
         try:
-            record = json.loads(raw)
-        except ValueError:
-            logger.warning("dashboard: a worker presence key is not JSON; skipped")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return sorted(records, key=lambda record: str(record.get("name", "")))
+            workers.append(WorkerPublic.model_validate({**json.loads(raw), "job_id": None}))
+        except (ValueError, TypeError):  # not JSON, or a record of another version
+            logger.warning("dashboard: skipped an unreadable worker presence record")
+    return sorted(workers, key=lambda worker: worker.name)
 
 
 def jobs_of_workers(
-    session: Session, *, names: Sequence[str], tenant: str | None
+    session: Session, *where: ColumnElement[bool], names: Sequence[str]
 ) -> dict[str, str]:
-    """The live job of each named worker (the newest, should one run several)."""
+    """The live job matching `where` of each named worker (the newest, should one run
+    several)."""
     if not names:
         return {}
     query = (
         select(Job.worker, Job.id)
-        .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names))
+        .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names), *where)
         .order_by(Job.id)
     )
-    if tenant is not None:  # another tenant's job stays hidden; the worker does not
-        query = query.where(Job.tenant == tenant)
     return {worker: job_id for worker, job_id in session.execute(query) if worker is not None}
-
-
-def to_workers(records: Sequence[dict[str, Any]], jobs: dict[str, str]) -> list[WorkerPublic]:
-    workers = []
-    for record in records:
-        try:
-            worker = WorkerPublic.model_validate(record | {"job_id": None})
-        except ValidationError:  # a record of another version: leave it out
-            logger.warning("dashboard: skipped an unreadable worker presence record")
-            continue
-        worker.job_id = jobs.get(worker.name)
-        workers.append(worker)
-    return workers
 
 
 def read_dashboard(
@@ -128,13 +92,20 @@ def read_dashboard(
 ) -> Dashboard:
     """Everything `GET /v1/dashboard` shows, for the jobs `tenant` may see (None: all)."""
     now = utcnow()
-    records = live_workers(client)
-    names = [str(record.get("name")) for record in records]
+    visible = [] if tenant is None else [Job.tenant == tenant]
+    finished = [Job.finished_at >= now - FINISHED_WINDOW, Job.status.in_(TERMINAL_STATUSES)]
+    workers = live_workers(client)
+    # Another tenant's job stays hidden; the worker does not.
+    jobs = jobs_of_workers(session, *visible, names=[worker.name for worker in workers])
+    for worker in workers:
+        worker.job_id = jobs.get(worker.name)
     return Dashboard(
-        counts=job_counts(session, tenant=tenant),
+        counts=count_by_status(session, *visible, statuses=JOB_STATUSES),
         queue_depth=client.llen(queue),
-        running=running_jobs(session, tenant=tenant),
-        workers=to_workers(records, jobs_of_workers(session, names=names, tenant=tenant)),
-        finished_last_hour=finished_since(session, since=now - FINISHED_WINDOW, tenant=tenant),
+        running=running_jobs(session, *visible),
+        workers=workers,
+        finished_last_hour=FinishedCounts.model_validate(
+            count_by_status(session, *visible, *finished, statuses=TERMINAL_STATUSES)
+        ),
         time=now,
     )

@@ -12,9 +12,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, utcnow
 
-# A file's lifecycle: checked once by a worker after upload.
-FILE_STATUSES = ("validating", "valid", "invalid")
-
 
 class DataFile(Base):
     __tablename__ = "files"

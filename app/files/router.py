@@ -19,11 +19,11 @@ from app.errors import error_responses
 from app.files import service as files_service
 from app.files.exceptions import UploadInterrupted
 from app.files.formats import FORMATS
-from app.files.ids import FILE_ID_PATTERN
 from app.files.models import DataFile
 from app.files.multipart import FileData, FileStart, FormField, read_form
 from app.files.schemas import FileList, FilePublic, FileStatus
 from app.files.store import default_store
+from app.ids import FILE_ID_PATTERN
 from app.queue import enqueue_validation
 from app.settings import Settings
 

@@ -14,13 +14,12 @@ from sqlalchemy.orm import Session
 from app.db import page, utcnow
 from app.files.exceptions import BadUpload, FileInUse, FileNotFound
 from app.files.formats import FORMATS, detect_format
-from app.files.ids import is_file_id, new_file_id
 from app.files.models import DataFile, JobFile
 from app.files.store import FileStore, store_for
+from app.ids import is_file_id, new_file_id
 from app.jobs.models import Job
+from app.jobs.runs import ACTIVE_STATUSES
 
-# A job in one of these may still read the file.
-USING_STATUSES = ("queued", "running", "cancelling")
 MAX_LISTED_JOBS = 10
 MAX_FILENAME_CHARACTERS = 255
 
@@ -131,19 +130,6 @@ def list_files(
     return page(session, query, limit)
 
 
-def jobs_using(session: Session, *, file_id: str) -> list[str]:
-    """Up to ten queued or running jobs that train or evaluate on the file."""
-    return list(
-        session.scalars(
-            select(JobFile.job_id)
-            .join(Job, Job.id == JobFile.job_id)
-            .where(JobFile.file_id == file_id, Job.status.in_(USING_STATUSES))
-            .order_by(JobFile.job_id)
-            .limit(MAX_LISTED_JOBS)
-        )
-    )
-
-
 def delete_file(
     session: Session, *, file_id: str, files_dir: Path | None, tenant: str | None = None
 ) -> None:
@@ -152,7 +138,15 @@ def delete_file(
     # Lock the row first: a submit that links a job to the file now waits for this
     # transaction (and then finds no file), or committed its link before we look.
     session.refresh(data_file, with_for_update=True)
-    using = jobs_using(session, file_id=file_id)
+    using = list(
+        session.scalars(
+            select(JobFile.job_id)
+            .join(Job, Job.id == JobFile.job_id)
+            .where(JobFile.file_id == file_id, Job.status.in_(ACTIVE_STATUSES))
+            .order_by(JobFile.job_id)
+            .limit(MAX_LISTED_JOBS)
+        )
+    )
     if using:
         raise FileInUse(file_id, using)
     store_for(data_file.storage, files_dir).delete(session, data_file)

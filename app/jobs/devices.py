@@ -19,11 +19,8 @@ def cuda_worker_seen(client: redis.Redis, *, queue: str) -> bool:
     """A live worker consuming `queue` has CUDA. True as well when Redis does not answer:
     then nothing is known, and the job waits in the database until the broker is back."""
     try:
-        records = dashboard_service.live_workers(client)
+        workers = dashboard_service.live_workers(client)
     except redis.RedisError as error:
         logger.warning("submit: cannot read worker presence (%s); device not checked", error)
         return True
-    return any(
-        record.get("device") == "cuda" and queue in (record.get("queues") or [])
-        for record in records
-    )
+    return any(worker.device == "cuda" and queue in worker.queues for worker in workers)

@@ -22,9 +22,9 @@ from app.deps import (
     StepsLimit,
 )
 from app.errors import error_responses
+from app.ids import JOB_ID_PATTERN
 from app.jobs import devices
 from app.jobs import service as jobs_service
-from app.jobs.ids import JOB_ID_PATTERN
 from app.jobs.json_body import JsonBodyRoute
 from app.jobs.runs import send_jobs
 from app.jobs.schemas import (

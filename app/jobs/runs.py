@@ -24,6 +24,8 @@ from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
 LIVE_STATUSES = ("running", "cancelling")
+# Counted against a tenant's cap; a job in one of these may still read its files.
+ACTIVE_STATUSES = ("queued", *LIVE_STATUSES)
 
 
 class LeaseLost(Exception):

@@ -16,9 +16,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
 from app.files import usage as files_usage
+from app.ids import is_job_id, new_job_id
 from app.jobs import idempotency, runs
 from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
-from app.jobs.ids import is_job_id, new_job_id
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
@@ -56,7 +56,8 @@ def submit_job(
             return Submitted(earlier, replayed=True, to_send=[])
     if spec.device == "cuda" and not cuda_available():
         raise CudaNotSeen()
-    active = count_active(session, tenant=tenant)
+    tenant_active = Job.tenant == tenant, Job.status.in_(runs.ACTIVE_STATUSES)
+    active = session.scalar(select(func.count()).where(*tenant_active)) or 0
     if active >= max_active_jobs:
         raise TooManyJobs(tenant, active)
     job = create_job(session, spec=spec, tenant=tenant)
@@ -216,18 +217,6 @@ def list_events(
     only = [JobEvent.type.in_(types)] if types else []
     return job_rows(
         session, JobEvent.id, job_id=job_id, after=after, limit=limit, tenant=tenant, where=only
-    )
-
-
-def count_active(session: Session, *, tenant: str) -> int:
-    """The tenant's queued and running jobs, for the per-tenant cap."""
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant == tenant, Job.status.in_(("queued", "running", "cancelling")))
-        )
-        or 0
     )
 
 

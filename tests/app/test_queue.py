@@ -11,8 +11,7 @@ import pytest
 import redis
 from celery import Celery
 
-from app.files.ids import new_file_id
-from app.jobs.ids import new_job_id
+from app.ids import new_file_id, new_job_id
 from app.queue import TRAIN_TASK, VALIDATE_TASK, enqueue_training, enqueue_validation
 from app.settings import Settings
 from tests.conftest import REDIS_URL

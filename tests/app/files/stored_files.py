@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from app.checkpoints.store import CHUNK_BYTES
 from app.db import Database, utcnow
-from app.files.ids import new_file_id
 from app.files.models import DataFile, FileChunk
+from app.ids import new_file_id
 from app.jobs import service as jobs_service
 from app.jobs.models import Job, JobEvent
 from app.jobs.spec import JobSpec
