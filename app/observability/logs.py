@@ -37,14 +37,11 @@ def job_context(job_id: str, attempt: int) -> Iterator[None]:
         _job.reset(token)
 
 
-class JobContextFilter(logging.Filter):
-    """Copies the running job's id and attempt onto the record, when there is one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        job = _job.get()
-        if job is not None:
-            record.job_id, record.attempt = job
-        return True
+def add_job_context(record: logging.LogRecord) -> bool:
+    """The handler's filter: copies the running job's id and attempt onto the record."""
+    if (job := _job.get()) is not None:
+        record.job_id, record.attempt = job
+    return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,7 +78,7 @@ class TrainjobHandler(logging.StreamHandler[TextIO]):
         self.setFormatter(
             JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
         )
-        self.addFilter(JobContextFilter())
+        self.addFilter(add_job_context)
 
 
 def configure_logging(settings: Settings) -> None:
