@@ -209,7 +209,14 @@ def _train_claimed(
         # One the engine's backoff does not cover (loading the model, a checkpoint or its
         # optimizer state onto the device): the same device would run out again.
         logger.warning("job %s: out of memory outside a training step", claim.job_id)
-        return Outcome("failed", ("out_of_memory", out_of_memory_message(failure)))
+        # PyTorch's CUDA message is long (allocator statistics, a setting to try): its
+        # first sentence says how much was asked for.
+        detail = " ".join(str(failure).split())[:300]
+        message = (
+            "out of memory outside the training step (loading the model, a checkpoint or the "
+            f"optimizer state onto the device), where a smaller micro-batch cannot help: {detail}"
+        )
+        return Outcome("failed", ("out_of_memory", message))
     except Exception as failure:
         logger.exception("job %s failed", claim.job_id)
         return Outcome("failed", ("internal_error", f"{type(failure).__name__}: {failure}"))
@@ -227,16 +234,6 @@ def _train_claimed(
         )
         return Outcome("failed", ("timeout", message), runtime_seconds=runtime)
     return Outcome("cancelled", runtime_seconds=runtime)
-
-
-def out_of_memory_message(failure: torch.OutOfMemoryError) -> str:
-    # PyTorch's CUDA message is long (allocator statistics, a setting to try): its first
-    # sentence says how much was asked for.
-    detail = " ".join(str(failure).split())[:300]
-    return (
-        "out of memory outside the training step (loading the model, a checkpoint or the "
-        f"optimizer state onto the device), where a smaller micro-batch cannot help: {detail}"
-    )
 
 
 def _record(
