@@ -101,11 +101,10 @@ def send_celery_logs_to_root() -> None:
             logger.handlers = []
             logger.propagate = True
 
+    @signals.after_setup_logger.connect(weak=False)
     def after_setup_logger(**_: Any) -> None:
         to_root(get_multiprocessing_logger())
 
+    @signals.after_setup_task_logger.connect(weak=False)
     def after_setup_task_logger(logger: logging.Logger, **_: Any) -> None:
         to_root(logger)
-
-    signals.after_setup_logger.connect(after_setup_logger, weak=False)
-    signals.after_setup_task_logger.connect(after_setup_task_logger, weak=False)
