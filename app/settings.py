@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -154,18 +154,13 @@ class Settings(BaseSettings):
         "never printed or logged.",
     )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "hf_model_dirs", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object, info: ValidationInfo) -> object:
+        # Origins are separated by commas, directories by colons (as in PATH).
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
-
-    @field_validator("hf_model_dirs", mode="before")
-    @classmethod
-    def _split_dirs(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [Path(part) for part in value.split(":") if part.strip()]
+            separator = ":" if info.field_name == "hf_model_dirs" else ","
+            return [part.strip() for part in value.split(separator) if part.strip()]
         return value
 
     @model_validator(mode="after")

@@ -46,23 +46,9 @@ def parse_faults(value: str | None) -> dict[str, float]:
     return faults
 
 
-def _out_of_memory_above(fault: str, limit: float) -> BatchHook:
+def fault_hooks(value: str | None) -> Hooks:
     import torch  # here, not at the top: the validation task imports this module
 
-    def inject(size: int, _batch: Batch) -> None:
-        if size > limit:
-            raise torch.OutOfMemoryError(f"injected by TRAINJOB_TEST_FAULTS ({fault}, {size})")
-
-    return inject
-
-
-def _out_of_memory_in_step() -> None:
-    import torch
-
-    raise torch.OutOfMemoryError("injected by TRAINJOB_TEST_FAULTS (oom_step)")
-
-
-def fault_hooks(value: str | None) -> Hooks:
     from worker.engine.hooks import NO_HOOKS, Hooks
 
     faults = parse_faults(value)
@@ -70,7 +56,17 @@ def fault_hooks(value: str | None) -> Hooks:
         return NO_HOOKS
 
     def out_of_memory_above(fault: str) -> BatchHook | None:
-        return _out_of_memory_above(fault, faults[fault]) if fault in faults else None
+        if fault not in faults:
+            return None
+
+        def inject(size: int, _batch: Batch) -> None:
+            if size > faults[fault]:
+                raise torch.OutOfMemoryError(f"injected by TRAINJOB_TEST_FAULTS ({fault}, {size})")
+
+        return inject
+
+    def out_of_memory_in_step() -> None:
+        raise torch.OutOfMemoryError("injected by TRAINJOB_TEST_FAULTS (oom_step)")
 
     forward_out_of_memory = out_of_memory_above("oom")
 
@@ -85,6 +81,6 @@ def fault_hooks(value: str | None) -> Hooks:
     return Hooks(
         before_forward=before_forward,
         in_backward=out_of_memory_above("oom_backward"),
-        before_step=_out_of_memory_in_step if "oom_step" in faults else None,
+        before_step=out_of_memory_in_step if "oom_step" in faults else None,
         before_evaluation=out_of_memory_above("oom_eval"),
     )

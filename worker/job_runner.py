@@ -93,7 +93,7 @@ def run_job(
                 worker,
                 claim.resumed_from_step,
             )
-            publisher.publish(job_id, [{"type": "status", "data": {"status": "running"}}])
+            publisher.status(job_id, "running")
             spec = JobSpec.model_validate(job.spec)
             outcome = _train_claimed(database, settings, publisher, claim, spec)
             if outcome is not None:
@@ -120,9 +120,7 @@ def _files_ready(database: Database, publisher: LivePublisher, job_id: str) -> b
     if failed:
         logger.info("job %s failed: %s", job_id, message)
         error = {"type": files_usage.INVALID_DATA, "message": message}
-        publisher.publish(
-            job_id, [{"type": "status", "data": {"status": "failed", "error": error}}]
-        )
+        publisher.status(job_id, "failed", error=error)
     return False
 
 
@@ -211,7 +209,14 @@ def _train_claimed(
         # One the engine's backoff does not cover (loading the model, a checkpoint or its
         # optimizer state onto the device): the same device would run out again.
         logger.warning("job %s: out of memory outside a training step", claim.job_id)
-        return Outcome("failed", ("out_of_memory", out_of_memory_message(failure)))
+        # PyTorch's CUDA message is long (allocator statistics, a setting to try): its
+        # first sentence says how much was asked for.
+        detail = " ".join(str(failure).split())[:300]
+        message = (
+            "out of memory outside the training step (loading the model, a checkpoint or the "
+            f"optimizer state onto the device), where a smaller micro-batch cannot help: {detail}"
+        )
+        return Outcome("failed", ("out_of_memory", message))
     except Exception as failure:
         logger.exception("job %s failed", claim.job_id)
         return Outcome("failed", ("internal_error", f"{type(failure).__name__}: {failure}"))
@@ -229,16 +234,6 @@ def _train_claimed(
         )
         return Outcome("failed", ("timeout", message), runtime_seconds=runtime)
     return Outcome("cancelled", runtime_seconds=runtime)
-
-
-def out_of_memory_message(failure: torch.OutOfMemoryError) -> str:
-    # PyTorch's CUDA message is long (allocator statistics, a setting to try): its first
-    # sentence says how much was asked for.
-    detail = " ".join(str(failure).split())[:300]
-    return (
-        "out of memory outside the training step (loading the model, a checkpoint or the "
-        f"optimizer state onto the device), where a smaller micro-batch cannot help: {detail}"
-    )
 
 
 def _record(
@@ -286,12 +281,9 @@ def _record(
         logger.info("job %s handed back (%s)", claim.job_id, outcome.hand_back)
         with database.session() as session:
             send_jobs(session, [claim.job_id], send=enqueue)
-        publisher.publish(
-            claim.job_id,
-            [{"type": "status", "data": {"status": "queued", "reason": outcome.hand_back}}],
-        )
-        return
-    data: dict[str, object] = {"status": outcome.status}
-    if outcome.error is not None and outcome.status == "failed":
-        data["error"] = {"type": outcome.error[0], "message": outcome.error[1]}
-    publisher.publish(claim.job_id, [{"type": "status", "data": data}])
+        publisher.status(claim.job_id, "queued", reason=outcome.hand_back)
+    elif outcome.error is not None:  # only a failure has one
+        error_type, message = outcome.error
+        publisher.status(claim.job_id, "failed", error={"type": error_type, "message": message})
+    else:
+        publisher.status(claim.job_id, outcome.status)

@@ -23,6 +23,9 @@ class LivePublisher:
         if self.client is not None and messages:
             ring(self.client, [job_id], json.dumps(messages, default=str).encode())
 
+    def status(self, job_id: str, status: str, **data: Any) -> None:
+        self.publish(job_id, [{"type": "status", "data": {"status": status, **data}}])
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()

@@ -72,12 +72,6 @@ def kill_idle_pool(worker: int, interval: float = 0.1) -> None:
         time.sleep(interval)
 
 
-def has_a_task_in_hand() -> bool:
-    """Whether this worker has received a task that has not finished (waiting for a pool
-    child or running in one)."""
-    return bool(state.reserved_requests or state.active_requests)
-
-
 def install_graceful_shutdown(settings: Settings) -> None:
     """Connect the handlers in the worker's main process (pool children inherit them)."""
     main_process = os.getpid()
@@ -95,7 +89,8 @@ def install_graceful_shutdown(settings: Settings) -> None:
         ).start()
         if how != "Warm":
             return
-        if has_a_task_in_hand():
+        # A task received and not finished: waiting for a pool child, or running in one.
+        if state.reserved_requests or state.active_requests:
             force = threading.Timer(
                 settings.shutdown_timeout_seconds, os.kill, (main_process, signal.SIGQUIT)
             )

@@ -9,13 +9,14 @@ redis) logged during the run carry them too.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, TextIO
+
+import pythonjsonlogger.json
 
 from app.settings import Settings
 
@@ -37,39 +38,28 @@ def job_context(job_id: str, attempt: int) -> Iterator[None]:
         _job.reset(token)
 
 
-class JobContextFilter(logging.Filter):
-    """Copies the running job's id and attempt onto the record, when there is one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        job = _job.get()
-        if job is not None:
-            record.job_id, record.attempt = job
-        return True
+def add_job_context(record: logging.LogRecord) -> bool:
+    """The handler's filter: copies the running job's id and attempt onto the record."""
+    if (job := _job.get()) is not None:
+        record.job_id, record.attempt = job
+    return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, and
-    job_id, attempt and exc_info when there are."""
+class JsonFormatter(pythonjsonlogger.json.JsonFormatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, and job_id,
+    attempt, exc_info and a line's other `extra` fields when there are."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.fromtimestamp(record.created, UTC)
-        entry: dict[str, Any] = {
-            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in ("job_id", "attempt"):
-            value = getattr(record, key, None)
-            if value is not None:
-                entry[key] = value
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exc_info"] = record.exc_text
-        if record.stack_info:
-            entry["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str)
+    converter = staticmethod(time.gmtime)
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            json_default=str,
+        )
 
 
 class TrainjobHandler(logging.StreamHandler[TextIO]):
@@ -81,7 +71,7 @@ class TrainjobHandler(logging.StreamHandler[TextIO]):
         self.setFormatter(
             JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
         )
-        self.addFilter(JobContextFilter())
+        self.addFilter(add_job_context)
 
 
 def configure_logging(settings: Settings) -> None:
@@ -111,11 +101,10 @@ def send_celery_logs_to_root() -> None:
             logger.handlers = []
             logger.propagate = True
 
+    @signals.after_setup_logger.connect(weak=False)
     def after_setup_logger(**_: Any) -> None:
         to_root(get_multiprocessing_logger())
 
+    @signals.after_setup_task_logger.connect(weak=False)
     def after_setup_task_logger(logger: logging.Logger, **_: Any) -> None:
         to_root(logger)
-
-    signals.after_setup_logger.connect(after_setup_logger, weak=False)
-    signals.after_setup_task_logger.connect(after_setup_task_logger, weak=False)
