@@ -279,17 +279,10 @@ _REGISTRIES: dict[str, tuple[dict[str, type[BaseModel]], type[BaseModel], str]] 
 }
 
 
-def _known(what: str) -> list[str]:
+def known_types(what: str) -> list[str]:
+    """Every type name a spec's "model" or "dataset" (`what`) may give: built-in or plugin."""
     builtins, _, group = _REGISTRIES[what]
     return sorted(set(builtins) | plugin_names(group))
-
-
-def known_models() -> list[str]:
-    return _known("model")
-
-
-def known_datasets() -> list[str]:
-    return _known("dataset")
 
 
 # ---------------------------------------------------------------- training
@@ -383,7 +376,7 @@ class JobSpec(_Strict):
         raise PydanticCustomError(
             "unknown_type",
             "unknown {what} type '{type}'; known: {known}",
-            {"what": what, "type": type_name, "known": ", ".join(_known(what))},
+            {"what": what, "type": type_name, "known": ", ".join(known_types(what))},
         )
 
     @field_validator("micro_batch_size")
