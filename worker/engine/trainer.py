@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.jobs.spec import JobSpec
+from app.jobs.spec import Device, JobSpec
 from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
@@ -31,7 +31,6 @@ from worker.engine.checkpoint import (
     weights_to_bytes,
 )
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
-from worker.engine.devices import resolve_device
 from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
@@ -166,6 +165,21 @@ class Run:
     @property
     def precision(self) -> PrecisionPlan:
         return self.parts.precision
+
+
+def resolve_device(requested: Device) -> torch.device:
+    """The run's device; asking for CUDA where there is none fails at start."""
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "invalid_device",
+                "device 'cuda' was requested but CUDA is not available on this machine; "
+                "use device 'auto' or 'cpu'",
+            )
+        return torch.device("cuda")
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
