@@ -188,13 +188,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps_of(spec: JobSpec, train_size: int) -> int:
-    if spec.max_steps is not None:
-        return spec.max_steps
-    assert spec.epochs is not None
-    return spec.epochs * steps_per_epoch(train_size, spec.window_size)
-
-
 def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
     """BatchNorm normalises by micro-batch statistics: splitting a batch changes the update.
 
@@ -233,7 +226,10 @@ def prepare_run(
     model.train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
-    total_steps = total_steps_of(spec, len(data.train))
+    total_steps = spec.max_steps
+    if total_steps is None:
+        assert spec.epochs is not None  # the spec gives exactly one of the two
+        total_steps = spec.epochs * steps_per_epoch(len(data.train), spec.window_size)
     scheduler = build_scheduler(spec.lr_schedule, optimizer, total_steps)
     parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
