@@ -59,6 +59,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _by_type(*classes: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Built-in spec classes by the name their `type` field defaults to."""
+    return {spec_class.model_fields["type"].default: spec_class for spec_class in classes}
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -139,13 +144,9 @@ class HfSequenceClassificationSpec(_HfModelSpec):
     type: Literal["hf-sequence-classification"] = "hf-sequence-classification"
 
 
-BUILTIN_MODELS: dict[str, type[BaseModel]] = {
-    "mlp": MlpSpec,
-    "cnn": CnnSpec,
-    "tiny-gpt": TinyGptSpec,
-    "hf-causal-lm": HfCausalLmSpec,
-    "hf-sequence-classification": HfSequenceClassificationSpec,
-}
+BUILTIN_MODELS = _by_type(
+    MlpSpec, CnnSpec, TinyGptSpec, HfCausalLmSpec, HfSequenceClassificationSpec
+)
 
 ModelSpec = (
     MlpSpec
@@ -240,12 +241,7 @@ class PluginDatasetSpec(BaseModel):
     type: str
 
 
-BUILTIN_DATASETS: dict[str, type[BaseModel]] = {
-    "synthetic-classification": SyntheticClassificationSpec,
-    "digits": DigitsSpec,
-    "tiny-text": TinyTextSpec,
-    "file": FileDatasetSpec,
-}
+BUILTIN_DATASETS = _by_type(SyntheticClassificationSpec, DigitsSpec, TinyTextSpec, FileDatasetSpec)
 
 DatasetSpec = (
     SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec | PluginDatasetSpec
