@@ -181,10 +181,6 @@ def watch_job(api: Api, job_id: str, *, as_json: bool) -> int:
             if progress is not None:
                 progress.close()
         job = api.get(job_path(job_id))
-    return _outcome(job, as_json=as_json)
-
-
-def _outcome(job: dict[str, Any], *, as_json: bool) -> int:
     show(job, output.final_line(job), as_json=as_json)
     if job["status"] == "succeeded":
         return EXIT_OK

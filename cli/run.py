@@ -31,11 +31,6 @@ from worker.engine.trainer import Callbacks, StepMetrics, train
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def latest_checkpoint_dir(out: Path) -> Path | None:
-    candidates = sorted((out / "checkpoints").glob("step-*/" + STATE_FILE))
-    return candidates[-1].parent if candidates else None
-
-
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics past the checkpoint: the resumed run writes those steps again."""
     if not path.exists():
@@ -101,10 +96,10 @@ def run_command(
         return _fail("give --out DIR (or --resume DIR)", EXIT_BAD_INPUT)
     checkpoint: Checkpoint | None = None
     if resume is not None:
-        directory = latest_checkpoint_dir(resume)
-        if directory is None:
+        complete = sorted((resume / "checkpoints").glob("step-*/" + STATE_FILE))
+        if not complete:
             return _fail(f"{resume} has no checkpoint to resume from", EXIT_BAD_INPUT)
-        checkpoint = Checkpoint.read(directory)
+        checkpoint = Checkpoint.read(complete[-1].parent)
         _truncate_metrics(out / "metrics.jsonl", checkpoint.step)
     elif out.exists() and any(out.iterdir()):
         return _fail(

@@ -59,6 +59,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _by_type(*classes: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Built-in spec classes by the name their `type` field defaults to."""
+    return {spec_class.model_fields["type"].default: spec_class for spec_class in classes}
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -139,13 +144,9 @@ class HfSequenceClassificationSpec(_HfModelSpec):
     type: Literal["hf-sequence-classification"] = "hf-sequence-classification"
 
 
-BUILTIN_MODELS: dict[str, type[BaseModel]] = {
-    "mlp": MlpSpec,
-    "cnn": CnnSpec,
-    "tiny-gpt": TinyGptSpec,
-    "hf-causal-lm": HfCausalLmSpec,
-    "hf-sequence-classification": HfSequenceClassificationSpec,
-}
+BUILTIN_MODELS = _by_type(
+    MlpSpec, CnnSpec, TinyGptSpec, HfCausalLmSpec, HfSequenceClassificationSpec
+)
 
 ModelSpec = (
     MlpSpec
@@ -240,12 +241,7 @@ class PluginDatasetSpec(BaseModel):
     type: str
 
 
-BUILTIN_DATASETS: dict[str, type[BaseModel]] = {
-    "synthetic-classification": SyntheticClassificationSpec,
-    "digits": DigitsSpec,
-    "tiny-text": TinyTextSpec,
-    "file": FileDatasetSpec,
-}
+BUILTIN_DATASETS = _by_type(SyntheticClassificationSpec, DigitsSpec, TinyTextSpec, FileDatasetSpec)
 
 DatasetSpec = (
     SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec | PluginDatasetSpec
@@ -279,17 +275,10 @@ _REGISTRIES: dict[str, tuple[dict[str, type[BaseModel]], type[BaseModel], str]] 
 }
 
 
-def _known(what: str) -> list[str]:
+def known_types(what: str) -> list[str]:
+    """Every type name a spec's "model" or "dataset" (`what`) may give: built-in or plugin."""
     builtins, _, group = _REGISTRIES[what]
     return sorted(set(builtins) | plugin_names(group))
-
-
-def known_models() -> list[str]:
-    return _known("model")
-
-
-def known_datasets() -> list[str]:
-    return _known("dataset")
 
 
 # ---------------------------------------------------------------- training
@@ -383,7 +372,7 @@ class JobSpec(_Strict):
         raise PydanticCustomError(
             "unknown_type",
             "unknown {what} type '{type}'; known: {known}",
-            {"what": what, "type": type_name, "known": ", ".join(_known(what))},
+            {"what": what, "type": type_name, "known": ", ".join(known_types(what))},
         )
 
     @field_validator("micro_batch_size")

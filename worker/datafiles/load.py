@@ -163,13 +163,6 @@ def _jsonl_rows(file_id: str, path: Path) -> Iterator[JsonlRow]:
         yield row
 
 
-def _char_tokenizer(file_id: str, path: Path, max_length: int) -> CharTokenizer:
-    # Characters past max_length are cut before they become tokens: leave them out.
-    return CharTokenizer.from_texts(
-        (row.prompt + row.loss_text)[:max_length] for row in _jsonl_rows(file_id, path)
-    )
-
-
 def _encode(
     file_id: str, path: Path, tokenizer: TextTokenizer, max_length: int
 ) -> _EncodedText | None:
@@ -210,7 +203,11 @@ def _text_splits(
 ) -> DataSplits:
     if tokenizer is None:
         if spec.tokenizer == "char":
-            tokenizer = _char_tokenizer(spec.file_id, train_path, spec.max_length)
+            # Characters past max_length are cut before they become tokens: leave them out.
+            rows = _jsonl_rows(spec.file_id, train_path)
+            tokenizer = CharTokenizer.from_texts(
+                (row.prompt + row.loss_text)[: spec.max_length] for row in rows
+            )
         else:
             tokenizer = ByteTokenizer()
     train = _encode(spec.file_id, train_path, tokenizer, spec.max_length)

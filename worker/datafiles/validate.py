@@ -472,7 +472,14 @@ def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, I
         except ValueError as error:
             raise RowProblem(f"array {name!r} is not a valid .npy array ({error})") from None
         header = NpyHeader(name, tuple(shape), fortran_order, dtype)
-        _check_expansion(header, _compressed_bytes(archive, member))
+        compressed = _compressed_bytes(archive, member)
+        if header.size_bytes > MAX_NPZ_EXPANSION * max(compressed, 1):
+            raise RowProblem(
+                f"array {name!r} declares {header.size_bytes:,} bytes (shape "
+                f"{header.shape}, {dtype}) in {compressed:,} compressed bytes, more than "
+                f"{MAX_NPZ_EXPANSION}× its size: refused unread. If the data really is that "
+                "repetitive, save it uncompressed (numpy.savez)"
+            )
         yield header, stream
 
 
@@ -483,16 +490,6 @@ def _compressed_bytes(archive: zipfile.ZipFile, member: str) -> int:
     if archive.filename is None:
         return declared
     return min(declared, os.path.getsize(archive.filename))
-
-
-def _check_expansion(header: NpyHeader, compressed: int) -> None:
-    if header.size_bytes > MAX_NPZ_EXPANSION * max(compressed, 1):
-        raise RowProblem(
-            f"array {header.name!r} declares {header.size_bytes:,} bytes (shape "
-            f"{header.shape}, {header.dtype}) in {compressed:,} compressed bytes, more than "
-            f"{MAX_NPZ_EXPANSION}× its size: refused unread. If the data really is that "
-            "repetitive, save it uncompressed (numpy.savez)"
-        )
 
 
 @contextmanager
@@ -509,7 +506,14 @@ def open_xy(
         held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
         raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
     with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
-        check_x_header(x)
+        _check_numbers(x)
+        if len(x.shape) < 2:
+            raise RowProblem(
+                f"array 'x' must have one row per sample (at least 2 dimensions: N×…), "
+                f"not shape {x.shape}"
+            )
+        if math.prod(x.shape[1:]) == 0:
+            raise RowProblem(f"array 'x' has no values per row (shape {x.shape})")
         kind = npz_kind(y)
         if x.shape[0] != y.shape[0]:
             raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
@@ -543,17 +547,6 @@ def read_npy_as(
         flat[done : done + len(chunk)] = chunk
         done += len(chunk)
     return result
-
-
-def check_x_header(x: NpyHeader) -> None:
-    _check_numbers(x)
-    if len(x.shape) < 2:
-        raise RowProblem(
-            f"array 'x' must have one row per sample (at least 2 dimensions: N×…), "
-            f"not shape {x.shape}"
-        )
-    if math.prod(x.shape[1:]) == 0:
-        raise RowProblem(f"array 'x' has no values per row (shape {x.shape})")
 
 
 def npz_kind(y: NpyHeader) -> str:

@@ -23,8 +23,7 @@ from app.jobs.spec import (
     HfSequenceClassificationSpec,
     JobSpec,
     ModelSpec,
-    known_datasets,
-    known_models,
+    known_types,
 )
 from worker.datafiles.load import FileSource, load_file_dataset
 from worker.datafiles.tokenizers import TextTokenizer
@@ -48,10 +47,11 @@ BUILTIN_DATASET_BUILDERS: dict[str, DatasetBuilder] = {
 }
 
 
-def _plugin(group: str, what: str, name: str, known: list[str]) -> Callable[..., Any]:
+def _plugin(group: str, what: str, name: str) -> Callable[..., Any]:
     for entry_point in entry_points(group=group, name=name):
         return cast(Callable[..., Any], entry_point.load())
-    raise TrainingError("invalid_spec", f"unknown {what} type {name!r}; known: {', '.join(known)}")
+    known = ", ".join(known_types(what))
+    raise TrainingError("invalid_spec", f"unknown {what} type {name!r}; known: {known}")
 
 
 def build_model(
@@ -66,7 +66,7 @@ def build_model(
     name = str(spec.type)
     if name in BUILTIN_MODEL_BUILDERS:
         return BUILTIN_MODEL_BUILDERS[name](spec, info)
-    plugin = _plugin(MODEL_ENTRY_POINT_GROUP, "model", name, known_models())
+    plugin = _plugin(MODEL_ENTRY_POINT_GROUP, "model", name)
     return cast(nn.Module, plugin(spec.model_dump(), info))
 
 
@@ -90,7 +90,7 @@ def build_dataset(
     name = str(spec.type)
     if name in BUILTIN_DATASET_BUILDERS:
         return BUILTIN_DATASET_BUILDERS[name](spec, seed)
-    plugin = _plugin(DATASET_ENTRY_POINT_GROUP, "dataset", name, known_datasets())
+    plugin = _plugin(DATASET_ENTRY_POINT_GROUP, "dataset", name)
     return cast(DataSplits, plugin(spec.model_dump(), seed))
 
 

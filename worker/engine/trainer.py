@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.jobs.spec import JobSpec
+from app.jobs.spec import Device, JobSpec
 from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
 from worker.engine.checkpoint import (
@@ -31,7 +31,6 @@ from worker.engine.checkpoint import (
     weights_to_bytes,
 )
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
-from worker.engine.devices import resolve_device
 from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
@@ -168,17 +167,25 @@ class Run:
         return self.parts.precision
 
 
+def resolve_device(requested: Device) -> torch.device:
+    """The run's device; asking for CUDA where there is none fails at start."""
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "invalid_device",
+                "device 'cuda' was requested but CUDA is not available on this machine; "
+                "use device 'auto' or 'cpu'",
+            )
+        return torch.device("cuda")
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def total_steps_of(spec: JobSpec, train_size: int) -> int:
-    if spec.max_steps is not None:
-        return spec.max_steps
-    assert spec.epochs is not None
-    return spec.epochs * steps_per_epoch(train_size, spec.window_size)
 
 
 def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
@@ -219,7 +226,10 @@ def prepare_run(
     model.train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
-    total_steps = total_steps_of(spec, len(data.train))
+    total_steps = spec.max_steps
+    if total_steps is None:
+        assert spec.epochs is not None  # the spec gives exactly one of the two
+        total_steps = spec.epochs * steps_per_epoch(len(data.train), spec.window_size)
     scheduler = build_scheduler(spec.lr_schedule, optimizer, total_steps)
     parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm

@@ -207,18 +207,15 @@ def apply_update(
     return loss_value / window_units, norm_value, skipped
 
 
-def optimizer_state_per_parameter(optimizer: torch.optim.Optimizer) -> int:
-    """Values the optimizer keeps per parameter: AdamW two moments, SGD its momentum."""
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return 2
-    return 1 if optimizer.defaults.get("momentum") else 0
-
-
 def optimizer_out_of_memory_message(parts: StepParts) -> str:
     """Why the step ran out of memory, and why a smaller micro-batch would not help."""
     parameters = sum(parameter.numel() for parameter in parts.parameters)
     element = parts.parameters[0].element_size() if parts.parameters else 4
-    state = optimizer_state_per_parameter(parts.optimizer)
+    # Values the optimizer keeps per parameter: AdamW two moments, SGD its momentum.
+    if isinstance(parts.optimizer, torch.optim.Adam | torch.optim.AdamW):
+        state = 2
+    else:
+        state = 1 if parts.optimizer.defaults.get("momentum") else 0
     # Weights, gradients and state: what the step needs whatever the micro-batch.
     needed = parameters * element * (2 + state)
     name = type(parts.optimizer).__name__

@@ -32,8 +32,7 @@ from app.jobs.spec import (
     TinyTextSpec,
     estimate_activation_elements_per_sample,
     estimate_parameters,
-    known_datasets,
-    known_models,
+    known_types,
     plugin_names,
     validation_messages,
 )
@@ -782,7 +781,7 @@ def test_plugin_names_is_cached() -> None:
 
 
 def test_known_types_are_builtins_plus_installed_plugins() -> None:
-    models, datasets = known_models(), known_datasets()
+    models, datasets = known_types("model"), known_types("dataset")
     builtin_models = {"cnn", "mlp", "tiny-gpt", "hf-causal-lm", "hf-sequence-classification"}
     builtin_datasets = {"digits", "synthetic-classification", "tiny-text", "file"}
     assert builtin_models <= set(models) and models == sorted(models)
@@ -805,7 +804,7 @@ def test_registered_plugin_model_is_accepted() -> None:
 
 @pytest.mark.usefixtures("my_model_plugin")
 def test_registered_plugin_model_is_listed_among_known_models() -> None:
-    assert known_models() == [
+    assert known_types("model") == [
         "cnn",
         "hf-causal-lm",
         "hf-sequence-classification",
