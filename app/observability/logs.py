@@ -59,6 +59,8 @@ class JsonFormatter(pythonjsonlogger.json.JsonFormatter):
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             json_default=str,
+            # uvicorn passes its message again with terminal colours as an extra field.
+            reserved_attrs=[*pythonjsonlogger.core.RESERVED_ATTRS, "color_message"],
         )
 
 

@@ -52,6 +52,16 @@ def test_lines_carry_job_id_and_attempt_inside_a_job_context_only(
     assert during == during | {"job_id": "job_abc", "attempt": 2, "level": "WARNING"}
 
 
+def test_extra_fields_are_kept_but_not_uvicorn_s_coloured_copy_of_the_message(
+    json_lines: Callable[[], list[dict[str, Any]]],
+) -> None:
+    logger = logging.getLogger("test.logs")
+    logger.info("Started %s", "it", extra={"color_message": "\x1b[1mStarted\x1b[0m", "port": 1})
+    [line] = json_lines()
+    assert line["message"] == "Started it" and line["port"] == 1
+    assert "color_message" not in line
+
+
 def test_an_exception_is_one_line_with_its_traceback(
     json_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
