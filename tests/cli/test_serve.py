@@ -101,8 +101,13 @@ def left_of(serve: subprocess.Popen[bytes], marker: str, known: set[int]) -> set
 
 
 def pool_child(serve: subprocess.Popen[bytes]) -> int | None:
-    """The worker's pool process (a child of serve's child that has children)."""
+    """The worker's pool process: a child of serve's worker child. Not any grandchild:
+    the embedded redis-server (which keeps its name in its title) forks a short-lived
+    child for each background save."""
     for child in children(serve.pid):
+        with contextlib.suppress(OSError):
+            if b"redis-server" in Path(f"/proc/{child}/cmdline").read_bytes():
+                continue
         grandchildren = children(child)
         if grandchildren:
             return grandchildren[0]
