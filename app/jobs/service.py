@@ -94,10 +94,10 @@ def lock_tenant(session: Session, *, tenant: str) -> None:
 def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT) -> Job:
     """Insert a queued job for a validated spec. A file dataset's files must be the
     tenant's and fit the model (else InvalidRequest)."""
-    on_files = isinstance(spec.dataset, FileDatasetSpec)
-    if isinstance(spec.dataset, FileDatasetSpec):
+    files = spec.dataset if isinstance(spec.dataset, FileDatasetSpec) else None
+    if files is not None:
         files_usage.check_dataset_files(
-            session, dataset=spec.dataset, model_type=spec.model.type, tenant=tenant
+            session, dataset=files, model_type=spec.model.type, tenant=tenant
         )
     micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
     assert isinstance(micro, int) and spec.batch_size is not None
@@ -115,12 +115,12 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         # A new queued job on no file is sendable: stamped sent in its INSERT (an UPDATE
         # more per submit cost submits ~20 %, bench/api.py). One on files is marked below,
         # once they are linked; the counters start at their columns' defaults.
-        enqueued_at=None if on_files else utcnow(),
+        enqueued_at=None if files is not None else utcnow(),
     )
     session.add(job)
     session.flush()
-    if isinstance(spec.dataset, FileDatasetSpec):
-        files_usage.link_job_files(session, job_id=job.id, dataset=spec.dataset)
+    if files is not None:
+        files_usage.link_job_files(session, job_id=job.id, dataset=files)
         # Stamped sent unless a file is still validating (that validation sends the job).
         runs.mark_sent(session, job_ids=[job.id])
     runs.append_events(session, job.id, [("status", {"status": "queued"})])
