@@ -28,7 +28,9 @@ MAX_PEAK_BYTES = 200 * MIB
 MAX_SECONDS = 20.0
 
 # Validates (or loads) the file in argv[1] and prints the report and the peak RSS: VmHWM,
-# not ru_maxrss, which Linux carries over exec from the forking (pytest) process.
+# not ru_maxrss, which Linux carries over exec from the forking (pytest) process. A
+# warm-up file in argv[4] is loaded first, so that what the first load allocates once
+# (lazily imported modules, caches) is in the baseline rather than in the growth.
 CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -42,16 +44,21 @@ from worker.datafiles.validate import validate_file
 if sys.argv[3] == "load":
     from app.jobs.spec import FileDatasetSpec
     from worker.datafiles.load import load_file_dataset
+def load(path):
+    return load_file_dataset(
+        FileDatasetSpec(type="file", file_id="file_000000000000000000000001", eval_fraction=0.0),
+        seed=0, source=lambda file_id: Path(path), tokenizer=None,
+    )
+
+if len(sys.argv) > 4:
+    load(sys.argv[4])
 baseline = peak()
 began = time.monotonic()
 if sys.argv[3] == "validate":
     report = validate_file(Path(sys.argv[1]), sys.argv[2])
     outcome = {"status": report.status, "errors": report.errors, "stats": report.stats}
 else:
-    splits = load_file_dataset(
-        FileDatasetSpec(type="file", file_id="file_000000000000000000000001", eval_fraction=0.0),
-        seed=0, source=lambda file_id: Path(sys.argv[1]), tokenizer=None,
-    )
+    splits = load(sys.argv[1])
     outcome = {"rows": len(splits.train)}
 outcome["seconds"] = time.monotonic() - began
 outcome["peak_rss"] = peak()
@@ -60,9 +67,12 @@ print(json.dumps(outcome))
 """
 
 
-def child(path: Path, format: str, action: str) -> subprocess.CompletedProcess[str]:
+def child(
+    path: Path, format: str, action: str, warm_up: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), format, action],
+        [sys.executable, "-c", CHILD, str(path), format, action]
+        + ([str(warm_up)] if warm_up else []),
         env={"MALLOC_MMAP_THRESHOLD_": "65536", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
         cwd=Path(__file__).resolve().parents[3],
         capture_output=True,
@@ -71,9 +81,11 @@ def child(path: Path, format: str, action: str) -> subprocess.CompletedProcess[s
     )
 
 
-def measured(path: Path, format: str, action: str = "validate") -> dict[str, Any]:
+def measured(
+    path: Path, format: str, action: str = "validate", warm_up: Path | None = None
+) -> dict[str, Any]:
     """What the child process found, its seconds and its peak resident set in bytes."""
-    result = child(path, format, action)
+    result = child(path, format, action, warm_up)
     assert result.returncode == 0, result.stderr
     outcome: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
     return outcome
@@ -143,14 +155,15 @@ def test_a_large_csv_loads_into_arrays_of_its_own_size(tmp_path: Path) -> None:
     about the features' own bytes, not several copies of them."""
     columns, rows = 20, 200_000
     features_bytes = columns * rows * 4  # 16 MB of float32
-    path = tmp_path / "wide.csv"
+    path, warm_up = tmp_path / "wide.csv", tmp_path / "small.csv"
     row = ",".join(["0.5"] * columns)
-    with path.open("w") as handle:
-        handle.write(",".join(f"f{index}" for index in range(columns)) + ",label\n")
-        for index in range(rows):
-            handle.write(f"{row},c{index % 3}\n")
+    for file, count in ((path, rows), (warm_up, 100)):
+        with file.open("w") as handle:
+            handle.write(",".join(f"f{index}" for index in range(columns)) + ",label\n")
+            for index in range(count):
+                handle.write(f"{row},c{index % 3}\n")
 
-    outcome = measured(path, "csv", "load")
+    outcome = measured(path, "csv", "load", warm_up)
 
     figures = (
         f"peak grew {outcome['growth'] / MIB:.1f} MiB loading {features_bytes / MIB:.1f} MiB "
