@@ -1,0 +1,169 @@
+"""Data parallelism is exact: a window of m·k·N samples trained by N gloo processes, each
+accumulating k micro-batches of m, ends at the weights and logged losses of one process
+training batches of m·k·N, in fp64 to 1e-10, through tail windows shorter than the group
+and an out-of-memory error on one rank.
+
+The ranks are real processes started by PyTorch's own launcher (elastic_launch), one
+launch per group size running every case, so that the cost of starting processes is
+paid once per size.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from worker.engine.data_types import Batch
+from worker.engine.distributed import RankGroup
+from worker.engine.hooks import Hooks
+from worker.engine.trainer import Callbacks, StepMetrics, train
+
+from .conftest import assert_close_relative, flat_parameters, make_spec
+
+MICRO, STEPS = 2, 2  # m and k of every rank
+CASES: dict[str, dict[str, Any]] = {
+    # 16 samples, 2 held out: 14 to train. Windows of 4, 8, 12 for N = 1, 2, 3 leave
+    # tails of 2, 6 and 2 samples: with N = 3 the last rank gets none.
+    "mlp-tail": {
+        "model": {"type": "mlp", "hidden_sizes": [16]},
+        "dataset": {"type": "synthetic-classification", "n_samples": 16, "n_features": 6},
+        "optimizer": {"type": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        "lr_schedule": {"type": "cosine", "warmup_steps": 2},
+        "grad_clip_norm": 0.5,
+    },
+    # Variable-length sequences: ranks hold different numbers of loss tokens.
+    "gpt-tokens": {
+        "model": {"type": "tiny-gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
+        "dataset": {"type": "tiny-text", "min_length": 2, "max_length": 33},
+        "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+    },
+}
+OUT_OF_MEMORY_RANK = 1  # with N >= 2, this rank's first forward of 2 samples fails
+
+
+def spec_for(case: str, world_size: int, micro: int, steps: int) -> Any:
+    # TODO(devices): the spec's own `devices` field folds N into the batch; until then the
+    # global window m·k·N is given as k·N micro-batches of m.
+    return make_spec(
+        **CASES[case],
+        precision="fp64",
+        micro_batch_size=micro,
+        accumulation_steps=steps * world_size,
+        max_steps=6,
+    )
+
+
+def out_of_memory_once() -> Hooks:
+    fired: list[bool] = []
+
+    def before_forward(size: int, _batch: Batch) -> None:
+        if size > 1 and not fired:
+            fired.append(True)
+            raise torch.OutOfMemoryError("injected")
+
+    return Hooks(before_forward=before_forward)
+
+
+def train_every_case(out_of_memory: bool) -> dict[str, Any]:
+    """One rank's run of every case: its final weights, its losses and its splits."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        group = RankGroup.current()
+        assert group is not None
+        results = {}
+        for case in CASES:
+            metrics: list[StepMetrics] = []
+            injected = out_of_memory and group.rank == OUT_OF_MEMORY_RANK
+            result = train(
+                spec_for(case, group.world_size, MICRO, STEPS),
+                Callbacks(on_step=metrics.append),
+                hooks=out_of_memory_once() if injected else Hooks(),
+                group=group,
+            )
+            results[case] = {
+                "weights": flat_parameters(result.model),
+                "losses": [m.loss for m in metrics],
+                "samples": [m.window_samples for m in metrics],
+                "micro": [m.micro_batch_size for m in metrics],
+                "steps": [m.accumulation_steps for m in metrics],
+            }
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(world_size: int, out_of_memory: bool) -> dict[int, dict[str, Any]]:
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world_size,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return elastic_launch(config, train_every_case)(out_of_memory)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def single_batch() -> dict[str, dict[str, Any]]:
+    """Every case as one process trains it: each window one micro-batch (m·k·N, 1, 1)."""
+    torch.set_num_threads(1)
+    references: dict[str, dict[str, Any]] = {}
+    for case in CASES:
+        for world_size in (1, 2, 3):
+            metrics: list[StepMetrics] = []
+            window = MICRO * STEPS * world_size
+            result = train(spec_for(case, 1, window, 1), Callbacks(on_step=metrics.append))
+            references[f"{case}/{world_size}"] = {
+                "weights": flat_parameters(result.model),
+                "losses": torch.tensor([m.loss for m in metrics], dtype=torch.float64),
+                "samples": [m.window_samples for m in metrics],
+            }
+    return references
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("world_size", "out_of_memory"), [(1, False), (2, True), (3, False), (3, True)]
+)
+def test_n_ranks_end_at_the_weights_of_one_batch_of_the_whole_window(
+    world_size: int, out_of_memory: bool, single_batch: dict[str, dict[str, Any]]
+) -> None:
+    by_rank = launch(world_size, out_of_memory)
+    assert sorted(by_rank) == list(range(world_size))
+    for case in CASES:
+        reference = single_batch[f"{case}/{world_size}"]
+        first = by_rank[0][case]
+        assert first["samples"] == reference["samples"]
+        if case == "mlp-tail":
+            assert min(first["samples"]) < MICRO * STEPS * world_size, "no tail window"
+        assert_close_relative(first["weights"], reference["weights"], 1e-10)
+        losses = torch.tensor(first["losses"], dtype=torch.float64)
+        assert_close_relative(losses, reference["losses"], 1e-10)
+        for rank in range(1, world_size):  # every rank holds the same model
+            assert torch.equal(by_rank[rank][case]["weights"], first["weights"])
+        if out_of_memory and case == "mlp-tail":
+            # Every rank adopted the smaller micro-batch together, k grew to keep the window.
+            for rank in range(world_size):
+                assert by_rank[rank][case]["micro"] == [1] * 6
+                assert by_rank[rank][case]["steps"] == [STEPS * 2] * 6
+        elif not out_of_memory:
+            assert first["micro"] == [MICRO] * 6 and first["steps"] == [STEPS] * 6
+
+
+def test_a_window_is_split_in_order_and_every_sample_goes_to_one_rank() -> None:
+    window = list(range(10, 20))
+    shares = [RankGroup(rank, 3).share(window) for rank in range(3)]
+    assert shares == [[10, 11, 12, 13], [14, 15, 16], [17, 18, 19]]
+    assert [RankGroup(rank, 3).share([7, 8]) for rank in range(3)] == [[7], [8], []]

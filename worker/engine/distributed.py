@@ -1,0 +1,167 @@
+"""One window across the ranks of a process group: exact data-parallel accumulation.
+
+The window (the same samples in the same order as on one device: its order depends on
+the seed and the global batch, never on the number of ranks) is split into one
+contiguous share per rank. Each rank accumulates its share's gradients with the loss
+normalised by the WHOLE window's loss units, which every rank counts on the host from
+its own copy of the data, so no collective is needed before the first backward. Then,
+once per window:
+
+1. one small all-reduce of a header: whether any rank ran out of memory, the loss sums,
+   and which parameters hold a gradient anywhere (a rank with no samples holds none);
+2. if any rank ran out of memory, every rank drops its gradients and raises
+   `MicroBatchOutOfMemory` together, so that all adopt the same smaller micro-batch;
+3. otherwise one all-reduce (SUM) of the gradients, in buckets. Each rank's gradient
+   is its share of sum_loss / window_units, so their sum is the window's gradient as one
+   device computes it. We do not wrap the model in DistributedDataParallel: its averaging
+   over ranks (a ×N/N that is not exact in floating point), its Join for ranks without
+   samples in a short window, and `no_sync` with `static_graph` (pytorch#187732) are all
+   things to get right around it, while a summed all-reduce per window is the whole
+   synchronisation accumulation needs.
+
+After that every rank holds the same gradients, so clipping (the global norm), an fp16
+overflow skip and the optimizer step are the same on every rank without more talk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from worker.engine.data_types import SampleSet
+from worker.engine.hooks import NO_HOOKS, Hooks
+from worker.engine.window import (
+    MicroBatchOutOfMemory,
+    StepParts,
+    WindowOutcome,
+    accumulate_gradients,
+    apply_update,
+)
+
+# Gradients are all-reduced in flat buckets of at most this many bytes: few collectives
+# for many small parameters, and never a second copy of a large model's gradients.
+BUCKET_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This process's place in the default process group."""
+
+    rank: int
+    world_size: int
+
+    @classmethod
+    def current(cls) -> RankGroup | None:
+        """The initialised default group, or None for a run on one process."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def share(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous part of a window: the first len % N ranks get one more
+        sample; in a window shorter than the group the last ranks get none."""
+        base, extra = divmod(len(indices), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return indices[start : start + base + (1 if self.rank < extra else 0)]
+
+    def agree(self, stop_reason: str | None) -> str | None:
+        """Rank 0's answer on every rank: whether to stop before the next window is one
+        decision, or the ranks would wait on each other's collectives forever."""
+        decision = [stop_reason]
+        dist.broadcast_object_list(decision, src=0)
+        return decision[0]
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights and buffers on every rank: a model built from the seed is the same
+    everywhere already, but one whose initialisation draws on anything else would not be."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and (size + tensor.nbytes > BUCKET_BYTES or tensor.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.nbytes
+    if bucket:
+        yield bucket
+
+
+def sum_gradients(gradients: list[torch.Tensor]) -> None:
+    """Each gradient replaced by its sum over the ranks."""
+    for bucket in _buckets(gradients):
+        flat = torch.cat([gradient.flatten() for gradient in bucket])
+        dist.all_reduce(flat)
+        offset = 0
+        for gradient in bucket:
+            gradient.copy_(flat[offset : offset + gradient.numel()].view_as(gradient))
+            offset += gradient.numel()
+
+
+def synchronise_window(
+    parts: StepParts, loss_sum: torch.Tensor, out_of_memory: bool
+) -> torch.Tensor:
+    """The window's gradients and loss sum over every rank; raises MicroBatchOutOfMemory
+    on every rank if any ran out of memory."""
+    parameters = parts.parameters
+    header = torch.zeros(2 + len(parameters), dtype=torch.float64, device=loss_sum.device)
+    header[0] = float(out_of_memory)
+    header[1] = loss_sum
+    header[2:] = torch.tensor(
+        [parameter.grad is not None for parameter in parameters], dtype=torch.float64
+    )
+    dist.all_reduce(header)
+    # The window's one host sync beyond apply_update's: which gradients exist anywhere.
+    flags = header.tolist()
+    if flags[0] > 0:
+        parts.optimizer.zero_grad(set_to_none=True)
+        raise MicroBatchOutOfMemory
+    gradients = []
+    for parameter, anywhere in zip(parameters, flags[2:], strict=True):
+        if not anywhere:
+            continue  # no rank used it: no gradient, as on one device (AdamW skips it)
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        gradients.append(parameter.grad)
+    sum_gradients(gradients)
+    return header[1]
+
+
+def run_window_on_ranks(
+    parts: StepParts,
+    data: SampleSet,
+    window: list[int],
+    micro_batch_size: int,
+    group: RankGroup,
+    hooks: Hooks = NO_HOOKS,
+) -> WindowOutcome:
+    """run_window for one rank of a group: the same outcome on every rank."""
+    window_units = data.loss_units(window)
+    share = group.share(window)
+    micro_batches = [
+        share[start : start + micro_batch_size] for start in range(0, len(share), micro_batch_size)
+    ]
+    out_of_memory = False
+    try:
+        loss_sum, _ = accumulate_gradients(parts, data, micro_batches, hooks, window_units)
+    except MicroBatchOutOfMemory:
+        # Told to the others in the header: every rank must reach the same collectives.
+        loss_sum, out_of_memory = torch.zeros((), dtype=torch.float64), True
+    loss_sum = synchronise_window(parts, loss_sum.to(parts.precision.device), out_of_memory)
+    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units, hooks)
+    return WindowOutcome(
+        loss=loss,
+        grad_norm=grad_norm,
+        skipped=skipped,
+        scale=parts.scaler.get_scale() if skipped else None,
+        tokens=data.tokens(window),
+    )
