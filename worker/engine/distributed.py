@@ -67,6 +67,14 @@ class RankGroup:
         start = self.rank * base + min(self.rank, extra)
         return indices[start : start + base + (1 if self.rank < extra else 0)]
 
+    def seed_window(self, seed: int, step: int) -> None:
+        """Ranks other than 0 draw from a stream of their own for each window (dropout):
+        sharing rank 0's, they would drop the same units for different samples, and a
+        stream carried across windows could not be restored from rank 0's checkpoint.
+        Rank 0 keeps the run's stream, which its checkpoints carry."""
+        if self.rank:
+            torch.manual_seed(((seed * 1_000_003 + self.rank) * 1_000_003 + step) % 2**63)
+
     def agree(self, stop_reason: str | None) -> str | None:
         """Rank 0's answer on every rank: whether to stop before the next window is one
         decision, or the ranks would wait on each other's collectives forever."""

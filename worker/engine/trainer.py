@@ -316,6 +316,7 @@ def run_window_with_backoff(
     while True:
         try:
             if run.group is not None:
+                run.group.seed_window(run.spec.seed, progress.step)
                 return run_window_on_ranks(
                     run.parts,
                     run.data.train,

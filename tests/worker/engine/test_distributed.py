@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from app.jobs.spec import JobSpec
 from worker.engine.checkpoint import Checkpoint, LiveCheckpoint
 from worker.engine.data_types import Batch
 from worker.engine.distributed import RankGroup
@@ -106,7 +107,7 @@ def train_every_case(out_of_memory: bool) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
-def train_and_stop(directory: str, stop_after: int, resume: bool) -> Any:
+def train_and_stop(spec: JobSpec, directory: str, stop_after: int, resume: bool) -> Any:
     """One rank of a run of the resume spec: from the checkpoint in `directory` if
     `resume`, stopped (and checkpointed by rank 0 into `directory`) after `stop_after`
     steps if given; its final weights."""
@@ -126,7 +127,7 @@ def train_and_stop(directory: str, stop_after: int, resume: bool) -> Any:
             return "stopped" if steps and steps[-1] == stop_after else None
 
         result = train(
-            RESUME_SPEC,
+            spec,
             Callbacks(
                 on_step=lambda m: steps.append(m.step),
                 on_checkpoint=on_checkpoint,
@@ -136,6 +137,19 @@ def train_and_stop(directory: str, stop_after: int, resume: bool) -> Any:
             group=group,
         )
         return result.step, flat_parameters(result.model)
+    finally:
+        dist.destroy_process_group()
+
+
+def random_state_at_first_forward(spec: JobSpec) -> torch.Tensor:
+    """One rank's torch random state as its first micro-batch's forward begins."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        states: list[torch.Tensor] = []
+        hooks = Hooks(before_forward=lambda *_: states.append(torch.get_rng_state()))
+        train(spec.model_copy(update={"max_steps": 1}), hooks=hooks, group=RankGroup.current())
+        return states[0]
     finally:
         dist.destroy_process_group()
 
@@ -216,11 +230,34 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_three_or_one_to_the_same_wei
 ) -> None:
     torch.set_num_threads(1)
     undisturbed = flat_parameters(train(RESUME_SPEC).model)
-    stopped = launch(2, str(tmp_path), 4, False, entrypoint=train_and_stop)
+    stopped = launch(2, RESUME_SPEC, str(tmp_path), 4, False, entrypoint=train_and_stop)
     assert [step for step, _ in stopped.values()] == [4, 4]
     assert Checkpoint.read(tmp_path).step == 4
     for world_size in (3, 1):
-        resumed = launch(world_size, str(tmp_path), 0, True, entrypoint=train_and_stop)
+        resumed = launch(world_size, RESUME_SPEC, str(tmp_path), 0, True, entrypoint=train_and_stop)
         for step, weights in resumed.values():
             assert step == 7
             assert_close_relative(weights, undisturbed, 1e-10)
+
+
+@pytest.mark.slow
+def test_fp32_with_dropout_resumes_on_the_same_ranks_bit_identically(tmp_path: Path) -> None:
+    # Dropout draws on every rank: each rank's stream must come back after a resume.
+    spec = make_spec(
+        model={"type": "mlp", "hidden_sizes": [16, 16], "dropout": 0.3},
+        dataset=CASES["mlp-tail"]["dataset"],
+        optimizer={"type": "adamw", "lr": 0.01},
+        micro_batch_size=2,
+        accumulation_steps=6,
+        max_steps=7,
+    )
+    first_forward = launch(2, spec, entrypoint=random_state_at_first_forward)
+    assert not torch.equal(first_forward[0], first_forward[1]), "ranks drop the same units"
+    undisturbed = launch(
+        2, spec, str(tmp_path / "undisturbed"), 0, False, entrypoint=train_and_stop
+    )
+    launch(2, spec, str(tmp_path / "stopped"), 4, False, entrypoint=train_and_stop)
+    resumed = launch(2, spec, str(tmp_path / "stopped"), 0, True, entrypoint=train_and_stop)
+    for rank in (0, 1):
+        assert resumed[rank][0] == 7
+        assert torch.equal(resumed[rank][1], undisturbed[rank][1])
