@@ -17,8 +17,8 @@ import redis
 import sqlalchemy.exc
 import torch
 
+from app.blobs import default_store
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import default_store
 from app.db import Database
 from app.errors import NotFound
 from app.files import usage as files_usage

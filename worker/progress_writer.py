@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from app.blobs import BlobStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import CheckpointStore
 from app.db import Database
 from app.jobs.runs import Claim, record_progress
 from worker.engine.checkpoint import LiveCheckpoint
@@ -88,7 +88,7 @@ class ProgressWriter:
         self,
         database: Database,
         claim: Claim,
-        store: CheckpointStore,
+        store: BlobStore,
         publisher: LivePublisher,
         keeper: LeaseKeeper,
         *,

@@ -9,10 +9,10 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.blobs import Blob, BlobStore, BlobWriter, DatabaseStore, store_for
 from app.checkpoints import retention
 from app.checkpoints.exceptions import NoCheckpoint
-from app.checkpoints.models import Checkpoint
-from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
+from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.db import utcnow
 from app.jobs import runs
 from app.jobs import service as jobs_service
@@ -22,17 +22,18 @@ from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
 
+PARTS = ("weights", "state")
 
 # A part's bytes, or a function that writes them into the store as it serialises them:
 # the worker's way, so that a save holds no copy of the weights or the optimizer state.
-PartSource = bytes | Callable[[PartWriter], object]
+PartSource = bytes | Callable[[BlobWriter], object]
 
 
 def save_checkpoint(
     session: Session,
     *,
     claim: Claim,
-    store: CheckpointStore,
+    store: BlobStore,
     step: int,
     weights: PartSource,
     state: PartSource,
@@ -50,7 +51,7 @@ def save_checkpoint(
         select(Checkpoint).where(Checkpoint.job_id == claim.job_id, Checkpoint.step == step)
     ).first()
     if existing is not None:  # an earlier attempt got this far: same step, same bytes
-        (_store_holding(existing, store) or store).delete(session, existing)
+        (_store_holding(existing, store) or store).delete(session, *_blobs(existing))
         session.delete(existing)
         session.flush()
     # JSON has no NaN or infinity (an fp16 overflow has both): store them as unknown.
@@ -83,7 +84,7 @@ def save_checkpoint(
 
 
 def prune_checkpoints(
-    session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: CheckpointStore
+    session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: BlobStore
 ) -> list[int]:
     """Delete the job's checkpoints that `policy` does not keep; their steps, ascending.
 
@@ -108,7 +109,7 @@ def prune_checkpoints(
                 row.storage,
             )
             continue
-        holder.discard(session, row)
+        holder.discard(session, *_blobs(row))
         session.delete(row)
         pruned.append(row.step)
     session.flush()
@@ -116,9 +117,9 @@ def prune_checkpoints(
 
 
 def _write_part(
-    session: Session, store: CheckpointStore, checkpoint: Checkpoint, part: str, source: PartSource
+    session: Session, store: BlobStore, checkpoint: Checkpoint, part: str, source: PartSource
 ) -> int:
-    writer = store.writer(session, checkpoint, part)
+    writer = store.writer(session, part_blob(checkpoint, part))
     if isinstance(source, bytes):
         writer.write(source)
     else:
@@ -126,7 +127,17 @@ def _write_part(
     return writer.finish()
 
 
-def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> CheckpointStore | None:
+def part_blob(checkpoint: Checkpoint, part: str) -> Blob:
+    """A part's chunk rows, or its file: `<root>/<job_id>/step-0000123/<part>.bin`."""
+    path = f"{checkpoint.job_id}/step-{checkpoint.step:07d}/{part}.bin"
+    return Blob(CheckpointChunk, {"checkpoint_id": checkpoint.id, "part": part}, path)
+
+
+def _blobs(checkpoint: Checkpoint) -> list[Blob]:
+    return [part_blob(checkpoint, part) for part in PARTS]
+
+
+def _store_holding(checkpoint: Checkpoint, store: BlobStore) -> BlobStore | None:
     """The store with the checkpoint's bytes: `store`, or the database; None when they are
     in a directory `store` does not know (the checkpoint directory setting was changed)."""
     if checkpoint.storage == store.name:
@@ -168,4 +179,6 @@ def find_checkpoint(
 def read_part(
     session: Session, *, checkpoint: Checkpoint, part: str, checkpoint_dir: Path | None
 ) -> Iterator[bytes]:
-    return store_for(checkpoint.storage, checkpoint_dir).read(session, checkpoint, part)
+    unset = "checkpoint stored in a directory, but TRAINJOB_CHECKPOINT_DIR is unset"
+    store = store_for(checkpoint.storage, checkpoint_dir, unset=unset)
+    return store.read(session, part_blob(checkpoint, part))

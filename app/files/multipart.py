@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from app.blobs import CHUNK_BYTES
 from app.files.exceptions import BadUpload
-from app.files.store import CHUNK_BYTES
 from app.limits import PayloadTooLarge
 
 # Part headers and small fields together; the body-size cap allows this much beside the file.

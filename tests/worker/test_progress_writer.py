@@ -14,8 +14,8 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
+from app.blobs import default_store
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import default_store
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service

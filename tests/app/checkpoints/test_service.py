@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from app import blobs
+from app.blobs import BlobStore, DatabaseStore, DirectoryStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints import store as store_module
 from app.checkpoints.exceptions import NoCheckpoint
 from app.checkpoints.models import CheckpointChunk
-from app.checkpoints.store import CheckpointStore, DatabaseStore, DirectoryStore
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
@@ -35,14 +35,14 @@ def claimed_job(database: Database) -> runs.Claim:
 
 
 @pytest.fixture(params=["database", "directory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return DatabaseStore() if request.param == "database" else DirectoryStore(tmp_path / "ckpt")
 
 
 def test_bytes_round_trip_in_chunks(
-    database: Database, store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Database, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "CHUNK_BYTES", 1000)  # many chunks from a small blob
+    monkeypatch.setattr(blobs, "CHUNK_BYTES", 1000)  # many chunks from a small blob
     claim = claimed_job(database)
     weights, state = os.urandom(4321), os.urandom(999)
     with database.session() as session:
@@ -127,7 +127,7 @@ def job_keeping(database: Database, keep: dict[str, int] | None) -> runs.Claim:
 def save(
     database: Database,
     claim: runs.Claim,
-    store: CheckpointStore,
+    store: BlobStore,
     step: int,
     eval_loss: float | None,
     *,
@@ -157,7 +157,7 @@ def step_directories(root: Path, job_id: str) -> list[str]:
 
 
 def test_each_save_keeps_the_last_n_and_best_m_and_deletes_the_others_bytes(
-    database: Database, store: CheckpointStore, tmp_path: Path
+    database: Database, store: BlobStore, tmp_path: Path
 ) -> None:
     claim = job_keeping(database, {"last": 2, "best": 1})
     eval_losses = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.8, 5: 0.6, 6: 0.95}
