@@ -46,14 +46,7 @@ def create_key(
             fields=[{"path": "tenant", "message": "invalid tenant name"}],
         )
     key_id, key = new_key()
-    row = ApiKey(
-        id=key_id,
-        tenant=tenant,
-        admin=admin,
-        name=name,
-        key_hash=key_hash(key),
-        created_at=utcnow(),
-    )
+    row = ApiKey(id=key_id, tenant=tenant, admin=admin, name=name, key_hash=key_hash(key))
     session.add(row)
     session.flush()
     return row, key
