@@ -136,20 +136,6 @@ def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> Checkpoint
     return None
 
 
-def list_checkpoints(
-    session: Session,
-    *,
-    job_id: str,
-    after_step: int | None,
-    limit: int,
-    tenant: str | None = None,
-) -> tuple[list[Checkpoint], bool]:
-    """A job's checkpoints in step order."""
-    return jobs_service.job_rows(
-        session, Checkpoint.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
-    )
-
-
 def find_checkpoint(
     session: Session, *, job_id: str, step: int | None = None, tenant: str | None = None
 ) -> Checkpoint:

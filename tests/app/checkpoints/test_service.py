@@ -14,7 +14,7 @@ from sqlalchemy import select
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints import store as store_module
 from app.checkpoints.exceptions import NoCheckpoint
-from app.checkpoints.models import CheckpointChunk
+from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.checkpoints.store import CheckpointStore, DatabaseStore, DirectoryStore
 from app.db import Database
 from app.jobs import runs
@@ -77,8 +77,8 @@ def test_latest_and_named_checkpoints(database: Database) -> None:
         assert checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=4).step == 4
         with pytest.raises(NoCheckpoint):
             checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=5)
-        rows, more = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=2, limit=1
+        rows, more = jobs_service.job_rows(
+            session, Checkpoint.step, 2, job_id=claim.job_id, limit=1
         )
     assert [row.step for row in rows] == [4] and more
 
@@ -145,9 +145,7 @@ def save(
 
 def stored_steps(database: Database, job_id: str) -> list[int]:
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=job_id, after_step=None, limit=1000
-        )
+        rows, _ = jobs_service.job_rows(session, Checkpoint.step, None, job_id=job_id, limit=1000)
     return [row.step for row in rows]
 
 
@@ -237,8 +235,8 @@ def test_eval_loss_is_stored_and_non_finite_losses_are_unknown(database: Databas
     save(database, claim, DatabaseStore(), 1, 0.25, loss=0.5)
     save(database, claim, DatabaseStore(), 2, math.nan, loss=math.inf)
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=None, limit=10
+        rows, _ = jobs_service.job_rows(
+            session, Checkpoint.step, None, job_id=claim.job_id, limit=10
         )
         events = jobs_service.list_events(
             session, job_id=claim.job_id, after=None, limit=10, types=["checkpoint"]
