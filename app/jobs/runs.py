@@ -147,13 +147,7 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
     )
     data = {"status": "running", "worker": worker, "attempt": row.attempts}
     append_events(session, job_id, [("status", data | {"resumed_from_step": resumed_from_step})])
-    return Claim(
-        job_id=job_id,
-        lease=row.lease,
-        attempt=row.attempts,
-        resumed_from_step=resumed_from_step,
-        runtime_seconds=row.runtime_seconds,
-    )
+    return Claim(job_id, row.lease, row.attempts, resumed_from_step, row.runtime_seconds)
 
 
 def owned(claim: Claim) -> ColumnElement[bool]:
