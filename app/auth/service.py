@@ -54,14 +54,7 @@ def create_key(
         )
     key_id = secrets.token_hex(6)  # public; the whole key is shown once
     key = f"tjk_{key_id}_{secrets.token_urlsafe(32)}"
-    row = ApiKey(
-        id=key_id,
-        tenant=tenant,
-        admin=admin,
-        name=name,
-        key_hash=key_hash(key),
-        created_at=utcnow(),
-    )
+    row = ApiKey(id=key_id, tenant=tenant, admin=admin, name=name, key_hash=key_hash(key))
     session.add(row)
     session.flush()
     return row, key

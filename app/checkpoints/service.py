@@ -63,7 +63,6 @@ def save_checkpoint(
         loss=loss,
         eval_loss=eval_loss,
         storage=store.name,
-        created_at=utcnow(),
     )
     session.add(checkpoint)
     session.flush()
