@@ -42,8 +42,7 @@ class AuthGate:
         return False if time.monotonic() - self._checked_at < RECHECK_SECONDS else None
 
     def required(self) -> bool:
-        known = self.known()
-        if known is not None:
+        if (known := self.known()) is not None:
             return known
         with self._lock:
             if time.monotonic() - self._checked_at >= RECHECK_SECONDS:

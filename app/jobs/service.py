@@ -19,7 +19,7 @@ from app.files import usage as files_usage
 from app.ids import is_job_id, new_job_id
 from app.jobs import idempotency, runs
 from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
-from app.jobs.models import Job, JobEvent
+from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.reads import Reads, Statement
@@ -199,22 +199,6 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
     return job
 
 
-def list_events(
-    session: Session,
-    *,
-    job_id: str,
-    after: int | None,
-    limit: int,
-    types: Sequence[str] | None = None,
-    tenant: str | None = None,
-) -> tuple[list[JobEvent], bool]:
-    """Oldest first from the cursor `after` (an event id), optionally of some types only."""
-    only = [JobEvent.type.in_(types)] if types else []
-    return job_rows(
-        session, JobEvent.id, after, job_id=job_id, limit=limit, tenant=tenant, where=only
-    )
-
-
 def job_rows(
     session: Session,
     cursor: InstrumentedAttribute[int],
@@ -226,7 +210,8 @@ def job_rows(
     where: Sequence[ColumnElement[bool]] = (),
 ) -> tuple[list[Any], bool]:
     """A page of the job's rows of `cursor`'s table (metrics, events, ...) in `cursor`
-    order, from the value `after`; JobNotFound when `tenant` may not see the job."""
+    order, from the value `after`, of those that match `where` (events of some types);
+    JobNotFound when `tenant` may not see the job."""
     get_job(session, job_id=job_id, tenant=tenant)
     model = cursor.class_
     query = select(model).where(model.job_id == job_id, *where).order_by(cursor)

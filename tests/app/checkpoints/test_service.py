@@ -19,6 +19,7 @@ from app.checkpoints.store import CheckpointStore, DatabaseStore, DirectoryStore
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
+from app.jobs.models import JobEvent
 from app.jobs.spec import JobSpec
 
 SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "batch_size": 8,
@@ -238,8 +239,13 @@ def test_eval_loss_is_stored_and_non_finite_losses_are_unknown(database: Databas
         rows, _ = jobs_service.job_rows(
             session, Checkpoint.step, None, job_id=claim.job_id, limit=10
         )
-        events = jobs_service.list_events(
-            session, job_id=claim.job_id, after=None, limit=10, types=["checkpoint"]
+        events = jobs_service.job_rows(
+            session,
+            JobEvent.id,
+            None,
+            job_id=claim.job_id,
+            limit=10,
+            where=[JobEvent.type.in_(["checkpoint"])],
         )[0]
     assert [(row.loss, row.eval_loss) for row in rows] == [(0.5, 0.25), (None, None)]
     assert [(e.data["loss"], e.data["eval_loss"]) for e in events] == [(0.5, 0.25), (None, None)]
