@@ -64,7 +64,6 @@ def save_checkpoint(
         loss=loss,
         eval_loss=eval_loss,
         storage=store.name,
-        created_at=utcnow(),
     )
     session.add(checkpoint)
     session.flush()
@@ -76,8 +75,7 @@ def save_checkpoint(
         claim.job_id,
         [("checkpoint", {"step": step, "size_bytes": size, "loss": loss, "eval_loss": eval_loss})],
     )
-    keep = job.spec.get("keep_checkpoints")
-    if keep is not None:
+    if (keep := job.spec.get("keep_checkpoints")) is not None:
         policy = KeepCheckpointsSpec.model_validate(keep)
         prune_checkpoints(session, job_id=claim.job_id, policy=policy, store=store)
     return checkpoint
@@ -85,8 +83,8 @@ def save_checkpoint(
 
 def prune_checkpoints(
     session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: BlobStore
-) -> list[int]:
-    """Delete the job's checkpoints that `policy` does not keep; their steps, ascending.
+) -> None:
+    """Delete the job's checkpoints that `policy` does not keep.
 
     Bytes go from the store each was written to; in a directory, once the transaction
     commits. `store` is the worker's: the one that knows the directory."""
@@ -96,24 +94,18 @@ def prune_checkpoints(
     ).all()
     candidates = [retention.Candidate(row.step, row.loss, row.eval_loss) for row in rows]
     kept = retention.steps_to_keep(candidates, last=policy.last, best=policy.best)
-    pruned = []
-    for row in rows:
-        if row.step in kept:
-            continue
-        holder = _store_holding(row, store)
-        if holder is None:
+    for row in [row for row in rows if row.step not in kept]:
+        if (holder := _store_holding(row, store)) is None:
             logger.warning(
                 "job %s: checkpoint at step %d is in a %s store this worker cannot reach; kept",
                 job_id,
                 row.step,
                 row.storage,
             )
-            continue
-        holder.discard(session, *_blobs(row))
-        session.delete(row)
-        pruned.append(row.step)
+        else:
+            holder.discard(session, *_blobs(row))
+            session.delete(row)
     session.flush()
-    return pruned
 
 
 def _write_part(
@@ -145,20 +137,6 @@ def _store_holding(checkpoint: Checkpoint, store: BlobStore) -> BlobStore | None
     if checkpoint.storage == DatabaseStore.name:
         return DatabaseStore()
     return None
-
-
-def list_checkpoints(
-    session: Session,
-    *,
-    job_id: str,
-    after_step: int | None,
-    limit: int,
-    tenant: str | None = None,
-) -> tuple[list[Checkpoint], bool]:
-    """A job's checkpoints in step order."""
-    return jobs_service.job_rows(
-        session, Checkpoint.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
-    )
 
 
 def find_checkpoint(

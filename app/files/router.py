@@ -170,7 +170,6 @@ def download_file(
 ) -> StreamingResponse:
     """The file's bytes as uploaded."""
     data_file = files_service.get_file(session, file_id=file_id, tenant=principal.scope)
-
     # The body streams after this request's session has closed, a chunk per transaction:
     # a client that reads slowly holds no connection.
     chunks = database.read_piecewise(

@@ -90,10 +90,8 @@ def check_format(value: str) -> str:
 
 
 def upload_format(explicit: str | None, filename: str) -> str:
-    """The format given with the upload, else the one its name says."""
-    if explicit is not None:
-        return check_format(explicit)
-    detected = detect_format(filename)
+    """The format given with the upload (checked as it arrived), else the one its name says."""
+    detected = explicit or detect_format(filename)
     if detected is None:
         raise BadUpload(
             "format",

@@ -15,10 +15,11 @@ from app import blobs
 from app.blobs import BlobStore, DatabaseStore, DirectoryStore
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.exceptions import NoCheckpoint
-from app.checkpoints.models import CheckpointChunk
+from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
+from app.jobs.models import JobEvent
 from app.jobs.spec import JobSpec
 
 SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "batch_size": 8,
@@ -77,8 +78,8 @@ def test_latest_and_named_checkpoints(database: Database) -> None:
         assert checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=4).step == 4
         with pytest.raises(NoCheckpoint):
             checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=5)
-        rows, more = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=2, limit=1
+        rows, more = jobs_service.job_rows(
+            session, Checkpoint.step, 2, job_id=claim.job_id, limit=1
         )
     assert [row.step for row in rows] == [4] and more
 
@@ -145,9 +146,7 @@ def save(
 
 def stored_steps(database: Database, job_id: str) -> list[int]:
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=job_id, after_step=None, limit=1000
-        )
+        rows, _ = jobs_service.job_rows(session, Checkpoint.step, None, job_id=job_id, limit=1000)
     return [row.step for row in rows]
 
 
@@ -237,11 +236,16 @@ def test_eval_loss_is_stored_and_non_finite_losses_are_unknown(database: Databas
     save(database, claim, DatabaseStore(), 1, 0.25, loss=0.5)
     save(database, claim, DatabaseStore(), 2, math.nan, loss=math.inf)
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=None, limit=10
+        rows, _ = jobs_service.job_rows(
+            session, Checkpoint.step, None, job_id=claim.job_id, limit=10
         )
-        events = jobs_service.list_events(
-            session, job_id=claim.job_id, after=None, limit=10, types=["checkpoint"]
+        events = jobs_service.job_rows(
+            session,
+            JobEvent.id,
+            None,
+            job_id=claim.job_id,
+            limit=10,
+            where=[JobEvent.type.in_(["checkpoint"])],
         )[0]
     assert [(row.loss, row.eval_loss) for row in rows] == [(0.5, 0.25), (None, None)]
     assert [(e.data["loss"], e.data["eval_loss"]) for e in events] == [(0.5, 0.25), (None, None)]
