@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.files.formats import detect_format
 from app.jobs.spec import FileDatasetSpec
 from worker.datafiles.tokenizers import ByteTokenizer, CharTokenizer, TextTokenizer
 from worker.datafiles.validate import (
@@ -44,10 +45,8 @@ from worker.datafiles.validate import (
     open_xy,
     parse_csv_row,
     read_csv,
-    read_csv_layout,
     read_jsonl,
     read_npy_as,
-    typed_csv_labels,
 )
 from worker.engine.data_types import (
     DataInfo,
@@ -92,11 +91,8 @@ def load_file_dataset(
 
 def file_format(path: Path) -> str:
     """jsonl, csv or npz: from the name's suffix, else from the first bytes."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix in (".csv", ".npz"):
-        return suffix[1:]
+    if named := detect_format(path.name):
+        return named
     with path.open("rb") as handle:
         head = handle.read(64)
     if head.startswith(b"PK"):
@@ -258,34 +254,30 @@ def _text_splits(
 
 
 @dataclass
-class _Labels:
-    """A file's class labels without a Python object per row: each row's code, and the
-    label each code stands for (codes of equal labels may differ, e.g. CSV "1" and "01")."""
-
-    codes: np.ndarray[Any, Any]
-    values: Sequence[Label]
-
-    def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
-        """Each row's index among the sorted training classes; unknown labels fail."""
-        by_code = _class_indices(file_id, self.values, classes).numpy()
-        return torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
-
-
-@dataclass
 class _Table:
-    """Feature rows with their labels (classification) or float targets (regression)."""
+    """Feature rows with float targets (regression), or with class labels held without a
+    Python object per row: each row's code, and the label each code stands for (codes of
+    equal labels may differ, e.g. CSV "1" and "01")."""
 
     file_id: str
     kind: str
     features: torch.Tensor
-    labels: _Labels | None = None
     targets: torch.Tensor | None = None
+    codes: np.ndarray[Any, Any] | None = None
+    labels: Sequence[Label] = ()
 
     @property
     def integer_labels(self) -> bool:
-        return self.labels is not None and all(
-            isinstance(value, int) for value in self.labels.values
-        )
+        return self.kind == CLASSIFICATION and all(isinstance(label, int) for label in self.labels)
+
+    def target_tensor(self, classes: list[Label] | None) -> torch.Tensor:
+        """The float targets, or each row's index among the sorted training classes
+        (unknown labels fail)."""
+        if self.targets is not None:
+            return self.targets
+        assert self.codes is not None and classes is not None
+        by_code = _class_indices(self.file_id, self.labels, classes).numpy()
+        return torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
 
 
 def _read_table(
@@ -317,8 +309,7 @@ def _csv_row_bound(path: Path, columns: int) -> int:
 
 
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
-    lines = read_csv(path)
-    layout = read_csv_layout(lines)
+    layout, lines = read_csv(path)
     # Filled in place as rows stream in: no Python objects per value or per row, and
     # no copy when done (the unused tail of the arrays is never touched, so it takes
     # address space, not memory).
@@ -345,19 +336,13 @@ def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
     if layout.kind == REGRESSION:
         target_tensor = torch.from_numpy(targets[:rows].reshape(rows, 1))
         return _Table(file_id, REGRESSION, features_tensor, targets=target_tensor)
-    raw_labels = list(code_of)
-    values: list[Label]
-    if integer_labels is None:
-        typed = typed_csv_labels(raw_labels)
-        values = [typed[label] for label in raw_labels]
-    elif integer_labels:
-        not_integers = {label for label in raw_labels if _int_or_none(label) is None}
-        if not_integers:
-            raise RowProblem(_unknown_labels(not_integers))
-        values = [int(label) for label in raw_labels]
-    else:
-        values = list(raw_labels)
-    return _Table(file_id, CLASSIFICATION, features_tensor, labels=_Labels(codes[:rows], values))
+    values: list[Label] = list(code_of)
+    not_integers = {label for label in code_of if _int_or_none(label) is None}
+    if integer_labels and not_integers:
+        raise RowProblem(_unknown_labels(not_integers))
+    if integer_labels or (integer_labels is None and not not_integers):
+        values = [int(label) for label in code_of]
+    return _Table(file_id, CLASSIFICATION, features_tensor, codes=codes[:rows], labels=values)
 
 
 def _int_or_none(label: str) -> int | None:
@@ -368,11 +353,11 @@ def _int_or_none(label: str) -> int | None:
 
 
 def _read_npz(file_id: str, path: Path) -> _Table:
-    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, x_data, y_npy, y_data):
+    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, y_npy):
         # float64 stays float64 (an fp64 run keeps every digit); anything else trains
         # as float32, converted as it is read.
-        x = read_npy_as(x_npy, x_data, _float_type(x_npy.dtype))
-        y = read_npy_as(y_npy, y_data, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
+        x = read_npy_as(x_npy, _float_type(x_npy.dtype))
+        y = read_npy_as(y_npy, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
     features = torch.from_numpy(x)
     if kind == REGRESSION:
         targets = torch.from_numpy(y).reshape(len(y), -1)
@@ -382,8 +367,8 @@ def _read_npz(file_id: str, path: Path) -> _Table:
     slices = (y[start : start + SCAN_ELEMENTS] for start in range(0, len(y), SCAN_ELEMENTS))
     classes = distinct_classes(slices)
     assert classes is not None  # no limit
-    labels = _Labels(np.searchsorted(np.array(classes, dtype=y.dtype), y), classes)
-    return _Table(file_id, CLASSIFICATION, features, labels=labels)
+    codes = np.searchsorted(np.array(classes, dtype=y.dtype), y)
+    return _Table(file_id, CLASSIFICATION, features, codes=codes, labels=classes)
 
 
 def _float_type(dtype: np.dtype[Any]) -> type[Any]:
@@ -415,12 +400,7 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
 
 
 def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
-    if table.kind == REGRESSION:
-        assert table.targets is not None
-        targets = table.targets
-    else:
-        assert table.labels is not None and classes is not None
-        targets = table.labels.class_indices(table.file_id, classes)
+    targets = table.target_tensor(classes)
     if rows is None:
         return TensorSet(table.features, targets)
     index = torch.tensor(rows, dtype=torch.long)
@@ -430,19 +410,14 @@ def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | Non
 def _table_splits(
     spec: FileDatasetSpec, seed: int, train: _Table, held_out: _Table | None
 ) -> DataSplits:
-    input_shape = tuple(train.features.shape[1:])
-    classes = None
-    if train.kind == REGRESSION:
-        assert train.targets is not None
-        info = DataInfo(input_shape=input_shape, target_size=int(train.targets.shape[1]))
-    else:
-        assert train.labels is not None
-        classes = sorted(set(train.labels.values))  # one type: ints, or the strings
-        info = DataInfo(
-            input_shape=input_shape,
-            num_classes=len(classes),
-            class_labels=tuple(classes),
-        )
+    # One type: ints, or the strings.
+    classes = sorted(set(train.labels)) if train.kind == CLASSIFICATION else None
+    info = DataInfo(
+        input_shape=tuple(train.features.shape[1:]),
+        num_classes=None if classes is None else len(classes),
+        class_labels=None if classes is None else tuple(classes),
+        target_size=None if train.targets is None else int(train.targets.shape[1]),
+    )
     # Every training row trains, in the file's order: no copy of them.
     if held_out is not None or spec.eval_fraction == 0:
         held_set = None if held_out is None else _table_set(held_out, None, classes)
