@@ -197,15 +197,12 @@ def _text_splits(
     validation_path: Path | None,
     tokenizer: TextTokenizer | None,
 ) -> DataSplits:
-    if tokenizer is None:
-        if spec.tokenizer == "char":
-            # Characters past max_length are cut before they become tokens: leave them out.
-            rows = _jsonl_rows(spec.file_id, train_path)
-            tokenizer = CharTokenizer.from_texts(
-                (row.prompt + row.loss_text)[: spec.max_length] for row in rows
-            )
-        else:
-            tokenizer = ByteTokenizer()
+    if tokenizer is None and spec.tokenizer == "char":
+        # Characters past max_length are cut before they become tokens: leave them out.
+        rows = _jsonl_rows(spec.file_id, train_path)
+        tokenizer = CharTokenizer((row.prompt + row.loss_text)[: spec.max_length] for row in rows)
+    elif tokenizer is None:
+        tokenizer = ByteTokenizer()
     train = _encode(spec.file_id, train_path, tokenizer, spec.max_length)
     if train is None or not train.sequences:
         raise _invalid(

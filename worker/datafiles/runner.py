@@ -95,9 +95,8 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
             logger.info("file %s is %s: nothing to validate", file_id, state)
             return None
         file_format = data_file.format
-    # Count this delivery in the file's row. One conditional update: two deliveries at
-    # once count two; None when the file is no longer validating (settled or deleted).
-    with database.session() as session:
+        # Count this delivery in the file's row (one conditional update: two at once count
+        # two); None when the file is no longer validating (settled or deleted since).
         attempt = session.scalar(
             update(DataFile)
             .where(DataFile.id == file_id, DataFile.status == "validating")

@@ -274,8 +274,7 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
             continue
         loss_bytes = len(row.loss_text.encode("utf-8"))
         tokens += loss_bytes
-        row_bytes = len(row.prompt.encode("utf-8")) + loss_bytes
-        max_row_bytes = max(max_row_bytes, row_bytes)
+        max_row_bytes = max(max_row_bytes, len(row.prompt.encode("utf-8")) + loss_bytes)
     if rows == 0:
         problems.add("the file has no rows (only blank lines)")
     stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}
