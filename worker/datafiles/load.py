@@ -22,6 +22,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,8 @@ def _class_indices(file_id: str, labels: Sequence[Label], classes: Sequence[Labe
 
 def _unknown_labels(unknown: set[str]) -> str:
     shown = sorted(unknown)
-    return (
-        "labels the training file does not have: "
-        + ", ".join(shown[:5])
-        + (", …" if len(shown) > 5 else "")
-    )
-
-
-# ---------------------------------------------------------------- text
+    more = ", …" if len(shown) > 5 else ""
+    return f"labels the training file does not have: {', '.join(shown[:5])}{more}"
 
 
 @dataclass
@@ -170,12 +165,11 @@ def _encode(
             prompt = tokenizer.encode(row.prompt)
             ids = (prompt + tokenizer.encode(row.completion))[:max_length]
             loss_start = max(1, len(prompt))
-            usable = len(ids) > loss_start  # at least one completion token survives the cut
         else:
+            # A label needs one token to stand on; text, a token to predict after the first.
             ids = tokenizer.encode(row.text)[:max_length]
-            loss_start = 1
-            usable = len(ids) >= (1 if row.kind == LABELLED_TEXT else 2)
-        if not usable:
+            loss_start = 0 if row.kind == LABELLED_TEXT else 1
+        if len(ids) <= loss_start:  # no loss unit survives the cut
             continue
         if max(ids) >= tokenizer.vocab_size or min(ids) < 0:
             raise TrainingError(
@@ -210,7 +204,6 @@ def _text_splits(
         )
     # The whole training file's labels, before any are held out (one type: sortable).
     classes = sorted(set(train.labels)) if train.kind == LABELLED_TEXT else None
-    held_out: _EncodedText | None = None
     if validation_path is not None:
         assert spec.validation_file_id is not None
         if (spec.format or file_format(validation_path)) != "jsonl":
@@ -247,9 +240,6 @@ def _text_splits(
     )
 
 
-# ---------------------------------------------------------------- tables
-
-
 @dataclass
 class _Table:
     """Feature rows with float targets (regression), or with class labels held without a
@@ -267,14 +257,18 @@ class _Table:
     def integer_labels(self) -> bool:
         return self.kind == CLASSIFICATION and all(isinstance(label, int) for label in self.labels)
 
-    def target_tensor(self, classes: list[Label] | None) -> torch.Tensor:
-        """The float targets, or each row's index among the sorted training classes
-        (unknown labels fail)."""
-        if self.targets is not None:
-            return self.targets
-        assert self.codes is not None and classes is not None
-        by_code = _class_indices(self.file_id, self.labels, classes).numpy()
-        return torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
+    def sample_set(self, classes: list[Label] | None, rows: list[int] | None = None) -> SampleSet:
+        """The rows (all by default) with their float targets, or with their indices among
+        the sorted training classes (unknown labels fail)."""
+        targets = self.targets
+        if targets is None:
+            assert self.codes is not None and classes is not None
+            by_code = _class_indices(self.file_id, self.labels, classes).numpy()
+            targets = torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
+        if rows is None:
+            return TensorSet(self.features, targets)
+        index = torch.tensor(rows, dtype=torch.long)
+        return TensorSet(self.features[index], targets[index])
 
 
 def _read_table(
@@ -298,10 +292,8 @@ def _csv_row_bound(path: Path, columns: int) -> int:
     """At most this many data rows: no more than the file's lines, and no more than its
     bytes allow (a row has a character and a separator for each column), so that arrays
     of this many rows can be allocated up front, whatever a file of blank lines claims."""
-    lines = 0
     with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            lines += block.count(b"\n")
+        lines = sum(block.count(b"\n") for block in iter(partial(handle.read, 1 << 20), b""))
     return min(lines + 1, path.stat().st_size // (2 * columns - 1) + 1)
 
 
@@ -396,14 +388,6 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
         )
 
 
-def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
-    targets = table.target_tensor(classes)
-    if rows is None:
-        return TensorSet(table.features, targets)
-    index = torch.tensor(rows, dtype=torch.long)
-    return TensorSet(table.features[index], targets[index])
-
-
 def _table_splits(
     spec: FileDatasetSpec, seed: int, train: _Table, held_out: _Table | None
 ) -> DataSplits:
@@ -417,11 +401,11 @@ def _table_splits(
     )
     # Every training row trains, in the file's order: no copy of them.
     if held_out is not None or spec.eval_fraction == 0:
-        held_set = None if held_out is None else _table_set(held_out, None, classes)
-        return DataSplits(_table_set(train, None, classes), held_set, info)
+        held_set = None if held_out is None else held_out.sample_set(classes)
+        return DataSplits(train.sample_set(classes), held_set, info)
     train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
     return DataSplits(
-        _table_set(train, train_rows, classes),
-        _table_set(train, held_rows, classes) if held_rows else None,
+        train.sample_set(classes, train_rows),
+        train.sample_set(classes, held_rows) if held_rows else None,
         info,
     )

@@ -111,9 +111,6 @@ def _short(text: str) -> str:
     return json.dumps(text if len(text) <= 40 else text[:39] + "…", ensure_ascii=False)
 
 
-# ---------------------------------------------------------------- labels
-
-
 class LabelSet:
     """The distinct class labels of a file, kept in the one type the file gives them."""
 
@@ -145,9 +142,6 @@ def label_stats(values: Iterable[Label]) -> dict[str, Any]:
     """A classification file's stats: how many classes, and (some of) their labels."""
     labels = sorted(values)  # one type, checked by LabelSet
     return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
-
-
-# ---------------------------------------------------------------- JSONL
 
 
 @dataclass(frozen=True)
@@ -236,8 +230,7 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
 def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
     """(line number, row or what is wrong with it) for every non-blank line, streamed.
     Every row must be of the kind of the first good one."""
-    first: JsonlRow | None = None
-    first_line = 0
+    first: tuple[int, str] | None = None  # the first good row's line and kind
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -245,11 +238,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
                 if row is None:
                     continue
                 if first is None:
-                    first, first_line = row, number
-                elif row.kind != first.kind:
+                    first = (number, row.kind)
+                elif row.kind != first[1]:
                     raise RowProblem(
-                        f"has {_KIND_KEYS[row.kind]} but line {first_line} has "
-                        f"{_KIND_KEYS[first.kind]}: every line must hold the same kind of row"
+                        f"has {_KIND_KEYS[row.kind]} but line {first[0]} has "
+                        f"{_KIND_KEYS[first[1]]}: every line must hold the same kind of row"
                     )
             except RowProblem as problem:
                 yield number, problem
@@ -281,9 +274,6 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
     if kind == LABELLED_TEXT:
         stats |= label_stats(labels.values)
     return kind, stats
-
-
-# ---------------------------------------------------------------- CSV
 
 
 @dataclass(frozen=True)
@@ -416,9 +406,6 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
     return layout.kind, stats
 
 
-# ---------------------------------------------------------------- NPZ
-
-
 # What reading a damaged, truncated, encrypted or exotically compressed zip can raise.
 DAMAGED_ARCHIVE = (
     zipfile.BadZipFile,
@@ -479,9 +466,7 @@ def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[NpyArray]:
 def open_xy(archive: zipfile.ZipFile) -> Iterator[tuple[str, NpyArray, NpyArray]]:
     """(kind, x, y) of an NPZ data set, once their headers are checked: numbers, one row
     of x per value (or row) of y."""
-    names = sorted(
-        name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")
-    )
+    names = sorted(name[:-4] for name in archive.namelist() if name.endswith(".npy"))
     missing = [name for name in ("x", "y") if name not in names]
     if missing:
         held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
