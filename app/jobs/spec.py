@@ -12,7 +12,7 @@ import math
 from collections import deque
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -59,9 +59,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _by_type(*classes: type[BaseModel]) -> dict[str, type[BaseModel]]:
+def _by_type(union: Any) -> dict[str, type[BaseModel]]:
     """Built-in spec classes by the name their `type` field defaults to."""
-    return {spec_class.model_fields["type"].default: spec_class for spec_class in classes}
+    return {spec_class.model_fields["type"].default: spec_class for spec_class in get_args(union)}
 
 
 # ---------------------------------------------------------------- models
@@ -144,18 +144,9 @@ class HfSequenceClassificationSpec(_HfModelSpec):
     type: Literal["hf-sequence-classification"] = "hf-sequence-classification"
 
 
-BUILTIN_MODELS = _by_type(
-    MlpSpec, CnnSpec, TinyGptSpec, HfCausalLmSpec, HfSequenceClassificationSpec
-)
-
-ModelSpec = (
-    MlpSpec
-    | CnnSpec
-    | TinyGptSpec
-    | HfCausalLmSpec
-    | HfSequenceClassificationSpec
-    | PluginModelSpec
-)
+_BuiltinModelSpec = MlpSpec | CnnSpec | TinyGptSpec | HfCausalLmSpec | HfSequenceClassificationSpec
+BUILTIN_MODELS = _by_type(_BuiltinModelSpec)
+ModelSpec = _BuiltinModelSpec | PluginModelSpec
 
 
 # ---------------------------------------------------------------- datasets
@@ -241,11 +232,9 @@ class PluginDatasetSpec(BaseModel):
     type: str
 
 
-BUILTIN_DATASETS = _by_type(SyntheticClassificationSpec, DigitsSpec, TinyTextSpec, FileDatasetSpec)
-
-DatasetSpec = (
-    SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec | PluginDatasetSpec
-)
+_BuiltinDatasetSpec = SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec
+BUILTIN_DATASETS = _by_type(_BuiltinDatasetSpec)
+DatasetSpec = _BuiltinDatasetSpec | PluginDatasetSpec
 
 # What each built-in model needs from its data: flat features, images, or tokens.
 # A file's kind is known only once it is validated: the submit route checks those.
@@ -377,7 +366,7 @@ class JobSpec(_Strict):
 
     @field_validator("micro_batch_size")
     @classmethod
-    def _micro_batch_in_range(cls, value: int | str | None, info: ValidationInfo) -> Any:
+    def _micro_batch_in_range(cls, value: int | str | None) -> Any:
         if isinstance(value, int) and not 1 <= value <= MAX_MICRO_BATCH_SIZE:
             raise PydanticCustomError(
                 "micro_batch_range",
@@ -459,13 +448,12 @@ class JobSpec(_Strict):
             return self._with(batch_size=product)
         # Two given, one of them the batch: the other divides it into the third.
         assert batch is not None
-        if micro is not None:
-            divisor, divisor_name = int(micro), "micro_batch_size"
-            derived_name, high = "accumulation_steps", MAX_ACCUMULATION_STEPS
-        else:
-            assert steps is not None
-            divisor, divisor_name = steps, "accumulation_steps"
-            derived_name, high = "micro_batch_size", MAX_MICRO_BATCH_SIZE
+        divisor_name, derived_name, high = (
+            ("micro_batch_size", "accumulation_steps", MAX_ACCUMULATION_STEPS)
+            if micro is not None
+            else ("accumulation_steps", "micro_batch_size", MAX_MICRO_BATCH_SIZE)
+        )
+        divisor: int = getattr(self, divisor_name)
         if batch % divisor:
             raise _field_error(
                 "batch_size", f"must be a multiple of {divisor_name} ({divisor}), not {batch}"
@@ -495,9 +483,7 @@ class JobSpec(_Strict):
                     "there is nothing to evaluate on: give dataset.validation_file_id or "
                     "a dataset.eval_fraction above 0",
                 )
-            if dataset.tokenizer == "model" and not isinstance(
-                model, HfCausalLmSpec | HfSequenceClassificationSpec
-            ):
+            if dataset.tokenizer == "model" and not isinstance(model, _HfModelSpec):
                 raise _field_error(
                     "dataset.tokenizer",
                     f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
@@ -659,13 +645,11 @@ def validation_messages(error: ValidationError) -> list[str]:
     """One line per bad field, each starting with the field's dotted path."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        ctx_field = (item.get("ctx") or {}).get("field")
-        if ctx_field:
-            location = str(ctx_field)
-            message = str(item["ctx"]["message"])
+        context = item.get("ctx") or {}
+        if context.get("field"):
+            location, message = str(context["field"]), str(context["message"])
         else:
-            message = message.removeprefix("Value error, ")
+            location = ".".join(str(part) for part in item["loc"])
+            message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{location}: {message}" if location else message)
     return lines
