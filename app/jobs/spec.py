@@ -402,11 +402,9 @@ class JobSpec(_Strict):
             return data  # the model's own validation says what is wrong
         optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
         defaults: dict[str, Any] = {"type": optimizer_type}
-        pretrained = model.get("pretrained") is not None
-        if optimizer_type == "adamw" and model_type in HF_MODELS and pretrained:
+        if optimizer_type == "adamw" and model_type in HF_MODELS and model.get("pretrained"):
             defaults["lr"] = FINE_TUNING_LR
-        merged = {**defaults, **optimizer}
-        return data if merged == optimizer else {**data, "optimizer": merged}
+        return {**data, "optimizer": {**defaults, **optimizer}}
 
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:
