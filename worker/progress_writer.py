@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -83,30 +84,21 @@ def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(eq=False)
 class ProgressWriter:
-    def __init__(
-        self,
-        database: Database,
-        claim: Claim,
-        store: CheckpointStore,
-        publisher: LivePublisher,
-        keeper: LeaseKeeper,
-        *,
-        flush_seconds: float,
-        give_up_seconds: float,
-    ) -> None:
-        self.database = database
-        self.claim = claim
-        self.store = store
-        self.publisher = publisher
-        self.keeper = keeper
-        self.flush_seconds = flush_seconds
-        self.give_up_seconds = give_up_seconds
-        self.pending_metrics: list[dict[str, Any]] = []
-        self.pending_events: list[tuple[str, dict[str, Any]]] = []
-        self.job_values: dict[str, Any] = {}
-        self.last_flush = time.monotonic()
-        self.failing_since: float | None = None
+    database: Database
+    claim: Claim
+    store: CheckpointStore
+    publisher: LivePublisher
+    keeper: LeaseKeeper
+    _: KW_ONLY
+    flush_seconds: float
+    give_up_seconds: float
+    pending_metrics: list[dict[str, Any]] = field(init=False, default_factory=list)
+    pending_events: list[tuple[str, dict[str, Any]]] = field(init=False, default_factory=list)
+    job_values: dict[str, Any] = field(init=False, default_factory=dict)
+    last_flush: float = field(init=False, default_factory=time.monotonic)
+    failing_since: float | None = field(init=False, default=None)
 
     # ---- engine callbacks
 
