@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -126,8 +126,7 @@ def _transformers_errors(field: str) -> Iterator[None]:
 
 def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
     """A transformers config from the spec's JSON; unknown keys are refused (a typo would
-    otherwise be stored and silently ignored)."""
-    values = dict(values)
+    otherwise be stored and silently ignored). Takes `model_type` out of `values`."""
     model_type = values.pop("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise TrainingError(
@@ -318,18 +317,15 @@ class SequenceClassifier(_Wrapper):
         per_token: list[torch.Tensor] = []
         # Registered per call, not in __init__: a hook closing over this wrapper would
         # follow a deep copy of it and write into the original.
-        handle = (
+        hooked = (
             head.register_forward_hook(lambda _module, _inputs, output: per_token.append(output))
             if isinstance(head, nn.Module)
-            else None
+            else nullcontext()
         )
-        try:
+        with hooked:
             logits = self.model(
                 input_ids=input_ids, attention_mask=_long_mask(attention_mask)
             ).logits
-        finally:
-            if handle is not None:
-                handle.remove()
         if len(per_token) == 1 and per_token[0].dim() == 3:
             return per_token[0][
                 torch.arange(len(input_ids), device=input_ids.device),
