@@ -164,11 +164,9 @@ class ProgressWriter:
         try:
             self._write()
         except DBAPIError as error:
-            if not is_transient(error):
-                raise
             now = time.monotonic()
             self.failing_since = self.failing_since or now
-            if now - self.failing_since >= self.give_up_seconds:
+            if not is_transient(error) or now - self.failing_since >= self.give_up_seconds:
                 raise
             logger.warning("job %s: progress write failed; kept for later", self.claim.job_id)
             self.last_flush = now
