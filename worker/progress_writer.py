@@ -100,8 +100,6 @@ class ProgressWriter:
     last_flush: float = field(init=False, default_factory=time.monotonic)
     failing_since: float | None = field(init=False, default=None)
 
-    # ---- engine callbacks
-
     def on_start(self, done_steps: int, total_steps: int) -> None:
         self.job_values["max_steps"] = total_steps
         self.flush(required=True)
@@ -152,8 +150,6 @@ class ProgressWriter:
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush(required=False)
         return self.keeper.stop_reason()
-
-    # ---- writing
 
     def flush(self, *, required: bool = True) -> None:
         """Write what is pending. Not `required`: on a connection error keep it for the

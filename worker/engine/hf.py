@@ -60,9 +60,6 @@ class HfLimits:
 DEFAULT_LIMITS = HfLimits()
 
 
-# ---------------------------------------------------------------- builders
-
-
 def build_hf_causal_lm(
     spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
 ) -> nn.Module:
@@ -221,9 +218,6 @@ def _check_fits_data(model: Any, info: DataInfo, longest_input: int | None) -> N
         )
 
 
-# ---------------------------------------------------------------- where a model is
-
-
 def resolve_pretrained(pretrained: str, allowed_dirs: Sequence[Path]) -> Path:
     """The local directory `pretrained` names: a path inside one of `allowed_dirs`, or a
     model name's snapshot in the Hugging Face cache. Never downloads."""
@@ -278,9 +272,6 @@ def _cached_snapshot(name: str) -> Path:
             f"model.pretrained: {name!r} is not in the worker's Hugging Face cache; downloads "
             "are off (put the model in the cache, or in a directory of TRAINJOB_HF_MODEL_DIRS)",
         ) from error
-
-
-# ---------------------------------------------------------------- wrappers
 
 
 class _Wrapper(nn.Module):
@@ -381,9 +372,6 @@ def _load_state_dict_as_transformers(
     for alias, name in _tied_aliases(wrapper.get_submodule("model")).items():
         if prefix + _INNER + name in state_dict:
             state_dict[prefix + _INNER + alias] = state_dict[prefix + _INNER + name]
-
-
-# ---------------------------------------------------------------- tokenizer
 
 
 @dataclass(frozen=True)
