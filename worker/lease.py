@@ -63,18 +63,15 @@ class LeaseKeeper:
             return "timeout"
         return None
 
-    def beat(self) -> None:
-        with self.database.session() as session:
-            heartbeat = renew_lease(
-                session, claim=self.claim, runtime_seconds=self.runtime_seconds()
-            )
-            session.commit()
-        self.observe(heartbeat)
-
     def _loop(self) -> None:
         while not self._stopped.wait(self.heartbeat_seconds):
             try:
-                self.beat()
+                with self.database.session() as session:
+                    heartbeat = renew_lease(
+                        session, claim=self.claim, runtime_seconds=self.runtime_seconds()
+                    )
+                    session.commit()
+                self.observe(heartbeat)
             except LeaseLost:
                 logger.warning("job %s: lease lost; the run stops", self.claim.job_id)
                 self.lost = True

@@ -184,9 +184,8 @@ def _load(
 def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
     """Refuse a model of more than `max_parameters` before any of its memory exists: it is
     counted on the meta device, from its config, before weights are built or read."""
-    with _transformers_errors(field):
-        with torch.device("meta"):
-            skeleton = auto_class.from_config(config, trust_remote_code=False)
+    with _transformers_errors(field), torch.device("meta"):
+        skeleton = auto_class.from_config(config, trust_remote_code=False)
         parameters = sum(parameter.numel() for parameter in skeleton.parameters())
     if parameters > max_parameters:
         raise TrainingError(

@@ -216,8 +216,7 @@ def prepare_run(
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
     model = build_model(spec.model, data.info, hf_limits)
-    model = model.to(device=device, dtype=precision.parameter_dtype)
-    model.train()
+    model.to(device=device, dtype=precision.parameter_dtype).train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     total_steps = spec.max_steps
