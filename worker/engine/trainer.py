@@ -393,8 +393,7 @@ def _evaluation_batch(
     loss = sum_loss(outputs, batch.targets)
     if batch.targets.is_floating_point():
         return loss, torch.zeros((), dtype=torch.int64, device=precision.device), True
-    predicted = outputs.argmax(dim=-1)
-    correct = ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
+    correct = ((outputs.argmax(dim=-1) == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
     return loss, correct, False
 
 
