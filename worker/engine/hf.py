@@ -64,8 +64,7 @@ def build_hf_causal_lm(
     spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
 ) -> nn.Module:
     """A causal language model: logits [batch, tokens, vocabulary]."""
-    transformers = _import_transformers()
-    model = _load(transformers, transformers.AutoModelForCausalLM, spec, limits)
+    model = _load("AutoModelForCausalLM", spec, limits)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
@@ -82,9 +81,7 @@ def build_hf_sequence_classification(
         raise TrainingError(
             "invalid_data", "hf-sequence-classification needs a labelled data set (num_classes)"
         )
-    transformers = _import_transformers()
-    auto_class = transformers.AutoModelForSequenceClassification
-    model = _load(transformers, auto_class, spec, limits, num_labels=info.num_classes)
+    model = _load("AutoModelForSequenceClassification", spec, limits, num_labels=info.num_classes)
     if model.config.pad_token_id is None:
         # Decoders refuse batches of more than one sequence without a pad token id; the
         # wrapper pools by the attention mask, so the value only has to be a token id.
@@ -150,15 +147,13 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
 
 
 def _load(
-    transformers: ModuleType,
-    auto_class: Any,
-    spec: HfModelSpec,
-    limits: HfLimits,
-    num_labels: int | None = None,
+    auto_class_name: str, spec: HfModelSpec, limits: HfLimits, num_labels: int | None = None
 ) -> Any:
-    """A transformers PreTrainedModel from the spec's `config` or `pretrained` directory,
-    refused over `limits.max_parameters` before its weights exist. `num_labels` gives a
-    classifier its head: one output per class of the data."""
+    """A transformers PreTrainedModel of the auto class `auto_class_name` from the spec's
+    `config` or `pretrained` directory, refused over `limits.max_parameters` before its
+    weights exist. `num_labels` gives a classifier its head: one output per class."""
+    transformers = _import_transformers()
+    auto_class = getattr(transformers, auto_class_name)
     head = {} if num_labels is None else {"num_labels": num_labels}
     if spec.config is not None:
         config = _config_from_spec(transformers, {**spec.config, **head})
