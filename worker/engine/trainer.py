@@ -97,21 +97,17 @@ class StepMetrics:
 _STEP_METRICS_FIELDS = tuple(item.name for item in fields(StepMetrics))
 
 
-def _ignore(*_: Any) -> None:
-    return None
-
-
 @dataclass
 class Callbacks:
     """How the loop reports. Every callback runs at a window boundary, never inside one."""
 
     # Called once before the first window with (steps already done, total steps).
-    on_start: Callable[[int, int], None] = _ignore
-    on_step: Callable[[StepMetrics], None] = _ignore
+    on_start: Callable[[int, int], None] = lambda *_: None
+    on_step: Callable[[StepMetrics], None] = lambda *_: None
     # Event types: oom_backoff, overflow_skip, warning, checkpoint.
-    on_event: Callable[[str, dict[str, Any]], None] = _ignore
+    on_event: Callable[[str, dict[str, Any]], None] = lambda *_: None
     # Writes the checkpoint's parts where they are kept: they can be written only then.
-    on_checkpoint: Callable[[LiveCheckpoint], None] = _ignore
+    on_checkpoint: Callable[[LiveCheckpoint], None] = lambda *_: None
     # Asked before each window; a reason (e.g. "cancelled") stops the run after a checkpoint.
     should_stop: Callable[[], str | None] = lambda: None
 
@@ -318,7 +314,7 @@ def run_window_with_backoff(
 def evaluate(
     run: Run,
     data: SampleSet,
-    on_event: Callable[[str, dict[str, Any]], None] = _ignore,
+    on_event: Callable[[str, dict[str, Any]], None] = lambda *_: None,
     hooks: Hooks = NO_HOOKS,
 ) -> tuple[float, float | None]:
     """Loss per unit and accuracy per unit on a held-out split. Regression (float

@@ -212,10 +212,9 @@ def optimizer_out_of_memory_message(parts: StepParts) -> str:
     parameters = sum(parameter.numel() for parameter in parts.parameters)
     element = parts.parameters[0].element_size() if parts.parameters else 4
     # Values the optimizer keeps per parameter: AdamW two moments, SGD its momentum.
+    state = 1 if parts.optimizer.defaults.get("momentum") else 0
     if isinstance(parts.optimizer, torch.optim.Adam | torch.optim.AdamW):
         state = 2
-    else:
-        state = 1 if parts.optimizer.defaults.get("momentum") else 0
     # Weights, gradients and state: what the step needs whatever the micro-batch.
     needed = parameters * element * (2 + state)
     name = type(parts.optimizer).__name__
