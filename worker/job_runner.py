@@ -47,17 +47,15 @@ def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Ch
             stored = checkpoints_service.find_checkpoint(session, job_id=job_id)
         except NotFound:
             return None
-        parts = {
-            part: b"".join(
+        weights, state = (
+            b"".join(
                 checkpoints_service.read_part(
                     session, checkpoint=stored, part=part, checkpoint_dir=settings.checkpoint_dir
                 )
             )
             for part in ("weights", "state")
-        }
-    return Checkpoint(
-        step=stored.step, weights=parts["weights"], state=parts["state"], loss=stored.loss
-    )
+        )
+    return Checkpoint(step=stored.step, weights=weights, state=state, loss=stored.loss)
 
 
 def run_job(
