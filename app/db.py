@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,10 +107,8 @@ class Database:
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self.sessions() as session:
-            yield session
+    def session(self) -> Session:
+        return self.sessions()
 
     def read_piecewise(self, read: Callable[[Session], Iterable[T]]) -> Iterator[T]:
         """The items of `read(session)`, each read in a transaction of its own: for a

@@ -65,18 +65,13 @@ async def _session(request: Request) -> AsyncIterator[Session]:
                 session.close()
 
 
-async def _reads(request: Request) -> Reads:
-    reads: Reads = request.app.state.reads
-    return reads
-
-
 # scope="function": with the default ("request") the session closed after the response's
 # last byte, so every stream and download held a slot for its whole life, and a dozen
 # event streams left no slot to the short routes.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 DatabaseDep = Annotated[Database, Depends(_state("database"))]
-ReadsDep = Annotated[Reads, Depends(_reads)]
+ReadsDep = Annotated[Reads, Depends(_state("reads"))]
 CeleryDep = Annotated[Celery, Depends(_state("celery"))]
 RedisDep = Annotated[redis.Redis, Depends(_state("redis"))]
 

@@ -91,6 +91,12 @@ def envelope(
     )
 
 
+def error_response(error: AppError) -> JSONResponse:
+    return envelope(
+        error.status_code, error.type, error.message, headers=error.headers, **error.details
+    )
+
+
 def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Each bad field with its dotted path; errors our validators raise carry the field."""
     fields = []
@@ -123,9 +129,7 @@ def _unparseable(cause: BaseException) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, error: AppError) -> JSONResponse:
-        return envelope(
-            error.status_code, error.type, error.message, headers=error.headers, **error.details
-        )
+        return error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import AppError, envelope
+from app.errors import AppError, error_response
 
 # A body over its cap is read and dropped up to this many bytes in all before the 413
 # goes out: clients that send the whole body before they read the answer (urllib,
@@ -60,9 +60,7 @@ class PathLimit:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    error = PayloadTooLarge("the request body", limit)
-    response = envelope(413, error.type, error.message, headers=error.headers, **error.details)
-    await response(scope, receive, send)
+    await error_response(PayloadTooLarge("the request body", limit))(scope, receive, send)
 
 
 class _Body:

@@ -82,8 +82,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import app
+    from app.blobs import DatabaseStore, DirectoryStore
     from app.checkpoints.models import Checkpoint as StoredCheckpoint
-    from app.checkpoints.store import DatabaseStore, DirectoryStore
     from app.db import Database, upgrade
     from app.jobs import runs
     from app.jobs import service as jobs_service

@@ -253,8 +253,9 @@ def train_engine(case: Case, flush_seconds: float) -> Trained:
     spec, model = case.spec, copy.deepcopy(case.initial)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     scheduler = build_scheduler(spec.lr_schedule, optimizer, run.total_steps)
+    precision = run.parts.precision
     run.parts = StepParts(
-        model, optimizer, scheduler, run.precision.grad_scaler(), run.precision, spec.grad_clip_norm
+        model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
     )
     progress, stopwatch = InMemoryProgress(flush_seconds), Stopwatch()
     stopwatch.start()

@@ -95,7 +95,7 @@ def child(args: argparse.Namespace) -> None:
         )
     )
     run = prepare_run(spec)
-    cuda = run.precision.device.type == "cuda"
+    cuda = run.parts.precision.device.type == "cuda"
     gc.collect()
     baseline = status_kib("VmRSS")
     # From here VmHWM is the peak of training alone, not of imports or data generation.
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
     result = drive(run, Callbacks(on_step=on_step))
     assert result.step == args.steps
     measured["seconds"] = time.perf_counter() - started
-    measured["device"] = run.precision.device.type
+    measured["device"] = run.parts.precision.device.type
     print(json.dumps(measured), flush=True)
 
 

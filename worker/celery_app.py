@@ -24,7 +24,6 @@ def make_celery(settings: Settings) -> Celery:
     if settings.redis_url is None:
         raise RuntimeError("TRAINJOB_REDIS_URL is not set (and no embedded Redis was started)")
     app = Celery("trainjob", broker=broker_url(settings.redis_url), include=["worker.tasks"])
-    transport = {"visibility_timeout": settings.visibility_timeout_seconds}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -43,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
             VALIDATE_TASK: {"queue": settings.files_queue},
         },
         task_default_queue=settings.queue,
-        broker_transport_options=transport,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         broker_connection_retry_on_startup=True,
         # Submitting must not hang when the broker is away: the job row is committed
         # already and is re-sent later.

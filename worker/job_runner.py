@@ -17,8 +17,8 @@ import redis
 import sqlalchemy.exc
 import torch
 
+from app.blobs import default_store
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import default_store
 from app.db import Database
 from app.errors import NotFound
 from app.files import usage as files_usage
@@ -47,17 +47,15 @@ def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Ch
             stored = checkpoints_service.find_checkpoint(session, job_id=job_id)
         except NotFound:
             return None
-        parts = {
-            part: b"".join(
+        weights, state = (
+            b"".join(
                 checkpoints_service.read_part(
                     session, checkpoint=stored, part=part, checkpoint_dir=settings.checkpoint_dir
                 )
             )
             for part in ("weights", "state")
-        }
-    return Checkpoint(
-        step=stored.step, weights=parts["weights"], state=parts["state"], loss=stored.loss
-    )
+        )
+    return Checkpoint(step=stored.step, weights=weights, state=state, loss=stored.loss)
 
 
 def run_job(

@@ -11,6 +11,7 @@ import contextvars
 import logging
 import threading
 import time
+from dataclasses import KW_ONLY, dataclass, field
 
 from app.db import Database
 from app.jobs.runs import Claim, Heartbeat, LeaseLost, renew_lease
@@ -18,24 +19,20 @@ from app.jobs.runs import Claim, Heartbeat, LeaseLost, renew_lease
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class LeaseKeeper:
-    def __init__(
-        self,
-        database: Database,
-        claim: Claim,
-        *,
-        heartbeat_seconds: float,
-        max_runtime_seconds: int | None,
-    ) -> None:
-        self.database = database
-        self.claim = claim
-        self.heartbeat_seconds = heartbeat_seconds
-        self.max_runtime_seconds = max_runtime_seconds
-        self.started = time.monotonic()
-        self.cancel_requested = False
-        self.release_requested = False
-        self.lost = False
-        self._stopped = threading.Event()
+    database: Database
+    claim: Claim
+    _: KW_ONLY
+    heartbeat_seconds: float
+    max_runtime_seconds: int | None
+    started: float = field(init=False, default_factory=time.monotonic)
+    cancel_requested: bool = field(init=False, default=False)
+    release_requested: bool = field(init=False, default=False)
+    lost: bool = field(init=False, default=False)
+    _stopped: threading.Event = field(init=False, default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
         # A thread starts with an empty context: run the loop in a copy of the creator's,
         # so that its log lines carry the job's id and attempt (app/observability/logs.py).
         self._thread = threading.Thread(
@@ -66,18 +63,15 @@ class LeaseKeeper:
             return "timeout"
         return None
 
-    def beat(self) -> None:
-        with self.database.session() as session:
-            heartbeat = renew_lease(
-                session, claim=self.claim, runtime_seconds=self.runtime_seconds()
-            )
-            session.commit()
-        self.observe(heartbeat)
-
     def _loop(self) -> None:
         while not self._stopped.wait(self.heartbeat_seconds):
             try:
-                self.beat()
+                with self.database.session() as session:
+                    heartbeat = renew_lease(
+                        session, claim=self.claim, runtime_seconds=self.runtime_seconds()
+                    )
+                    session.commit()
+                self.observe(heartbeat)
             except LeaseLost:
                 logger.warning("job %s: lease lost; the run stops", self.claim.job_id)
                 self.lost = True

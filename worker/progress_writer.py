@@ -17,12 +17,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from app.blobs import BlobStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import CheckpointStore
 from app.db import Database
 from app.jobs.runs import Claim, record_progress
 from worker.engine.checkpoint import LiveCheckpoint
@@ -83,32 +84,21 @@ def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(eq=False)
 class ProgressWriter:
-    def __init__(
-        self,
-        database: Database,
-        claim: Claim,
-        store: CheckpointStore,
-        publisher: LivePublisher,
-        keeper: LeaseKeeper,
-        *,
-        flush_seconds: float,
-        give_up_seconds: float,
-    ) -> None:
-        self.database = database
-        self.claim = claim
-        self.store = store
-        self.publisher = publisher
-        self.keeper = keeper
-        self.flush_seconds = flush_seconds
-        self.give_up_seconds = give_up_seconds
-        self.pending_metrics: list[dict[str, Any]] = []
-        self.pending_events: list[tuple[str, dict[str, Any]]] = []
-        self.job_values: dict[str, Any] = {}
-        self.last_flush = time.monotonic()
-        self.failing_since: float | None = None
-
-    # ---- engine callbacks
+    database: Database
+    claim: Claim
+    store: BlobStore
+    publisher: LivePublisher
+    keeper: LeaseKeeper
+    _: KW_ONLY
+    flush_seconds: float
+    give_up_seconds: float
+    pending_metrics: list[dict[str, Any]] = field(init=False, default_factory=list)
+    pending_events: list[tuple[str, dict[str, Any]]] = field(init=False, default_factory=list)
+    job_values: dict[str, Any] = field(init=False, default_factory=dict)
+    last_flush: float = field(init=False, default_factory=time.monotonic)
+    failing_since: float | None = field(init=False, default=None)
 
     def on_start(self, done_steps: int, total_steps: int) -> None:
         self.job_values["max_steps"] = total_steps
@@ -161,8 +151,6 @@ class ProgressWriter:
             self.flush(required=False)
         return self.keeper.stop_reason()
 
-    # ---- writing
-
     def flush(self, *, required: bool = True) -> None:
         """Write what is pending. Not `required`: on a connection error keep it for the
         next flush (up to `give_up_seconds` of failures); `required`: retry until then."""
@@ -172,11 +160,9 @@ class ProgressWriter:
         try:
             self._write()
         except DBAPIError as error:
-            if not is_transient(error):
-                raise
             now = time.monotonic()
             self.failing_since = self.failing_since or now
-            if now - self.failing_since >= self.give_up_seconds:
+            if not is_transient(error) or now - self.failing_since >= self.give_up_seconds:
                 raise
             logger.warning("job %s: progress write failed; kept for later", self.claim.job_id)
             self.last_flush = now

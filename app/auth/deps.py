@@ -37,17 +37,12 @@ class AuthGate:
     def known(self) -> bool | None:
         """What required() says when it can say it without a query; None when it is
         time to look in the database again."""
-        if self._on:
-            return True
-        if self.mode == "off":
-            return False
-        if time.monotonic() - self._checked_at < RECHECK_SECONDS:
-            return False
-        return None
+        if self._on or self.mode == "off":
+            return self._on
+        return False if time.monotonic() - self._checked_at < RECHECK_SECONDS else None
 
     def required(self) -> bool:
-        known = self.known()
-        if known is not None:
+        if (known := self.known()) is not None:
             return known
         with self._lock:
             if time.monotonic() - self._checked_at >= RECHECK_SECONDS:
@@ -55,12 +50,6 @@ class AuthGate:
                     self._on = session.scalar(select(ApiKey.id).limit(1)) is not None
                 self._checked_at = time.monotonic()
         return self._on
-
-
-def bearer_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
 # Async: the gate's answer is cached for 2 s, and a key's lookup is one of the hot reads
@@ -72,10 +61,10 @@ async def principal_of(request: Request) -> Principal:
         required = await run_in_threadpool(gate.required)
     if not required:
         return OPEN
-    key = bearer_key(request)
-    if key is None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("an API key is required: send `Authorization: Bearer KEY`")
-    principal = await auth_service.authenticate(request.app.state.reads, key=key)
+    principal = await auth_service.authenticate(request.app.state.reads, key=key.strip())
     if principal is None:
         raise Unauthorized("the API key is unknown or revoked")
     return principal

@@ -1,14 +1,16 @@
-"""API keys and who a request is: create, list, revoke, authenticate."""
+"""API keys and who a request is: create, list, revoke, authenticate. Only a key's hash
+is stored; the key itself is shown once, when it is created."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from app.auth.keys import key_hash, looks_like_a_key, new_key
 from app.auth.models import ApiKey
 from app.db import utcnow
 from app.errors import InvalidRequest, NotFound
@@ -16,6 +18,11 @@ from app.reads import Reads
 
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KEY_PATTERN = re.compile(r"^tjk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,9 @@ def create_key(
             "a tenant is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
             fields=[{"path": "tenant", "message": "invalid tenant name"}],
         )
-    key_id, key = new_key()
-    row = ApiKey(
-        id=key_id,
-        tenant=tenant,
-        admin=admin,
-        name=name,
-        key_hash=key_hash(key),
-        created_at=utcnow(),
-    )
+    key_id = secrets.token_hex(6)  # public; the whole key is shown once
+    key = f"tjk_{key_id}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(id=key_id, tenant=tenant, admin=admin, name=name, key_hash=key_hash(key))
     session.add(row)
     session.flush()
     return row, key
@@ -86,7 +87,7 @@ KEY_BY_HASH = (
 
 async def authenticate(reads: Reads, *, key: str) -> Principal | None:
     """The principal of a presented key; None when unknown, malformed or revoked."""
-    if not looks_like_a_key(key):
+    if not KEY_PATTERN.match(key):
         return None
     rows = await reads.all(KEY_BY_HASH, {"key_hash": key_hash(key)})
     if not rows:

@@ -7,9 +7,11 @@ from fastapi.responses import StreamingResponse
 
 from app.auth.deps import PrincipalDep
 from app.checkpoints import service as checkpoints_service
+from app.checkpoints.models import Checkpoint
 from app.checkpoints.schemas import CheckpointList
 from app.deps import DatabaseDep, SessionDep, SettingsDep, StepCursor, StepsLimit
 from app.errors import error_responses
+from app.jobs import service as jobs_service
 
 router = APIRouter(
     prefix="/v1/jobs",
@@ -27,8 +29,8 @@ def list_checkpoints(
     after_step: StepCursor = None,
     limit: StepsLimit = 100,
 ) -> CheckpointList:
-    rows, has_more = checkpoints_service.list_checkpoints(
-        session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
+    rows, has_more = jobs_service.job_rows(
+        session, Checkpoint.step, after_step, job_id=job_id, limit=limit, tenant=principal.scope
     )
     return CheckpointList(data=rows, has_more=has_more)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.blobs import Blob, BlobStore, BlobWriter, DatabaseStore, store_for
 from app.checkpoints import retention
 from app.checkpoints.exceptions import NoCheckpoint
-from app.checkpoints.models import Checkpoint
-from app.checkpoints.store import CheckpointStore, DatabaseStore, PartWriter, store_for
+from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.db import utcnow
 from app.jobs import runs
 from app.jobs import service as jobs_service
@@ -22,17 +22,18 @@ from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
 
+PARTS = ("weights", "state")
 
 # A part's bytes, or a function that writes them into the store as it serialises them:
 # the worker's way, so that a save holds no copy of the weights or the optimizer state.
-PartSource = bytes | Callable[[PartWriter], object]
+PartSource = bytes | Callable[[BlobWriter], object]
 
 
 def save_checkpoint(
     session: Session,
     *,
     claim: Claim,
-    store: CheckpointStore,
+    store: BlobStore,
     step: int,
     weights: PartSource,
     state: PartSource,
@@ -50,7 +51,7 @@ def save_checkpoint(
         select(Checkpoint).where(Checkpoint.job_id == claim.job_id, Checkpoint.step == step)
     ).first()
     if existing is not None:  # an earlier attempt got this far: same step, same bytes
-        (_store_holding(existing, store) or store).delete(session, existing)
+        (_store_holding(existing, store) or store).delete(session, *_blobs(existing))
         session.delete(existing)
         session.flush()
     # JSON has no NaN or infinity (an fp16 overflow has both): store them as unknown.
@@ -63,7 +64,6 @@ def save_checkpoint(
         loss=loss,
         eval_loss=eval_loss,
         storage=store.name,
-        created_at=utcnow(),
     )
     session.add(checkpoint)
     session.flush()
@@ -75,17 +75,16 @@ def save_checkpoint(
         claim.job_id,
         [("checkpoint", {"step": step, "size_bytes": size, "loss": loss, "eval_loss": eval_loss})],
     )
-    keep = job.spec.get("keep_checkpoints")
-    if keep is not None:
+    if (keep := job.spec.get("keep_checkpoints")) is not None:
         policy = KeepCheckpointsSpec.model_validate(keep)
         prune_checkpoints(session, job_id=claim.job_id, policy=policy, store=store)
     return checkpoint
 
 
 def prune_checkpoints(
-    session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: CheckpointStore
-) -> list[int]:
-    """Delete the job's checkpoints that `policy` does not keep; their steps, ascending.
+    session: Session, *, job_id: str, policy: KeepCheckpointsSpec, store: BlobStore
+) -> None:
+    """Delete the job's checkpoints that `policy` does not keep.
 
     Bytes go from the store each was written to; in a directory, once the transaction
     commits. `store` is the worker's: the one that knows the directory."""
@@ -95,30 +94,24 @@ def prune_checkpoints(
     ).all()
     candidates = [retention.Candidate(row.step, row.loss, row.eval_loss) for row in rows]
     kept = retention.steps_to_keep(candidates, last=policy.last, best=policy.best)
-    pruned = []
-    for row in rows:
-        if row.step in kept:
-            continue
-        holder = _store_holding(row, store)
-        if holder is None:
+    for row in [row for row in rows if row.step not in kept]:
+        if (holder := _store_holding(row, store)) is None:
             logger.warning(
                 "job %s: checkpoint at step %d is in a %s store this worker cannot reach; kept",
                 job_id,
                 row.step,
                 row.storage,
             )
-            continue
-        holder.discard(session, row)
-        session.delete(row)
-        pruned.append(row.step)
+        else:
+            holder.discard(session, *_blobs(row))
+            session.delete(row)
     session.flush()
-    return pruned
 
 
 def _write_part(
-    session: Session, store: CheckpointStore, checkpoint: Checkpoint, part: str, source: PartSource
+    session: Session, store: BlobStore, checkpoint: Checkpoint, part: str, source: PartSource
 ) -> int:
-    writer = store.writer(session, checkpoint, part)
+    writer = store.writer(session, part_blob(checkpoint, part))
     if isinstance(source, bytes):
         writer.write(source)
     else:
@@ -126,7 +119,17 @@ def _write_part(
     return writer.finish()
 
 
-def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> CheckpointStore | None:
+def part_blob(checkpoint: Checkpoint, part: str) -> Blob:
+    """A part's chunk rows, or its file: `<root>/<job_id>/step-0000123/<part>.bin`."""
+    path = f"{checkpoint.job_id}/step-{checkpoint.step:07d}/{part}.bin"
+    return Blob(CheckpointChunk, {"checkpoint_id": checkpoint.id, "part": part}, path)
+
+
+def _blobs(checkpoint: Checkpoint) -> list[Blob]:
+    return [part_blob(checkpoint, part) for part in PARTS]
+
+
+def _store_holding(checkpoint: Checkpoint, store: BlobStore) -> BlobStore | None:
     """The store with the checkpoint's bytes: `store`, or the database; None when they are
     in a directory `store` does not know (the checkpoint directory setting was changed)."""
     if checkpoint.storage == store.name:
@@ -134,20 +137,6 @@ def _store_holding(checkpoint: Checkpoint, store: CheckpointStore) -> Checkpoint
     if checkpoint.storage == DatabaseStore.name:
         return DatabaseStore()
     return None
-
-
-def list_checkpoints(
-    session: Session,
-    *,
-    job_id: str,
-    after_step: int | None,
-    limit: int,
-    tenant: str | None = None,
-) -> tuple[list[Checkpoint], bool]:
-    """A job's checkpoints in step order."""
-    return jobs_service.job_rows(
-        session, Checkpoint.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
-    )
 
 
 def find_checkpoint(
@@ -168,4 +157,6 @@ def find_checkpoint(
 def read_part(
     session: Session, *, checkpoint: Checkpoint, part: str, checkpoint_dir: Path | None
 ) -> Iterator[bytes]:
-    return store_for(checkpoint.storage, checkpoint_dir).read(session, checkpoint, part)
+    unset = "checkpoint stored in a directory, but TRAINJOB_CHECKPOINT_DIR is unset"
+    store = store_for(checkpoint.storage, checkpoint_dir, unset=unset)
+    return store.read(session, part_blob(checkpoint, part))

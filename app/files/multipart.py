@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from app.blobs import CHUNK_BYTES
 from app.files.exceptions import BadUpload
-from app.files.store import CHUNK_BYTES
 from app.limits import PayloadTooLarge
 
 # Part headers and small fields together; the body-size cap allows this much beside the file.
@@ -149,18 +149,11 @@ async def read_form(
     file over `max_file_bytes` is PayloadTooLarge once that many bytes have come."""
     collector = _Collector(file_field, fields, max_file_bytes)
     try:
-        parser = MultipartParser(
-            boundary_of(content_type),
-            {
-                "on_header_field": collector.on_header_field,
-                "on_header_value": collector.on_header_value,
-                "on_header_end": collector.on_header_end,
-                "on_headers_finished": collector.on_headers_finished,
-                "on_part_data": collector.on_part_data,
-                "on_part_end": collector.on_part_end,
-                "on_end": collector.on_end,
-            },
-        )
+        # Each of python-multipart's callbacks is the collector's method of that name.
+        callbacks = {
+            name: getattr(collector, name) for name in dir(_Collector) if name[:3] == "on_"
+        }
+        parser = MultipartParser(boundary_of(content_type), callbacks)  # type: ignore[arg-type]
         async for message in body:
             parser.write(message)
             for event in collector.events:

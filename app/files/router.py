@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.auth.deps import PrincipalDep
+from app.blobs import default_store
 from app.db import Database
 from app.deps import CeleryDep, DatabaseDep, Limit, SessionDep, SettingsDep
 from app.errors import error_responses
@@ -22,7 +23,6 @@ from app.files.formats import FORMATS
 from app.files.models import DataFile
 from app.files.multipart import FileData, FileStart, FormField, read_form
 from app.files.schemas import FileList, FilePublic, FileStatus
-from app.files.store import default_store
 from app.ids import FILE_ID_PATTERN
 from app.queue import enqueue_validation
 from app.settings import Settings
@@ -170,7 +170,6 @@ def download_file(
 ) -> StreamingResponse:
     """The file's bytes as uploaded."""
     data_file = files_service.get_file(session, file_id=file_id, tenant=principal.scope)
-
     # The body streams after this request's session has closed, a chunk per transaction:
     # a client that reads slowly holds no connection.
     chunks = database.read_piecewise(

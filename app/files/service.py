@@ -11,11 +11,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.blobs import Blob, BlobStore, store_for
 from app.db import page, utcnow
 from app.files.exceptions import BadUpload, FileInUse, FileNotFound
 from app.files.formats import FORMATS, detect_format
-from app.files.models import DataFile, JobFile
-from app.files.store import FileStore, store_for
+from app.files.models import DataFile, FileChunk, JobFile
 from app.ids import is_file_id, new_file_id
 from app.jobs.models import Job
 from app.jobs.runs import ACTIVE_STATUSES
@@ -41,7 +41,7 @@ class Upload:
     and SHA-256. Nothing reaches the database before `finish`: receiving holds no
     connection, however slowly the client sends."""
 
-    def __init__(self, *, store: FileStore, tenant: str, filename: str) -> None:
+    def __init__(self, *, store: BlobStore, tenant: str, filename: str) -> None:
         self.row = DataFile(
             id=new_file_id(),
             tenant=tenant,
@@ -56,7 +56,7 @@ class Upload:
             storage=store.name,
             created_at=utcnow(),
         )
-        self.writer = store.writer(self.row)
+        self.writer = store.stage(_blob(self.row))
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -90,10 +90,8 @@ def check_format(value: str) -> str:
 
 
 def upload_format(explicit: str | None, filename: str) -> str:
-    """The format given with the upload, else the one its name says."""
-    if explicit is not None:
-        return check_format(explicit)
-    detected = detect_format(filename)
+    """The format given with the upload (checked as it arrived), else the one its name says."""
+    detected = explicit or detect_format(filename)
     if detected is None:
         raise BadUpload(
             "format",
@@ -149,7 +147,7 @@ def delete_file(
     )
     if using:
         raise FileInUse(file_id, using)
-    store_for(data_file.storage, files_dir).delete(session, data_file)
+    _store(data_file, files_dir).discard(session, _blob(data_file))
     session.delete(data_file)
     session.flush()
 
@@ -158,4 +156,14 @@ def read_content(
     session: Session, *, data_file: DataFile, files_dir: Path | None
 ) -> Iterator[bytes]:
     """The file's bytes, one chunk (at most CHUNK_BYTES) at a time."""
-    return store_for(data_file.storage, files_dir).read(session, data_file)
+    return _store(data_file, files_dir).read(session, _blob(data_file))
+
+
+def _blob(data_file: DataFile) -> Blob:
+    """The file's chunk rows, or its file: `<root>/<file_id>`."""
+    return Blob(FileChunk, {"file_id": data_file.id}, data_file.id)
+
+
+def _store(data_file: DataFile, files_dir: Path | None) -> BlobStore:
+    unset = "file stored in a directory, but TRAINJOB_FILES_DIR is unset"
+    return store_for(data_file.storage, files_dir, unset=unset)

@@ -106,10 +106,9 @@ def file_problems(
 
 def check_dataset_files(
     session: Session, *, dataset: FileDatasetSpec, model_type: str, tenant: str
-) -> bool:
+) -> None:
     """Raise InvalidRequest (422, naming the spec field) unless the tenant's files can
-    train this model; return whether they are all valid (False: some still validating,
-    and the job waits for them)."""
+    train this model (those still validating, as far as their rows allow)."""
     # FOR SHARE: a validation recording its result waits for this submit's commit, and
     # then sees the new job among those waiting for the file (Postgres; on SQLite the
     # reaper sends a job that this race leaves unsent).
@@ -117,14 +116,12 @@ def check_dataset_files(
         select(DataFile)
         .where(DataFile.id.in_(dataset.file_ids), DataFile.tenant == tenant)
         .with_for_update(read=True)
-    ).all()
-    files = {row.id: row for row in rows}
-    problems = file_problems(dataset, model_type, files)
+    )
+    problems = file_problems(dataset, model_type, {row.id: row for row in rows})
     if problems:
         summary = "; ".join(f"{path}: {message}" for path, message in problems)
         fields = [{"path": path, "message": message} for path, message in problems]
         raise InvalidRequest(summary, fields=fields)
-    return all(row.status == "valid" for row in rows)
 
 
 def link_job_files(session: Session, *, job_id: str, dataset: FileDatasetSpec) -> None:

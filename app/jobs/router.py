@@ -26,6 +26,7 @@ from app.ids import JOB_ID_PATTERN
 from app.jobs import devices
 from app.jobs import service as jobs_service
 from app.jobs.json_body import JsonBodyRoute
+from app.jobs.models import JobAttempt, JobEvent, JobMetric
 from app.jobs.runs import send_jobs
 from app.jobs.schemas import (
     TERMINAL_STATUSES,
@@ -173,8 +174,8 @@ def list_metrics(
     limit: StepsLimit = 100,
 ) -> MetricList:
     """Per-optimizer-step metrics in step order."""
-    rows, has_more = jobs_service.list_metrics(
-        session, job_id=job_id, after_step=after_step, limit=limit, tenant=principal.scope
+    rows, has_more = jobs_service.job_rows(
+        session, JobMetric.step, after_step, job_id=job_id, limit=limit, tenant=principal.scope
     )
     return MetricList(data=rows, has_more=has_more)
 
@@ -257,8 +258,9 @@ def list_events(
     """The job's events, oldest first: status, metrics (one per step), checkpoint,
     oom_backoff, overflow_skip, warning, error. With `Accept: text/event-stream`, a live
     stream of them (see `/events/stream`)."""
-    rows, has_more = jobs_service.list_events(
-        session, job_id=job_id, after=after, limit=limit, types=type, tenant=principal.scope
+    only = [JobEvent.type.in_(type)] if type else []
+    rows, has_more = jobs_service.job_rows(
+        session, JobEvent.id, after, job_id=job_id, limit=limit, tenant=principal.scope, where=only
     )
     return EventList(data=rows, has_more=has_more)
 
@@ -274,7 +276,7 @@ def list_attempts(
     limit: Limit = 100,
 ) -> AttemptList:
     """Every run of the job, oldest first: worker, times, step resumed from, why it ended."""
-    rows, has_more = jobs_service.list_attempts(
-        session, job_id=job_id, after=after, limit=limit, tenant=principal.scope
+    rows, has_more = jobs_service.job_rows(
+        session, JobAttempt.attempt, after, job_id=job_id, limit=limit, tenant=principal.scope
     )
     return AttemptList(data=rows, has_more=has_more)

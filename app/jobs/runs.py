@@ -147,13 +147,7 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
     )
     data = {"status": "running", "worker": worker, "attempt": row.attempts}
     append_events(session, job_id, [("status", data | {"resumed_from_step": resumed_from_step})])
-    return Claim(
-        job_id=job_id,
-        lease=row.lease,
-        attempt=row.attempts,
-        resumed_from_step=resumed_from_step,
-        runtime_seconds=row.runtime_seconds,
-    )
+    return Claim(job_id, row.lease, row.attempts, resumed_from_step, row.runtime_seconds)
 
 
 def owned(claim: Claim) -> ColumnElement[bool]:
@@ -161,9 +155,18 @@ def owned(claim: Claim) -> ColumnElement[bool]:
     return and_(Job.id == claim.job_id, Job.lease == claim.lease, Job.status.in_(LIVE_STATUSES))
 
 
-def renew_lease(session: Session, *, claim: Claim, runtime_seconds: float) -> Heartbeat:
-    """Renew the lease, record the training time, and read the flags a worker obeys."""
-    return _heartbeat(session, claim, {"runtime_seconds": runtime_seconds})
+def renew_lease(session: Session, *, claim: Claim, **values: Any) -> Heartbeat:
+    """Renew the lease, write `values` to the job (the training time, the progress), and
+    read the flags a worker obeys."""
+    row = session.execute(
+        update(Job)
+        .where(owned(claim))
+        .values(heartbeat_at=utcnow(), **values)
+        .returning(Job.cancel_requested, Job.release_requested)
+    ).first()
+    if row is None:
+        raise LeaseLost(claim.job_id)
+    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
 def record_progress(
@@ -175,7 +178,7 @@ def record_progress(
     events: Sequence[tuple[str, dict[str, Any]]],
 ) -> Heartbeat:
     """Write a batch of steps and events; renews the lease like a heartbeat."""
-    heartbeat = _heartbeat(session, claim, job_values)
+    heartbeat = renew_lease(session, claim=claim, **job_values)
     if metrics:
         session.execute(insert(JobMetric), [metric_row(claim.job_id, m) for m in metrics])
     # Each step is also a `metrics` event, so that one cursor (the event id) orders
@@ -183,18 +186,6 @@ def record_progress(
     append_events(session, claim.job_id, [("metrics", metric_event_data(m)) for m in metrics])
     append_events(session, claim.job_id, events)
     return heartbeat
-
-
-def _heartbeat(session: Session, claim: Claim, values: dict[str, Any]) -> Heartbeat:
-    row = session.execute(
-        update(Job)
-        .where(owned(claim))
-        .values(heartbeat_at=utcnow(), **values)
-        .returning(Job.cancel_requested, Job.release_requested)
-    ).first()
-    if row is None:
-        raise LeaseLost(claim.job_id)
-    return Heartbeat(bool(row.cancel_requested), bool(row.release_requested))
 
 
 def finish_job(
@@ -249,8 +240,7 @@ def hand_back(
         finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)
         return False
     if attempts >= job.max_attempts:
-        message = f"{reason}: no attempts left ({job.max_attempts} used)"
-        error = (reason, message)
+        error = (reason, f"{reason}: no attempts left ({job.max_attempts} used)")
         finish_job(
             session, claim=claim, status="failed", error=error, runtime_seconds=runtime_seconds
         )

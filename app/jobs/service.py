@@ -19,7 +19,7 @@ from app.files import usage as files_usage
 from app.ids import is_job_id, new_job_id
 from app.jobs import idempotency, runs
 from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
-from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
+from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.reads import Reads, Statement
@@ -185,16 +185,10 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
         raise JobAlreadyFinished(job_id, job.status)
     if job.status == "cancelling":
         return job
-    now = utcnow()
-    # Conditional on the status we read, so a worker's claim and this cancel cannot both win.
+    values: dict[str, Any] = {"status": "cancelling", "cancel_requested": True}
     if job.status == "queued":
-        values: dict[str, Any] = {
-            "status": "cancelled",
-            "finished_at": now,
-            "cancel_requested": True,
-        }
-    else:
-        values = {"status": "cancelling", "cancel_requested": True}
+        values |= {"status": "cancelled", "finished_at": utcnow()}
+    # Conditional on the status we read, so a worker's claim and this cancel cannot both win.
     changed = session.execute(
         update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
     ).rowcount  # type: ignore[attr-defined]
@@ -205,52 +199,19 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
     return job
 
 
-def list_events(
-    session: Session,
-    *,
-    job_id: str,
-    after: int | None,
-    limit: int,
-    types: Sequence[str] | None = None,
-    tenant: str | None = None,
-) -> tuple[list[JobEvent], bool]:
-    """Oldest first from the cursor `after` (an event id), optionally of some types only."""
-    only = [JobEvent.type.in_(types)] if types else []
-    return job_rows(
-        session, JobEvent.id, job_id=job_id, after=after, limit=limit, tenant=tenant, where=only
-    )
-
-
-def list_attempts(
-    session: Session, *, job_id: str, after: int | None, limit: int, tenant: str | None = None
-) -> tuple[list[JobAttempt], bool]:
-    """The job's runs, oldest first, from the cursor `after` (an attempt number)."""
-    return job_rows(
-        session, JobAttempt.attempt, job_id=job_id, after=after, limit=limit, tenant=tenant
-    )
-
-
-def list_metrics(
-    session: Session, *, job_id: str, after_step: int | None, limit: int, tenant: str | None = None
-) -> tuple[list[JobMetric], bool]:
-    """Per-step metrics in step order from the cursor `after_step`."""
-    return job_rows(
-        session, JobMetric.step, job_id=job_id, after=after_step, limit=limit, tenant=tenant
-    )
-
-
 def job_rows(
     session: Session,
     cursor: InstrumentedAttribute[int],
+    after: int | None,
     *,
     job_id: str,
-    after: int | None,
     limit: int,
     tenant: str | None = None,
     where: Sequence[ColumnElement[bool]] = (),
 ) -> tuple[list[Any], bool]:
     """A page of the job's rows of `cursor`'s table (metrics, events, ...) in `cursor`
-    order, from the value `after`; JobNotFound when `tenant` may not see the job."""
+    order, from the value `after`, of those that match `where` (events of some types);
+    JobNotFound when `tenant` may not see the job."""
     get_job(session, job_id=job_id, tenant=tenant)
     model = cursor.class_
     query = select(model).where(model.job_id == job_id, *where).order_by(cursor)

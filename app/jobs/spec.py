@@ -12,7 +12,7 @@ import math
 from collections import deque
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -31,10 +31,7 @@ DATASET_ENTRY_POINT_GROUP = "trainjob.datasets"
 MAX_MICRO_BATCH_SIZE = 4096
 MAX_ACCUMULATION_STEPS = 4096
 MAX_BATCH_SIZE = 65536
-MAX_ATTEMPTS = 10
-MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 MAX_STEPS = 1_000_000
-MAX_EPOCHS = 1000
 MAX_PARAMETERS = 200_000_000
 # One micro-batch's activations, counted in elements of the largest tensors the
 # built-in models keep for backward. 2**32 fp32 elements is 16 GiB: beyond any
@@ -55,13 +52,17 @@ HF_MODELS = frozenset({"hf-causal-lm", "hf-sequence-classification"})
 ADAMW_MODELS = HF_MODELS | {"tiny-gpt"}
 
 
+# In [0, 1): dropout, momentum and Adam's betas.
+_Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _by_type(*classes: type[BaseModel]) -> dict[str, type[BaseModel]]:
+def _by_type(union: Any) -> dict[str, type[BaseModel]]:
     """Built-in spec classes by the name their `type` field defaults to."""
-    return {spec_class.model_fields["type"].default: spec_class for spec_class in classes}
+    return {spec_class.model_fields["type"].default: spec_class for spec_class in get_args(union)}
 
 
 # ---------------------------------------------------------------- models
@@ -72,7 +73,7 @@ class MlpSpec(_Strict):
     hidden_sizes: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
         default_factory=lambda: [64], max_length=8
     )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: _Fraction = 0.0
 
 
 class CnnSpec(_Strict):
@@ -82,7 +83,7 @@ class CnnSpec(_Strict):
     )
     kernel_size: int = Field(3, ge=1, le=7)
     hidden_size: int = Field(64, ge=1, le=4096)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: _Fraction = 0.0
 
 
 class TinyGptSpec(_Strict):
@@ -91,7 +92,7 @@ class TinyGptSpec(_Strict):
     n_head: int = Field(2, ge=1, le=32)
     n_embd: int = Field(64, ge=8, le=2048)
     block_size: int = Field(128, ge=2, le=2048)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: _Fraction = 0.0
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyGptSpec:
@@ -144,18 +145,9 @@ class HfSequenceClassificationSpec(_HfModelSpec):
     type: Literal["hf-sequence-classification"] = "hf-sequence-classification"
 
 
-BUILTIN_MODELS = _by_type(
-    MlpSpec, CnnSpec, TinyGptSpec, HfCausalLmSpec, HfSequenceClassificationSpec
-)
-
-ModelSpec = (
-    MlpSpec
-    | CnnSpec
-    | TinyGptSpec
-    | HfCausalLmSpec
-    | HfSequenceClassificationSpec
-    | PluginModelSpec
-)
+_BuiltinModelSpec = MlpSpec | CnnSpec | TinyGptSpec | HfCausalLmSpec | HfSequenceClassificationSpec
+BUILTIN_MODELS = _by_type(_BuiltinModelSpec)
+ModelSpec = _BuiltinModelSpec | PluginModelSpec
 
 
 # ---------------------------------------------------------------- datasets
@@ -221,12 +213,8 @@ class FileDatasetSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _nothing_held_out_beside_a_validation_file(cls, data: Any) -> Any:
-        if (
-            isinstance(data, dict)
-            and "eval_fraction" not in data
-            and data.get("validation_file_id") is not None
-        ):
-            return {**data, "eval_fraction": 0.0}
+        if isinstance(data, dict) and data.get("validation_file_id") is not None:
+            return {"eval_fraction": 0.0, **data}
         return data
 
     @property
@@ -241,11 +229,9 @@ class PluginDatasetSpec(BaseModel):
     type: str
 
 
-BUILTIN_DATASETS = _by_type(SyntheticClassificationSpec, DigitsSpec, TinyTextSpec, FileDatasetSpec)
-
-DatasetSpec = (
-    SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec | PluginDatasetSpec
-)
+_BuiltinDatasetSpec = SyntheticClassificationSpec | DigitsSpec | TinyTextSpec | FileDatasetSpec
+BUILTIN_DATASETS = _by_type(_BuiltinDatasetSpec)
+DatasetSpec = _BuiltinDatasetSpec | PluginDatasetSpec
 
 # What each built-in model needs from its data: flat features, images, or tokens.
 # A file's kind is known only once it is validated: the submit route checks those.
@@ -290,17 +276,15 @@ class OptimizerSpec(_Strict):
 
     type: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(SGD_LR, gt=0.0, le=10.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only")
+    momentum: _Fraction = Field(0.0, description="SGD only")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    betas: tuple[
-        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
-    ] = (0.9, 0.999)
+    betas: tuple[_Fraction, _Fraction] = (0.9, 0.999)
 
     @model_validator(mode="before")
     @classmethod
     def _lr_for_the_type(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "lr" not in data and data.get("type") == "adamw":
-            return {**data, "lr": ADAMW_LR}
+        if isinstance(data, dict) and data.get("type") == "adamw":
+            return {"lr": ADAMW_LR, **data}
         return data
 
 
@@ -335,7 +319,7 @@ class JobSpec(_Strict):
     accumulation_steps: int | None = Field(None, ge=1, le=MAX_ACCUMULATION_STEPS)
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    epochs: int | None = Field(None, ge=1, le=1000)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec)
     grad_clip_norm: float | None = Field(None, gt=0.0, le=1e6)
@@ -348,9 +332,9 @@ class JobSpec(_Strict):
     keep_checkpoints: KeepCheckpointsSpec | None = None
     # How many runs may end in an infrastructure failure (worker lost, lease expired,
     # connection lost) before the job fails; deterministic failures never retry.
-    max_attempts: int = Field(3, ge=1, le=MAX_ATTEMPTS)
+    max_attempts: int = Field(3, ge=1, le=10)
     # Training time over all attempts; on expiry the job checkpoints and fails `timeout`.
-    max_runtime_seconds: int | None = Field(None, ge=1, le=MAX_RUNTIME_SECONDS)
+    max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
 
     @field_validator("model", "dataset", mode="before")
     @classmethod
@@ -377,7 +361,7 @@ class JobSpec(_Strict):
 
     @field_validator("micro_batch_size")
     @classmethod
-    def _micro_batch_in_range(cls, value: int | str | None, info: ValidationInfo) -> Any:
+    def _micro_batch_in_range(cls, value: int | str | None) -> Any:
         if isinstance(value, int) and not 1 <= value <= MAX_MICRO_BATCH_SIZE:
             raise PydanticCustomError(
                 "micro_batch_range",
@@ -418,11 +402,9 @@ class JobSpec(_Strict):
             return data  # the model's own validation says what is wrong
         optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
         defaults: dict[str, Any] = {"type": optimizer_type}
-        pretrained = model.get("pretrained") is not None
-        if optimizer_type == "adamw" and model_type in HF_MODELS and pretrained:
+        if optimizer_type == "adamw" and model_type in HF_MODELS and model.get("pretrained"):
             defaults["lr"] = FINE_TUNING_LR
-        merged = {**defaults, **optimizer}
-        return data if merged == optimizer else {**data, "optimizer": merged}
+        return {**data, "optimizer": {**defaults, **optimizer}}
 
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:
@@ -459,13 +441,12 @@ class JobSpec(_Strict):
             return self._with(batch_size=product)
         # Two given, one of them the batch: the other divides it into the third.
         assert batch is not None
-        if micro is not None:
-            divisor, divisor_name = int(micro), "micro_batch_size"
-            derived_name, high = "accumulation_steps", MAX_ACCUMULATION_STEPS
-        else:
-            assert steps is not None
-            divisor, divisor_name = steps, "accumulation_steps"
-            derived_name, high = "micro_batch_size", MAX_MICRO_BATCH_SIZE
+        divisor_name, derived_name, high = (
+            ("micro_batch_size", "accumulation_steps", MAX_ACCUMULATION_STEPS)
+            if micro is not None
+            else ("accumulation_steps", "micro_batch_size", MAX_MICRO_BATCH_SIZE)
+        )
+        divisor: int = getattr(self, divisor_name)
         if batch % divisor:
             raise _field_error(
                 "batch_size", f"must be a multiple of {divisor_name} ({divisor}), not {batch}"
@@ -495,9 +476,7 @@ class JobSpec(_Strict):
                     "there is nothing to evaluate on: give dataset.validation_file_id or "
                     "a dataset.eval_fraction above 0",
                 )
-            if dataset.tokenizer == "model" and not isinstance(
-                model, HfCausalLmSpec | HfSequenceClassificationSpec
-            ):
+            if dataset.tokenizer == "model" and not isinstance(model, _HfModelSpec):
                 raise _field_error(
                     "dataset.tokenizer",
                     f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
@@ -537,16 +516,14 @@ class JobSpec(_Strict):
             raise _field_error(
                 "model", f"has about {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}"
             )
-        largest_micro = (
-            self.batch_size if self.micro_batch_size == "auto" else self.micro_batch_size
-        )
+        field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
+        largest_micro = getattr(self, field)
         per_sample = estimate_activation_elements_per_sample(self)
         if (
             per_sample is not None
             and isinstance(largest_micro, int)
             and per_sample * largest_micro > MAX_ACTIVATION_ELEMENTS
         ):
-            field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
             limit = MAX_ACTIVATION_ELEMENTS // per_sample
             raise _field_error(
                 field,
@@ -659,13 +636,11 @@ def validation_messages(error: ValidationError) -> list[str]:
     """One line per bad field, each starting with the field's dotted path."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        ctx_field = (item.get("ctx") or {}).get("field")
-        if ctx_field:
-            location = str(ctx_field)
-            message = str(item["ctx"]["message"])
+        context = item.get("ctx") or {}
+        if context.get("field"):
+            location, message = str(context["field"]), str(context["message"])
         else:
-            message = message.removeprefix("Value error, ")
+            location = ".".join(str(part) for part in item["loc"])
+            message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{location}: {message}" if location else message)
     return lines

@@ -48,10 +48,6 @@ class AcceptsEventStream(APIRoute):
         return super().matches(scope)
 
 
-def is_terminal(event: LiveEvent) -> bool:
-    return event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
-
-
 class _Cursor:
     """What this stream has sent so far."""
 
@@ -66,7 +62,7 @@ class _Cursor:
                 continue
             taken.append(event.sse)
             self.last = event.id
-            self.finished = is_terminal(event)
+            self.finished = event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
         return taken
 
 
@@ -128,9 +124,7 @@ async def job_event_stream(
 
 def parse_last_event_id(value: Any) -> int | None:
     """The Last-Event-ID header: an event id, or None when absent or not a number."""
-    if value is None:
-        return None
-    text = str(value).strip()
+    text = str(value).strip()  # None: "None", no number
     # isdigit() alone passes "²" and 5,000 digits, both of which int() refuses, and ids
     # past a 64-bit column, which the database refuses.
     if not (text.isascii() and text.isdigit()) or len(text) > 19:

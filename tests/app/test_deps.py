@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.blobs import DatabaseStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import DatabaseStore
 from app.db import Database, upgrade
 from app.jobs import runs
 from tests.app.files.stored_files import add_file

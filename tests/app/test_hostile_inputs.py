@@ -22,8 +22,8 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from app.blobs import DatabaseStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import DatabaseStore
 from app.db import Database, upgrade
 from app.jobs import runs
 from app.jobs.models import Job

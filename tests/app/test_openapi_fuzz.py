@@ -22,12 +22,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from schemathesis.python import asgi
 
+from app.blobs import DatabaseStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import DatabaseStore
 from app.db import Database, upgrade
 from app.files import service as files_service
 from app.files.models import JobFile
-from app.files.store import DatabaseFileStore
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
@@ -66,7 +65,7 @@ def _seed(database: Database) -> list[str]:
         jobs_service.request_cancel(session, job_id=cancelled.id)
         # An uploaded file a queued job uses: it can be read, and its DELETE is a 409.
         upload = files_service.Upload(
-            store=DatabaseFileStore(), tenant="default", filename="seed.jsonl"
+            store=DatabaseStore(), tenant="default", filename="seed.jsonl"
         )
         upload.write(b'{"text": "seed"}\n')
         data_file = upload.finish(session, format="jsonl")

@@ -15,6 +15,7 @@ from app.db import Database
 from app.files.models import DataFile
 from app.files.usage import record_validation
 from app.jobs import service as jobs_service
+from app.jobs.models import JobMetric
 from app.settings import Settings
 from tests.app.files.stored_files import (
     TEXT_STATS,
@@ -112,7 +113,7 @@ def test_a_job_on_a_valid_file_trains_on_its_bytes_in_a_directory_removed_after(
     assert job.status == "succeeded", job.error_message
     assert job.step == 3 and job.tokens_seen > 0
     with database.session() as session:
-        metrics, _ = jobs_service.list_metrics(session, job_id=job_id, after_step=None, limit=10)
+        metrics, _ = jobs_service.job_rows(session, JobMetric.step, None, job_id=job_id, limit=10)
     assert all(metric.extra.get("eval_loss") is not None for metric in metrics)
     assert sorted(path.stem for path in fetched) == sorted([file_id, held_out])
     assert all(path.parent.parent == run_tmp for path in fetched)

@@ -14,8 +14,8 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
-from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import default_store
+from app.blobs import default_store
+from app.checkpoints.models import Checkpoint
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
@@ -127,9 +127,7 @@ def test_a_stopped_and_resumed_run_keeps_exactly_the_policy_s_checkpoints(
     expected = expected_survivors(eval_by_step, {m.step: m.loss for m in steps})
     assert expected == {7, 11, 12}  # the best (6's eval, tied, newer step) is not a newest
     with database.session() as session:
-        kept, _ = checkpoints_service.list_checkpoints(
-            session, job_id=job_id, after_step=None, limit=100
-        )
+        kept, _ = jobs_service.job_rows(session, Checkpoint.step, None, job_id=job_id, limit=100)
         last_eval = {step: eval_by_step[step - step % 2] for step in range(2, 13)}
         assert {row.step: row.eval_loss for row in kept} == {s: last_eval[s] for s in expected}
     if checkpoint_dir is not None:

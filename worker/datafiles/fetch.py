@@ -4,6 +4,7 @@ the runs that train on it. No torch: the validation task imports this."""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 
 from app.db import Database
@@ -51,20 +52,13 @@ class RunFiles:
     `directory` on first use and read from there after."""
 
     def __init__(self, database: Database, *, files_dir: Path | None, directory: Path) -> None:
-        self.database = database
-        self.files_dir = files_dir
-        self.directory = directory
+        self._fetch = partial(fetch_file, database, files_dir=files_dir, directory=directory)
         self._paths: dict[str, Path] = {}
 
     def __call__(self, file_id: str) -> Path:
         if file_id not in self._paths:
             try:
-                self._paths[file_id] = fetch_file(
-                    self.database,
-                    file_id=file_id,
-                    files_dir=self.files_dir,
-                    directory=self.directory,
-                )
+                self._paths[file_id] = self._fetch(file_id=file_id)
             except NotFound as gone:
                 raise TrainingError("invalid_data", f"file {file_id} no longer exists") from gone
             except StoredFileDamaged as damaged:

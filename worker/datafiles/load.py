@@ -22,12 +22,14 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from app.files.formats import detect_format
 from app.jobs.spec import FileDatasetSpec
 from worker.datafiles.tokenizers import ByteTokenizer, CharTokenizer, TextTokenizer
 from worker.datafiles.validate import (
@@ -44,10 +46,8 @@ from worker.datafiles.validate import (
     open_xy,
     parse_csv_row,
     read_csv,
-    read_csv_layout,
     read_jsonl,
     read_npy_as,
-    typed_csv_labels,
 )
 from worker.engine.data_types import (
     DataInfo,
@@ -92,11 +92,8 @@ def load_file_dataset(
 
 def file_format(path: Path) -> str:
     """jsonl, csv or npz: from the name's suffix, else from the first bytes."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix in (".csv", ".npz"):
-        return suffix[1:]
+    if named := detect_format(path.name):
+        return named
     with path.open("rb") as handle:
         head = handle.read(64)
     if head.startswith(b"PK"):
@@ -129,14 +126,8 @@ def _class_indices(file_id: str, labels: Sequence[Label], classes: Sequence[Labe
 
 def _unknown_labels(unknown: set[str]) -> str:
     shown = sorted(unknown)
-    return (
-        "labels the training file does not have: "
-        + ", ".join(shown[:5])
-        + (", …" if len(shown) > 5 else "")
-    )
-
-
-# ---------------------------------------------------------------- text
+    more = ", …" if len(shown) > 5 else ""
+    return f"labels the training file does not have: {', '.join(shown[:5])}{more}"
 
 
 @dataclass
@@ -174,12 +165,11 @@ def _encode(
             prompt = tokenizer.encode(row.prompt)
             ids = (prompt + tokenizer.encode(row.completion))[:max_length]
             loss_start = max(1, len(prompt))
-            usable = len(ids) > loss_start  # at least one completion token survives the cut
         else:
+            # A label needs one token to stand on; text, a token to predict after the first.
             ids = tokenizer.encode(row.text)[:max_length]
-            loss_start = 1
-            usable = len(ids) >= (1 if row.kind == LABELLED_TEXT else 2)
-        if not usable:
+            loss_start = 0 if row.kind == LABELLED_TEXT else 1
+        if len(ids) <= loss_start:  # no loss unit survives the cut
             continue
         if max(ids) >= tokenizer.vocab_size or min(ids) < 0:
             raise TrainingError(
@@ -201,15 +191,12 @@ def _text_splits(
     validation_path: Path | None,
     tokenizer: TextTokenizer | None,
 ) -> DataSplits:
-    if tokenizer is None:
-        if spec.tokenizer == "char":
-            # Characters past max_length are cut before they become tokens: leave them out.
-            rows = _jsonl_rows(spec.file_id, train_path)
-            tokenizer = CharTokenizer.from_texts(
-                (row.prompt + row.loss_text)[: spec.max_length] for row in rows
-            )
-        else:
-            tokenizer = ByteTokenizer()
+    if tokenizer is None and spec.tokenizer == "char":
+        # Characters past max_length are cut before they become tokens: leave them out.
+        rows = _jsonl_rows(spec.file_id, train_path)
+        tokenizer = CharTokenizer((row.prompt + row.loss_text)[: spec.max_length] for row in rows)
+    elif tokenizer is None:
+        tokenizer = ByteTokenizer()
     train = _encode(spec.file_id, train_path, tokenizer, spec.max_length)
     if train is None or not train.sequences:
         raise _invalid(
@@ -217,7 +204,6 @@ def _text_splits(
         )
     # The whole training file's labels, before any are held out (one type: sortable).
     classes = sorted(set(train.labels)) if train.kind == LABELLED_TEXT else None
-    held_out: _EncodedText | None = None
     if validation_path is not None:
         assert spec.validation_file_id is not None
         if (spec.format or file_format(validation_path)) != "jsonl":
@@ -254,38 +240,35 @@ def _text_splits(
     )
 
 
-# ---------------------------------------------------------------- tables
-
-
-@dataclass
-class _Labels:
-    """A file's class labels without a Python object per row: each row's code, and the
-    label each code stands for (codes of equal labels may differ, e.g. CSV "1" and "01")."""
-
-    codes: np.ndarray[Any, Any]
-    values: Sequence[Label]
-
-    def class_indices(self, file_id: str, classes: list[Label]) -> torch.Tensor:
-        """Each row's index among the sorted training classes; unknown labels fail."""
-        by_code = _class_indices(file_id, self.values, classes).numpy()
-        return torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
-
-
 @dataclass
 class _Table:
-    """Feature rows with their labels (classification) or float targets (regression)."""
+    """Feature rows with float targets (regression), or with class labels held without a
+    Python object per row: each row's code, and the label each code stands for (codes of
+    equal labels may differ, e.g. CSV "1" and "01")."""
 
     file_id: str
     kind: str
     features: torch.Tensor
-    labels: _Labels | None = None
     targets: torch.Tensor | None = None
+    codes: np.ndarray[Any, Any] | None = None
+    labels: Sequence[Label] = ()
 
     @property
     def integer_labels(self) -> bool:
-        return self.labels is not None and all(
-            isinstance(value, int) for value in self.labels.values
-        )
+        return self.kind == CLASSIFICATION and all(isinstance(label, int) for label in self.labels)
+
+    def sample_set(self, classes: list[Label] | None, rows: list[int] | None = None) -> SampleSet:
+        """The rows (all by default) with their float targets, or with their indices among
+        the sorted training classes (unknown labels fail)."""
+        targets = self.targets
+        if targets is None:
+            assert self.codes is not None and classes is not None
+            by_code = _class_indices(self.file_id, self.labels, classes).numpy()
+            targets = torch.from_numpy(by_code[self.codes])  # numpy: no int64 copy of the codes
+        if rows is None:
+            return TensorSet(self.features, targets)
+        index = torch.tensor(rows, dtype=torch.long)
+        return TensorSet(self.features[index], targets[index])
 
 
 def _read_table(
@@ -309,16 +292,13 @@ def _csv_row_bound(path: Path, columns: int) -> int:
     """At most this many data rows: no more than the file's lines, and no more than its
     bytes allow (a row has a character and a separator for each column), so that arrays
     of this many rows can be allocated up front, whatever a file of blank lines claims."""
-    lines = 0
     with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            lines += block.count(b"\n")
+        lines = sum(block.count(b"\n") for block in iter(partial(handle.read, 1 << 20), b""))
     return min(lines + 1, path.stat().st_size // (2 * columns - 1) + 1)
 
 
 def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
-    lines = read_csv(path)
-    layout = read_csv_layout(lines)
+    layout, lines = read_csv(path)
     # Filled in place as rows stream in: no Python objects per value or per row, and
     # no copy when done (the unused tail of the arrays is never touched, so it takes
     # address space, not memory).
@@ -345,19 +325,13 @@ def _read_csv(file_id: str, path: Path, integer_labels: bool | None) -> _Table:
     if layout.kind == REGRESSION:
         target_tensor = torch.from_numpy(targets[:rows].reshape(rows, 1))
         return _Table(file_id, REGRESSION, features_tensor, targets=target_tensor)
-    raw_labels = list(code_of)
-    values: list[Label]
-    if integer_labels is None:
-        typed = typed_csv_labels(raw_labels)
-        values = [typed[label] for label in raw_labels]
-    elif integer_labels:
-        not_integers = {label for label in raw_labels if _int_or_none(label) is None}
-        if not_integers:
-            raise RowProblem(_unknown_labels(not_integers))
-        values = [int(label) for label in raw_labels]
-    else:
-        values = list(raw_labels)
-    return _Table(file_id, CLASSIFICATION, features_tensor, labels=_Labels(codes[:rows], values))
+    values: list[Label] = list(code_of)
+    not_integers = {label for label in code_of if _int_or_none(label) is None}
+    if integer_labels and not_integers:
+        raise RowProblem(_unknown_labels(not_integers))
+    if integer_labels or (integer_labels is None and not not_integers):
+        values = [int(label) for label in code_of]
+    return _Table(file_id, CLASSIFICATION, features_tensor, codes=codes[:rows], labels=values)
 
 
 def _int_or_none(label: str) -> int | None:
@@ -368,11 +342,11 @@ def _int_or_none(label: str) -> int | None:
 
 
 def _read_npz(file_id: str, path: Path) -> _Table:
-    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, x_data, y_npy, y_data):
+    with zipfile.ZipFile(path) as archive, open_xy(archive) as (kind, x_npy, y_npy):
         # float64 stays float64 (an fp64 run keeps every digit); anything else trains
         # as float32, converted as it is read.
-        x = read_npy_as(x_npy, x_data, _float_type(x_npy.dtype))
-        y = read_npy_as(y_npy, y_data, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
+        x = read_npy_as(x_npy, _float_type(x_npy.dtype))
+        y = read_npy_as(y_npy, _float_type(y_npy.dtype) if kind == REGRESSION else np.int64)
     features = torch.from_numpy(x)
     if kind == REGRESSION:
         targets = torch.from_numpy(y).reshape(len(y), -1)
@@ -382,8 +356,8 @@ def _read_npz(file_id: str, path: Path) -> _Table:
     slices = (y[start : start + SCAN_ELEMENTS] for start in range(0, len(y), SCAN_ELEMENTS))
     classes = distinct_classes(slices)
     assert classes is not None  # no limit
-    labels = _Labels(np.searchsorted(np.array(classes, dtype=y.dtype), y), classes)
-    return _Table(file_id, CLASSIFICATION, features, labels=labels)
+    codes = np.searchsorted(np.array(classes, dtype=y.dtype), y)
+    return _Table(file_id, CLASSIFICATION, features, codes=codes, labels=classes)
 
 
 def _float_type(dtype: np.dtype[Any]) -> type[Any]:
@@ -414,42 +388,24 @@ def _check_same_shape(train: _Table, held_out: _Table) -> None:
         )
 
 
-def _table_set(table: _Table, rows: list[int] | None, classes: list[Label] | None) -> SampleSet:
-    if table.kind == REGRESSION:
-        assert table.targets is not None
-        targets = table.targets
-    else:
-        assert table.labels is not None and classes is not None
-        targets = table.labels.class_indices(table.file_id, classes)
-    if rows is None:
-        return TensorSet(table.features, targets)
-    index = torch.tensor(rows, dtype=torch.long)
-    return TensorSet(table.features[index], targets[index])
-
-
 def _table_splits(
     spec: FileDatasetSpec, seed: int, train: _Table, held_out: _Table | None
 ) -> DataSplits:
-    input_shape = tuple(train.features.shape[1:])
-    classes = None
-    if train.kind == REGRESSION:
-        assert train.targets is not None
-        info = DataInfo(input_shape=input_shape, target_size=int(train.targets.shape[1]))
-    else:
-        assert train.labels is not None
-        classes = sorted(set(train.labels.values))  # one type: ints, or the strings
-        info = DataInfo(
-            input_shape=input_shape,
-            num_classes=len(classes),
-            class_labels=tuple(classes),
-        )
+    # One type: ints, or the strings.
+    classes = sorted(set(train.labels)) if train.kind == CLASSIFICATION else None
+    info = DataInfo(
+        input_shape=tuple(train.features.shape[1:]),
+        num_classes=None if classes is None else len(classes),
+        class_labels=None if classes is None else tuple(classes),
+        target_size=None if train.targets is None else int(train.targets.shape[1]),
+    )
     # Every training row trains, in the file's order: no copy of them.
     if held_out is not None or spec.eval_fraction == 0:
-        held_set = None if held_out is None else _table_set(held_out, None, classes)
-        return DataSplits(_table_set(train, None, classes), held_set, info)
+        held_set = None if held_out is None else held_out.sample_set(classes)
+        return DataSplits(train.sample_set(classes), held_set, info)
     train_rows, held_rows = _held_out_order(len(train.features), spec.eval_fraction, seed)
     return DataSplits(
-        _table_set(train, train_rows, classes),
-        _table_set(train, held_rows, classes) if held_rows else None,
+        train.sample_set(classes, train_rows),
+        train.sample_set(classes, held_rows) if held_rows else None,
         info,
     )

@@ -41,13 +41,6 @@ logger = logging.getLogger(__name__)
 # worker process this often is recorded invalid rather than tried forever.
 MAX_VALIDATION_ATTEMPTS = 2
 
-# The database went away: nothing can be recorded now. The file stays `validating`
-# and the reaper sends its validation again.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-)
-
 
 def validate_stored_file(
     file_id: str, settings: Settings, *, enqueue: Callable[[str], bool]
@@ -102,7 +95,15 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
             logger.info("file %s is %s: nothing to validate", file_id, state)
             return None
         file_format = data_file.format
-    attempt = _begin_attempt(database, file_id)
+        # Count this delivery in the file's row (one conditional update: two at once count
+        # two); None when the file is no longer validating (settled or deleted since).
+        attempt = session.scalar(
+            update(DataFile)
+            .where(DataFile.id == file_id, DataFile.status == "validating")
+            .values(validation_attempts=DataFile.validation_attempts + 1)
+            .returning(DataFile.validation_attempts)
+        )
+        session.commit()
     if attempt is None:
         return None
     if attempt > MAX_VALIDATION_ATTEMPTS:
@@ -124,26 +125,13 @@ def _check(database: Database, settings: Settings, file_id: str) -> ValidationRe
         except NotFound:
             logger.info("file %s was deleted while it was being validated", file_id)
             return None
-        except CONNECTION_ERRORS:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+            # The database went away: nothing can be recorded now. The file stays
+            # `validating` and the reaper sends its validation again.
             raise
         except Exception as failure:  # unreadable bytes or a bug: say so, never hang
             logger.exception("file %s: validation crashed", file_id)
             return ValidationReport.invalid(f"the file could not be validated: {_reason(failure)}")
-
-
-def _begin_attempt(database: Database, file_id: str) -> int | None:
-    """Count this delivery in the file's row, and return its number; None when the file
-    is no longer validating (settled or deleted meanwhile). One conditional update: two
-    deliveries at once count two."""
-    with database.session() as session:
-        attempt = session.scalar(
-            update(DataFile)
-            .where(DataFile.id == file_id, DataFile.status == "validating")
-            .values(validation_attempts=DataFile.validation_attempts + 1)
-            .returning(DataFile.validation_attempts)
-        )
-        session.commit()
-    return attempt
 
 
 def _reason(failure: Exception) -> str:

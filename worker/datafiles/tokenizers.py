@@ -44,17 +44,10 @@ class CharTokenizer:
     pad_id = 0
     unknown_id = 1
 
-    def __init__(self, characters: Iterable[str]) -> None:
-        self.characters = sorted(set(characters))
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.characters = sorted(set(itertools.chain.from_iterable(texts)))
         self._ids = {char: index + 2 for index, char in enumerate(self.characters)}
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
-        return cls(itertools.chain.from_iterable(texts))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.characters) + 2
+        self.vocab_size = len(self.characters) + 2
 
     def encode(self, text: str) -> list[int]:
         ids, unknown = self._ids, self.unknown_id

@@ -16,15 +16,15 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
+from numpy.lib import format as npy_format
 
-FORMATS = ("jsonl", "csv", "npz")
 TEXT, PROMPT_COMPLETION, LABELLED_TEXT = "text", "prompt_completion", "labelled_text"
 CLASSIFICATION, REGRESSION = "classification", "regression"
 
@@ -77,9 +77,8 @@ class _Problems:
 
     def listed(self) -> list[str]:
         if self.count <= MAX_ERRORS:
-            return list(self.messages)
-        shown = self.messages[: MAX_ERRORS - 1]
-        return [*shown, f"… and {self.count - len(shown)} more"]
+            return self.messages
+        return [*self.messages[: MAX_ERRORS - 1], f"… and {self.count - MAX_ERRORS + 1} more"]
 
 
 def validate_file(path: Path, format: str) -> ValidationReport:
@@ -87,12 +86,13 @@ def validate_file(path: Path, format: str) -> ValidationReport:
     problems = _Problems()
     kind: str | None = None
     stats: dict[str, Any] = {"rows": 0}
-    if format not in _VALIDATORS:
-        problems.add(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+    validators = {"jsonl": _validate_jsonl, "csv": _validate_csv, "npz": _validate_npz}
+    if format not in validators:
+        problems.add(f"unknown format {format!r}; known: {', '.join(validators)}")
     elif path.stat().st_size == 0:
         problems.add("the file is empty")
     else:
-        kind, stats = _VALIDATORS[format](path, problems)
+        kind, stats = validators[format](path, problems)
     if problems.count:
         return ValidationReport("invalid", kind, problems.listed(), {"rows": stats.get("rows", 0)})
     return ValidationReport("valid", kind, [], stats)
@@ -107,19 +107,14 @@ def _utf8(raw: bytes) -> str:
         ) from None
 
 
-def _short(value: object, limit: int = 40) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
-
-
-# ---------------------------------------------------------------- labels
+def _short(text: str) -> str:
+    return json.dumps(text if len(text) <= 40 else text[:39] + "…", ensure_ascii=False)
 
 
 class LabelSet:
     """The distinct class labels of a file, kept in the one type the file gives them."""
 
-    def __init__(self, column: str = "label") -> None:
-        self.column = column
+    def __init__(self) -> None:
         self.values: set[Label] = set()
         self._first: tuple[int, type] | None = None
 
@@ -129,37 +124,24 @@ class LabelSet:
         elif type(label) is not self._first[1]:
             first_line, first_type = self._first
             raise RowProblem(
-                f'"{self.column}" is {_type_name(type(label))} but at line {first_line} it is '
-                f"{_type_name(first_type)}: use one type for every label"
+                f'"label" is {_TYPE_NAMES[type(label)]} but at line {first_line} it is '
+                f"{_TYPE_NAMES[first_type]}: use one type for every label"
             )
         if label not in self.values and len(self.values) >= MAX_CLASSES:
             raise RowProblem(
-                f'more than {MAX_CLASSES:,} distinct values of "{self.column}": a classification '
+                f'more than {MAX_CLASSES:,} distinct values of "label": a classification '
                 'needs classes (to predict numbers, use a CSV "target" column or a float y)'
             )
         self.values.add(label)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer"}
 
 
 def label_stats(values: Iterable[Label]) -> dict[str, Any]:
     """A classification file's stats: how many classes, and (some of) their labels."""
     labels = sorted(values)  # one type, checked by LabelSet
     return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
-
-
-def _type_name(kind: type) -> str:
-    return "a string" if kind is str else "an integer"
-
-
-def typed_csv_labels(raw_labels: Iterable[str]) -> dict[str, Label]:
-    """A CSV's labels: integers when every one reads as an integer, else the strings."""
-    raw = set(raw_labels)
-    try:
-        return {label: int(label) for label in raw}
-    except ValueError:
-        return {label: label for label in raw}
-
-
-# ---------------------------------------------------------------- JSONL
 
 
 @dataclass(frozen=True)
@@ -248,8 +230,7 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
 def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
     """(line number, row or what is wrong with it) for every non-blank line, streamed.
     Every row must be of the kind of the first good one."""
-    first: JsonlRow | None = None
-    first_line = 0
+    first: tuple[int, str] | None = None  # the first good row's line and kind
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -257,11 +238,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
                 if row is None:
                     continue
                 if first is None:
-                    first, first_line = row, number
-                elif row.kind != first.kind:
+                    first = (number, row.kind)
+                elif row.kind != first[1]:
                     raise RowProblem(
-                        f"has {_KIND_KEYS[row.kind]} but line {first_line} has "
-                        f"{_KIND_KEYS[first.kind]}: every line must hold the same kind of row"
+                        f"has {_KIND_KEYS[row.kind]} but line {first[0]} has "
+                        f"{_KIND_KEYS[first[1]]}: every line must hold the same kind of row"
                     )
             except RowProblem as problem:
                 yield number, problem
@@ -286,17 +267,13 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
             continue
         loss_bytes = len(row.loss_text.encode("utf-8"))
         tokens += loss_bytes
-        row_bytes = len(row.prompt.encode("utf-8")) + loss_bytes
-        max_row_bytes = max(max_row_bytes, row_bytes)
+        max_row_bytes = max(max_row_bytes, len(row.prompt.encode("utf-8")) + loss_bytes)
     if rows == 0:
         problems.add("the file has no rows (only blank lines)")
     stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}
     if kind == LABELLED_TEXT:
         stats |= label_stats(labels.values)
     return kind, stats
-
-
-# ---------------------------------------------------------------- CSV
 
 
 @dataclass(frozen=True)
@@ -371,29 +348,27 @@ def _utf8_lines(handle: IO[bytes]) -> Iterator[str]:
         yield line.removeprefix("\ufeff") if number == 1 else line
 
 
-def read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line, cells) of every non-blank row, streamed, the header first; `line` is the
-    row's last line as an editor shows it. Raises RowProblem (with its line) for a file
-    that cannot be read on: bad UTF-8, a malformed quote."""
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of every non-blank row, streamed; `line` is the row's last line as an
+    editor shows it. Raises RowProblem (with its line) for a file that cannot be read on:
+    bad UTF-8, a malformed quote."""
     with path.open("rb") as handle:
         reader = csv.reader(_utf8_lines(handle))
-        while True:
-            try:
-                cells = next(reader, None)
-            except csv.Error as error:
-                raise RowProblem(f"line {reader.line_num}: {error}") from None
-            if cells is None:
-                return
-            if cells:  # not a blank line
-                yield reader.line_num, cells
+        try:
+            for cells in reader:
+                if cells:  # not a blank line
+                    yield reader.line_num, cells
+        except csv.Error as error:
+            raise RowProblem(f"line {reader.line_num}: {error}") from None
 
 
-def read_csv_layout(rows: Iterator[tuple[int, list[str]]]) -> CsvLayout:
-    """The header's layout, from read_csv's first row; RowProblem for an empty file or a
-    bad header."""
+def read_csv(path: Path) -> tuple[CsvLayout, Iterator[tuple[int, list[str]]]]:
+    """The header's layout, and (line, cells) of the data rows after it, streamed.
+    RowProblem for an empty file or a bad header."""
+    rows = _csv_rows(path)
     for line, cells in rows:
         try:
-            return parse_csv_header(cells)
+            return parse_csv_header(cells), rows
         except RowProblem as problem:
             raise RowProblem(f"line {line}: {problem}") from None
     raise RowProblem("the file is empty")
@@ -404,8 +379,7 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
     raw_labels = LabelSet()
     layout: CsvLayout | None = None
     try:
-        lines = read_csv(path)
-        layout = read_csv_layout(lines)
+        layout, lines = read_csv(path)
         for line, cells in lines:
             rows += 1
             try:
@@ -422,13 +396,14 @@ def _validate_csv(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("the file has a header but no rows")
     stats: dict[str, Any] = {"rows": rows, "input_shape": [len(layout.feature_columns)]}
     if layout.kind == CLASSIFICATION:
-        stats |= label_stats(typed_csv_labels(map(str, raw_labels.values)).values())
+        labels = [str(label) for label in raw_labels.values]
+        try:  # integers when every label reads as one (as load reads them), else the strings
+            stats |= label_stats([int(label) for label in labels])
+        except ValueError:
+            stats |= label_stats(labels)
     else:
         stats["target_size"] = 1
     return layout.kind, stats
-
-
-# ---------------------------------------------------------------- NPZ
 
 
 # What reading a damaged, truncated, encrypted or exotically compressed zip can raise.
@@ -443,11 +418,14 @@ DAMAGED_ARCHIVE = (
 
 
 @dataclass(frozen=True)
-class NpyHeader:
+class NpyArray:
+    """An array's header, and the stream positioned at its data."""
+
     name: str
     shape: tuple[int, ...]
     fortran_order: bool
     dtype: np.dtype[Any]
+    stream: IO[bytes]
 
     @property
     def size_bytes(self) -> int:
@@ -455,24 +433,25 @@ class NpyHeader:
 
 
 @contextmanager
-def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, IO[bytes]]]:
-    """An array's header, and the stream positioned at its data. Unpickles nothing, and
-    decompresses only the header: RowProblem when the array declares more bytes than
-    its compressed size can honestly hold (MAX_NPZ_EXPANSION)."""
+def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[NpyArray]:
+    """An array, its header read. Unpickles nothing, and decompresses only the header:
+    RowProblem when the array declares more bytes than its compressed size can honestly
+    hold (MAX_NPZ_EXPANSION)."""
     member = f"{name}.npy"
     with archive.open(member) as stream:
         try:
-            version = np.lib.format.read_magic(stream)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read(stream)
+            version = npy_format.read_magic(stream)
+            read_header = npy_format.read_array_header_2_0
+            if version == (1, 0):
+                read_header = npy_format.read_array_header_1_0
+            shape, fortran_order, dtype = read_header(stream)
         except ValueError as error:
             raise RowProblem(f"array {name!r} is not a valid .npy array ({error})") from None
-        header = NpyHeader(name, tuple(shape), fortran_order, dtype)
-        compressed = _compressed_bytes(archive, member)
+        header = NpyArray(name, tuple(shape), fortran_order, dtype, stream)
+        # The zip's directory is the uploader's word; the file's size is not.
+        compressed = archive.getinfo(member).compress_size
+        if archive.filename is not None:
+            compressed = min(compressed, os.path.getsize(archive.filename))
         if header.size_bytes > MAX_NPZ_EXPANSION * max(compressed, 1):
             raise RowProblem(
                 f"array {name!r} declares {header.size_bytes:,} bytes (shape "
@@ -480,32 +459,19 @@ def open_npy(archive: zipfile.ZipFile, name: str) -> Iterator[tuple[NpyHeader, I
                 f"{MAX_NPZ_EXPANSION}× its size: refused unread. If the data really is that "
                 "repetitive, save it uncompressed (numpy.savez)"
             )
-        yield header, stream
-
-
-def _compressed_bytes(archive: zipfile.ZipFile, member: str) -> int:
-    """The member's compressed size: what the zip's directory says, and never more than
-    the whole file (the directory is the uploader's word; the file's size is not)."""
-    declared = archive.getinfo(member).compress_size
-    if archive.filename is None:
-        return declared
-    return min(declared, os.path.getsize(archive.filename))
+        yield header
 
 
 @contextmanager
-def open_xy(
-    archive: zipfile.ZipFile,
-) -> Iterator[tuple[str, NpyHeader, IO[bytes], NpyHeader, IO[bytes]]]:
-    """(kind, x's header and stream, y's header and stream) of an NPZ data set, once its
-    headers are checked: numbers, one row of x per value (or row) of y."""
-    names = sorted(
-        name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")
-    )
+def open_xy(archive: zipfile.ZipFile) -> Iterator[tuple[str, NpyArray, NpyArray]]:
+    """(kind, x, y) of an NPZ data set, once their headers are checked: numbers, one row
+    of x per value (or row) of y."""
+    names = sorted(name[:-4] for name in archive.namelist() if name.endswith(".npy"))
     missing = [name for name in ("x", "y") if name not in names]
     if missing:
         held = ", ".join(repr(name) for name in names[:20]) or "no arrays"
         raise RowProblem(f"missing array {' and '.join(map(repr, missing))}; it holds: {held}")
-    with open_npy(archive, "x") as (x, x_stream), open_npy(archive, "y") as (y, y_stream):
+    with open_npy(archive, "x") as x, open_npy(archive, "y") as y:
         _check_numbers(x)
         if len(x.shape) < 2:
             raise RowProblem(
@@ -517,39 +483,33 @@ def open_xy(
         kind = npz_kind(y)
         if x.shape[0] != y.shape[0]:
             raise RowProblem(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}")
-        yield kind, x, x_stream, y, y_stream
+        yield kind, x, y
 
 
-def npy_chunks(header: NpyHeader, stream: IO[bytes]) -> Iterator[np.ndarray[Any, Any]]:
-    """The array's values in the order they are stored, SCAN_ELEMENTS at a time (1-D),
-    after open_npy has read its header: memory bounded whatever the array's size."""
-    total = math.prod(header.shape)
-    done = 0
-    while done < total:
-        count = min(SCAN_ELEMENTS, total - done)
-        data = stream.read(count * header.dtype.itemsize)
-        if len(data) != count * header.dtype.itemsize:
-            raise RowProblem(f"array {header.name!r} is truncated")
-        yield np.frombuffer(data, dtype=header.dtype)
-        done += count
+def npy_chunks(array: NpyArray) -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
+    """(offset, values) of the array's values in the order they are stored, SCAN_ELEMENTS
+    at a time (1-D): memory bounded whatever the array's size."""
+    total = math.prod(array.shape)
+    for start in range(0, total, SCAN_ELEMENTS):
+        count = min(SCAN_ELEMENTS, total - start)
+        data = array.stream.read(count * array.dtype.itemsize)
+        if len(data) != count * array.dtype.itemsize:
+            raise RowProblem(f"array {array.name!r} is truncated")
+        yield start, np.frombuffer(data, dtype=array.dtype)
 
 
-def read_npy_as(
-    header: NpyHeader, stream: IO[bytes], dtype: np.dtype[Any] | type[Any]
-) -> np.ndarray[Any, Any]:
+def read_npy_as(array: NpyArray, dtype: type[Any]) -> np.ndarray[Any, Any]:
     """The whole array converted to `dtype`, filled a chunk at a time: one array of the
     result's size, never the file's bytes and a converted copy side by side."""
-    order: Literal["F", "C"] = "F" if header.fortran_order else "C"
-    result: np.ndarray[Any, Any] = np.empty(header.shape, dtype=dtype, order=order)
+    order: Literal["F", "C"] = "F" if array.fortran_order else "C"
+    result: np.ndarray[Any, Any] = np.empty(array.shape, dtype=dtype, order=order)
     flat = result.reshape(-1, order=order)  # a view, in the order the values are stored
-    done = 0
-    for chunk in npy_chunks(header, stream):
-        flat[done : done + len(chunk)] = chunk
-        done += len(chunk)
+    for start, chunk in npy_chunks(array):
+        flat[start : start + len(chunk)] = chunk
     return result
 
 
-def npz_kind(y: NpyHeader) -> str:
+def npz_kind(y: NpyArray) -> str:
     """classification for integer y (one class per row), regression for float y."""
     if not y.dtype.hasobject and y.dtype.kind not in "biuf":
         raise RowProblem(
@@ -566,7 +526,7 @@ def npz_kind(y: NpyHeader) -> str:
     return REGRESSION
 
 
-def _check_numbers(array: NpyHeader) -> None:
+def _check_numbers(array: NpyArray) -> None:
     if array.dtype.hasobject:
         raise RowProblem(
             f"array {array.name!r} holds Python objects (dtype object), which are never "
@@ -581,20 +541,16 @@ def _check_numbers(array: NpyHeader) -> None:
         )
 
 
-def _non_finite(header: NpyHeader, stream: IO[bytes]) -> str | None:
-    """Which row (1-based) first holds NaN or inf, reading a chunk at a time."""
-    total = math.prod(header.shape)
-    rows = header.shape[0]
-    row_size = total // rows if rows else 0
-    done = 0
-    for chunk in npy_chunks(header, stream):
+def _check_finite(array: NpyArray, problems: _Problems) -> None:
+    """Report the first row (1-based) that holds NaN or inf, reading a chunk at a time."""
+    rows, row_size = array.shape[0], math.prod(array.shape[1:])
+    for start, chunk in npy_chunks(array):
         bad = np.flatnonzero(~np.isfinite(chunk))
         if len(bad):
-            element = done + int(bad[0])
-            row = element % rows if header.fortran_order else element // row_size
-            return f"{header.name!r} has NaN or infinite values in row {row + 1}"
-        done += len(chunk)
-    return None
+            element = start + int(bad[0])
+            row = element % rows if array.fortran_order else element // row_size
+            problems.add(f"{array.name!r} has NaN or infinite values in row {row + 1}")
+            return
 
 
 def distinct_classes(
@@ -617,17 +573,16 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         problems.add("not an NPZ archive (numpy.savez writes one: a zip of .npy arrays)")
         return None, {"rows": 0}
     try:
-        with archive, open_xy(archive) as (kind, x, x_stream, y, y_stream):
+        with archive, open_xy(archive) as (kind, x, y):
             if x.shape[0] == 0:
                 raise RowProblem("'x' and 'y' have no rows")
             stats: dict[str, Any] = {"rows": int(x.shape[0]), "input_shape": list(x.shape[1:])}
-            if x.dtype.kind == "f" and (problem := _non_finite(x, x_stream)):
-                problems.add(problem)
+            if x.dtype.kind == "f":
+                _check_finite(x, problems)
             if kind == REGRESSION:
-                if problem := _non_finite(y, y_stream):
-                    problems.add(problem)
+                _check_finite(y, problems)
                 return kind, stats | {"target_size": 1 if len(y.shape) == 1 else int(y.shape[1])}
-            classes = distinct_classes(npy_chunks(y, y_stream), MAX_CLASSES)
+            classes = distinct_classes((chunk for _, chunk in npy_chunks(y)), MAX_CLASSES)
     except RowProblem as problem:
         problems.add(str(problem))
         return None, {"rows": 0}
@@ -641,10 +596,3 @@ def _validate_npz(path: Path, problems: _Problems) -> tuple[str | None, dict[str
         )
         return kind, stats
     return kind, stats | label_stats(classes)
-
-
-_VALIDATORS: dict[str, Callable[[Path, _Problems], tuple[str | None, dict[str, Any]]]] = {
-    "jsonl": _validate_jsonl,
-    "csv": _validate_csv,
-    "npz": _validate_npz,
-}

@@ -6,7 +6,6 @@ the epoch and the index into it to see exactly the samples it would have seen.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 
@@ -16,11 +15,6 @@ import torch
 def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(size, generator=generator).tolist()
-
-
-def steps_per_epoch(size: int, window_size: int) -> int:
-    # The last partial window is a step of its own: never dropped.
-    return math.ceil(size / window_size)
 
 
 @dataclass(frozen=True)
@@ -47,11 +41,8 @@ class WindowPlanner:
     """Hands out consecutive windows of an epoch's order, the last one possibly short."""
 
     def __init__(self, size: int, window_size: int, seed: int) -> None:
-        if size == 0:
-            raise ValueError("the training split is empty")
         self.size = size
         self.window_size = window_size
-        self.seed = seed
         # The current epoch's order, made once: each window is a slice of it.
         self._order = lru_cache(maxsize=1)(partial(epoch_order, size, seed))
 

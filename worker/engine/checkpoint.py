@@ -13,7 +13,7 @@ import json
 import random
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
+@dataclass(eq=False, kw_only=True)
 class LiveCheckpoint:
     """A checkpoint of the run in progress, handed to `on_checkpoint`.
 
@@ -48,22 +49,16 @@ class LiveCheckpoint:
     checkpoint lets go of its tensors (`release`); writing it later raises.
     """
 
-    def __init__(
-        self,
-        *,
-        step: int,
-        weights: dict[str, torch.Tensor],
-        state: dict[str, Any],
-        loss: float | None,
-        eval_loss: float | None,
-    ) -> None:
-        self.step = step
-        self.loss = loss
-        # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
-        self.eval_loss = eval_loss
-        self.size_bytes = 0  # of the parts written so far
-        self._weights: dict[str, torch.Tensor] | None = weights
-        self._state: dict[str, Any] | None = state
+    step: int
+    weights: InitVar[dict[str, torch.Tensor]]
+    state: InitVar[dict[str, Any]]
+    loss: float | None
+    # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
+    eval_loss: float | None
+    size_bytes: int = field(init=False, default=0)  # of the parts written so far
+
+    def __post_init__(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self._held: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = (weights, state)
 
     def write_weights(self, sink: Sink) -> int:
         weights, _ = self._parts()
@@ -89,14 +84,14 @@ class LiveCheckpoint:
             partial.replace(directory / name)
 
     def release(self) -> None:
-        self._weights = self._state = None
+        self._held = None
 
     def _parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        if self._weights is None or self._state is None:
+        if self._held is None:
             raise RuntimeError(
                 f"the checkpoint of step {self.step} can be written during on_checkpoint only"
             )
-        return self._weights, self._state
+        return self._held
 
 
 class _CountingSink:

@@ -118,25 +118,21 @@ class TokenSequenceSet:
         pad_id: int = 0,
         loss_starts: list[int] | None = None,
     ) -> None:
-        if loss_starts is None:
-            loss_starts = [1] * len(sequences)
+        loss_starts = [1] * len(sequences) if loss_starts is None else loss_starts
         if len(loss_starts) != len(sequences):
             raise ValueError("one loss start per sequence")
         # The first token has nothing before it to be predicted from.
         self.loss_starts = [max(1, start) for start in loss_starts]
-        if any(
-            len(sequence) <= start
-            for sequence, start in zip(sequences, self.loss_starts, strict=True)
-        ):
-            raise ValueError("every sequence needs at least one target token")
-        # Any integer dtype: a file's tokens are kept compact and widened per batch.
-        self.sequences = sequences
-        self.input_counts = [len(sequence) - 1 for sequence in sequences]
         # Counted here, on the host: the window's normaliser, known before any backward.
         self.target_counts = [
             len(sequence) - start
             for sequence, start in zip(sequences, self.loss_starts, strict=True)
         ]
+        if any(count <= 0 for count in self.target_counts):
+            raise ValueError("every sequence needs at least one target token")
+        # Any integer dtype: a file's tokens are kept compact and widened per batch.
+        self.sequences = sequences
+        self.input_counts = [len(sequence) - 1 for sequence in sequences]
         self.pad_id = pad_id
 
     def __len__(self) -> int:

@@ -8,13 +8,7 @@ import numpy as np
 import torch
 
 from app.jobs.spec import DigitsSpec, SyntheticClassificationSpec, TinyTextSpec
-from worker.engine.data_types import (
-    DataInfo,
-    DataSplits,
-    SampleSet,
-    TensorSet,
-    TokenSequenceSet,
-)
+from worker.engine.data_types import DataInfo, DataSplits, TensorSet, TokenSequenceSet
 
 _DATA = files("worker.engine") / "data"
 
@@ -24,15 +18,15 @@ def _split_point(count: int, eval_fraction: float) -> int:
 
 
 def _split_classification(
-    features: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int
-) -> tuple[SampleSet, SampleSet | None]:
+    features: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int, info: DataInfo
+) -> DataSplits:
     # Shuffle once with the seed so the held-out split is not one class's tail.
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     features, labels = features[order], labels[order]
     cut = _split_point(len(labels), eval_fraction)
     train = TensorSet(features[:cut], labels[:cut])
     held_out = TensorSet(features[cut:], labels[cut:]) if cut < len(labels) else None
-    return train, held_out
+    return DataSplits(train, held_out, info)
 
 
 def synthetic_classification(spec: SyntheticClassificationSpec, seed: int) -> DataSplits:
@@ -42,9 +36,8 @@ def synthetic_classification(spec: SyntheticClassificationSpec, seed: int) -> Da
     labels = torch.randint(0, spec.n_classes, (spec.n_samples,), generator=generator)
     noise = torch.randn(spec.n_samples, spec.n_features, generator=generator) * spec.noise
     features = centres[labels] + noise
-    train, held_out = _split_classification(features, labels, spec.eval_fraction, seed)
     info = DataInfo(input_shape=(spec.n_features,), num_classes=spec.n_classes)
-    return DataSplits(train, held_out, info)
+    return _split_classification(features, labels, spec.eval_fraction, seed, info)
 
 
 def digits(spec: DigitsSpec, seed: int) -> DataSplits:
@@ -52,8 +45,8 @@ def digits(spec: DigitsSpec, seed: int) -> DataSplits:
     with (_DATA / "digits.npz").open("rb") as handle, np.load(handle) as arrays:
         images = torch.from_numpy(arrays["images"].astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(arrays["labels"].astype(np.int64))
-    train, held_out = _split_classification(images, labels, spec.eval_fraction, seed)
-    return DataSplits(train, held_out, DataInfo(input_shape=(1, 8, 8), num_classes=10))
+    info = DataInfo(input_shape=(1, 8, 8), num_classes=10)
+    return _split_classification(images, labels, spec.eval_fraction, seed, info)
 
 
 def tiny_text(spec: TinyTextSpec, seed: int) -> DataSplits:

@@ -26,6 +26,7 @@ overflow skip and the optimizer step are the same on every rank without more tal
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,21 @@ from worker.engine.window import (
 # Gradients are all-reduced in flat buckets of at most this many bytes: few collectives
 # for many small parameters, and never a second copy of a large model's gradients.
 BUCKET_BYTES = 32 * 1024 * 1024
+
+
+class GroupBroken(Exception):
+    """A collective failed: another rank died or its connection broke. Not the job's
+    fault: the run is retried from its checkpoint, as after a lost worker."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    # gloo raises a plain RuntimeError ("Connection closed by peer") the moment a peer
+    # is gone; NCCL a DistBackendError (a RuntimeError) once its watchdog gives up.
+    try:
+        yield
+    except RuntimeError as error:
+        raise GroupBroken(f"{what}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -79,14 +95,15 @@ class RankGroup:
         """Rank 0's answer on every rank: whether to stop before the next window is one
         decision, or the ranks would wait on each other's collectives forever."""
         decision = [stop_reason]
-        dist.broadcast_object_list(decision, src=0)
+        with _collective("agreeing whether to stop"):
+            dist.broadcast_object_list(decision, src=0)
         return decision[0]
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
     """Rank 0's weights and buffers on every rank: a model built from the seed is the same
     everywhere already, but one whose initialisation draws on anything else would not be."""
-    with torch.no_grad():
+    with torch.no_grad(), _collective("broadcasting the weights"):
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor, src=0)
 
@@ -108,7 +125,8 @@ def sum_gradients(gradients: list[torch.Tensor]) -> None:
     """Each gradient replaced by its sum over the ranks."""
     for bucket in _buckets(gradients):
         flat = torch.cat([gradient.flatten() for gradient in bucket])
-        dist.all_reduce(flat)
+        with _collective("summing the gradients"):
+            dist.all_reduce(flat)
         offset = 0
         for gradient in bucket:
             gradient.copy_(flat[offset : offset + gradient.numel()].view_as(gradient))
@@ -127,7 +145,8 @@ def synchronise_window(
     header[2:] = torch.tensor(
         [parameter.grad is not None for parameter in parameters], dtype=torch.float64
     )
-    dist.all_reduce(header)
+    with _collective("summing the window's header"):
+        dist.all_reduce(header)
     # The window's one host sync beyond apply_update's: which gradients exist anywhere.
     flags = header.tolist()
     if flags[0] > 0:
@@ -165,11 +184,4 @@ def run_window_on_ranks(
         # Told to the others in the header: every rank must reach the same collectives.
         loss_sum, out_of_memory = torch.zeros((), dtype=torch.float64), True
     loss_sum = synchronise_window(parts, loss_sum.to(parts.precision.device), out_of_memory)
-    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units, hooks)
-    return WindowOutcome(
-        loss=loss,
-        grad_norm=grad_norm,
-        skipped=skipped,
-        scale=parts.scaler.get_scale() if skipped else None,
-        tokens=data.tokens(window),
-    )
+    return apply_update(parts, loss_sum, window_units, hooks)

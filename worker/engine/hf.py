@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -60,15 +60,11 @@ class HfLimits:
 DEFAULT_LIMITS = HfLimits()
 
 
-# ---------------------------------------------------------------- builders
-
-
 def build_hf_causal_lm(
     spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
 ) -> nn.Module:
     """A causal language model: logits [batch, tokens, vocabulary]."""
-    transformers = _import_transformers()
-    model = _load(transformers, transformers.AutoModelForCausalLM, spec, limits)
+    model = _load("AutoModelForCausalLM", spec, limits)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
@@ -85,9 +81,7 @@ def build_hf_sequence_classification(
         raise TrainingError(
             "invalid_data", "hf-sequence-classification needs a labelled data set (num_classes)"
         )
-    transformers = _import_transformers()
-    auto_class = transformers.AutoModelForSequenceClassification
-    model = _load(transformers, auto_class, spec, limits, num_labels=info.num_classes)
+    model = _load("AutoModelForSequenceClassification", spec, limits, num_labels=info.num_classes)
     if model.config.pad_token_id is None:
         # Decoders refuse batches of more than one sequence without a pad token id; the
         # wrapper pools by the attention mask, so the value only has to be a token id.
@@ -126,8 +120,7 @@ def _transformers_errors(field: str) -> Iterator[None]:
 
 def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
     """A transformers config from the spec's JSON; unknown keys are refused (a typo would
-    otherwise be stored and silently ignored)."""
-    values = dict(values)
+    otherwise be stored and silently ignored). Takes `model_type` out of `values`."""
     model_type = values.pop("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise TrainingError(
@@ -154,15 +147,13 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
 
 
 def _load(
-    transformers: ModuleType,
-    auto_class: Any,
-    spec: HfModelSpec,
-    limits: HfLimits,
-    num_labels: int | None = None,
+    auto_class_name: str, spec: HfModelSpec, limits: HfLimits, num_labels: int | None = None
 ) -> Any:
-    """A transformers PreTrainedModel from the spec's `config` or `pretrained` directory,
-    refused over `limits.max_parameters` before its weights exist. `num_labels` gives a
-    classifier its head: one output per class of the data."""
+    """A transformers PreTrainedModel of the auto class `auto_class_name` from the spec's
+    `config` or `pretrained` directory, refused over `limits.max_parameters` before its
+    weights exist. `num_labels` gives a classifier its head: one output per class."""
+    transformers = _import_transformers()
+    auto_class = getattr(transformers, auto_class_name)
     head = {} if num_labels is None else {"num_labels": num_labels}
     if spec.config is not None:
         config = _config_from_spec(transformers, {**spec.config, **head})
@@ -188,9 +179,8 @@ def _load(
 def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
     """Refuse a model of more than `max_parameters` before any of its memory exists: it is
     counted on the meta device, from its config, before weights are built or read."""
-    with _transformers_errors(field):
-        with torch.device("meta"):
-            skeleton = auto_class.from_config(config, trust_remote_code=False)
+    with _transformers_errors(field), torch.device("meta"):
+        skeleton = auto_class.from_config(config, trust_remote_code=False)
         parameters = sum(parameter.numel() for parameter in skeleton.parameters())
     if parameters > max_parameters:
         raise TrainingError(
@@ -220,9 +210,6 @@ def _check_fits_data(model: Any, info: DataInfo, longest_input: int | None) -> N
             f"model: it takes at most {positions} positions but the data has sequences of "
             f"{longest_input}; lower dataset.max_length or raise the model's positions",
         )
-
-
-# ---------------------------------------------------------------- where a model is
 
 
 def resolve_pretrained(pretrained: str, allowed_dirs: Sequence[Path]) -> Path:
@@ -281,9 +268,6 @@ def _cached_snapshot(name: str) -> Path:
         ) from error
 
 
-# ---------------------------------------------------------------- wrappers
-
-
 class _Wrapper(nn.Module):
     """A transformers model as `model`, saved and loaded as the transformers model itself:
     the wrapper's own state dict would prefix every key with "model." and store tied
@@ -318,18 +302,15 @@ class SequenceClassifier(_Wrapper):
         per_token: list[torch.Tensor] = []
         # Registered per call, not in __init__: a hook closing over this wrapper would
         # follow a deep copy of it and write into the original.
-        handle = (
+        hooked = (
             head.register_forward_hook(lambda _module, _inputs, output: per_token.append(output))
             if isinstance(head, nn.Module)
-            else None
+            else nullcontext()
         )
-        try:
+        with hooked:
             logits = self.model(
                 input_ids=input_ids, attention_mask=_long_mask(attention_mask)
             ).logits
-        finally:
-            if handle is not None:
-                handle.remove()
         if len(per_token) == 1 and per_token[0].dim() == 3:
             return per_token[0][
                 torch.arange(len(input_ids), device=input_ids.device),
@@ -385,9 +366,6 @@ def _load_state_dict_as_transformers(
     for alias, name in _tied_aliases(wrapper.get_submodule("model")).items():
         if prefix + _INNER + name in state_dict:
             state_dict[prefix + _INNER + alias] = state_dict[prefix + _INNER + name]
-
-
-# ---------------------------------------------------------------- tokenizer
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,7 @@ def lr_factor(spec: LrScheduleSpec, step: int, total_steps: int) -> float:
         return (step + 1) / spec.warmup_steps
     if spec.type == "constant":
         return 1.0
-    progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
-    progress = min(progress, 1.0)
+    progress = min((step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps), 1.0)
     if spec.type == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))

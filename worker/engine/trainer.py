@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.jobs.spec import Device, JobSpec
 from worker.datafiles.load import FileSource
-from worker.engine.batching import DataPosition, Window, WindowPlanner, steps_per_epoch
+from worker.engine.batching import DataPosition, Window, WindowPlanner
 from worker.engine.checkpoint import (
     Checkpoint,
     LiveCheckpoint,
@@ -36,15 +36,16 @@ from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
 from worker.engine.optim import build_optimizer, build_scheduler
-from worker.engine.precision import PrecisionPlan, plan_precision
+from worker.engine.precision import plan_precision
 from worker.engine.registry import build_dataset, build_model, model_tokenizer
 from worker.engine.window import (
     MicroBatchOutOfMemory,
     StepParts,
     WindowOutcome,
+    accumulate_gradients,
+    apply_update,
     forward,
     release_cached_memory,
-    run_window,
     sum_loss,
 )
 
@@ -97,21 +98,17 @@ class StepMetrics:
 _STEP_METRICS_FIELDS = tuple(item.name for item in fields(StepMetrics))
 
 
-def _ignore(*_: Any) -> None:
-    return None
-
-
 @dataclass
 class Callbacks:
     """How the loop reports. Every callback runs at a window boundary, never inside one."""
 
     # Called once before the first window with (steps already done, total steps).
-    on_start: Callable[[int, int], None] = _ignore
-    on_step: Callable[[StepMetrics], None] = _ignore
+    on_start: Callable[[int, int], None] = lambda *_: None
+    on_step: Callable[[StepMetrics], None] = lambda *_: None
     # Event types: oom_backoff, overflow_skip, warning, checkpoint.
-    on_event: Callable[[str, dict[str, Any]], None] = _ignore
+    on_event: Callable[[str, dict[str, Any]], None] = lambda *_: None
     # Writes the checkpoint's parts where they are kept: they can be written only then.
-    on_checkpoint: Callable[[LiveCheckpoint], None] = _ignore
+    on_checkpoint: Callable[[LiveCheckpoint], None] = lambda *_: None
     # Asked before each window; a reason (e.g. "cancelled") stops the run after a checkpoint.
     should_stop: Callable[[], str | None] = lambda: None
 
@@ -173,24 +170,17 @@ class Run:
         """Micro-batches per rank of a full window, at the micro-batch size in use."""
         return math.ceil(self.spec.window_size / (self.progress.micro_batch_size * self.world_size))
 
-    @property
-    def precision(self) -> PrecisionPlan:
-        return self.parts.precision
-
 
 def resolve_device(requested: Device) -> torch.device:
     """The run's device; asking for CUDA where there is none fails at start."""
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                "invalid_device",
-                "device 'cuda' was requested but CUDA is not available on this machine; "
-                "use device 'auto' or 'cpu'",
-            )
-        return torch.device("cuda")
-    if requested == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise TrainingError(
+            "invalid_device",
+            "device 'cuda' was requested but CUDA is not available on this machine; "
+            "use device 'auto' or 'cpu'",
+        )
+    return torch.device("cuda" if requested != "cpu" and available else "cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -236,16 +226,16 @@ def prepare_run(
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
     model = build_model(spec.model, data.info, hf_limits)
-    model = model.to(device=device, dtype=precision.parameter_dtype)
+    model.to(device=device, dtype=precision.parameter_dtype).train()
     if group is not None:
         broadcast_parameters(model)
-    model.train()
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     total_steps = spec.max_steps
     if total_steps is None:
         assert spec.epochs is not None  # the spec gives exactly one of the two
-        total_steps = spec.epochs * steps_per_epoch(len(data.train), spec.window_size)
+        # An epoch's last partial window is a step of its own: never dropped.
+        total_steps = spec.epochs * math.ceil(len(data.train) / spec.window_size)
     scheduler = build_scheduler(spec.lr_schedule, optimizer, total_steps)
     parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
@@ -326,7 +316,8 @@ def run_window_with_backoff(
                     hooks,
                 )
             micro_batches = window.micro_batches(progress.micro_batch_size)
-            return run_window(run.parts, run.data.train, micro_batches, hooks)
+            loss_sum, units = accumulate_gradients(run.parts, run.data.train, micro_batches, hooks)
+            return apply_update(run.parts, loss_sum, units, hooks)
         except MicroBatchOutOfMemory:
             # A rank's share is the most one micro-batch can hold.
             in_use = min(progress.micro_batch_size, math.ceil(len(window.indices) / run.world_size))
@@ -346,14 +337,10 @@ def run_window_with_backoff(
             )
 
 
-class EvaluationOutOfMemory(Exception):
-    """An evaluation batch ran out of memory; its outputs are already freed."""
-
-
 def evaluate(
     run: Run,
     data: SampleSet,
-    on_event: Callable[[str, dict[str, Any]], None] = _ignore,
+    on_event: Callable[[str, dict[str, Any]], None] = lambda *_: None,
     hooks: Hooks = NO_HOOKS,
 ) -> tuple[float, float | None]:
     """Loss per unit and accuracy per unit on a held-out split. Regression (float
@@ -363,33 +350,33 @@ def evaluate(
     are sums over every unit divided by their count, so the batch does not change them.
     """
     while True:
-        size = min(run.progress.micro_batch_size, run.evaluation_batch_size or len(data))
-        size = max(1, size)
-        try:
-            return _evaluate_in_batches(run, data, size, hooks)
-        except EvaluationOutOfMemory:
-            if size == 1:
-                raise TrainingError(
-                    "out_of_memory", "evaluation ran out of memory with a batch of 1 sample"
-                ) from None
-            run.evaluation_batch_size = size // 2
-            on_event(
-                "warning",
-                {
-                    "step": run.progress.step,
-                    "message": f"evaluation ran out of memory with batches of {size} samples: "
-                    f"evaluating in batches of {size // 2} (the result does not depend on it)",
-                    "old_evaluation_batch_size": size,
-                    "new_evaluation_batch_size": size // 2,
-                },
+        size = max(1, min(run.progress.micro_batch_size, run.evaluation_batch_size or len(data)))
+        evaluated = _evaluate_in_batches(run, data, size, hooks)
+        if evaluated is not None:
+            return evaluated
+        if size == 1:
+            raise TrainingError(
+                "out_of_memory", "evaluation ran out of memory with a batch of 1 sample"
             )
+        run.evaluation_batch_size = size // 2
+        on_event(
+            "warning",
+            {
+                "step": run.progress.step,
+                "message": f"evaluation ran out of memory with batches of {size} samples: "
+                f"evaluating in batches of {size // 2} (the result does not depend on it)",
+                "old_evaluation_batch_size": size,
+                "new_evaluation_batch_size": size // 2,
+            },
+        )
 
 
 @torch.no_grad()
 def _evaluate_in_batches(
     run: Run, data: SampleSet, size: int, hooks: Hooks
-) -> tuple[float, float | None]:
-    model, precision = run.parts.model, run.precision
+) -> tuple[float, float | None] | None:
+    """As `evaluate`, in batches of `size`; None after an out-of-memory error."""
+    model, precision = run.parts.model, run.parts.precision
     loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
     correct = torch.zeros((), dtype=torch.int64, device=precision.device)
     units = 0
@@ -410,7 +397,7 @@ def _evaluate_in_batches(
         model.train()
     if out_of_memory:
         release_cached_memory(precision.device)
-        raise EvaluationOutOfMemory
+        return None
     return loss_sum.item() / units, None if regression else correct.item() / units
 
 
@@ -418,7 +405,7 @@ def _evaluation_batch(
     run: Run, data: SampleSet, indices: list[int], hooks: Hooks
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(loss sum, correct predictions, regression?) of one batch, on the device."""
-    model, precision = run.parts.model, run.precision
+    model, precision = run.parts.model, run.parts.precision
     batch = data.collate(indices).to(precision.device, precision.parameter_dtype)
     if hooks.before_evaluation is not None:
         hooks.before_evaluation(len(indices), batch)
@@ -428,8 +415,7 @@ def _evaluation_batch(
     loss = sum_loss(outputs, batch.targets)
     if batch.targets.is_floating_point():
         return loss, torch.zeros((), dtype=torch.int64, device=precision.device), True
-    predicted = outputs.argmax(dim=-1)
-    correct = ((predicted == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
+    correct = ((outputs.argmax(dim=-1) == batch.targets) & (batch.targets != IGNORE_INDEX)).sum()
     return loss, correct, False
 
 
@@ -491,7 +477,7 @@ def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS)
         progress.step += 1
         progress.position = run.planner.advance(progress.position, window)
         progress.samples_seen += len(window.indices)
-        progress.tokens_seen += outcome.tokens
+        progress.tokens_seen += run.data.train.tokens(window.indices)
         if outcome.skipped:
             progress.skipped_updates += 1
             callbacks.on_event("overflow_skip", {"step": progress.step, "scale": outcome.scale})

@@ -39,7 +39,6 @@ class WindowOutcome:
     grad_norm: float  # of the whole window's gradient, unscaled, before clipping
     skipped: bool  # fp16 overflow: no update was applied
     scale: float | None  # the fp16 loss scale after a skipped update
-    tokens: int
 
 
 @dataclass(frozen=True)
@@ -171,8 +170,8 @@ def gradient_norm(parts: StepParts, gradients: list[torch.Tensor]) -> torch.Tens
 
 def apply_update(
     parts: StepParts, loss_sum: torch.Tensor, window_units: int, hooks: Hooks = NO_HOOKS
-) -> tuple[float, float, bool]:
-    """Unscale, clip and step once for the window; returns (loss, grad_norm, skipped)."""
+) -> WindowOutcome:
+    """Unscale, clip and step once for the window."""
     optimizer, scaler = parts.optimizer, parts.scaler
     scaler.unscale_(optimizer)
     gradients = [p.grad for p in parts.parameters if p.grad is not None]
@@ -207,7 +206,8 @@ def apply_update(
         parts.scheduler.step()
     # Free the window's gradients: the next window starts from none.
     optimizer.zero_grad(set_to_none=True)
-    return loss_value / window_units, norm_value, skipped
+    scale = scaler.get_scale() if skipped else None
+    return WindowOutcome(loss_value / window_units, norm_value, skipped, scale)
 
 
 def optimizer_out_of_memory_message(parts: StepParts) -> str:
@@ -215,10 +215,9 @@ def optimizer_out_of_memory_message(parts: StepParts) -> str:
     parameters = sum(parameter.numel() for parameter in parts.parameters)
     element = parts.parameters[0].element_size() if parts.parameters else 4
     # Values the optimizer keeps per parameter: AdamW two moments, SGD its momentum.
+    state = 1 if parts.optimizer.defaults.get("momentum") else 0
     if isinstance(parts.optimizer, torch.optim.Adam | torch.optim.AdamW):
         state = 2
-    else:
-        state = 1 if parts.optimizer.defaults.get("momentum") else 0
     # Weights, gradients and state: what the step needs whatever the micro-batch.
     needed = parameters * element * (2 + state)
     name = type(parts.optimizer).__name__
@@ -229,21 +228,4 @@ def optimizer_out_of_memory_message(parts: StepParts) -> str:
         "gradients and optimizer state together. Micro-batching cannot help: a smaller "
         "micro-batch shrinks only activations, which are freed before the step. Use a "
         "smaller model, an optimizer with less state (sgd) or a device with more memory"
-    )
-
-
-def run_window(
-    parts: StepParts,
-    data: SampleSet,
-    micro_batches: list[list[int]],
-    hooks: Hooks = NO_HOOKS,
-) -> WindowOutcome:
-    loss_sum, window_units = accumulate_gradients(parts, data, micro_batches, hooks)
-    loss, grad_norm, skipped = apply_update(parts, loss_sum, window_units, hooks)
-    return WindowOutcome(
-        loss=loss,
-        grad_norm=grad_norm,
-        skipped=skipped,
-        scale=parts.scaler.get_scale() if skipped else None,
-        tokens=data.tokens([index for batch in micro_batches for index in batch]),
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from app.blobs import DatabaseStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints.store import DatabaseStore
 from app.db import Database
 from app.jobs import runs
 

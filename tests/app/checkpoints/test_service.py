@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from app import blobs
+from app.blobs import BlobStore, DatabaseStore, DirectoryStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints import store as store_module
 from app.checkpoints.exceptions import NoCheckpoint
-from app.checkpoints.models import CheckpointChunk
-from app.checkpoints.store import CheckpointStore, DatabaseStore, DirectoryStore
+from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
+from app.jobs.models import JobEvent
 from app.jobs.spec import JobSpec
 
 SPEC = {"model": {"type": "mlp"}, "dataset": {"type": "digits"}, "batch_size": 8,
@@ -35,14 +36,14 @@ def claimed_job(database: Database) -> runs.Claim:
 
 
 @pytest.fixture(params=["database", "directory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return DatabaseStore() if request.param == "database" else DirectoryStore(tmp_path / "ckpt")
 
 
 def test_bytes_round_trip_in_chunks(
-    database: Database, store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Database, store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "CHUNK_BYTES", 1000)  # many chunks from a small blob
+    monkeypatch.setattr(blobs, "CHUNK_BYTES", 1000)  # many chunks from a small blob
     claim = claimed_job(database)
     weights, state = os.urandom(4321), os.urandom(999)
     with database.session() as session:
@@ -77,8 +78,8 @@ def test_latest_and_named_checkpoints(database: Database) -> None:
         assert checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=4).step == 4
         with pytest.raises(NoCheckpoint):
             checkpoints_service.find_checkpoint(session, job_id=claim.job_id, step=5)
-        rows, more = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=2, limit=1
+        rows, more = jobs_service.job_rows(
+            session, Checkpoint.step, 2, job_id=claim.job_id, limit=1
         )
     assert [row.step for row in rows] == [4] and more
 
@@ -127,7 +128,7 @@ def job_keeping(database: Database, keep: dict[str, int] | None) -> runs.Claim:
 def save(
     database: Database,
     claim: runs.Claim,
-    store: CheckpointStore,
+    store: BlobStore,
     step: int,
     eval_loss: float | None,
     *,
@@ -145,9 +146,7 @@ def save(
 
 def stored_steps(database: Database, job_id: str) -> list[int]:
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=job_id, after_step=None, limit=1000
-        )
+        rows, _ = jobs_service.job_rows(session, Checkpoint.step, None, job_id=job_id, limit=1000)
     return [row.step for row in rows]
 
 
@@ -157,7 +156,7 @@ def step_directories(root: Path, job_id: str) -> list[str]:
 
 
 def test_each_save_keeps_the_last_n_and_best_m_and_deletes_the_others_bytes(
-    database: Database, store: CheckpointStore, tmp_path: Path
+    database: Database, store: BlobStore, tmp_path: Path
 ) -> None:
     claim = job_keeping(database, {"last": 2, "best": 1})
     eval_losses = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.8, 5: 0.6, 6: 0.95}
@@ -237,11 +236,16 @@ def test_eval_loss_is_stored_and_non_finite_losses_are_unknown(database: Databas
     save(database, claim, DatabaseStore(), 1, 0.25, loss=0.5)
     save(database, claim, DatabaseStore(), 2, math.nan, loss=math.inf)
     with database.session() as session:
-        rows, _ = checkpoints_service.list_checkpoints(
-            session, job_id=claim.job_id, after_step=None, limit=10
+        rows, _ = jobs_service.job_rows(
+            session, Checkpoint.step, None, job_id=claim.job_id, limit=10
         )
-        events = jobs_service.list_events(
-            session, job_id=claim.job_id, after=None, limit=10, types=["checkpoint"]
+        events = jobs_service.job_rows(
+            session,
+            JobEvent.id,
+            None,
+            job_id=claim.job_id,
+            limit=10,
+            where=[JobEvent.type.in_(["checkpoint"])],
         )[0]
     assert [(row.loss, row.eval_loss) for row in rows] == [(0.5, 0.25), (None, None)]
     assert [(e.data["loss"], e.data["eval_loss"]) for e in events] == [(0.5, 0.25), (None, None)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, select
 
+from app import blobs
+from app.blobs import BlobWriter, DatabaseStore, DirectoryStore
 from app.checkpoints import service as checkpoints_service
-from app.checkpoints import store as store_module
 from app.checkpoints.models import CheckpointChunk
-from app.checkpoints.store import DatabaseStore, DirectoryStore, PartWriter
 from app.db import Database
 
 from .test_service import claimed_job
@@ -56,11 +56,11 @@ def test_a_directory_checkpoint_is_fsynced_before_its_row_commits(
 def test_streamed_writes_of_any_size_become_whole_chunks(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "CHUNK_BYTES", 10)
+    monkeypatch.setattr(blobs, "CHUNK_BYTES", 10)
     claim = claimed_job(database)
     content = bytes(range(256)) * 3
 
-    def write_unevenly(writer: PartWriter) -> None:
+    def write_unevenly(writer: BlobWriter) -> None:
         view = memoryview(content)
         for start, end in ((0, 3), (3, 40), (40, 41), (41, 700), (700, len(content))):
             writer.write(view[start:end])

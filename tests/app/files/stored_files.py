@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.checkpoints.store import CHUNK_BYTES
+from app.blobs import CHUNK_BYTES
 from app.db import Database, utcnow
 from app.files.models import DataFile, FileChunk
 from app.ids import new_file_id

@@ -8,9 +8,9 @@ import os
 import anyio
 import pytest
 
+from app.blobs import CHUNK_BYTES
 from app.files.exceptions import BadUpload
 from app.files.multipart import FileData, FileStart, FormEvent, FormField, read_form
-from app.files.store import CHUNK_BYTES
 from app.limits import PayloadTooLarge
 from tests.app.files.uploads import BOUNDARY, CONTENT_TYPE, multipart
 

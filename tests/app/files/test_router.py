@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.auth import service as auth_service
+from app.blobs import CHUNK_BYTES
 from app.db import Database, upgrade
 from app.files.models import DataFile, FileChunk, JobFile
-from app.files.store import CHUNK_BYTES
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
 from app.main import create_app

@@ -67,7 +67,7 @@ def load(database: Database, job_id: str) -> Job:
 
 def attempt_rows(database: Database, job_id: str) -> list[JobAttempt]:
     with database.session() as session:
-        rows, _ = jobs_service.list_attempts(session, job_id=job_id, after=None, limit=100)
+        rows, _ = jobs_service.job_rows(session, JobAttempt.attempt, None, job_id=job_id, limit=100)
     return rows
 
 

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.blobs import DatabaseStore, DirectoryStore
 from app.checkpoints import service as checkpoints_service
 from app.checkpoints.models import Checkpoint
-from app.checkpoints.store import DatabaseStore, DirectoryStore
 from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service

@@ -14,6 +14,7 @@ from app.db import Database
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.exceptions import JobAlreadyFinished, JobNotFound
+from app.jobs.models import JobEvent, JobMetric
 from app.jobs.schemas import JobPublic
 from app.jobs.spec import JobSpec
 from app.reads import ThreadedReads
@@ -39,7 +40,7 @@ def test_created_job_is_queued_with_derived_batch_fields(database: Database) -> 
     with database.session() as session:
         job = jobs_service.get_job(session, job_id=job_id)
         public = JobPublic.model_validate(job)
-        events, _ = jobs_service.list_events(session, job_id=job_id, after=None, limit=10)
+        events, _ = jobs_service.job_rows(session, JobEvent.id, None, job_id=job_id, limit=10)
     assert public.status == "queued" and public.name == "digits"
     assert (public.batch_size, public.micro_batch_size, public.accumulation_steps) == (16, 4, 4)
     assert public.spec["accumulation_steps"] == 4
@@ -140,10 +141,10 @@ def test_progress_is_written_in_batches_and_read_back_in_step_order(database: Da
             events=[("oom_backoff", {"old_micro_batch_size": 4, "new_micro_batch_size": 2})],
         )  # fmt: skip
         session.commit()
-        rows, more = jobs_service.list_metrics(session, job_id=job_id, after_step=1, limit=1)
+        rows, more = jobs_service.job_rows(session, JobMetric.step, 1, job_id=job_id, limit=1)
         assert [(r.step, r.extra["eval_loss"]) for r in rows] == [(2, 0.25)] and more
         assert jobs_service.get_job(session, job_id=job_id).step == 3
-        events, _ = jobs_service.list_events(session, job_id=job_id, after=None, limit=10)
+        events, _ = jobs_service.job_rows(session, JobEvent.id, None, job_id=job_id, limit=10)
         kinds = ["status", "status", "metrics", "metrics", "metrics", "oom_backoff"]
         assert [e.type for e in events] == kinds
         assert [e.data["step"] for e in events if e.type == "metrics"] == [1, 2, 3]

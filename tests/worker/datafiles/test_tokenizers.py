@@ -14,17 +14,17 @@ def test_byte_tokenizer_shifts_utf8_bytes_past_padding() -> None:
 
 
 def test_char_tokenizer_numbers_sorted_characters_from_two() -> None:
-    tokenizer: TextTokenizer = CharTokenizer.from_texts(["cab", "bé"])
+    tokenizer: TextTokenizer = CharTokenizer(["cab", "bé"])
     assert (tokenizer.vocab_size, tokenizer.pad_id) == (6, 0)
     assert tokenizer.encode("abcé") == [2, 3, 4, 5]
 
 
 def test_char_tokenizer_maps_unseen_characters_to_unknown() -> None:
-    tokenizer = CharTokenizer.from_texts(["ab"])
+    tokenizer = CharTokenizer(["ab"])
     assert tokenizer.encode("azb") == [2, CharTokenizer.unknown_id, 3]
 
 
 def test_char_tokenizer_is_the_same_for_any_order_of_texts() -> None:
-    first = CharTokenizer.from_texts(["hello", "world"])
-    second = CharTokenizer.from_texts(["dlrow", "olleh"])
+    first = CharTokenizer(["hello", "world"])
+    second = CharTokenizer(["dlrow", "olleh"])
     assert first.characters == second.characters
