@@ -43,18 +43,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-class _StopOnSignal:
-    """Ctrl-C asks the loop to stop at the next window boundary, after a checkpoint."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.reason is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C does not wait
-        self.reason = "interrupted"
-
-
 def _fail(message: str, code: int) -> int:
     print(f"trainjob run: {message}", file=sys.stderr)
     return code
@@ -111,8 +99,16 @@ def run_command(
 
 
 def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool) -> int:
-    stop = _StopOnSignal()
-    previous_handler = signal.signal(signal.SIGINT, stop)
+    stop_reason: str | None = None
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        """Ctrl-C asks the loop to stop at the next window boundary, after a checkpoint."""
+        nonlocal stop_reason
+        if stop_reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait
+        stop_reason = "interrupted"
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     bar: TrainingProgress | None = None
     metrics_file = (out / "metrics.jsonl").open("a", buffering=1)
     events_file = (out / "events.jsonl").open("a")
@@ -135,7 +131,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
         metrics_file.flush()
         saved.write(out / "checkpoints" / f"step-{saved.step:07d}")
 
-    callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop.reason)
+    callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop_reason)
     try:
         result = train(
             spec,

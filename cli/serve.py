@@ -49,16 +49,13 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
     if settings.uses_embedded_database:
         # The embedded SQLite file belongs to this command: keep it at the code's schema.
         upgrade(settings.effective_database_url)
-    problem = _check_migrated(settings)
-    if problem:
-        print(f"trainjob serve: {problem}", file=sys.stderr)
-        return 2
     host = host or settings.host
-    refused = exposure.refusal(
+    # Whether authentication is on is read from the database: only once it is migrated.
+    problem = _check_migrated(settings) or exposure.refusal(
         host, auth=settings.auth, auth_on=exposure.authentication_is_on(settings)
     )
-    if refused:
-        print(f"trainjob serve: {refused}", file=sys.stderr)
+    if problem:
+        print(f"trainjob serve: {problem}", file=sys.stderr)
         return 2
 
     embedded_redis: EmbeddedRedis | None = None
@@ -126,14 +123,13 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
     )
     logging.getLogger("uvicorn.error").addFilter(_not_a_cut_stream)
     server = uvicorn.Server(config)
+    sockets = None
     if port == 0:  # an ephemeral port: bind first so that we can say which
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         port = sock.getsockname()[1]
         sockets = [sock]
-    else:
-        sockets = None
     url = f"http://{host}:{port}"
     if settings.log_format == "json":  # every line of the output is then a JSON object
         logger.info("trainjob is serving at %s  (API docs: %s/docs)", url, url)
