@@ -43,7 +43,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"trainjob run: {message}", file=sys.stderr)
     return code
 
@@ -81,18 +81,16 @@ def run_command(
         return EXIT_BAD_INPUT
     out = resume or out
     if out is None:
-        return _fail("give --out DIR (or --resume DIR)", EXIT_BAD_INPUT)
+        return _fail("give --out DIR (or --resume DIR)")
     checkpoint: Checkpoint | None = None
     if resume is not None:
         complete = sorted((resume / "checkpoints").glob("step-*/" + STATE_FILE))
         if not complete:
-            return _fail(f"{resume} has no checkpoint to resume from", EXIT_BAD_INPUT)
+            return _fail(f"{resume} has no checkpoint to resume from")
         checkpoint = Checkpoint.read(complete[-1].parent)
         _truncate_metrics(out / "metrics.jsonl", checkpoint.step)
     elif out.exists() and any(out.iterdir()):
-        return _fail(
-            f"{out} already holds files; use --resume {out} or another --out", EXIT_BAD_INPUT
-        )
+        return _fail(f"{out} already holds files; use --resume {out} or another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     return _train(spec, out, checkpoint, quiet)
