@@ -75,10 +75,7 @@ def run_command(
     try:
         spec = resolve_spec(spec_path, resume)
     except SpecFileError as error:
-        print(f"trainjob run: invalid spec {error.path}:", file=sys.stderr)
-        for line in error.lines:
-            print(f"  {line}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail("\n  ".join([f"invalid spec {error.path}:", *error.lines]))
     out = resume or out
     if out is None:
         return _fail("give --out DIR (or --resume DIR)")
