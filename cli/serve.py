@@ -31,7 +31,10 @@ logger = logging.getLogger("trainjob.serve")
 API_SHUTDOWN_SECONDS = 3
 
 
-def _check_migrated(settings: Settings) -> str | None:
+def _cannot_start(settings: Settings, *, needs_redis: bool = True) -> str | None:
+    """Why a command that needs the database (and Redis) cannot start, if it cannot."""
+    if needs_redis and settings.redis_url is None:
+        return "TRAINJOB_REDIS_URL is not set"
     database = Database(settings.effective_database_url)
     try:
         require_migrated(database)
@@ -51,7 +54,7 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
         upgrade(settings.effective_database_url)
     host = host or settings.host
     # Whether authentication is on is read from the database: only once it is migrated.
-    problem = _check_migrated(settings) or exposure.refusal(
+    problem = _cannot_start(settings, needs_redis=False) or exposure.refusal(
         host, auth=settings.auth, auth_on=exposure.authentication_is_on(settings)
     )
     if problem:
@@ -160,18 +163,11 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _cannot_connect(settings: Settings) -> str | None:
-    """Why a command that needs the database and Redis cannot start, if it cannot."""
-    if settings.redis_url is None:
-        return "TRAINJOB_REDIS_URL is not set"
-    return _check_migrated(settings)
-
-
 def worker_command(queues: str | None, concurrency: int) -> int:
     settings = get_settings()
     configure_logging(settings)
     send_celery_logs_to_root()
-    problem = _cannot_connect(settings)
+    problem = _cannot_start(settings)
     if problem:
         print(f"trainjob worker: {problem}", file=sys.stderr)
         return 2
@@ -204,7 +200,7 @@ def worker_command(queues: str | None, concurrency: int) -> int:
 
 def reaper_command() -> int:
     settings = get_settings()
-    problem = _cannot_connect(settings)
+    problem = _cannot_start(settings)
     if problem:
         print(f"trainjob reaper: {problem}", file=sys.stderr)
         return 2
@@ -218,7 +214,7 @@ def reaper_command() -> int:
     interval = settings.reaper_interval_seconds or 10.0
     settings = settings.model_copy(update={"reaper_interval_seconds": interval})
     database = Database(settings.effective_database_url)
-    assert settings.redis_url is not None  # _cannot_connect said so
+    assert settings.redis_url is not None  # _cannot_start said so
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     reaper = make_reaper(settings, database, make_celery(settings), client)
     for signum in (signal.SIGINT, signal.SIGTERM):
