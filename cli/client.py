@@ -126,13 +126,14 @@ def show(document: Any, text: str, *, as_json: bool) -> None:
     print(json.dumps(document, indent=2) if as_json else text)
 
 
-def print_page(
-    page: dict[str, Any],
-    print_table: Callable[[list[dict[str, Any]]], None],
-    noun: str,
+def list_page(
+    api: Api,
     args: argparse.Namespace,
+    noun: str,
+    print_table: Callable[[list[dict[str, Any]]], None],
 ) -> int:
     """A page of a list: the server's JSON, or a table and how to ask for the next page."""
+    page = api.get(f"/v1/{noun}", status=args.status, limit=args.limit, after=args.after)
     if args.as_json:
         print_json(page)
         return EXIT_OK
@@ -175,11 +176,9 @@ def client_command(args: argparse.Namespace) -> int:
         for item in error.fields:
             print(f"  {item.get('path') or 'body'}: {item.get('message')}", file=sys.stderr)
         return EXIT_FAILED
-    except httpx.TransportError as error:
-        print(f"trainjob: {api.unreachable(error)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except Unreachable as error:
-        print(f"trainjob: {error}", file=sys.stderr)
+    except (httpx.TransportError, Unreachable) as error:
+        reason = api.unreachable(error) if isinstance(error, httpx.TransportError) else error
+        print(f"trainjob: {reason}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         print("trainjob: interrupted", file=sys.stderr)

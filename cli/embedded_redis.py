@@ -30,11 +30,8 @@ class EmbeddedRedis:
         if len(str(socket_path)) > _MAX_SOCKET_PATH:
             socket_path = Path(tempfile.mkdtemp(prefix="trainjob-")) / "redis.sock"
         self.socket_path = socket_path
+        self.url = f"unix://{socket_path}"
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket_path}"
 
     def start(self, timeout: float = 20.0) -> None:
         try:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from cli import output
-from cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, print_page, show
+from cli.client import EXIT_FAILED, EXIT_OK, Api, UsageError, list_page, show
 
 # Writing a large file takes as long as it takes; each read or write may stall this long.
 UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
@@ -45,7 +45,9 @@ def upload(api: Api, args: argparse.Namespace) -> int:
     if args.wait:
         if not args.as_json:
             print(file_line(data_file), flush=True)
-        data_file = wait_for_validation(api, data_file["id"])
+        # Until a worker has checked it (Ctrl-C stops waiting, not the check).
+        while (data_file := api.get(file_path(data_file["id"])))["status"] == "validating":
+            time.sleep(POLL_SECONDS)
     show(data_file, file_line(data_file), as_json=args.as_json)
     if data_file["status"] == "invalid":
         print(f"trainjob: {data_file['id']} is invalid:", file=sys.stderr)
@@ -55,27 +57,17 @@ def upload(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def wait_for_validation(api: Api, file_id: str) -> dict[str, Any]:
-    """Poll the file until a worker has validated it (Ctrl-C stops waiting, not the check)."""
-    while True:
-        data_file: dict[str, Any] = api.get(file_path(file_id))
-        if data_file["status"] != "validating":
-            return data_file
-        time.sleep(POLL_SECONDS)
-
-
-def list_files(api: Api, args: argparse.Namespace) -> int:
-    page = api.get("/v1/files", status=args.status, limit=args.limit, after=args.after)
-    return print_page(page, print_file_table, "files", args)
-
-
 def remove(api: Api, args: argparse.Namespace) -> int:
     api.http.delete(file_path(args.file_id))
     show({"id": args.file_id, "deleted": True}, f"{args.file_id} deleted", as_json=args.as_json)
     return EXIT_OK
 
 
-COMMANDS = {"upload": upload, "list": list_files, "rm": remove}
+COMMANDS = {
+    "upload": upload,
+    "list": lambda api, args: list_page(api, args, "files", print_file_table),
+    "rm": remove,
+}
 
 
 def file_line(data_file: dict[str, Any]) -> str:

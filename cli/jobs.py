@@ -28,8 +28,8 @@ from cli.client import (
     Api,
     ApiError,
     Unreachable,
+    list_page,
     print_json,
-    print_page,
     show,
 )
 from cli.progress import TrainingProgress
@@ -67,15 +67,6 @@ def status(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def list_jobs(api: Api, args: argparse.Namespace) -> int:
-    page = api.get("/v1/jobs", status=args.status, limit=args.limit, after=args.after)
-    return print_page(page, output.print_job_table, "jobs", args)
-
-
-def watch(api: Api, args: argparse.Namespace) -> int:
-    return watch_job(api, args.job_id, as_json=args.as_json)
-
-
 def cancel(api: Api, args: argparse.Namespace) -> int:
     job = api.post(job_path(args.job_id, "cancel"))
     text = f"{job['id']} {job['status']}"
@@ -104,15 +95,13 @@ def events(api: Api, args: argparse.Namespace) -> int:
 
 
 def download(api: Api, args: argparse.Namespace) -> int:
-    job_id, step = args.job_id, args.step
-    default_name = (
-        f"{job_id}-step{step}.safetensors" if step is not None else f"{job_id}.safetensors"
-    )
-    target = args.output if args.output is not None else Path(default_name)
+    step = args.step
+    default_name = f"{args.job_id}{f'-step{step}' if step is not None else ''}.safetensors"
+    target = args.output or Path(default_name)
     if target.is_dir():
         target = target / default_name
     params = {"step": step} if step is not None else {}
-    with api.http.stream("GET", job_path(job_id, "weights"), params=params) as response:
+    with api.http.stream("GET", job_path(args.job_id, "weights"), params=params) as response:
         size = _write_atomically(target, response.iter_bytes())
     at_step = response.headers.get("X-Checkpoint-Step")
     step_text = f", step {at_step}" if at_step else ""
@@ -127,8 +116,8 @@ def download(api: Api, args: argparse.Namespace) -> int:
 COMMANDS = {
     "submit": submit,
     "status": status,
-    "list": list_jobs,
-    "watch": watch,
+    "list": lambda api, args: list_page(api, args, "jobs", output.print_job_table),
+    "watch": lambda api, args: watch_job(api, args.job_id, as_json=args.as_json),
     "cancel": cancel,
     "events": events,
     "download": download,
@@ -234,9 +223,7 @@ def _stream(
 
     httpx-sse yields only whole events: one cut off by a drop is asked for again.
     """
-    headers = {}
-    if position.last_event_id is not None:
-        headers["Last-Event-ID"] = position.last_event_id
+    headers = {"Last-Event-ID": position.last_event_id} if position.last_event_id else {}
     timeout = httpx.Timeout(30.0, connect=5.0, read=STREAM_READ_TIMEOUT_SECONDS)
     with connect_sse(
         api.http, "GET", job_path(job_id, "events"), headers=headers, timeout=timeout

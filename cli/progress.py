@@ -37,13 +37,11 @@ class LineSchedule:
         self,
         total_steps: int | None,
         *,
-        seconds: float = LINE_EVERY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total_steps = total_steps
         # With no step count known, every tenth step.
         self.every_steps = max(1, total_steps // 20) if total_steps else 10
-        self.seconds = seconds
         self.clock = clock
         self.last_line_at = clock()
 
@@ -52,7 +50,7 @@ class LineSchedule:
         if (
             step % self.every_steps == 0
             or step == self.total_steps
-            or now - self.last_line_at >= self.seconds
+            or now - self.last_line_at >= LINE_EVERY_SECONDS
         ):
             self.last_line_at = now
             return True

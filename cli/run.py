@@ -43,19 +43,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-class _StopOnSignal:
-    """Ctrl-C asks the loop to stop at the next window boundary, after a checkpoint."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.reason is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C does not wait
-        self.reason = "interrupted"
-
-
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"trainjob run: {message}", file=sys.stderr)
     return code
 
@@ -87,32 +75,35 @@ def run_command(
     try:
         spec = resolve_spec(spec_path, resume)
     except SpecFileError as error:
-        print(f"trainjob run: invalid spec {error.path}:", file=sys.stderr)
-        for line in error.lines:
-            print(f"  {line}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail("\n  ".join([f"invalid spec {error.path}:", *error.lines]))
     out = resume or out
     if out is None:
-        return _fail("give --out DIR (or --resume DIR)", EXIT_BAD_INPUT)
+        return _fail("give --out DIR (or --resume DIR)")
     checkpoint: Checkpoint | None = None
     if resume is not None:
         complete = sorted((resume / "checkpoints").glob("step-*/" + STATE_FILE))
         if not complete:
-            return _fail(f"{resume} has no checkpoint to resume from", EXIT_BAD_INPUT)
+            return _fail(f"{resume} has no checkpoint to resume from")
         checkpoint = Checkpoint.read(complete[-1].parent)
         _truncate_metrics(out / "metrics.jsonl", checkpoint.step)
     elif out.exists() and any(out.iterdir()):
-        return _fail(
-            f"{out} already holds files; use --resume {out} or another --out", EXIT_BAD_INPUT
-        )
+        return _fail(f"{out} already holds files; use --resume {out} or another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     return _train(spec, out, checkpoint, quiet)
 
 
 def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool) -> int:
-    stop = _StopOnSignal()
-    previous_handler = signal.signal(signal.SIGINT, stop)
+    stop_reason: str | None = None
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        """Ctrl-C asks the loop to stop at the next window boundary, after a checkpoint."""
+        nonlocal stop_reason
+        if stop_reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait
+        stop_reason = "interrupted"
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     bar: TrainingProgress | None = None
     metrics_file = (out / "metrics.jsonl").open("a", buffering=1)
     events_file = (out / "events.jsonl").open("a")
@@ -135,7 +126,7 @@ def _train(spec: JobSpec, out: Path, checkpoint: Checkpoint | None, quiet: bool)
         metrics_file.flush()
         saved.write(out / "checkpoints" / f"step-{saved.step:07d}")
 
-    callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop.reason)
+    callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, lambda: stop_reason)
     try:
         result = train(
             spec,

@@ -31,7 +31,10 @@ logger = logging.getLogger("trainjob.serve")
 API_SHUTDOWN_SECONDS = 3
 
 
-def _check_migrated(settings: Settings) -> str | None:
+def _cannot_start(settings: Settings, *, needs_redis: bool = True) -> str | None:
+    """Why a command that needs the database (and Redis) cannot start, if it cannot."""
+    if needs_redis and settings.redis_url is None:
+        return "TRAINJOB_REDIS_URL is not set"
     database = Database(settings.effective_database_url)
     try:
         require_migrated(database)
@@ -49,16 +52,13 @@ def serve_command(host: str | None, port: int | None, with_worker: bool) -> int:
     if settings.uses_embedded_database:
         # The embedded SQLite file belongs to this command: keep it at the code's schema.
         upgrade(settings.effective_database_url)
-    problem = _check_migrated(settings)
-    if problem:
-        print(f"trainjob serve: {problem}", file=sys.stderr)
-        return 2
     host = host or settings.host
-    refused = exposure.refusal(
+    # Whether authentication is on is read from the database: only once it is migrated.
+    problem = _cannot_start(settings, needs_redis=False) or exposure.refusal(
         host, auth=settings.auth, auth_on=exposure.authentication_is_on(settings)
     )
-    if refused:
-        print(f"trainjob serve: {refused}", file=sys.stderr)
+    if problem:
+        print(f"trainjob serve: {problem}", file=sys.stderr)
         return 2
 
     embedded_redis: EmbeddedRedis | None = None
@@ -126,14 +126,13 @@ def _run_api(settings: Settings, host: str, port: int) -> int:
     )
     logging.getLogger("uvicorn.error").addFilter(_not_a_cut_stream)
     server = uvicorn.Server(config)
+    sockets = None
     if port == 0:  # an ephemeral port: bind first so that we can say which
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         port = sock.getsockname()[1]
         sockets = [sock]
-    else:
-        sockets = None
     url = f"http://{host}:{port}"
     if settings.log_format == "json":  # every line of the output is then a JSON object
         logger.info("trainjob is serving at %s  (API docs: %s/docs)", url, url)
@@ -164,18 +163,11 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _cannot_connect(settings: Settings) -> str | None:
-    """Why a command that needs the database and Redis cannot start, if it cannot."""
-    if settings.redis_url is None:
-        return "TRAINJOB_REDIS_URL is not set"
-    return _check_migrated(settings)
-
-
 def worker_command(queues: str | None, concurrency: int) -> int:
     settings = get_settings()
     configure_logging(settings)
     send_celery_logs_to_root()
-    problem = _cannot_connect(settings)
+    problem = _cannot_start(settings)
     if problem:
         print(f"trainjob worker: {problem}", file=sys.stderr)
         return 2
@@ -208,7 +200,7 @@ def worker_command(queues: str | None, concurrency: int) -> int:
 
 def reaper_command() -> int:
     settings = get_settings()
-    problem = _cannot_connect(settings)
+    problem = _cannot_start(settings)
     if problem:
         print(f"trainjob reaper: {problem}", file=sys.stderr)
         return 2
@@ -222,7 +214,7 @@ def reaper_command() -> int:
     interval = settings.reaper_interval_seconds or 10.0
     settings = settings.model_copy(update={"reaper_interval_seconds": interval})
     database = Database(settings.effective_database_url)
-    assert settings.redis_url is not None  # _cannot_connect said so
+    assert settings.redis_url is not None  # _cannot_start said so
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     reaper = make_reaper(settings, database, make_celery(settings), client)
     for signum in (signal.SIGINT, signal.SIGTERM):
