@@ -50,11 +50,11 @@ from worker.engine.window import (
 )
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
+# Not how a window is cut (micro_batch_size, accumulation_steps, devices): accumulation
+# is exact, so a run may resume on another number of devices with the same batch.
 _TRAINING_FIELDS = {
     "model",
     "dataset",
-    "micro_batch_size",
-    "accumulation_steps",
     "batch_size",
     "max_steps",
     "epochs",
@@ -240,7 +240,10 @@ def prepare_run(
     parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
     )
-    micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
+    # 'auto' starts with each rank's whole share of the window in one micro-batch.
+    world_size = group.world_size if group is not None else 1
+    auto = spec.micro_batch_size == "auto"
+    micro = math.ceil(spec.window_size / world_size) if auto else spec.micro_batch_size
     assert isinstance(micro, int)
     planner = WindowPlanner(len(data.train), spec.window_size, spec.seed)
     progress = Progress(micro_batch_size=micro)
@@ -273,7 +276,9 @@ def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
 
 def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     state = unpack_state(checkpoint.state)
-    if state["training"] != _training_fields(run.spec):
+    # Older checkpoints also hold the fields of the cut: they are not compared.
+    written_for = {name: state["training"].get(name) for name in _TRAINING_FIELDS}
+    if written_for != _training_fields(run.spec):
         raise TrainingError(
             "incompatible_checkpoint", "the checkpoint was written by a different training spec"
         )
@@ -283,12 +288,16 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
+    # An out-of-memory backoff before the checkpoint stays; so does a micro-batch made
+    # smaller since (a resume on more devices, a smaller micro_batch_size).
+    micro_batch_size = min(state["micro_batch_size"], run.progress.micro_batch_size)
     run.progress = Progress(
         **{name: state[name] for name in _PROGRESS_COUNTERS},
         position=DataPosition(epoch=state["epoch"], index=state["index"]),
         # Absent from checkpoints written before evaluations were remembered.
         eval_loss=state.get("eval_loss"),
     )
+    run.progress.micro_batch_size = micro_batch_size
 
 
 def run_window_with_backoff(

@@ -47,22 +47,31 @@ CASES: dict[str, dict[str, Any]] = {
         "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
     },
 }
-# A window of 12 divides among 1, 2 or 3 ranks: micro-batches of 2, k = 6, 3 or 2. (TODO
-# devices: the spec then names N and k; the engine keeps the window of 12 on any N.)
-RESUME_SPEC = make_spec(
-    **CASES["mlp-tail"], precision="fp64", micro_batch_size=2, accumulation_steps=6, max_steps=7
-)
+
+
+def resume_spec(devices: int) -> JobSpec:
+    """A batch of 12 on 1, 2 or 3 devices: micro-batches of 2, k = 6, 3 or 2."""
+    return make_spec(
+        **CASES["mlp-tail"],
+        precision="fp64",
+        micro_batch_size=2,
+        accumulation_steps=None,
+        batch_size=12,
+        devices=devices,
+        max_steps=7,
+    )
+
+
 OUT_OF_MEMORY_RANK = 1  # with N >= 2, this rank's first forward of 2 samples fails
 
 
-def spec_for(case: str, world_size: int, micro: int, steps: int) -> Any:
-    # TODO(devices): the spec's own `devices` field folds N into the batch; until then the
-    # global window m·k·N is given as k·N micro-batches of m.
+def spec_for(case: str, devices: int, micro: int, steps: int) -> JobSpec:
     return make_spec(
         **CASES[case],
         precision="fp64",
         micro_batch_size=micro,
-        accumulation_steps=steps * world_size,
+        accumulation_steps=steps,
+        devices=devices,
         max_steps=6,
     )
 
@@ -229,12 +238,14 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_three_or_one_to_the_same_wei
     tmp_path: Path,
 ) -> None:
     torch.set_num_threads(1)
-    undisturbed = flat_parameters(train(RESUME_SPEC).model)
-    stopped = launch(2, RESUME_SPEC, str(tmp_path), 4, False, entrypoint=train_and_stop)
+    undisturbed = flat_parameters(train(resume_spec(1)).model)
+    stopped = launch(2, resume_spec(2), str(tmp_path), 4, False, entrypoint=train_and_stop)
     assert [step for step, _ in stopped.values()] == [4, 4]
     assert Checkpoint.read(tmp_path).step == 4
     for world_size in (3, 1):
-        resumed = launch(world_size, RESUME_SPEC, str(tmp_path), 0, True, entrypoint=train_and_stop)
+        resumed = launch(
+            world_size, resume_spec(world_size), str(tmp_path), 0, True, entrypoint=train_and_stop
+        )
         for step, weights in resumed.values():
             assert step == 7
             assert_close_relative(weights, undisturbed, 1e-10)
@@ -248,7 +259,8 @@ def test_fp32_with_dropout_resumes_on_the_same_ranks_bit_identically(tmp_path: P
         dataset=CASES["mlp-tail"]["dataset"],
         optimizer={"type": "adamw", "lr": 0.01},
         micro_batch_size=2,
-        accumulation_steps=6,
+        accumulation_steps=3,
+        devices=2,
         max_steps=7,
     )
     first_forward = launch(2, spec, entrypoint=random_state_at_first_forward)
