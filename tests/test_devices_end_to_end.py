@@ -153,6 +153,25 @@ def test_a_group_with_a_rank_killed_resumes_to_the_same_weights(service: httpx.C
     wait_for(lambda: not group_processes(), 30, "every process of the groups to end")
 
 
+@pytest.mark.slow
+def test_a_running_group_cancelled_by_http_stops_with_a_checkpoint(service: httpx.Client) -> None:
+    long = {**MLP, "micro_batch_size": 1, "accumulation_steps": 1, "devices": 2,
+            "max_steps": 1_000_000}  # fmt: skip
+    job = service.post("/v1/jobs", json=long).json()
+
+    def training() -> bool:
+        current = service.get(f"/v1/jobs/{job['id']}").json()
+        return current["status"] == "running" and current["progress"]["step"] > 0
+
+    wait_for(training, 120, "the group to train", interval=0.1)
+    assert service.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
+    done = wait_for_status(service, job["id"], {"cancelled", "succeeded", "failed"}, timeout=30)
+    assert done["status"] == "cancelled"
+    checkpoints = service.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[-1]["step"] == done["progress"]["step"]
+    wait_for(lambda: not group_processes(), 30, "the group's processes to end")
+
+
 def test_a_job_on_more_devices_than_any_worker_has_waits_with_a_warning(
     service: httpx.Client,
 ) -> None:

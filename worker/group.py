@@ -79,7 +79,13 @@ def run_group(
             environment["TRAINJOB_RANK_DEVICE"] = "cpu"
         logger.info("job %s: starting %d ranks on %s", job_id, devices, owned.describe())
         process = subprocess.Popen(
-            command, env=environment, preexec_fn=dies_with(os.getpid(), signal.SIGTERM)
+            command,
+            env=environment,
+            preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
+            # Out of the worker's process group: a Ctrl-C at the worker's terminal is the
+            # worker's graceful shutdown (rank 0 hears it through the lease), not a signal
+            # that would kill the ranks mid-window.
+            start_new_session=True,
         )
         exit_code = process.wait()
         outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else None
