@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its latest checkpoint",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train on N processes, one per device (default: the spec's devices); the "
+        "batch stays, accumulation_steps follows",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -301,7 +308,7 @@ def run_command(argv: Sequence[str] | None) -> int:
         # Imported here: torch loads only for the commands that train.
         from cli.run import run_command
 
-        return run_command(args.spec, args.out, args.resume, quiet=args.quiet)
+        return run_command(args.spec, args.out, args.resume, args.quiet, args.devices)
     from cli import serve
 
     if args.command == "serve":

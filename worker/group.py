@@ -51,7 +51,8 @@ class GroupResult:
     outcome: dict[str, Any] | None  # what rank 0 wrote; None if it wrote nothing
 
 
-def launcher_command(devices: int, rank_arguments: list[str]) -> list[str]:
+def launcher_command(devices: int, module: str, rank_arguments: list[str]) -> list[str]:
+    """torch.distributed.run starting `devices` ranks of `python -m module ARGS`."""
     return [
         sys.executable,
         "-m",
@@ -61,9 +62,16 @@ def launcher_command(devices: int, rank_arguments: list[str]) -> list[str]:
         "--max-restarts=0",
         f"--monitor-interval={MONITOR_INTERVAL_SECONDS}",
         "-m",
-        "worker.rank",
+        module,
         *rank_arguments,
     ]
+
+
+def launch_environment(devices: int) -> dict[str, str]:
+    """The launcher's environment: each CPU rank a fair share of the cores, unless the
+    operator set OMP_NUM_THREADS (torch.distributed.run would set 1 and say so)."""
+    threads = str(max(1, (os.cpu_count() or 1) // devices))
+    return {"OMP_NUM_THREADS": threads, **os.environ}
 
 
 def run_group(
@@ -73,8 +81,9 @@ def run_group(
     ends. `claim` is what rank 0 needs to act as the run's owner."""
     with tempfile.TemporaryDirectory(prefix="trainjob-group-") as directory:
         outcome_path = Path(directory) / "outcome.json"
-        command = launcher_command(devices, [job_id, json.dumps(claim), str(outcome_path)])
-        environment = {**os.environ, **owned.environment(devices)}
+        rank_arguments = [job_id, json.dumps(claim), str(outcome_path)]
+        command = launcher_command(devices, "worker.rank", rank_arguments)
+        environment = {**launch_environment(devices), **owned.environment(devices)}
         if owned.kind == "cpu":
             environment["TRAINJOB_RANK_DEVICE"] = "cpu"
         logger.info("job %s: starting %d ranks on %s", job_id, devices, owned.describe())

@@ -16,7 +16,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from app.db import Database
@@ -25,7 +24,7 @@ from app.jobs.runs import Claim
 from app.jobs.spec import JobSpec
 from app.observability.logs import configure_logging
 from app.settings import Settings, get_settings
-from worker.engine.distributed import GroupBroken, RankGroup
+from worker.engine.distributed import GroupBroken, RankGroup, join_group
 from worker.engine.errors import TrainingError
 from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, train
@@ -42,16 +41,6 @@ def collective_timeout(settings: Settings) -> timedelta:
     """Well under the lease: a group whose peer hangs ends, and the job is retried, before
     the reaper would take the job for lost."""
     return timedelta(seconds=max(10.0, settings.lease_timeout_seconds / 2))
-
-
-def join_group(settings: Settings) -> RankGroup:
-    cuda = os.environ.get("TRAINJOB_RANK_DEVICE") != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout(settings))
-    group = RankGroup.current()
-    assert group is not None
-    return group
 
 
 def follow(database: Database, settings: Settings, job_id: str, group: RankGroup) -> int:
@@ -84,7 +73,7 @@ def main(argv: list[str]) -> int:
     dies_with(os.getppid(), signal.SIGKILL)()  # never outlive the launcher
     settings = get_settings()
     configure_logging(settings)
-    group = join_group(settings)
+    group = join_group(collective_timeout(settings))
     database = Database(settings.effective_database_url)
     try:
         if group.rank != 0:

@@ -25,9 +25,11 @@ overflow skip and the optimizer step are the same on every rank without more tal
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -98,6 +100,19 @@ class RankGroup:
         with _collective("agreeing whether to stop"):
             dist.broadcast_object_list(decision, src=0)
         return decision[0]
+
+
+def join_group(timeout: timedelta) -> RankGroup:
+    """Join the group torch.distributed.run started this process in: NCCL when CUDA is
+    there (each rank on its LOCAL_RANK-th device), else gloo; TRAINJOB_RANK_DEVICE=cpu
+    keeps a CPU worker's ranks on gloo where CUDA exists too."""
+    cuda = os.environ.get("TRAINJOB_RANK_DEVICE") != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    group = RankGroup.current()
+    assert group is not None
+    return group
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
