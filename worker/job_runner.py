@@ -10,7 +10,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,16 @@ def _run(
         message = f"needs {spec.devices} devices; this worker has {owned.count}"
         logger.warning("job %s: %s", claim.job_id, message)
         return Outcome("queued", hand_back="too_few_devices")
-    result = run_group(claim.job_id, asdict(claim), spec.devices, owned)
+    # Heartbeats from here too: the lease must outlive the seconds the group takes to
+    # start, before rank 0's own keeper beats (the two renew the same lease).
+    keeper = LeaseKeeper(
+        database, claim, heartbeat_seconds=settings.heartbeat_seconds, max_runtime_seconds=None
+    )
+    keeper.start()
+    try:
+        result = run_group(claim.job_id, asdict(claim), spec.devices, owned)
+    finally:
+        keeper.stop()
     if result.outcome is None:
         logger.warning(
             "job %s: its group ended (exit code %d) before rank 0 could say how",
@@ -182,7 +191,11 @@ def _run(
             result.exit_code,
         )
         return Outcome("queued", hand_back=RANK_FAILED)
-    return outcome_from_json(result.outcome)
+    outcome = outcome_from_json(result.outcome)
+    if outcome is not None and outcome.runtime_seconds is not None:
+        # Rank 0 counts from its own start: the group's start-up is the attempt's time too.
+        outcome = replace(outcome, runtime_seconds=keeper.runtime_seconds())
+    return outcome
 
 
 # Failures of the service around the run, not of the job: retried up to max_attempts.
