@@ -163,7 +163,7 @@ def rank_main(argv: list[str]) -> int:
     on one device does, the others train their share of each window."""
     out, quiet = Path(argv[0]), argv[1] == "quiet"
     dies_with(os.getppid(), signal.SIGKILL)()  # never outlive the launcher
-    group = join_group(timedelta(minutes=5))
+    group = join_group(timedelta(minutes=5), timedelta(hours=1))
     try:
         spec = load_spec_file(out / "spec.json")
         complete = sorted((out / "checkpoints").glob("step-*/" + STATE_FILE))

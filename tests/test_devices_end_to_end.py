@@ -61,12 +61,18 @@ def service(start_service: StartService) -> Iterator[httpx.Client]:
         yield client
 
 
-def trained(service: httpx.Client, spec: dict[str, Any], timeout: float = 240) -> torch.Tensor:
+def trained(service: httpx.Client, spec: dict[str, Any], timeout: float = 240) -> str:
+    """The id of the job of `spec`, once it succeeded."""
     job = service.post("/v1/jobs", json=spec)
     assert job.status_code == 201, job.text
     done = wait_for_status(service, job.json()["id"], {"succeeded", "failed"}, timeout=timeout)
     assert done["status"] == "succeeded", done["error"]
-    return weights_of(service, done["id"])
+    return str(done["id"])
+
+
+def losses_of(service: httpx.Client, job_id: str) -> torch.Tensor:
+    metrics = service.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    return torch.tensor([m["loss"] for m in metrics], dtype=torch.float64)
 
 
 def weights_of(service: httpx.Client, job_id: str) -> torch.Tensor:
@@ -113,8 +119,9 @@ def test_a_job_on_n_devices_ends_at_the_weights_of_one_batch(
     done = wait_for_status(service, job["id"], {"succeeded", "failed"}, timeout=240)
     assert done["status"] == "succeeded", done["error"]
     # One micro-batch of the whole window on one device.
-    one_batch = {**spec, "micro_batch_size": batch, "accumulation_steps": 1}
-    assert_close(weights_of(service, job["id"]), trained(service, one_batch))
+    one_batch = trained(service, {**spec, "micro_batch_size": batch, "accumulation_steps": 1})
+    assert_close(weights_of(service, job["id"]), weights_of(service, one_batch))
+    assert_close(losses_of(service, job["id"]), losses_of(service, one_batch))
     metrics = service.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
     assert [m["micro_batch_size"] for m in metrics] == [micro_in_use] * 6
 
@@ -150,7 +157,7 @@ def test_a_group_with_a_rank_killed_resumes_to_the_same_weights(service: httpx.C
     attempts = service.get(f"/v1/jobs/{job['id']}/attempts").json()["data"]
     assert [a["reason"] for a in attempts] == ["rank_failed", "succeeded"], attempts
     undisturbed = {**spec, "devices": 1, "micro_batch_size": 4, "accumulation_steps": 1}
-    assert_close(weights_of(service, job["id"]), trained(service, undisturbed))
+    assert_close(weights_of(service, job["id"]), weights_of(service, trained(service, undisturbed)))
     wait_for(lambda: not group_processes(), 30, "every process of the groups to end")
 
 

@@ -22,7 +22,7 @@ from app.db import Database
 from app.jobs.models import Job
 from app.jobs.runs import Claim
 from app.jobs.spec import JobSpec
-from app.observability.logs import configure_logging
+from app.observability.logs import configure_logging, job_context
 from app.settings import Settings, get_settings
 from worker.engine.distributed import GroupBroken, RankGroup, join_group
 from worker.engine.errors import TrainingError
@@ -38,9 +38,14 @@ logger = logging.getLogger(__name__)
 
 
 def collective_timeout(settings: Settings) -> timedelta:
-    """Well under the lease: a group whose peer hangs ends, and the job is retried, before
-    the reaper would take the job for lost."""
+    """Well under the lease: a window whose peer hangs ends the group, and the job is
+    retried, within the time the reaper would give a lost worker."""
     return timedelta(seconds=max(10.0, settings.lease_timeout_seconds / 2))
+
+
+# Between windows the others wait while rank 0 saves a checkpoint (GiBs into the
+# database) or retries its progress writes through a database blip.
+BETWEEN_WINDOWS = timedelta(hours=1)
 
 
 def follow(database: Database, settings: Settings, job_id: str, group: RankGroup) -> int:
@@ -73,7 +78,7 @@ def main(argv: list[str]) -> int:
     dies_with(os.getppid(), signal.SIGKILL)()  # never outlive the launcher
     settings = get_settings()
     configure_logging(settings)
-    group = join_group(collective_timeout(settings))
+    group = join_group(collective_timeout(settings), BETWEEN_WINDOWS)
     database = Database(settings.effective_database_url)
     try:
         if group.rank != 0:
@@ -85,7 +90,8 @@ def main(argv: list[str]) -> int:
                 job = session.get(Job, job_id)
                 assert job is not None
                 spec = JobSpec.model_validate(job.spec)
-            outcome = train_claimed(database, settings, publisher, claim, spec, group)
+            with job_context(job_id, claim.attempt):  # on every log line of the run
+                outcome = train_claimed(database, settings, publisher, claim, spec, group)
         finally:
             publisher.close()
         write_outcome(Path(outcome_path), outcome_to_json(outcome))

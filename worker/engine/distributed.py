@@ -70,13 +70,17 @@ class RankGroup:
 
     rank: int
     world_size: int
+    # Where the ranks agree whether to stop (a gloo group of the same ranks): between two
+    # windows, where the others may wait out rank 0's checkpoint save or progress writes,
+    # longer than a window's collectives may take. None: the default group.
+    between_windows: dist.ProcessGroup | None = None
 
     @classmethod
-    def current(cls) -> RankGroup | None:
+    def current(cls, between_windows: dist.ProcessGroup | None = None) -> RankGroup | None:
         """The initialised default group, or None for a run on one process."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), between_windows)
 
     def share(self, indices: list[int]) -> list[int]:
         """This rank's contiguous part of a window: the first len % N ranks get one more
@@ -98,19 +102,22 @@ class RankGroup:
         decision, or the ranks would wait on each other's collectives forever."""
         decision = [stop_reason]
         with _collective("agreeing whether to stop"):
-            dist.broadcast_object_list(decision, src=0)
+            dist.broadcast_object_list(decision, src=0, group=self.between_windows)
         return decision[0]
 
 
-def join_group(timeout: timedelta) -> RankGroup:
+def join_group(timeout: timedelta, between_windows: timedelta) -> RankGroup:
     """Join the group torch.distributed.run started this process in: NCCL when CUDA is
     there (each rank on its LOCAL_RANK-th device), else gloo; TRAINJOB_RANK_DEVICE=cpu
-    keeps a CPU worker's ranks on gloo where CUDA exists too."""
+    keeps a CPU worker's ranks on gloo where CUDA exists too. A window's collectives
+    fail after `timeout` (a hung rank ends the group), the stop decision between windows
+    after `between_windows`. A dead rank ends the group at once either way: the launcher
+    sees it exit."""
     cuda = os.environ.get("TRAINJOB_RANK_DEVICE") != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    group = RankGroup.current()
+    group = RankGroup.current(dist.new_group(backend="gloo", timeout=between_windows))
     assert group is not None
     return group
 
