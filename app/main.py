@@ -26,7 +26,7 @@ from app.limits import BodySizeLimit, PathLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
-from app.queue import enqueue_validation, training_sender
+from app.queue import enqueue_validation, training_queue, training_sender
 from app.reads import open_reads
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -44,7 +44,7 @@ def make_reaper(
         interval=settings.reaper_interval_seconds,
         send=training_sender(celery, settings.queue),
         # Redis keeps a queue as a list: its length is how many messages wait in it.
-        waiting=lambda: client.llen(settings.queue),
+        waiting=lambda devices: client.llen(training_queue(settings.queue, devices)),
         validations_waiting=lambda: client.llen(settings.files_queue),
         send_validation=lambda file_id: enqueue_validation(
             celery, file_id=file_id, queue=settings.files_queue

@@ -45,6 +45,19 @@ def enqueue_validation(celery: Celery, *, file_id: str, queue: str) -> bool:
     return _send(celery, VALIDATE_TASK, file_id, queue)
 
 
-def training_sender(celery: Celery, queue: str) -> Callable[[str], bool]:
-    """`enqueue_training` for one queue, as the code that sends jobs takes it."""
-    return lambda job_id: enqueue_training(celery, job_id=job_id, queue=queue)
+def training_queue(queue: str, devices: int) -> str:
+    """The queue of jobs on `devices` devices: a worker consumes those of as many devices
+    as it has (cli/serve.py), so that none takes a job it cannot run. One-device jobs keep
+    the plain name."""
+    return queue if devices == 1 else f"{queue}.devices-{devices}"
+
+
+# Sends a job (its id, its devices) to the workers; False when the broker did not take it.
+Sender = Callable[[str, int], bool]
+
+
+def training_sender(celery: Celery, queue: str) -> Sender:
+    """`enqueue_training` to the job's queue, as the code that sends jobs takes it."""
+    return lambda job_id, devices: enqueue_training(
+        celery, job_id=job_id, queue=training_queue(queue, devices)
+    )

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     hf_max_parameters: int = Field(200_000_000, ge=1)
     queue: str = "gpu"
     files_queue: str = "files"
+    # What a worker owns (worker/devices.py): "0,1,2,3" or "cpu:4"; unset: every visible
+    # CUDA device, else one CPU device.
+    worker_devices: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Redis redelivers an unacknowledged task after this long: keep it above the longest job.

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its latest checkpoint",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train on N processes, one per device (default: the spec's devices); the "
+        "batch stays, accumulation_steps follows",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -68,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run a Celery worker (training, and file validations)",
         description=(
-            "Run a worker against TRAINJOB_REDIS_URL and TRAINJOB_DATABASE_URL. Run one per "
-            "GPU (set CUDA_VISIBLE_DEVICES for each) with `--queues gpu`, and a CPU worker "
-            "with `--queues files` for uploaded files' validations."
+            "Run a worker against TRAINJOB_REDIS_URL and TRAINJOB_DATABASE_URL. It runs one "
+            "job at a time, on up to as many devices as it owns (--devices): one worker per "
+            "GPU (`--devices 0`, `--devices 1`, ...) runs one-device jobs side by side, one "
+            "with `--devices 0,1,2,3` also runs jobs on 2 to 4 of them. Add a CPU worker with "
+            "`--queues files` for uploaded files' validations."
         ),
     )
     worker.add_argument(
@@ -80,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--concurrency", type=int, default=1, help="training processes (default 1: one per GPU)"
+    )
+    worker.add_argument(
+        "--devices",
+        help="the devices it owns: CUDA indices (0,1,2,3) or cpu:N for N CPU processes "
+        "(default TRAINJOB_WORKER_DEVICES, else every visible CUDA device, else cpu:1)",
     )
 
     commands.add_parser(
@@ -294,13 +308,13 @@ def run_command(argv: Sequence[str] | None) -> int:
         # Imported here: torch loads only for the commands that train.
         from cli.run import run_command
 
-        return run_command(args.spec, args.out, args.resume, quiet=args.quiet)
+        return run_command(args.spec, args.out, args.resume, args.quiet, args.devices)
     from cli import serve
 
     if args.command == "serve":
         return serve.serve_command(args.host, args.port, with_worker=not args.no_worker)
     if args.command == "worker":
-        return serve.worker_command(args.queues, args.concurrency)
+        return serve.worker_command(args.queues, args.concurrency, args.devices)
     if args.command == "reaper":
         return serve.reaper_command()
     if args.command == "keys":

@@ -19,6 +19,7 @@ import sys
 
 from app.db import Database, DatabaseNotMigrated, require_migrated, upgrade
 from app.observability.logs import configure_logging, send_celery_logs_to_root
+from app.queue import training_queue
 from app.settings import Settings, get_settings
 from cli import exposure
 from cli.embedded_redis import EmbeddedRedis
@@ -163,7 +164,9 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def worker_command(queues: str | None, concurrency: int) -> int:
+def worker_command(queues: str | None, concurrency: int, devices: str | None = None) -> int:
+    if devices is not None:  # before the settings are read: the pool's children read them
+        os.environ["TRAINJOB_WORKER_DEVICES"] = devices
     settings = get_settings()
     configure_logging(settings)
     send_celery_logs_to_root()
@@ -174,7 +177,21 @@ def worker_command(queues: str | None, concurrency: int) -> int:
     # Never initialise CUDA in the parent; NVML answers "is CUDA there?" without it.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from worker.celery_app import make_celery
+    from worker.devices import worker_devices
     from worker.shutdown import install_graceful_shutdown
+
+    try:
+        owned = worker_devices(settings.worker_devices)
+    except ValueError as error:
+        print(f"trainjob worker: {error}", file=sys.stderr)
+        return 2
+    # Resolved once here: the pool's children (forked, settings and all) need no probe.
+    os.environ["TRAINJOB_WORKER_DEVICES"] = owned.describe()
+    get_settings.cache_clear()
+    settings = get_settings()
+    consumed = (queues or f"{settings.queue},{settings.files_queue}").split(",")
+    if settings.queue in consumed:  # and the queues of jobs on up to as many devices
+        consumed += [training_queue(settings.queue, n) for n in range(2, owned.count + 1)]
 
     celery = make_celery(settings)
     install_graceful_shutdown(settings)
@@ -185,7 +202,7 @@ def worker_command(queues: str | None, concurrency: int) -> int:
             "worker",
             "--loglevel", settings.log_level.upper(),
             # Training and file validations by default (the embedded worker of `serve` too).
-            "--queues", queues or f"{settings.queue},{settings.files_queue}",
+            "--queues", ",".join(consumed),
             "--concurrency", str(concurrency),
             "--pool", "prefork",
             "--max-tasks-per-child", "1",

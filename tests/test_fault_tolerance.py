@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import load as load_safetensors
 
 from app.db import upgrade
 from app.queue import enqueue_training
@@ -52,8 +54,11 @@ class Cluster:
     logs: Path
     settings: Settings
 
-    def worker(self, name: str, faults: str | None = SLOW) -> AbstractContextManager[Any]:
+    def worker(
+        self, name: str, faults: str | None = SLOW, devices: str | None = None
+    ) -> AbstractContextManager[Any]:
         env = self.env | ({"TRAINJOB_TEST_FAULTS": faults} if faults else {})
+        env |= {"TRAINJOB_WORKER_DEVICES": devices} if devices else {}
         return running(["worker"], env, self.logs / f"{name}.log")
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -182,6 +187,32 @@ def test_sigterm_hands_the_job_back_with_a_checkpoint_and_no_attempt_counted(
     assert finished["reason"] == "succeeded" and finished["resumed_from_step"] > 0
     assert "queued" in cluster.status_events(job_id)[2:]
     assert cluster.weights(job_id) == reference_weights
+
+
+@pytest.mark.slow
+def test_sigterm_hands_a_job_on_two_devices_back_and_another_worker_resumes_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # fp64: the run on two devices ends within 1e-10 of one device's, resumed or not.
+    spec = SPEC | {"precision": "fp64", "micro_batch_size": 4, "devices": 2}
+    with cluster.worker("group-a", faults="slow=0.2", devices="cpu:2") as first:
+        job_id = cluster.client.post("/v1/jobs", json=spec).json()["id"]
+        wait_for_checkpoint(cluster, job_id, at_least=5)
+        with cluster.worker("group-b", devices="cpu:2") as second:
+            wait_for_worker(second, cluster.logs / "group-b.log")
+            first.send_signal(signal.SIGTERM)  # the worker's main process, as Docker does
+            first.wait(30)
+            done = wait_for_status(cluster.client, job_id, FINISHED, timeout=120)
+    assert first.returncode == 0
+    assert done["status"] == "succeeded", done["error"]
+    handed_back, finished = cluster.attempts(job_id)
+    assert handed_back["reason"] == "shutdown" and not handed_back["counted"]
+    assert finished["reason"] == "succeeded" and finished["resumed_from_step"] > 0
+    one_device = SPEC | {"precision": "fp64", "micro_batch_size": 8}
+    expected = load_safetensors(trainjob_run(one_device, tmp_path, timeout=120))
+    actual = load_safetensors(cluster.weights(job_id))
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name], tensor, rtol=1e-10, atol=1e-12), name
 
 
 @pytest.mark.parametrize(("fault", "error_type"), [("nan", "nan_loss"), ("oom", "out_of_memory")])

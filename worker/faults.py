@@ -6,7 +6,9 @@
 - `oom_backward[=N]` the same, inside the backward pass;
 - `oom_step` raises out-of-memory in every optimizer step;
 - `oom_eval[=N]` raises out-of-memory for every evaluation batch of more than N samples;
-- `slow=SECONDS` sleeps that long per micro-batch.
+- `slow=SECONDS` sleeps that long per micro-batch;
+- `oom_rank=R` keeps the out-of-memory faults to rank R of a job on several devices
+  (the others, and one-device runs, are spared), as when one device fills first.
 
 They go through the engine's hooks, the same path the engine's own tests use, so a
 worker process can be shown to fail `nan_loss` or `out_of_memory`, or to back off,
@@ -19,6 +21,7 @@ validation task reads these faults too, and never imports torch.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from worker.engine.hooks import BatchHook, Hooks
 
 KNOWN_FAULTS = frozenset(
-    {"nan", "oom", "oom_backward", "oom_step", "oom_eval", "slow", "kill_validation"}
+    {"nan", "oom", "oom_backward", "oom_step", "oom_eval", "oom_rank", "slow", "kill_validation"}
 )
 
 
@@ -55,8 +58,11 @@ def fault_hooks(value: str | None) -> Hooks:
     if not faults:
         return NO_HOOKS
 
+    # torch.distributed.run gives each rank its RANK; a one-device run has none (rank 0).
+    spared = "oom_rank" in faults and int(os.environ.get("RANK", "0")) != faults["oom_rank"]
+
     def out_of_memory_above(fault: str) -> BatchHook | None:
-        if fault not in faults:
+        if fault not in faults or spared:
             return None
 
         def inject(size: int, _batch: Batch) -> None:

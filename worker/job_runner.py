@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import redis
 import sqlalchemy.exc
@@ -26,13 +27,17 @@ from app.jobs.models import Job
 from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back, send_jobs
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.observability.logs import job_context
+from app.queue import Sender
 from app.settings import Settings
 from worker.datafiles.fetch import RunFiles
+from worker.devices import worker_devices
 from worker.engine.checkpoint import Checkpoint
+from worker.engine.distributed import GroupBroken, RankGroup
 from worker.engine.errors import TrainingError
 from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, train
 from worker.faults import fault_hooks
+from worker.group import run_group
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
 from worker.progress_writer import ProgressWriter, retry_database
@@ -58,9 +63,7 @@ def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Ch
     return Checkpoint(step=stored.step, weights=weights, state=state, loss=stored.loss)
 
 
-def run_job(
-    job_id: str, settings: Settings, *, worker: str, enqueue: Callable[[str], bool]
-) -> None:
+def run_job(job_id: str, settings: Settings, *, worker: str, enqueue: Sender) -> None:
     """Claim `job_id` for `worker` and train it to an outcome; `enqueue` re-sends the job
     when it is handed back (shutdown, connection lost)."""
     database = Database(settings.effective_database_url)
@@ -93,7 +96,7 @@ def run_job(
             )
             publisher.status(job_id, "running")
             spec = JobSpec.model_validate(job.spec)
-            outcome = _train_claimed(database, settings, publisher, claim, spec)
+            outcome = _run(database, settings, publisher, claim, spec)
             if outcome is not None:
                 _record(database, settings, publisher, claim, outcome, enqueue)
     finally:
@@ -144,6 +147,57 @@ class Outcome:
     runtime_seconds: float | None = None
 
 
+def outcome_to_json(outcome: Outcome | None) -> dict[str, Any]:
+    """What rank 0 of a group tells the pool child (worker/group.py)."""
+    return {"lease_lost": True} if outcome is None else asdict(outcome)
+
+
+def outcome_from_json(data: dict[str, Any]) -> Outcome | None:
+    if data.get("lease_lost"):
+        return None
+    error = data.pop("error")
+    return Outcome(**data, error=(error[0], error[1]) if error else None)
+
+
+# A rank of the job's group died or lost its connection: retried like a lost worker.
+RANK_FAILED = "rank_failed"
+
+
+def _run(
+    database: Database, settings: Settings, publisher: LivePublisher, claim: Claim, spec: JobSpec
+) -> Outcome | None:
+    """The claimed job trained here, or on its devices by a group of ranks."""
+    if spec.devices == 1:
+        return train_claimed(database, settings, publisher, claim, spec)
+    owned = worker_devices(settings.worker_devices)
+    if spec.devices > owned.count:  # a queue this worker should not consume
+        message = f"needs {spec.devices} devices; this worker has {owned.count}"
+        logger.warning("job %s: %s", claim.job_id, message)
+        return Outcome("queued", hand_back="too_few_devices")
+    # Heartbeats from here too: the lease must outlive the seconds the group takes to
+    # start, before rank 0's own keeper beats (the two renew the same lease).
+    keeper = LeaseKeeper(
+        database, claim, heartbeat_seconds=settings.heartbeat_seconds, max_runtime_seconds=None
+    )
+    keeper.start()
+    try:
+        result = run_group(claim.job_id, asdict(claim), spec.devices, owned)
+    finally:
+        keeper.stop()
+    if result.outcome is None:
+        logger.warning(
+            "job %s: its group ended (exit code %d) before rank 0 could say how",
+            claim.job_id,
+            result.exit_code,
+        )
+        return Outcome("queued", hand_back=RANK_FAILED)
+    outcome = outcome_from_json(result.outcome)
+    if outcome is not None and outcome.runtime_seconds is not None:
+        # Rank 0 counts from its own start: the group's start-up is the attempt's time too.
+        outcome = replace(outcome, runtime_seconds=keeper.runtime_seconds())
+    return outcome
+
+
 # Failures of the service around the run, not of the job: retried up to max_attempts.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
@@ -154,13 +208,16 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _train_claimed(
+def train_claimed(
     database: Database,
     settings: Settings,
     publisher: LivePublisher,
     claim: Claim,
     spec: JobSpec,
+    group: RankGroup | None = None,
 ) -> Outcome | None:
+    """Train the claimed job here (on one device, or as rank 0 of its group) and say how
+    it ended; None when the lease was lost to another run."""
     keeper = LeaseKeeper(
         database,
         claim,
@@ -193,6 +250,7 @@ def _train_claimed(
                 hooks=fault_hooks(settings.test_faults),
                 files=files,
                 hf_limits=HfLimits(settings.hf_model_dirs, settings.hf_max_parameters),
+                group=group,
             )
         writer.flush(required=True)
     except LeaseLost:
@@ -203,6 +261,9 @@ def _train_claimed(
     except INFRASTRUCTURE_ERRORS:
         logger.exception("job %s: connection lost", claim.job_id)
         return Outcome("queued", hand_back="connection_lost")
+    except GroupBroken:
+        logger.exception("job %s: a rank of its group failed", claim.job_id)
+        return Outcome("queued", hand_back=RANK_FAILED)
     except torch.OutOfMemoryError as failure:
         # One the engine's backoff does not cover (loading the model, a checkpoint or its
         # optimizer state onto the device): the same device would run out again.
@@ -240,7 +301,7 @@ def _record(
     publisher: LivePublisher,
     claim: Claim,
     outcome: Outcome,
-    enqueue: Callable[[str], bool],
+    enqueue: Sender,
 ) -> None:
     def write() -> bool:
         with database.session() as session:

@@ -59,6 +59,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the job's message was last published; None: not (successfully) sent yet.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The spec's devices, as a column: it picks the job's training queue (app/queue.py).
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Training time of all attempts so far, for the spec's max_runtime_seconds.
     runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

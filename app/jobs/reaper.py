@@ -20,7 +20,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, update
+from sqlalchemy import Row, Select, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
@@ -28,6 +28,7 @@ from app.files.models import DataFile
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
+from app.queue import Sender
 
 logger = logging.getLogger(__name__)
 
@@ -98,29 +99,37 @@ def send_due_jobs(
     *,
     now: datetime,
     resend_after: float,
-    waiting: int,
-    send: Callable[[str], bool],
+    waiting: Callable[[int], int],
+    send: Sender,
 ) -> list[str]:
     """Send the sendable jobs never sent (or whose send failed), and again those whose
     message is lost: a Redis restart, a worker killed between taking it and claiming the
     job. A duplicate is harmless, the claim refuses a job no longer queued, but it costs
     a worker a fresh process: a job that merely waits its turn is not sent again.
 
-    The broker's queue hands out its oldest message first: of the jobs sent, as many as
-    there are more of them than messages `waiting` in the queue are lost, and they are
-    those sent longest ago. Each of them sent `resend_after` ago or more is sent again,
-    and stamped.
+    Each training queue (one per number of devices, app/queue.py) hands out its oldest
+    message first: of its jobs sent, as many as there are more of them than messages
+    `waiting(devices)` in it are lost, and they are those sent longest ago. Each of them
+    sent `resend_after` ago or more is sent again, and stamped.
 
     A batch per pass; the ids sent. A failed send ends the pass, so that rows are not
     held locked while the broker is away.
     """
-    sent_jobs = select(Job.id).where(sendable(), Job.enqueued_at.is_not(None)).subquery()
-    lost = (session.scalar(select(func.count()).select_from(sent_jobs)) or 0) - waiting
+    jobs = select(Job.id, Job.devices)
+    never_sent = jobs.where(sendable(), Job.enqueued_at.is_(None)).order_by(Job.id)
+    due = list(_locked(session, never_sent, BATCH))
+    sent_by_queue = session.execute(
+        select(Job.devices, func.count())
+        .where(sendable(), Job.enqueued_at.is_not(None))
+        .group_by(Job.devices)
+    ).all()
     overdue = Job.enqueued_at < now - timedelta(seconds=resend_after)
-    never_sent = select(Job.id).where(sendable(), Job.enqueued_at.is_(None)).order_by(Job.id)
-    lost_messages = select(Job.id).where(sendable(), overdue).order_by(Job.enqueued_at)
-    due = [*_locked(session, never_sent, BATCH), *_locked(session, lost_messages, min(lost, BATCH))]
-    sent = list(itertools.takewhile(send, due))  # up to the first send that fails
+    for devices, count in sent_by_queue:
+        lost_messages = jobs.where(sendable(), overdue, Job.devices == devices)
+        lost = min(count - waiting(devices), BATCH)
+        due += _locked(session, lost_messages.order_by(Job.enqueued_at), lost)
+    # Up to the first send that fails.
+    sent = [job[0] for job in itertools.takewhile(lambda job: send(job[0], job[1]), due)]
     if sent:
         session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
     return sent
@@ -146,18 +155,20 @@ def send_due_validations(
     lost = (session.scalar(select(func.count()).where(validating)) or 0) - waiting
     overdue = and_(DataFile.created_at < cutoff, DataFile.id.not_in(list(sent_at)))
     query = select(DataFile.id).where(validating, overdue).order_by(DataFile.id)
-    due = _locked(session, query, min(lost, BATCH))
+    due = [row[0] for row in _locked(session, query, min(lost, BATCH))]
     sent = list(itertools.takewhile(send, due))
     sent_at.update(dict.fromkeys(sent, now))
     return sent
 
 
-def _locked(session: Session, query: Select[str], limit: int) -> Sequence[str]:
-    """Up to `limit` ids of `query`, of rows no other transaction holds, locked until the
+def _locked(
+    session: Session, query: Select[*tuple[Any, ...]], limit: int
+) -> Sequence[Row[*tuple[Any, ...]]]:
+    """Up to `limit` rows of `query`, of rows no other transaction holds, locked until the
     commit."""
     if limit <= 0:
         return []
-    return session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
+    return session.execute(query.limit(limit).with_for_update(skip_locked=True)).all()
 
 
 @dataclass
@@ -169,9 +180,10 @@ class Reaper:
     lease_timeout: float
     requeue_after: float
     interval: float
-    send: Callable[[str], bool]
-    # How many messages wait in the training queue, and in the files queue.
-    waiting: Callable[[], int]
+    send: Sender
+    # How many messages wait in the training queue of jobs on so many devices, and in the
+    # files queue.
+    waiting: Callable[[int], int]
     validations_waiting: Callable[[], int] = lambda: 0
     ring: Callable[[list[str]], None] = lambda job_ids: None
     idempotency_ttl_hours: float | None = None
@@ -191,7 +203,7 @@ class Reaper:
                 session,
                 now=now,
                 resend_after=self.requeue_after,
-                waiting=self.waiting(),
+                waiting=self.waiting,
                 send=self.send,
             )
         if self.send_validation is not None:

@@ -93,11 +93,13 @@ def submit_job(
             settings.allow_unseen_cuda
             or devices.cuda_worker_seen(redis_client, queue=settings.queue)
         ),
+        most_devices=lambda: devices.most_devices(redis_client, queue=settings.queue),
         idempotency_key=idempotency_key,
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
     )
     session.commit()
-    send_jobs(session, submitted.to_send, send=training_sender(celery, settings.queue))
+    send = training_sender(celery, settings.queue)
+    send_jobs(session, submitted.to_send, send=send, devices={submitted.job.id: spec.devices})
     if submitted.replayed:
         response.status_code = status.HTTP_200_OK
     return JobPublic.model_validate(submitted.job)

@@ -9,7 +9,7 @@ work of the job's current owner.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from app.checkpoints.models import Checkpoint
 from app.db import utcnow
 from app.files.models import DataFile, JobFile
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
+from app.queue import Sender
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
 LIVE_STATUSES = ("running", "cancelling")
@@ -87,10 +88,20 @@ def mark_unsent(session: Session, *, job_id: str) -> None:
     )
 
 
-def send_jobs(session: Session, job_ids: Sequence[str], *, send: Callable[[str], bool]) -> None:
+def send_jobs(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    send: Sender,
+    devices: Mapping[str, int] | None = None,
+) -> None:
     """Send jobs marked sent, after the commit that marked them; one the broker does not
-    take is marked unsent again (committed), for the reaper's next pass."""
-    unsent = [job_id for job_id in job_ids if not send(job_id)]
+    take is marked unsent again (committed), for the reaper's next pass. `devices` (each
+    job's, which picks its queue) is read from the jobs unless the caller knows it."""
+    if devices is None and job_ids:
+        query = select(Job.id, Job.devices).where(Job.id.in_(job_ids))
+        devices = {job_id: count for job_id, count in session.execute(query).tuples()}
+    unsent = [job_id for job_id in job_ids if not send(job_id, (devices or {}).get(job_id, 1))]
     for job_id in unsent:
         mark_unsent(session, job_id=job_id)
     if unsent:

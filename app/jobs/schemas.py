@@ -74,6 +74,7 @@ class JobPublic(JobRow):
     batch_size: int
     micro_batch_size: int
     accumulation_steps: int
+    devices: int
     progress: JobProgress
     metrics: dict[str, Any] | None
     error: JobError | None

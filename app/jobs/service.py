@@ -40,6 +40,7 @@ def submit_job(
     tenant: str,
     max_active_jobs: int,
     cuda_available: Callable[[], bool],
+    most_devices: Callable[[], int | None] = lambda: None,
     idempotency_key: str | None = None,
     idempotency_ttl_hours: float = 48.0,
 ) -> Submitted:
@@ -61,6 +62,13 @@ def submit_job(
     if active >= max_active_jobs:
         raise TooManyJobs(tenant, active)
     job = create_job(session, spec=spec, tenant=tenant)
+    if spec.devices > 1 and (most := most_devices()) is not None and most < spec.devices:
+        # Not refused: a worker that big may start later; until then the user knows why.
+        message = (
+            f"the job needs {spec.devices} devices and no live worker has that many (the most "
+            f"is {most}): it stays queued until one starts (trainjob worker --devices)"
+        )
+        runs.append_events(session, job.id, [("warning", {"message": message})])
     if idempotency_key is not None:
         idempotency.remember(session, tenant=tenant, key=idempotency_key, spec=spec, job_id=job.id)
     return Submitted(job, replayed=False, to_send=[job.id] if job.enqueued_at else [])
@@ -110,6 +118,7 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         batch_size=spec.batch_size,
         micro_batch_size=micro,
         accumulation_steps=spec.accumulation_steps or 1,
+        devices=spec.devices,
         max_steps=spec.max_steps,
         max_attempts=spec.max_attempts,
         # A new queued job on no file is sendable: stamped sent in its INSERT (an UPDATE

@@ -31,6 +31,7 @@ DATASET_ENTRY_POINT_GROUP = "trainjob.datasets"
 MAX_MICRO_BATCH_SIZE = 4096
 MAX_ACCUMULATION_STEPS = 4096
 MAX_BATCH_SIZE = 65536
+MAX_DEVICES = 64
 MAX_STEPS = 1_000_000
 MAX_PARAMETERS = 200_000_000
 # One micro-batch's activations, counted in elements of the largest tensors the
@@ -307,7 +308,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class JobSpec(_Strict):
-    """A training job. Give two of micro_batch_size, accumulation_steps, batch_size."""
+    """A training job. Give two of micro_batch_size, accumulation_steps, batch_size; the
+    batch is micro_batch_size × accumulation_steps × devices."""
 
     name: str | None = Field(None, max_length=128)
     metadata: (
@@ -326,6 +328,9 @@ class JobSpec(_Strict):
     precision: Precision = "fp32"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Device = "auto"
+    # Processes training the job together, one per device: each window of batch_size
+    # samples is split among them (worker/engine/distributed.py).
+    devices: int = Field(1, ge=1, le=MAX_DEVICES)
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
     eval_every: int = Field(0, ge=0, le=MAX_STEPS)
     # None keeps every checkpoint.
@@ -409,9 +414,16 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:
         micro, steps, batch = self.micro_batch_size, self.accumulation_steps, self.batch_size
+        devices = self.devices
+        # Named in messages only when there are several: one device reads as before.
+        times_devices = " × devices" if devices > 1 else ""
         if micro == "auto":
             if batch is None:
                 raise _field_error("batch_size", "is required when micro_batch_size is 'auto'")
+            if batch % devices:
+                raise _field_error(
+                    "batch_size", f"must be a multiple of devices ({devices}), not {batch}"
+                )
             if steps not in (None, 1):
                 raise _field_error(
                     "accumulation_steps",
@@ -426,17 +438,13 @@ class JobSpec(_Strict):
                 "give two of micro_batch_size, accumulation_steps and batch_size",
             )
         if micro is not None and steps is not None:
-            product = int(micro) * steps
+            product = int(micro) * steps * devices
+            named = f"micro_batch_size × accumulation_steps{times_devices}"
             if batch is not None and batch != product:
-                raise _field_error(
-                    "batch_size",
-                    f"must equal micro_batch_size × accumulation_steps = {product}, not {batch}",
-                )
+                raise _field_error("batch_size", f"must equal {named} = {product}, not {batch}")
             if product > MAX_BATCH_SIZE:
                 raise _field_error(
-                    "batch_size",
-                    f"micro_batch_size × accumulation_steps = {product} "
-                    f"exceeds the maximum of {MAX_BATCH_SIZE}",
+                    "batch_size", f"{named} = {product} exceeds the maximum of {MAX_BATCH_SIZE}"
                 )
             return self._with(batch_size=product)
         # Two given, one of them the batch: the other divides it into the third.
@@ -446,16 +454,17 @@ class JobSpec(_Strict):
             if micro is not None
             else ("accumulation_steps", "micro_batch_size", MAX_MICRO_BATCH_SIZE)
         )
-        divisor: int = getattr(self, divisor_name)
+        divisor: int = getattr(self, divisor_name) * devices
+        divided_by = f"({divisor_name} × devices)" if devices > 1 else divisor_name
         if batch % divisor:
             raise _field_error(
-                "batch_size", f"must be a multiple of {divisor_name} ({divisor}), not {batch}"
+                "batch_size",
+                f"must be a multiple of {divisor_name}{times_devices} ({divisor}), not {batch}",
             )
         derived = batch // divisor
         if derived > high:
             raise _field_error(
-                derived_name,
-                f"batch_size / {divisor_name} = {derived} exceeds the maximum of {high}",
+                derived_name, f"batch_size / {divided_by} = {derived} exceeds the maximum of {high}"
             )
         return self._with(**{derived_name: derived})
 
@@ -517,7 +526,8 @@ class JobSpec(_Strict):
                 "model", f"has about {parameters:,} parameters; the maximum is {MAX_PARAMETERS:,}"
             )
         field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
-        largest_micro = getattr(self, field)
+        # 'auto' starts with each device's whole share of the batch in one micro-batch.
+        largest_micro = getattr(self, field) // (self.devices if field == "batch_size" else 1)
         per_sample = estimate_activation_elements_per_sample(self)
         if (
             per_sample is not None
@@ -543,7 +553,7 @@ class JobSpec(_Strict):
 
     @property
     def window_size(self) -> int:
-        """The effective batch m·k: samples per optimizer step."""
+        """The effective batch m·k·devices: samples per optimizer step."""
         assert self.batch_size is not None
         return self.batch_size
 

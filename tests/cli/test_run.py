@@ -141,3 +141,48 @@ def test_ctrl_c_then_resume_ends_at_the_weights_of_an_uninterrupted_run(tmp_path
 def test_help_lists_the_run_command() -> None:
     result = trainjob("run", "--help")
     assert result.returncode == 0 and "--resume DIR" in result.stdout
+
+
+def flat_weights(path: Path) -> torch.Tensor:
+    tensors = load_file(path)
+    return torch.cat([tensors[name].flatten() for name in sorted(tensors)])
+
+
+@pytest.mark.slow
+def test_on_two_devices_ctrl_c_then_resume_on_one_ends_at_the_weights_of_one(
+    tmp_path: Path,
+) -> None:
+    spec = write_spec(
+        tmp_path / "spec.json",
+        model={"type": "mlp", "hidden_sizes": [32]},
+        precision="fp64",
+        micro_batch_size=2,
+        accumulation_steps=2,
+        devices=2,
+        max_steps=300,
+        checkpoint_every=0,
+    )
+    one = trainjob("run", spec, "--out", tmp_path / "one", "--devices", "1", "--quiet")
+    assert one.returncode == 0, one.stderr
+    assert json.loads((tmp_path / "one" / "spec.json").read_text())["accumulation_steps"] == 4
+
+    out = tmp_path / "two"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(spec), "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 120, "the first step")
+    process.send_signal(signal.SIGINT)  # to the CLI only, as a terminal's Ctrl-C reaches it
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    (stopped_at,) = [p.name for p in (out / "checkpoints").iterdir()]
+    assert 0 < int(stopped_at.removeprefix("step-")) < 300
+
+    resumed = trainjob("run", "--resume", out, "--devices", "1", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    actual, expected = (
+        flat_weights(out / "weights.safetensors"),
+        flat_weights(tmp_path / "one" / "weights.safetensors"),
+    )
+    assert ((actual - expected).norm() / expected.norm()).item() <= 1e-10

@@ -65,3 +65,15 @@ def test_oom_everywhere_fails_out_of_memory_saying_where(fault: str, words: str)
 def test_an_unknown_fault_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match="oom_step"):
         parse_faults("oom_stpe")
+
+
+@pytest.mark.parametrize(("rank", "backoffs"), [("1", 2), ("0", 0), (None, 0)])
+def test_oom_rank_keeps_the_fault_to_one_rank(
+    rank: str | None, backoffs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)  # a run on one device
+    else:
+        monkeypatch.setenv("RANK", rank)
+    events = events_of("oom=2,oom_rank=1")
+    assert [kind for kind, _ in events].count("oom_backoff") == backoffs

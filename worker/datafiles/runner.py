@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -30,6 +29,7 @@ from app.files.models import DataFile
 from app.files.usage import record_validation
 from app.jobs.runs import send_jobs
 from app.live.channels import ring
+from app.queue import Sender
 from app.settings import Settings
 from worker.datafiles.fetch import fetch_file
 from worker.datafiles.validate import ValidationReport, validate_file
@@ -42,9 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_VALIDATION_ATTEMPTS = 2
 
 
-def validate_stored_file(
-    file_id: str, settings: Settings, *, enqueue: Callable[[str], bool]
-) -> None:
+def validate_stored_file(file_id: str, settings: Settings, *, enqueue: Sender) -> None:
     """Validate file `file_id` and record the result; `enqueue` sends each job that was
     waiting for the file and can now run."""
     database = Database(settings.effective_database_url)

@@ -31,6 +31,7 @@ from worker.engine.checkpoint import (
     weights_to_bytes,
 )
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
+from worker.engine.distributed import RankGroup, broadcast_parameters, run_window_on_ranks
 from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
@@ -49,11 +50,11 @@ from worker.engine.window import (
 )
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
+# Not how a window is cut (micro_batch_size, accumulation_steps, devices): accumulation
+# is exact, so a run may resume on another number of devices with the same batch.
 _TRAINING_FIELDS = {
     "model",
     "dataset",
-    "micro_batch_size",
-    "accumulation_steps",
     "batch_size",
     "max_steps",
     "epochs",
@@ -158,6 +159,16 @@ class Run:
     # Samples per evaluation batch once an evaluation ran out of memory; until then the
     # micro-batch size. Not checkpointed: a resumed run finds it again.
     evaluation_batch_size: int | None = None
+    # The process group this run is one rank of; None on one device.
+    group: RankGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size if self.group is not None else 1
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per rank of a full window, at the micro-batch size in use."""
+        return math.ceil(self.spec.window_size / (self.progress.micro_batch_size * self.world_size))
 
 
 def resolve_device(requested: Device) -> torch.device:
@@ -197,13 +208,16 @@ def check_accumulation_is_exact(model: torch.nn.Module, spec: JobSpec) -> None:
 
 
 def prepare_run(
-    spec: JobSpec, files: FileSource | None = None, hf_limits: HfLimits = DEFAULT_LIMITS
+    spec: JobSpec,
+    files: FileSource | None = None,
+    hf_limits: HfLimits = DEFAULT_LIMITS,
+    group: RankGroup | None = None,
 ) -> Run:
     """Build data, model, optimizer, schedule and scaler from the spec, seeded.
 
     `files` brings an uploaded file's bytes to a local path: only the service has them.
     `hf_limits` says where Hugging Face models may come from and how large they may be
-    (the operator's settings).
+    (the operator's settings). `group`: the run is one rank of it (worker/engine/distributed.py).
     """
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
@@ -213,6 +227,8 @@ def prepare_run(
         raise TrainingError("invalid_data", "the training split is empty")
     model = build_model(spec.model, data.info, hf_limits)
     model.to(device=device, dtype=precision.parameter_dtype).train()
+    if group is not None:
+        broadcast_parameters(model)
     check_accumulation_is_exact(model, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     total_steps = spec.max_steps
@@ -224,10 +240,14 @@ def prepare_run(
     parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
     )
-    micro = spec.batch_size if spec.micro_batch_size == "auto" else spec.micro_batch_size
+    # 'auto' starts with each rank's whole share of the window in one micro-batch.
+    world_size = group.world_size if group is not None else 1
+    auto = spec.micro_batch_size == "auto"
+    micro = math.ceil(spec.window_size / world_size) if auto else spec.micro_batch_size
     assert isinstance(micro, int)
     planner = WindowPlanner(len(data.train), spec.window_size, spec.seed)
-    return Run(spec, data, parts, planner, total_steps, Progress(micro_batch_size=micro))
+    progress = Progress(micro_batch_size=micro)
+    return Run(spec, data, parts, planner, total_steps, progress, group=group)
 
 
 def _training_fields(spec: JobSpec) -> dict[str, Any]:
@@ -256,7 +276,9 @@ def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
 
 def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     state = unpack_state(checkpoint.state)
-    if state["training"] != _training_fields(run.spec):
+    # Older checkpoints also hold the fields of the cut: they are not compared.
+    written_for = {name: state["training"].get(name) for name in _TRAINING_FIELDS}
+    if written_for != _training_fields(run.spec):
         raise TrainingError(
             "incompatible_checkpoint", "the checkpoint was written by a different training spec"
         )
@@ -266,12 +288,16 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
+    # An out-of-memory backoff before the checkpoint stays; so does a micro-batch made
+    # smaller since (a resume on more devices, a smaller micro_batch_size).
+    micro_batch_size = min(state["micro_batch_size"], run.progress.micro_batch_size)
     run.progress = Progress(
         **{name: state[name] for name in _PROGRESS_COUNTERS},
         position=DataPosition(epoch=state["epoch"], index=state["index"]),
         # Absent from checkpoints written before evaluations were remembered.
         eval_loss=state.get("eval_loss"),
     )
+    run.progress.micro_batch_size = micro_batch_size
 
 
 def run_window_with_backoff(
@@ -288,11 +314,22 @@ def run_window_with_backoff(
     progress = run.progress
     while True:
         try:
+            if run.group is not None:
+                run.group.seed_window(run.spec.seed, progress.step)
+                return run_window_on_ranks(
+                    run.parts,
+                    run.data.train,
+                    window.indices,
+                    progress.micro_batch_size,
+                    run.group,
+                    hooks,
+                )
             micro_batches = window.micro_batches(progress.micro_batch_size)
             loss_sum, units = accumulate_gradients(run.parts, run.data.train, micro_batches, hooks)
             return apply_update(run.parts, loss_sum, units, hooks)
         except MicroBatchOutOfMemory:
-            in_use = min(progress.micro_batch_size, len(window.indices))
+            # A rank's share is the most one micro-batch can hold.
+            in_use = min(progress.micro_batch_size, math.ceil(len(window.indices) / run.world_size))
             if in_use == 1:
                 raise TrainingError(
                     "out_of_memory", "out of memory with a micro-batch of 1 sample"
@@ -304,9 +341,7 @@ def run_window_with_backoff(
                     "step": progress.step + 1,
                     "old_micro_batch_size": in_use,
                     "new_micro_batch_size": progress.micro_batch_size,
-                    "accumulation_steps": math.ceil(
-                        run.spec.window_size / progress.micro_batch_size
-                    ),
+                    "accumulation_steps": run.accumulation_steps(),
                 },
             )
 
@@ -404,9 +439,10 @@ def train(
     hooks: Hooks = NO_HOOKS,
     files: FileSource | None = None,
     hf_limits: HfLimits = DEFAULT_LIMITS,
+    group: RankGroup | None = None,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec, files, hf_limits)
+    run = prepare_run(spec, files, hf_limits, group)
     if resume is not None:
         restore_checkpoint(run, resume)
     return drive(run, callbacks, hooks)
@@ -436,6 +472,8 @@ def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS)
     callbacks.on_start(progress.step, run.total_steps)
     while progress.step < run.total_steps:
         stop_reason = callbacks.should_stop()
+        if run.group is not None:
+            stop_reason = run.group.agree(stop_reason)
         if stop_reason is not None:
             checkpoint()
             return result("stopped", stop_reason)
@@ -468,7 +506,7 @@ def drive(run: Run, callbacks: Callbacks | None = None, hooks: Hooks = NO_HOOKS)
             samples_per_sec=len(window.indices) / elapsed if elapsed > 0 else 0.0,
             step_seconds=elapsed,
             micro_batch_size=progress.micro_batch_size,
-            accumulation_steps=math.ceil(spec.window_size / progress.micro_batch_size),
+            accumulation_steps=run.accumulation_steps(),
             window_samples=len(window.indices),
             skipped=outcome.skipped,
             time=time.time(),

@@ -128,13 +128,16 @@ def accumulate_gradients(
     data: SampleSet,
     micro_batches: list[list[int]],
     hooks: Hooks = NO_HOOKS,
+    window_units: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward every micro-batch; returns the window's loss sum and units.
 
     Afterwards each parameter's .grad holds the (scaled) gradient of the window's mean
-    loss over its units, exactly as one batch of the whole window would give it.
+    loss over its units, exactly as one batch of the whole window would give it. A rank
+    of a group passes the units of the whole window, of which its micro-batches are a part.
     """
-    window_units = data.loss_units([index for batch in micro_batches for index in batch])
+    if window_units is None:
+        window_units = data.loss_units([index for batch in micro_batches for index in batch])
     if window_units == 0:
         raise TrainingError("invalid_data", "a window has no loss units (all targets are padding)")
     loss_sum = torch.zeros((), dtype=torch.float64, device=parts.precision.device)

@@ -85,17 +85,20 @@ class FakeBroker:
 
     reachable: bool = True
     sent: list[str] = field(default_factory=list)
-    queue: list[str] = field(default_factory=list)
+    queue: list[str] = field(default_factory=list)  # of every number of devices
+    devices: dict[str, int] = field(default_factory=dict)  # each job's, as sent
 
-    def send(self, job_id: str) -> bool:
+    def send(self, job_id: str, devices: int = 1) -> bool:
         if not self.reachable:
             return False
         self.sent.append(job_id)
         self.queue.append(job_id)
+        self.devices[job_id] = devices
         return True
 
-    def waiting(self) -> int:
-        return len(self.queue)
+    def waiting(self, devices: int = 1) -> int:
+        """Messages in the queue of jobs on `devices` devices."""
+        return sum(self.devices.get(job_id, 1) == devices for job_id in self.queue)
 
 
 def make_reaper(database: Database, broker: FakeBroker) -> Reaper:
@@ -233,6 +236,25 @@ def test_of_overdue_jobs_those_the_queue_lacks_are_sent_again_oldest_first_once(
     assert broker.sent == [oldest, older, waiting_its_turn]
 
 
+def test_each_training_queue_is_counted_on_its_own(database: Database) -> None:
+    # A job on two devices waits in its own queue (no worker that big is up); a message of
+    # the one-device queue is lost. Counted together, the queues would hold as many
+    # messages as jobs sent, and the lost one would never be sent again.
+    broker = FakeBroker()
+    reaper = make_reaper(database, broker)
+    lost = create(database)
+    big = create(database, micro_batch_size=4, accumulation_steps=1, devices=2)
+    set_enqueued_at(database, lost, REQUEUE_AFTER * 3)
+    set_enqueued_at(database, big, REQUEUE_AFTER * 4)  # sent longest ago, still waiting
+    broker.queue, broker.devices = [big], {big: 2}
+
+    assert reaper.run_once() == ReapReport(sent=[lost])
+    assert broker.devices[lost] == 1  # to its own queue
+    assert reaper.run_once() == ReapReport()
+    broker.queue.remove(big)  # now it is the 2-device queue's message that is gone
+    assert reaper.run_once() == ReapReport(sent=[big]) and broker.devices[big] == 2
+
+
 def test_due_jobs_are_sent_a_batch_per_pass(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,7 +279,7 @@ def test_a_failed_send_ends_the_pass_and_the_next_goes_on(database: Database) ->
         set_enqueued_at(database, job_id, None)
     attempts: list[str] = []
 
-    def send_once_down(job_id: str) -> bool:
+    def send_once_down(job_id: str, devices: int) -> bool:
         attempts.append(job_id)
         return False
 
@@ -337,7 +359,7 @@ def test_the_background_reaper_outlives_a_failing_pass(database: Database) -> No
     broker = FakeBroker()
     sends: list[str] = []
 
-    def broker_away_at_first(job_id: str) -> bool:
+    def broker_away_at_first(job_id: str, devices: int) -> bool:
         sends.append(job_id)
         if len(sends) == 1:
             raise ConnectionError("broker still starting")

@@ -687,7 +687,7 @@ def full_spec() -> dict[str, Any]:
         },
         "micro_batch_size": 6,
         "accumulation_steps": 5,
-        "batch_size": 30,
+        "batch_size": 60,
         "epochs": 7,
         "optimizer": {
             "type": "adamw",
@@ -701,6 +701,7 @@ def full_spec() -> dict[str, Any]:
         "precision": "bf16",
         "seed": 1234,
         "device": "cuda",
+        "devices": 2,
         "checkpoint_every": 50,
         "eval_every": 25,
         "keep_checkpoints": {"last": 3, "best": 2},
@@ -850,3 +851,66 @@ def test_registered_plugin_dataset_is_accepted(monkeypatch: pytest.MonkeyPatch) 
     spec = JobSpec.model_validate(base_spec(dataset={"type": "my-data", "rows": 10}))
     assert isinstance(spec.dataset, PluginDatasetSpec)
     assert spec.dataset.model_extra == {"rows": 10}
+
+
+# ---------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize(
+    ("given", "derived"),
+    [
+        ({"micro_batch_size": 2, "accumulation_steps": 3}, (2, 3, 12)),
+        ({"micro_batch_size": 2, "batch_size": 12}, (2, 3, 12)),
+        ({"accumulation_steps": 3, "batch_size": 12}, (2, 3, 12)),
+        ({"micro_batch_size": "auto", "batch_size": 12}, ("auto", 1, 12)),
+    ],
+)
+def test_the_batch_is_micro_batch_times_steps_times_devices(
+    given: dict[str, Any], derived: tuple[Any, int, int]
+) -> None:
+    unset = {"micro_batch_size": REMOVE, "accumulation_steps": REMOVE}
+    spec = JobSpec.model_validate(base_spec(**{**unset, **given}, devices=2))
+    assert (spec.micro_batch_size, spec.accumulation_steps, spec.batch_size) == derived
+    assert spec.window_size == 12 and spec.devices == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            {"micro_batch_size": 2, "accumulation_steps": 3, "batch_size": 6},
+            "batch_size: must equal micro_batch_size × accumulation_steps × devices = 12, not 6",
+        ),
+        (
+            {"micro_batch_size": 4, "batch_size": 12},
+            "batch_size: must be a multiple of micro_batch_size × devices (8), not 12",
+        ),
+        (
+            {"accumulation_steps": 5, "batch_size": 12},
+            "batch_size: must be a multiple of accumulation_steps × devices (10), not 12",
+        ),
+        (
+            {"micro_batch_size": "auto", "batch_size": 7},
+            "batch_size: must be a multiple of devices (2), not 7",
+        ),
+        (
+            {"micro_batch_size": 1, "batch_size": 2 * 4096 + 2},
+            "accumulation_steps: batch_size / (micro_batch_size × devices) = 4097 exceeds the "
+            "maximum of 4096",
+        ),
+    ],
+)
+def test_devices_that_do_not_multiply_into_the_batch_name_the_field(
+    given: dict[str, Any], message: str
+) -> None:
+    data = {**base_spec(), "micro_batch_size": None, "accumulation_steps": None, "batch_size": None}
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate({**data, **given, "devices": 2})
+    assert validation_messages(caught.value) == [message]
+
+
+@pytest.mark.parametrize("devices", [0, 65])
+def test_devices_are_between_1_and_64(devices: int) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(base_spec(devices=devices))
+    assert validation_messages(caught.value)[0].startswith("devices: ")

@@ -33,7 +33,7 @@ class Sender:
         self.reachable = reachable
         self.sent: list[str] = []
 
-    def __call__(self, job_id: str) -> bool:
+    def __call__(self, job_id: str, devices: int = 1) -> bool:
         if self.reachable:
             self.sent.append(job_id)
         return self.reachable
