@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: float = Field(48.0, ge=24)
     max_body_bytes: int = Field(65536, ge=1024)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Deterministic kernels in every job (worker/engine/determinism.py): CUDA runs that
+    # repeat bit for bit, resumed ones included, at some cost in speed.
+    deterministic: bool = False
     test_faults: str | None = None  # testing only: faults a worker injects into every job
     log_format: Literal["text", "json"] = "text"
     url: str = "http://127.0.0.1:8000"  # where the command-line client finds the API

@@ -173,7 +173,13 @@ def rank_main(argv: list[str]) -> int:
             (out / EXIT_FILE).write_text(str(code))
             return 0
         with contextlib.suppress(TrainingError):  # met by every rank at once: rank 0 says it
-            train(spec, resume=checkpoint, hf_limits=_hf_limits(), group=group)
+            train(
+                spec,
+                resume=checkpoint,
+                hf_limits=_hf_limits(),
+                group=group,
+                deterministic=get_settings().deterministic,
+            )
         return 0
     finally:
         dist.destroy_process_group()
@@ -229,7 +235,14 @@ def _train(
 
     callbacks = Callbacks(on_start, on_step, on_event, on_checkpoint, should_stop)
     try:
-        result = train(spec, callbacks, resume=checkpoint, hf_limits=_hf_limits(), group=group)
+        result = train(
+            spec,
+            callbacks,
+            resume=checkpoint,
+            hf_limits=_hf_limits(),
+            group=group,
+            deterministic=get_settings().deterministic,
+        )
     except TrainingError as error:
         return _fail(f"{error.type}: {error.message}", EXIT_FAILED)
     finally:

@@ -251,6 +251,7 @@ def train_claimed(
                 files=files,
                 hf_limits=HfLimits(settings.hf_model_dirs, settings.hf_max_parameters),
                 group=group,
+                deterministic=settings.deterministic,
             )
         writer.flush(required=True)
     except LeaseLost:

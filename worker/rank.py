@@ -64,6 +64,7 @@ def follow(database: Database, settings: Settings, job_id: str, group: RankGroup
                 files=files,
                 hf_limits=HfLimits(settings.hf_model_dirs, settings.hf_max_parameters),
                 group=group,
+                deterministic=settings.deterministic,
             )
     except TrainingError:
         return 0  # every rank meets it at the same point: rank 0 reports it

@@ -216,7 +216,9 @@ def capture_rng() -> dict[str, Any]:
         # numpy arrays are not weights-only loadable; keep the key words as a tensor.
         "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), *scalars),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # One state per visible device, once the run has used CUDA: a run on the CPU
+        # draws nothing from them, and asking would start CUDA in a CPU job's process.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -226,4 +228,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *scalars))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Only the devices this process sees: a run checkpointed where more were visible
+        # (rank 0 of a group sees every device of the group) resumes on fewer. A run uses
+        # the first of them, so its own stream comes back; set_rng_state_all would fail
+        # on the first device that is not there.
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)

@@ -31,6 +31,7 @@ from worker.engine.checkpoint import (
     weights_to_bytes,
 )
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
+from worker.engine.determinism import use_deterministic_algorithms
 from worker.engine.distributed import RankGroup, broadcast_parameters, run_window_on_ranks
 from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
@@ -212,13 +213,18 @@ def prepare_run(
     files: FileSource | None = None,
     hf_limits: HfLimits = DEFAULT_LIMITS,
     group: RankGroup | None = None,
+    deterministic: bool = False,
 ) -> Run:
     """Build data, model, optimizer, schedule and scaler from the spec, seeded.
 
     `files` brings an uploaded file's bytes to a local path: only the service has them.
     `hf_limits` says where Hugging Face models may come from and how large they may be
     (the operator's settings). `group`: the run is one rank of it (worker/engine/distributed.py).
+    `deterministic`: deterministic kernels for this process (worker/engine/determinism.py),
+    turned on before anything touches the device.
     """
+    if deterministic:
+        use_deterministic_algorithms()
     device = resolve_device(spec.device)
     precision = plan_precision(spec.precision, device)
     seed_everything(spec.seed)
@@ -440,9 +446,10 @@ def train(
     files: FileSource | None = None,
     hf_limits: HfLimits = DEFAULT_LIMITS,
     group: RankGroup | None = None,
+    deterministic: bool = False,
 ) -> TrainResult:
     """Train `spec` to its end, or until `callbacks.should_stop` gives a reason."""
-    run = prepare_run(spec, files, hf_limits, group)
+    run = prepare_run(spec, files, hf_limits, group, deterministic)
     if resume is not None:
         restore_checkpoint(run, resume)
     return drive(run, callbacks, hooks)

@@ -1,17 +1,29 @@
 """Checkpoints remember the last evaluation: at or before their step, the same step's
 evaluation first, and across a resume from a checkpoint written to a directory. Their
-weights stream out as safetensors' own bytes, and only while the run waits for them."""
+weights stream out as safetensors' own bytes, and only while the run waits for them.
+Random states round-trip, CUDA's only where the run used it and on the devices there are."""
 
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from worker.engine.checkpoint import Checkpoint, LiveCheckpoint, write_safetensors
+from worker.engine.checkpoint import (
+    STATE_FORMAT,
+    Checkpoint,
+    LiveCheckpoint,
+    capture_rng,
+    restore_rng,
+    unpack_state,
+    write_safetensors,
+)
 from worker.engine.trainer import Callbacks, StepMetrics, train
 
 from .conftest import make_spec
@@ -105,3 +117,56 @@ def test_a_checkpoint_s_parts_can_be_written_only_while_it_is_handed_out(
     train(make_spec(max_steps=2, checkpoint_every=1), Callbacks(on_checkpoint=saved.append))
     with pytest.raises(RuntimeError, match="during on_checkpoint only"):
         saved[0].write(tmp_path / "late")  # the run trained on: these would be step 2's
+
+
+def round_trip_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` as a resumed run reads it: saved and loaded weights-only, as in a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save({"format": STATE_FORMAT, "rng": state}, buffer)
+    rng: dict[str, Any] = unpack_state(buffer.getvalue())["rng"]
+    return rng
+
+
+def test_a_run_that_never_used_cuda_saves_no_cuda_rng_and_restores_every_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Asking for CUDA's states would start CUDA in a CPU job's process (on a GPU machine).
+    def refuse() -> list[torch.Tensor]:
+        raise AssertionError("asked CUDA for its random states")
+
+    # As on a GPU machine whose job runs on the CPU: CUDA there, never started.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    saved = round_trip_rng(capture_rng())
+    assert saved["cuda"] == []
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(6)
+    random.seed(6)
+    np.random.seed(6)
+    restore_rng(saved)
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
+
+
+def test_cuda_rng_is_restored_only_on_the_devices_this_process_sees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rank 0 of a group on two GPUs saw both; the run resumes on one GPU. Setting the
+    # second device's state (as set_rng_state_all does) fails where it is not there.
+    states = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    saved = round_trip_rng(capture_rng())
+    assert [state.tolist() for state in saved["cuda"]] == [state.tolist() for state in states]
+    restored: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, index: restored.append((state.tolist(), index))
+    )
+    restore_rng(saved)
+    assert restored == [(states[0].tolist(), 0)]
