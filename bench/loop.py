@@ -21,9 +21,21 @@ the engine's window order for the seed, each micro-batch collated by the data se
 - lightning: `Trainer(accumulate_grad_batches=k, accelerator="cpu", devices=1, ...)`,
   the mean loss per micro-batch returned by training_step (Lightning divides by k).
 
+On CUDA (`--device cuda`) every variant trains on the GPU, and `--precision bf16`
+trains each in bf16 autocast with fp32 weights: the engine by its spec's precision, the
+hand loop in `torch.autocast`, accelerate with `mixed_precision="bf16"`, Lightning with
+`accelerator="gpu", precision="bf16-mixed"`; the loss is taken from fp32 logits in all
+four. Clocks synchronise the GPU before they read the time. `--m` gives the
+micro-batch sizes, `--layers/--width/--heads/--sequence` change the model's shape: a
+model whose sequence is not tiny-text's 64 tokens trains on rows of the corpus as an
+uploaded text file (bench/common.py's write_text_rows, 512 rows, byte-level).
+`--json PATH` writes every point's figures for bench/gpu.py.
+
 Every sequence has the same length, so a micro-batch's mean loss over k equals the
 engine's sum over the window's tokens: all four must end at the same weights
-(max |w - w_hand| / max |w_hand| below 1e-4 in every round, else the exit status is 1).
+(max |w - w_hand| / max |w_hand| below 1e-4 in every round, else the exit status is 1;
+in bf16 below 5e-2: the same sums rounded in another order, and AdamW turns a small
+gradient's rounding into a whole step of lr).
 Timed: the engine's `drive` call (every window, metrics, checkpoints, the final
 weights), the hand and accelerate loops, and Lightning from on_train_start to
 on_train_end; building models, optimizers, Accelerator and Trainer is not. Variants
@@ -33,34 +45,41 @@ second the median of its per-round ratio to the hand loop of the same round, by 
 clock and by this process's CPU seconds (on a shared machine the CPU ratio is the
 steadier one: time spent descheduled does not count), and what one engine checkpoint
 costs. Targets (issue 7): the engine at >= 0.97x the hand loop at every point, and
-ahead of accelerate and Lightning; a missed target is printed, not an error. CPU
-only, `--threads` torch threads (default 1).
+ahead of accelerate and Lightning; a missed target is printed, not an error.
+`--threads` torch threads (default 1).
 
     .venv/bin/python bench/loop.py               # the full grid, about 6 minutes
     .venv/bin/python bench/loop.py --smoke       # a tiny model, k 1 and 4, one round
+    .venv/bin/python bench/loop.py --device cuda --precision bf16 --sizes gpu \
+        --m 4 16 --k 1 8 --rounds 2              # what bench/gpu.py runs on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import format_table, machine_lines
+from common import format_table, local_files, machine_lines, text_file_dataset, write_text_rows
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from app.jobs.spec import JobSpec
+from worker.datafiles.load import FileSource
 from worker.engine.batching import DataPosition, WindowPlanner
 from worker.engine.checkpoint import LiveCheckpoint
 from worker.engine.data_types import IGNORE_INDEX, SampleSet
@@ -79,16 +98,23 @@ from worker.progress_writer import finite_or_none
 
 VARIANTS = ("hand", "engine", "accelerate", "lightning")
 ENGINE_TARGET = 0.97
-WEIGHT_TOLERANCE = 1e-4
+WEIGHT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 # tiny-gpt as in the README's walkthrough (small) and twice as deep and wide (large).
 MODELS: dict[str, dict[str, Any]] = {
     "small": {"type": "tiny-gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
     "large": {"type": "tiny-gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
     "smoke": {"type": "tiny-gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 64},
+    # A size that keeps a GPU busy (issue 15): GPT-2 small's body, 85 M parameters.
+    "gpu": {"type": "tiny-gpt", "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 512},
 }
-# Micro-batches per timed run (a multiple of every k), about a second each here.
-MICRO_BATCHES = {"small": 192, "large": 96, "smoke": 8}
+# Micro-batches per timed run (a multiple of every k), about a second each here (gpu: an
+# estimated second on an H100 at m=16, 6 · 85 M · 64·16·512 FLOPs at 40 % of its peak).
+MICRO_BATCHES = {"small": 192, "large": 96, "smoke": 8, "gpu": 64}
+TINY_TEXT_SEQUENCE = 64
+# Rows of the text file a model of another sequence length trains on: windows of m·k
+# up to 512 samples tile an epoch.
+TEXT_ROWS = 512
 # The shipped corpus cut into 113 sequences of 65 characters (64 input tokens each); an
 # eval split of 49 leaves 64 to train on, so windows of m·k = 4, 16, 64 tile every epoch
 # and every micro-batch holds the same number of tokens.
@@ -98,21 +124,26 @@ DATASET: dict[str, Any] = {
     "max_length": 65,
     "eval_fraction": 0.434,
 }
-MICRO_BATCH_SIZE = 4
 OPTIMIZER: dict[str, Any] = {"type": "adamw", "lr": 0.003}
 SEED = 0
 
 
 class Stopwatch:
-    """Wall-clock and CPU seconds of this process (all its threads) between start and stop."""
+    """Wall-clock and CPU seconds of this process (all its threads) between start and stop.
+    On CUDA it waits for the GPU first: kernels are queued, not done, when a call returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.wall = self.cpu = 0.0
+        self.cuda = device.type == "cuda"
 
     def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.wall, self.cpu = -time.perf_counter(), -time.process_time()
 
     def stop(self) -> Stopwatch:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.wall += time.perf_counter()
         self.cpu += time.process_time()
         return self
@@ -131,41 +162,89 @@ class Case:
     initial: nn.Module
     windows: list[list[list[int]]]  # per optimizer step, its micro-batches' indices
     threads: int
+    files: FileSource | None  # the text file a model of another sequence length reads
+
+    @property
+    def micro_batch_size(self) -> int:
+        return len(self.windows[0][0])
 
     @property
     def accumulation_steps(self) -> int:
         return len(self.windows[0])
 
     @property
+    def device(self) -> torch.device:
+        return torch.device(self.spec.device)
+
+    @property
+    def bf16(self) -> bool:
+        return self.spec.precision == "bf16"
+
+    @property
     def samples(self) -> int:
         return sum(len(indices) for window in self.windows for indices in window)
 
+    @property
+    def tokens(self) -> int:
+        """The model inputs of a timed run: samples × sequence length for text."""
+        return sum(self.data.tokens(indices) for window in self.windows for indices in window)
+
     def shortened(self, steps: int) -> Case:
         spec = self.spec.model_copy(update={"max_steps": steps})
-        return Case(self.size, spec, self.data, self.initial, self.windows[:steps], self.threads)
+        return dataclasses.replace(self, spec=spec, windows=self.windows[:steps])
 
 
-def make_spec(size: str, accumulation_steps: int, steps: int, checkpoint_every: int) -> JobSpec:
+def model_of(size: str, args: Any) -> dict[str, Any]:
+    """The size's tiny-gpt, with the shape options applied."""
+    shape = {
+        "n_layer": args.layers,
+        "n_head": args.heads,
+        "n_embd": args.width,
+        "block_size": args.sequence,
+    }
+    return MODELS[size] | {name: value for name, value in shape.items() if value is not None}
+
+
+def make_spec(
+    model: dict[str, Any],
+    dataset: dict[str, Any],
+    micro_batch_size: int,
+    accumulation_steps: int,
+    steps: int,
+    args: Any,
+) -> JobSpec:
     return JobSpec.model_validate(
         {
-            "model": MODELS[size],
-            "dataset": DATASET,
-            "micro_batch_size": MICRO_BATCH_SIZE,
+            "model": model,
+            "dataset": dataset,
+            "micro_batch_size": micro_batch_size,
             "accumulation_steps": accumulation_steps,
             "max_steps": steps,
             "optimizer": OPTIMIZER,
-            "checkpoint_every": checkpoint_every,
+            "checkpoint_every": args.checkpoint_every,
             "seed": SEED,
-            "device": "cpu",
+            "device": args.device,
+            "precision": args.precision,
         }
     )
 
 
-def make_case(size: str, accumulation_steps: int, micro_batches: int, args: Any) -> Case:
+def make_case(
+    size: str,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    micro_batches: int,
+    args: Any,
+    text_file: Path,
+) -> Case:
     steps = micro_batches // accumulation_steps
-    spec = make_spec(size, accumulation_steps, steps, args.checkpoint_every)
+    model = model_of(size, args)
+    sequence = model["block_size"]
+    files = None if sequence == TINY_TEXT_SEQUENCE else local_files(text_file)
+    dataset = DATASET if files is None else text_file_dataset(sequence + 1)
+    spec = make_spec(model, dataset, micro_batch_size, accumulation_steps, steps, args)
     seed_everything(spec.seed)
-    data = build_dataset(spec.dataset, spec.seed)
+    data = build_dataset(spec.dataset, spec.seed, files)
     initial = build_model(spec.model, data.info)
     planner = WindowPlanner(len(data.train), spec.window_size, spec.seed)
     position, windows = DataPosition(), []
@@ -173,9 +252,9 @@ def make_case(size: str, accumulation_steps: int, micro_batches: int, args: Any)
         window = planner.window_at(position)
         if len(window.indices) != spec.window_size:
             raise SystemExit(f"a window of {len(window.indices)} samples: the data must tile")
-        windows.append(window.micro_batches(MICRO_BATCH_SIZE))
+        windows.append(window.micro_batches(micro_batch_size))
         position = planner.advance(position, window)
-    return Case(size, spec, data.train, initial, windows, args.threads)
+    return Case(size, spec, data.train, initial, windows, args.threads, files)
 
 
 # ---------------------------------------------------------------- the engine
@@ -249,15 +328,16 @@ class InMemoryProgress:
 
 
 def train_engine(case: Case, flush_seconds: float) -> Trained:
-    run = prepare_run(case.spec)
-    spec, model = case.spec, copy.deepcopy(case.initial)
+    run = prepare_run(case.spec, case.files)
+    precision = run.parts.precision
+    spec = case.spec
+    model = copy.deepcopy(case.initial).to(precision.device, precision.parameter_dtype)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     scheduler = build_scheduler(spec.lr_schedule, optimizer, run.total_steps)
-    precision = run.parts.precision
     run.parts = StepParts(
         model, optimizer, scheduler, precision.grad_scaler(), precision, spec.grad_clip_norm
     )
-    progress, stopwatch = InMemoryProgress(flush_seconds), Stopwatch()
+    progress, stopwatch = InMemoryProgress(flush_seconds), Stopwatch(case.device)
     stopwatch.start()
     result = drive(run, progress.callbacks())
     stopwatch.stop()
@@ -269,7 +349,7 @@ def train_engine(case: Case, flush_seconds: float) -> Trained:
 
 def checkpoint_milliseconds(case: Case) -> float:
     """One make_checkpoint (weights, optimizer state, RNG) once AdamW has its state."""
-    run = prepare_run(case.shortened(2).spec)
+    run = prepare_run(case.shortened(2).spec, case.files)
     drive(run)
     times = []
     for _ in range(5):
@@ -302,19 +382,28 @@ def adamw(model: nn.Module, spec: JobSpec) -> torch.optim.AdamW:
     )
 
 
+def autocast(case: Case) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on the case's device; in fp32 nothing (not even a disabled autocast)."""
+    if not case.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(case.device.type, dtype=torch.bfloat16)
+
+
 def train_hand(case: Case) -> Trained:
-    model = copy.deepcopy(case.initial)
+    device = case.device
+    model = copy.deepcopy(case.initial).to(device)
     optimizer = adamw(model, case.spec)
-    data, stopwatch = case.data, Stopwatch()
+    data, stopwatch = case.data, Stopwatch(device)
     stopwatch.start()
     for window in case.windows:
         units = data.loss_units([index for indices in window for index in indices])
         for indices in window:
             batch = data.collate(indices)
-            logits = model(batch.inputs)
+            with autocast(case):
+                logits = model(batch.inputs.to(device))
             loss = F.cross_entropy(
-                logits.flatten(0, -2),
-                batch.targets.flatten(),
+                logits.float().flatten(0, -2),
+                batch.targets.to(device).flatten(),
                 reduction="sum",
                 ignore_index=IGNORE_INDEX,
             )
@@ -340,7 +429,10 @@ class MicroBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+    # From fp32 logits, as the engine and the hand loop take it (a no-op in fp32).
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def train_accelerate(case: Case) -> Trained:
@@ -350,13 +442,17 @@ def train_accelerate(case: Case) -> Trained:
     # One Accelerator per run: forget the previous run's accumulation settings.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=case.accumulation_steps, cpu=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=case.accumulation_steps,
+        cpu=case.device.type == "cpu",
+        mixed_precision="bf16" if case.bf16 else "no",
+    )
     model = copy.deepcopy(case.initial)
     optimizer = adamw(model, case.spec)
     loader = DataLoader(MicroBatches(case), batch_size=None, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     torch.set_num_threads(case.threads)
-    stopwatch = Stopwatch()
+    stopwatch = Stopwatch(case.device)
     stopwatch.start()
     for inputs, targets in loader:
         with accelerator.accumulate(model):
@@ -384,7 +480,7 @@ def train_lightning(case: Case) -> Trained:
         def configure_optimizers(self) -> Any:
             return adamw(self.model, case.spec)
 
-    stopwatch = Stopwatch()
+    stopwatch = Stopwatch(case.device)
 
     class Timer(L.Callback):
         def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -397,7 +493,8 @@ def train_lightning(case: Case) -> Trained:
     timer = Timer()
     trainer = L.Trainer(
         accumulate_grad_batches=case.accumulation_steps,
-        accelerator="cpu",
+        accelerator="gpu" if case.device.type == "cuda" else "cpu",
+        precision="bf16-mixed" if case.bf16 else "32-true",
         devices=1,
         max_epochs=1,
         max_steps=len(case.windows),
@@ -417,7 +514,10 @@ def train_lightning(case: Case) -> Trained:
 
 
 def flat_weights(model: nn.Module) -> torch.Tensor:
-    return torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+    """On the CPU in fp32, wherever the model trained."""
+    return torch.cat(
+        [parameter.detach().float().cpu().flatten() for parameter in model.parameters()]
+    )
 
 
 def weight_difference(model: nn.Module, reference: torch.Tensor) -> float:
@@ -479,22 +579,26 @@ def measure(case: Case, rounds: int, flush_seconds: float) -> PointResult:
     return result
 
 
-def report(results: Sequence[PointResult]) -> bool:
+def parameter_count(case: Case) -> int:
+    return sum(parameter.numel() for parameter in case.initial.parameters())
+
+
+def report(results: Sequence[PointResult], tolerance: float) -> bool:
     """Print the tables and the targets; False when some variant ended at other weights."""
     rates, ratios = [], []
     for point in results:
         case = point.case
-        parameters = sum(parameter.numel() for parameter in case.initial.parameters())
-        where = [case.size, str(case.accumulation_steps)]
+        where = [case.size, str(case.micro_batch_size), str(case.accumulation_steps)]
+        tokens_per_sample = case.tokens / case.samples
         rates.append(
             [
                 case.size,
-                f"{parameters:,}",
-                str(MICRO_BATCH_SIZE),
+                f"{parameter_count(case):,}",
                 *where[1:],
                 str(len(case.windows)),
             ]
             + [f"{point.median_rate(variant):.1f}" for variant in VARIANTS]
+            + [f"{point.median_rate('engine') * tokens_per_sample:,.0f}"]
         )
         engine = point.ratios["engine"]
         ratios.append(
@@ -503,15 +607,15 @@ def report(results: Sequence[PointResult]) -> bool:
             + [f"{point.median_cpu_ratio(variant):.3f}" for variant in VARIANTS[1:]]
             + [f"{point.checkpoint_ms:.1f}", f"{max(point.weight_differences.values()):.1e}"]
         )
-    print("samples/s, median over rounds (wall clock)")
+    print("samples/s, median over rounds (wall clock); engine tokens/s: its samples/s × tokens")
     header = ["model", "params", "m", "k", "steps", *(f"{variant}/s" for variant in VARIANTS)]
-    print("\n".join(format_table(header, rates)))
+    print("\n".join(format_table([*header, "engine tokens/s"], rates)))
     print()
     print(
         "× the hand loop: median of the per-round ratios (min-max: the engine's per-round "
         "ratios), by wall clock and by this process's CPU seconds; ckpt ms: one make_checkpoint"
     )
-    header = ["model", "k", "engine", "engine min-max", "accelerate", "lightning"]
+    header = ["model", "m", "k", "engine", "engine min-max", "accelerate", "lightning"]
     header += [f"{variant} cpu" for variant in VARIANTS[1:]]
     header += ["ckpt ms", "max |Δw|/max|w|"]
     print("\n".join(format_table(header, ratios)))
@@ -522,10 +626,10 @@ def report(results: Sequence[PointResult]) -> bool:
         print(
             f"target engine >= {ENGINE_TARGET}x hand at every point ({clock}): "
             f"{'met' if met else 'NOT met'} (lowest {ratio(lowest, 'engine'):.3f}, "
-            f"{lowest.case.size} k={lowest.case.accumulation_steps})"
+            f"{point_name(lowest.case)})"
         )
         behind = [
-            f"{point.case.size} k={point.case.accumulation_steps} vs {other}"
+            f"{point_name(point.case)} vs {other}"
             for point in results
             for other in ("accelerate", "lightning")
             if ratio(point, "engine") <= ratio(point, other)
@@ -535,18 +639,54 @@ def report(results: Sequence[PointResult]) -> bool:
             + ("met" if not behind else f"NOT met ({', '.join(behind)})")
         )
     worst = max(max(point.weight_differences.values()) for point in results)
-    same = worst < WEIGHT_TOLERANCE
+    same = worst < tolerance
     print(
-        f"same weights (max |Δw|/max|w| < {WEIGHT_TOLERANCE:g} against the hand loop, "
+        f"same weights (max |Δw|/max|w| < {tolerance:g} against the hand loop, "
         f"every variant and round): {'yes' if same else 'NO'} (largest {worst:.1e})"
     )
     return same
+
+
+def point_name(case: Case) -> str:
+    return f"{case.size} m={case.micro_batch_size} k={case.accumulation_steps}"
+
+
+def figures(results: Sequence[PointResult], args: argparse.Namespace, same: bool) -> dict[str, Any]:
+    """What --json writes: every point's medians, for bench/gpu.py's report."""
+    points = []
+    for point in results:
+        case = point.case
+        model = case.spec.model
+        points.append(
+            {
+                "size": case.size,
+                "model": model.model_dump(),
+                "parameters": parameter_count(case),
+                "micro_batch_size": case.micro_batch_size,
+                "accumulation_steps": case.accumulation_steps,
+                "steps": len(case.windows),
+                "tokens_per_sample": case.tokens / case.samples,
+                "samples_per_second": {name: point.median_rate(name) for name in VARIANTS},
+                "ratio_to_hand": {name: point.median_ratio(name) for name in VARIANTS},
+                "cpu_ratio_to_hand": {name: point.median_cpu_ratio(name) for name in VARIANTS},
+                "checkpoint_ms": point.checkpoint_ms,
+                "weight_difference": max(point.weight_differences.values()),
+            }
+        )
+    return {
+        "device": args.device,
+        "precision": args.precision,
+        "rounds": args.rounds,
+        "same_weights": same,
+        "points": points,
+    }
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, k 1 and 4, one round")
     parser.add_argument("--sizes", nargs="+", choices=sorted(MODELS), default=["small", "large"])
+    parser.add_argument("--m", nargs="+", type=int, default=[4], dest="micro_batch_sizes")
     parser.add_argument("--k", nargs="+", type=int, default=[1, 4, 16], dest="ks")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
@@ -557,6 +697,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--flush-seconds", type=float, default=0.5, help="TRAINJOB_PROGRESS_FLUSH_SECONDS"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=sorted(WEIGHT_TOLERANCE), default="fp32")
+    parser.add_argument("--layers", type=int, help="the model's n_layer (default: the size's)")
+    parser.add_argument("--width", type=int, help="the model's n_embd")
+    parser.add_argument("--heads", type=int, help="the model's n_head")
+    parser.add_argument("--sequence", type=int, help="tokens a sample (the model's block_size)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.ks, args.rounds, args.checkpoint_every = ["smoke"], [1, 4], 1, 2
@@ -573,27 +720,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     for line in machine_lines(["torch", "accelerate", "lightning"]):
         print(line)
+    device = args.device.upper()
+    if args.device == "cuda":
+        device += f" ({torch.cuda.get_device_name()})"
     print(
-        f"torch threads {torch.get_num_threads()}; CPU; fp32; tiny-gpt on tiny-text "
-        f"(64 tokens a sequence), m={MICRO_BATCH_SIZE}, AdamW; engine: checkpoint every "
+        f"torch threads {torch.get_num_threads()}; {device}; {args.precision}; tiny-gpt, "
+        f"m in {args.micro_batch_sizes}, AdamW; engine: checkpoint every "
         f"{args.checkpoint_every} steps and at the end, flush every {args.flush_seconds} s; "
         f"{args.rounds} rounds"
     )
     results = []
-    for size in args.sizes:
-        micro_batches = args.micro_batches or MICRO_BATCHES[size]
-        for accumulation_steps in args.ks:
-            if micro_batches % accumulation_steps:
-                raise SystemExit(f"--micro-batches must be a multiple of k={accumulation_steps}")
-            case = make_case(size, accumulation_steps, micro_batches, args)
-            started = time.perf_counter()
-            results.append(measure(case, args.rounds, args.flush_seconds))
-            print(
-                f"  measured {size} k={accumulation_steps} ({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory(prefix="loop-bench-") as folder:
+        text_file = Path(folder) / "text.jsonl"
+        for size in args.sizes:
+            sequence = model_of(size, args)["block_size"]
+            if sequence != TINY_TEXT_SEQUENCE:
+                write_text_rows(text_file, TEXT_ROWS, sequence + 1)
+            micro_batches = args.micro_batches or MICRO_BATCHES[size]
+            for micro_batch_size in args.micro_batch_sizes:
+                for accumulation_steps in args.ks:
+                    if micro_batches % accumulation_steps:
+                        raise SystemExit(
+                            f"--micro-batches must be a multiple of k={accumulation_steps}"
+                        )
+                    case = make_case(
+                        size, micro_batch_size, accumulation_steps, micro_batches, args, text_file
+                    )
+                    started = time.perf_counter()
+                    results.append(measure(case, args.rounds, args.flush_seconds))
+                    print(
+                        f"  measured {point_name(case)} ({time.perf_counter() - started:.0f} s)",
+                        flush=True,
+                    )
     print()
-    return 0 if report(results) else 1
+    same = report(results, WEIGHT_TOLERANCE[args.precision])
+    if args.json:
+        args.json.write_text(json.dumps(figures(results, args, same), indent=2))
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

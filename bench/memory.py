@@ -18,8 +18,22 @@ m·k = 4096, the largest micro-batch a spec allows), m = 128 and k in 1, 2, 4, 8
 k. The table gives both peaks, each one's growth over the baseline and (m, k) against
 (m, 1); the plot (`--out`) shows both series against k.
 
+`--size gpu` measures tiny-gpt at 12 layers, width 768, sequence 512 instead (the
+model bench/loop.py times on a GPU, on rows of the corpus as a text file), m = 4;
+`--precision bf16` trains in bf16 autocast. `--search` then looks for the largest
+micro-batch that trains at k = 1: doubling from m until a child does not fit, then
+bisecting to within an eighth, each probe a child (bounded by `--child-timeout`). A
+probe does not fit when the engine backs off from an out-of-memory error (its
+`oom_backoff` event: it would halve the micro-batch) or when the spec refuses the
+micro-batch (the spec's bound on activation elements); `--search-max` caps it. Then
+the largest micro-batch found trains at k = `--search-k`: the largest global batch with
+accumulation that was tried, and its peak beside the one without. `--json PATH` writes
+the figures for bench/gpu.py.
+
     .venv/bin/python bench/memory.py                     # about 30 s
     .venv/bin/python bench/memory.py --smoke --out /tmp/memory.png
+    .venv/bin/python bench/memory.py --size gpu --device cuda --precision bf16 --k 1 8 \
+        --search --out /tmp/memory-gpu.png              # what bench/gpu.py runs on a GPU
 """
 
 from __future__ import annotations
@@ -29,13 +43,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import format_table, machine_lines, status_kib
+from common import (
+    format_table,
+    local_files,
+    machine_lines,
+    status_kib,
+    text_file_dataset,
+    write_text_rows,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLOT = ROOT / "docs" / "images" / "memory.png"
@@ -53,48 +75,94 @@ MODELS: dict[str, dict[str, Any]] = {
         "dataset": {"n_features": 32, "n_samples": 64},
         "micro_batch_size": 8,
     },
+    # Text models: "sequence" tokens a sample, one row of the text file each.
+    "gpu": {
+        "model": {"type": "tiny-gpt", "n_layer": 12, "n_head": 12, "n_embd": 768},
+        "sequence": 512,
+        "micro_batch_size": 4,
+    },
+    "gpt-smoke": {
+        "model": {"type": "tiny-gpt", "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "sequence": 32,
+        "micro_batch_size": 2,
+    },
 }
 
 
 def make_spec(
-    size: str, micro_batch_size: int, accumulation_steps: int, steps: int, device: str
+    size: str,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    steps: int,
+    device: str,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     model = MODELS[size]
-    return {
-        "model": model["model"],
-        "dataset": {
+    if "sequence" in model:
+        sequence = model["sequence"]
+        network = model["model"] | {"block_size": sequence}
+        dataset = text_file_dataset(sequence + 1)
+    else:
+        network = model["model"]
+        dataset = {
             "type": "synthetic-classification",
             "n_classes": 10,
             "eval_fraction": 0.0,
             **model["dataset"],
-        },
+        }
+    return {
+        "model": network,
+        "dataset": dataset,
         "micro_batch_size": micro_batch_size,
         "accumulation_steps": accumulation_steps,
         "max_steps": steps,
         "optimizer": {"type": "adamw", "lr": 0.001},
         "device": device,
+        "precision": precision,
     }
 
 
 # ---------------------------------------------------------------- the child
 
 
+class DoesNotFit(Exception):
+    """The engine is about to halve the micro-batch: this one does not fit."""
+
+
 def child(args: argparse.Namespace) -> None:
-    """Train one point and print what it measured as one JSON line."""
+    """Train one point and print what it measured as one JSON line; with `fits` false
+    (and why) when the micro-batch does not fit or the spec refuses it."""
     import gc
 
     import torch
+    from pydantic import ValidationError
 
-    from app.jobs.spec import JobSpec
+    from app.jobs.spec import JobSpec, validation_messages
+    from worker.engine.errors import TrainingError
     from worker.engine.trainer import Callbacks, StepMetrics, drive, prepare_run
 
     torch.set_num_threads(args.threads)
-    spec = JobSpec.model_validate(
-        make_spec(
-            args.size, args.micro_batch_size, args.accumulation_steps, args.steps, args.device
+    try:
+        spec = JobSpec.model_validate(
+            make_spec(
+                args.size,
+                args.micro_batch_size,
+                args.accumulation_steps,
+                args.steps,
+                args.device,
+                args.precision,
+            )
         )
-    )
-    run = prepare_run(spec)
+    except ValidationError as error:
+        print(json.dumps({"fits": False, "reason": "spec: " + validation_messages(error)[0]}))
+        return
+    folder = tempfile.TemporaryDirectory(prefix="memory-bench-")
+    text_file = Path(folder.name) / "text.jsonl"
+    if "sequence" in MODELS[args.size]:
+        # One epoch per window: every window is the whole file.
+        window = args.micro_batch_size * args.accumulation_steps
+        write_text_rows(text_file, window, MODELS[args.size]["sequence"] + 1)
+    run = prepare_run(spec, local_files(text_file))
     cuda = run.parts.precision.device.type == "cuda"
     gc.collect()
     baseline = status_kib("VmRSS")
@@ -103,19 +171,33 @@ def child(args: argparse.Namespace) -> None:
         clear_refs.write("5")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    measured: dict[str, Any] = {"baseline_kib": baseline, "cuda_peak_bytes": None}
+    measured: dict[str, Any] = {"fits": True, "baseline_kib": baseline, "cuda_peak_bytes": None}
 
     def on_step(metrics: StepMetrics) -> None:
         measured["peak_kib"] = status_kib("VmHWM")
         if cuda:
             measured["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
 
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "oom_backoff":
+            raise DoesNotFit(f"out of memory at m={data['old_micro_batch_size']}")
+
     started = time.perf_counter()
-    result = drive(run, Callbacks(on_step=on_step))
+    try:
+        result = drive(run, Callbacks(on_step=on_step, on_event=on_event))
+    except DoesNotFit as error:
+        print(json.dumps({"fits": False, "reason": str(error)}), flush=True)
+        return
+    except TrainingError as error:
+        if error.type != "out_of_memory":
+            raise
+        print(json.dumps({"fits": False, "reason": error.message}), flush=True)
+        return
     assert result.step == args.steps
     measured["seconds"] = time.perf_counter() - started
     measured["device"] = run.parts.precision.device.type
     print(json.dumps(measured), flush=True)
+    folder.cleanup()
 
 
 # ---------------------------------------------------------------- the parent
@@ -144,7 +226,15 @@ class Point:
         return (self.peak_kib - self.baseline_kib) / 1024
 
 
-def measure(args: argparse.Namespace, micro_batch_size: int, accumulation_steps: int) -> Point:
+class ChildFailed(Exception):
+    pass
+
+
+def run_child(
+    args: argparse.Namespace, micro_batch_size: int, accumulation_steps: int
+) -> dict[str, Any]:
+    """One point in a fresh child: what it printed. ChildFailed when it failed or ran past
+    --child-timeout (it is then killed)."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -161,16 +251,43 @@ def measure(args: argparse.Namespace, micro_batch_size: int, accumulation_steps:
         str(args.threads),
         "--device",
         args.device,
+        "--precision",
+        args.precision,
     ]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
-    finished = subprocess.run(
-        command, env=environment, capture_output=True, text=True, check=False, cwd=ROOT
+    child = subprocess.Popen(
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
     )
-    if finished.returncode != 0:
-        raise SystemExit(
-            f"child (m={micro_batch_size}, k={accumulation_steps}) failed:\n{finished.stderr}"
+    # In our process group (it starts none of its own): whoever stops us stops it too.
+    where = f"child (m={micro_batch_size}, k={accumulation_steps})"
+    try:
+        stdout, stderr = child.communicate(timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise ChildFailed(f"{where} ran past {args.child_timeout:g} s") from None
+    if child.returncode != 0:
+        raise ChildFailed(f"{where} failed:\n{stderr}")
+    measured: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return measured
+
+
+def measure(args: argparse.Namespace, micro_batch_size: int, accumulation_steps: int) -> Point:
+    measured = run_child(args, micro_batch_size, accumulation_steps)
+    if not measured["fits"]:
+        raise ChildFailed(
+            f"(m={micro_batch_size}, k={accumulation_steps}) does not fit: {measured['reason']}"
         )
-    measured = json.loads(finished.stdout.strip().splitlines()[-1])
+    return point_of(micro_batch_size, accumulation_steps, measured)
+
+
+def point_of(micro_batch_size: int, accumulation_steps: int, measured: dict[str, Any]) -> Point:
     return Point(
         micro_batch_size,
         accumulation_steps,
@@ -181,8 +298,77 @@ def measure(args: argparse.Namespace, micro_batch_size: int, accumulation_steps:
     )
 
 
+def measure_single(args: argparse.Namespace, micro_batch_size: int) -> Point | str:
+    """(m·k, 1), or why it does not fit: where accumulation is the only way to that batch."""
+    measured = run_child(args, micro_batch_size, 1)
+    if not measured["fits"]:
+        return str(measured["reason"])
+    return point_of(micro_batch_size, 1, measured)
+
+
+@dataclass(frozen=True)
+class Probe:
+    micro_batch_size: int
+    accumulation_steps: int
+    fits: bool
+    peak_mib: float | None
+    reason: str | None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps
+
+
+@dataclass(frozen=True)
+class Search:
+    """The largest micro-batch that trained at k = 1, what stopped the search there, and
+    that micro-batch at k = `accumulated.accumulation_steps`."""
+
+    largest: int  # 0: not even the first probe fitted
+    stopped_by: str
+    probes: list[Probe]
+    accumulated: Probe | None
+
+
+def probe(args: argparse.Namespace, micro_batch_size: int, accumulation_steps: int) -> Probe:
+    measured = run_child(args, micro_batch_size, accumulation_steps)
+    print(
+        f"  probe m={micro_batch_size} k={accumulation_steps}: "
+        + ("fits" if measured["fits"] else f"does not fit ({measured['reason']})"),
+        flush=True,
+    )
+    if not measured["fits"]:
+        return Probe(micro_batch_size, accumulation_steps, False, None, measured["reason"])
+    peak = point_of(micro_batch_size, accumulation_steps, measured).peak_mib
+    return Probe(micro_batch_size, accumulation_steps, True, peak, None)
+
+
+def search_largest(args: argparse.Namespace, start: Point) -> Search:
+    """Doubling from `start` (the table's (m, 1), measured already) until a probe does not
+    fit (or --search-max), then bisecting until the gap is within an eighth of what fits."""
+    probes = [Probe(start.micro_batch_size, 1, True, start.peak_mib, None)]
+    fits, fails = start.micro_batch_size, None
+    stopped_by = f"--search-max {args.search_max}"
+    size = min(fits * 2, args.search_max)
+    while fits < args.search_max:
+        probes.append(probe(args, size, 1))
+        if not probes[-1].fits:
+            fails, stopped_by = size, str(probes[-1].reason)
+            break
+        fits, size = size, min(size * 2, args.search_max)
+    while fails is not None and fails - fits > max(1, fits // 8):
+        middle = (fits + fails) // 2
+        probes.append(probe(args, middle, 1))
+        if probes[-1].fits:
+            fits = middle
+        else:
+            fails, stopped_by = middle, str(probes[-1].reason)
+    accumulated = probe(args, fits, args.search_k) if fits else None
+    return Search(fits, stopped_by, probes, accumulated)
+
+
 def plot(
-    ks: Sequence[int], accumulated: Sequence[Point], single: Sequence[Point], out: Path
+    ks: Sequence[int], accumulated: Sequence[Point], single: Sequence[Point | str], out: Path
 ) -> None:
     import matplotlib
 
@@ -193,7 +379,8 @@ def plot(
     cuda = accumulated[0].cuda_peak_bytes is not None
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     axes.plot(ks, [p.peak_mib for p in accumulated], "o-", label=f"(m, k): m = {m}, k windows")
-    axes.plot(ks, [p.peak_mib for p in single], "s--", label=f"(m·k, 1): one batch of {m}·k")
+    fitted = [(k, p.peak_mib) for k, p in zip(ks, single, strict=True) if isinstance(p, Point)]
+    axes.plot(*zip(*fitted, strict=True), "s--", label=f"(m·k, 1): one batch of {m}·k")
     if not cuda:
         baseline = accumulated[0].baseline_kib / 1024
         axes.axhline(baseline, color="grey", linewidth=0.8, linestyle=":")
@@ -227,7 +414,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="windows per point")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--size", choices=sorted(MODELS), default="mlp", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--size", choices=sorted(MODELS), default="mlp")
+    parser.add_argument("--search", action="store_true", help="the largest batch that trains")
+    parser.add_argument("--search-max", type=int, default=4096, help="micro-batches above: none")
+    parser.add_argument("--search-k", type=int, default=8, help="k of the accumulation probe")
+    parser.add_argument("--child-timeout", type=float, default=120, help="seconds per child")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--accumulation-steps", type=int, help=argparse.SUPPRESS)
@@ -235,6 +428,40 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.size, args.ks, args.steps = "smoke", [1, 2], 1
     return args
+
+
+def peak_cell(point: Point | str) -> str:
+    return f"{point.peak_mib:.1f}" if isinstance(point, Point) else "does not fit"
+
+
+def growth_cell(point: Point | str) -> str:
+    return f"{point.growth_mib:.1f}" if isinstance(point, Point) else "-"
+
+
+def report_search(found: Search, unit: str) -> None:
+    print()
+    print(f"largest batch that trains (a child per probe, {unit}):")
+    rows = [
+        [
+            str(probe.micro_batch_size),
+            str(probe.accumulation_steps),
+            str(probe.global_batch),
+            f"{probe.peak_mib:.1f}" if probe.peak_mib is not None else "-",
+            "yes" if probe.fits else f"no: {probe.reason}",
+        ]
+        for probe in [*found.probes, *([found.accumulated] if found.accumulated else [])]
+    ]
+    print("\n".join(format_table(["m", "k", "m·k", unit, "fits"], rows)))
+    print(f"without accumulation: {found.largest} (the next size up: {found.stopped_by})")
+    if found.accumulated is not None:
+        accumulated = found.accumulated
+        print(
+            f"with accumulation: {accumulated.global_batch} "
+            f"(m={accumulated.micro_batch_size}, k={accumulated.accumulation_steps}): "
+            + ("trains" if accumulated.fits else f"does not train ({accumulated.reason})")
+            + "; the peak does not grow with k, so a larger k is bounded by time and the "
+            "spec's batch_size, not by memory"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,15 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(
         f"model {json.dumps(MODELS[args.size]['model'])}, m={m}, {args.steps} windows a point, "
-        f"torch threads {args.threads}, a fresh child per point, "
+        f"{args.precision}, torch threads {args.threads}, a fresh child per point, "
         f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
     )
     started = time.perf_counter()
-    accumulated, single = [], []
-    for k in args.ks:
-        accumulated.append(measure(args, m, k))
-        # (m·1, 1) is (m, 1): one child serves both series at k = 1.
-        single.append(accumulated[-1] if k == 1 else measure(args, m * k, 1))
+    accumulated: list[Point] = []
+    single: list[Point | str] = []
+    try:
+        for k in args.ks:
+            accumulated.append(measure(args, m, k))
+            # (m·1, 1) is (m, 1): one child serves both series at k = 1.
+            single.append(accumulated[-1] if k == 1 else measure_single(args, m * k))
+    except ChildFailed as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
     device = accumulated[0].device
     unit = "peak MiB" if device == "cuda" else "peak RSS MiB"
     header = [
@@ -271,10 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             str(k),
             f"{a.peak_mib:.1f}",
-            f"{s.peak_mib:.1f}",
+            peak_cell(s),
             f"{a.peak_mib / reference:.3f}",
             f"{a.growth_mib:.1f}",
-            f"{s.growth_mib:.1f}",
+            growth_cell(s),
         ]
         for k, a, s in zip(args.ks, accumulated, single, strict=True)
     ]
@@ -290,7 +522,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plot(args.ks, accumulated, single, args.out)
     print(f"plot: {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    found = None
+    if args.search:
+        try:
+            found = search_largest(args, accumulated[0])
+        except ChildFailed as error:
+            print(f"FAILED: {error}", file=sys.stderr)
+            return 1
+        report_search(found, unit)
     print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        figures = {
+            "device": device,
+            "unit": unit,
+            "precision": args.precision,
+            "model": MODELS[args.size]["model"],
+            "micro_batch_size": m,
+            "points": [
+                {
+                    "accumulation_steps": k,
+                    "accumulated_peak_mib": a.peak_mib,
+                    "single_peak_mib": s.peak_mib if isinstance(s, Point) else None,
+                    "single_does_not_fit": s if isinstance(s, str) else None,
+                }
+                for k, a, s in zip(args.ks, accumulated, single, strict=True)
+            ],
+            "target_met": met,
+            "search": asdict(found) if found else None,
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

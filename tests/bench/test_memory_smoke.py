@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -24,3 +26,34 @@ def test_memory_smoke_run_prints_both_series_and_writes_the_plot(tmp_path: Path)
     assert "(m,k)" in header and "(m·k,1)" in header
     assert [line.split()[0] for line in lines[lines.index(header) + 1 :][:2]] == ["1", "2"]
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_search_doubles_then_bisects_to_within_an_eighth_and_stops_at_what_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bench/memory.py's search, its children replaced by a card that fits 100 samples."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    tried: list[tuple[int, int]] = []
+
+    def probe(args: object, micro_batch_size: int, accumulation_steps: int) -> memory.Probe:
+        tried.append((micro_batch_size, accumulation_steps))
+        if micro_batch_size > 100:
+            return memory.Probe(micro_batch_size, accumulation_steps, False, None, "out of memory")
+        peak = float(micro_batch_size)
+        return memory.Probe(micro_batch_size, accumulation_steps, True, peak, None)
+
+    monkeypatch.setattr(memory, "probe", probe)
+    args = memory.parse_arguments(["--search", "--search-k", "8"])
+    start = memory.Point(4, 1, 0, 0, 4 * 2**20, "cuda")
+    found = memory.search_largest(args, start)
+    # 4 is known; 8..128 doubling, then 96, 112, 104 bisecting (within 96 // 8 = 12).
+    assert tried == [(8, 1), (16, 1), (32, 1), (64, 1), (128, 1), (96, 1), (112, 1), (104, 1),
+                     (96, 8)]  # fmt: skip
+    assert (found.largest, found.stopped_by) == (96, "out of memory")
+    assert found.accumulated is not None and found.accumulated.global_batch == 768
+
+    capped = memory.search_largest(memory.parse_arguments(["--search-max", "24"]), start)
+    assert (capped.largest, capped.stopped_by) == (24, "--search-max 24")
