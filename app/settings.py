@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = Field(15.0, gt=0)
     auth: Literal["auto", "required", "off"] = "auto"
     max_active_jobs_per_tenant: int = Field(100, ge=1)
+    # Scheduling (app/jobs/scheduling.py).
+    preempt_gap: int = Field(100, ge=1, le=1000)
+    min_run_seconds: float = Field(300.0, ge=0)
+    priority_aging_seconds: float = Field(60.0, gt=0)
+    fair_share_window_seconds: float = Field(3600.0, gt=0)
     allow_unseen_cuda: bool = False
     idempotency_ttl_hours: float = Field(48.0, ge=24)
     max_body_bytes: int = Field(65536, ge=1024)

@@ -615,7 +615,9 @@ def report(
     reasons = ", ".join(f"{reason} {n}" for reason, n in found.reasons.most_common())
     row("runs ended by", "", reasons)
     row("runs fenced off (worker logs: lease lost)", count_in_logs(logs, "worker-*", "lease lost"))
-    row("deliveries refused (not claimable)", count_in_logs(logs, "worker-*", "is not claimable"))
+    row("deliveries that claimed nothing", count_in_logs(logs, "worker-*", "nothing claimable"))
+    # A message names a hint: the database's order may start another job (scheduling.py).
+    row("deliveries that started another job", count_in_logs(logs, "worker-*", "comes first"))
     row("messages left unacked by killed workers", found.unacked_removed, "(removed at the end)")
     row("killer phase", f"{chaos.seconds:.1f} s", f"(ended: {chaos.ended})")
     if chaos.ended != "all finished":

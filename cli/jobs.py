@@ -1,5 +1,6 @@
-"""`trainjob submit|status|list|watch|cancel|events|download`: jobs, through the HTTP API
-(cli/client.py). `watch` follows the job's event stream and reconnects where it drops."""
+"""`trainjob submit|status|list|watch|cancel|pause|resume|events|download`: jobs, through
+the HTTP API (cli/client.py). `watch` follows the job's event stream and reconnects where
+it drops."""
 
 from __future__ import annotations
 
@@ -76,6 +77,24 @@ def cancel(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def pause(api: Api, args: argparse.Namespace) -> int:
+    job = api.post(job_path(args.job_id, "pause"))
+    text = f"{job['id']} {job['status']}"
+    if job["status"] == "pausing":
+        text += ": it checkpoints at its next optimizer step and frees its device"
+    show(job, text, as_json=args.as_json)
+    return EXIT_OK
+
+
+def resume(api: Api, args: argparse.Namespace) -> int:
+    job = api.post(job_path(args.job_id, "resume"))
+    text = f"{job['id']} {job['status']}"
+    if job["status"] == "queued":
+        text += ": it resumes from its latest checkpoint when a worker takes it"
+    show(job, text, as_json=args.as_json)
+    return EXIT_OK
+
+
 def events(api: Api, args: argparse.Namespace) -> int:
     collected: list[dict[str, Any]] = []
     after = args.after
@@ -119,6 +138,8 @@ COMMANDS = {
     "list": lambda api, args: list_page(api, args, "jobs", output.print_job_table),
     "watch": lambda api, args: watch_job(api, args.job_id, as_json=args.as_json),
     "cancel": cancel,
+    "pause": pause,
+    "resume": resume,
     "events": events,
     "download": download,
 }

@@ -139,7 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = ("submit", "status", "list", "watch", "cancel", "events", "download", "files")
+CLIENT_COMMANDS = (
+    "submit",
+    "status",
+    "list",
+    "watch",
+    "cancel",
+    "pause",
+    "resume",
+    "events",
+    "download",
+    "files",
+)
 FILE_STATUSES = get_args(FileStatus)
 
 
@@ -211,6 +222,19 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "cancel",
         "cancel a job",
         "A queued job is cancelled at once; a running one stops at its next optimizer step.",
+    )
+    job_client(
+        "pause",
+        "pause a job, keeping its checkpoint",
+        "A queued job is paused at once; a running one is pausing until its next optimizer "
+        "step, where it checkpoints and frees its device. `trainjob resume ID` continues it "
+        "exactly where it stopped.",
+    )
+    job_client(
+        "resume",
+        "resume a paused job",
+        "A paused job goes back to the queue and resumes from its latest checkpoint; a "
+        "pausing one runs on as if never paused.",
     )
     events = job_client("events", "print a job's events", "Status, checkpoint, oom_backoff, ...")
     events.add_argument("--after", type=int, metavar="N", help="only events after id N")

@@ -71,6 +71,29 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     db.dispose()
 
 
+@pytest.fixture
+def own_postgres_url(make_postgres_database: Callable[[], str]) -> str:
+    """A migrated Postgres database of this test's own. For a test that runs a worker
+    (or run_job): it claims the best queued job of its database (app/jobs/scheduling.py),
+    which on the session's shared one may be another test's leftover."""
+    url = make_postgres_database()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def own_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Like `database`, but the Postgres one is this test's own (`own_postgres_url`)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("own_postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'trainjob.db'}"
+        upgrade(url)
+    db = Database(url)
+    yield db
+    db.dispose()
+
+
 @pytest.fixture(scope="session")
 def queue_name() -> str:
     return f"test-{secrets.token_hex(4)}"

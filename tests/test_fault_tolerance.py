@@ -156,7 +156,7 @@ def test_the_same_job_delivered_twice_at_once_trains_once(cluster: Cluster) -> N
 
         def refused() -> bool:
             logs = [(cluster.logs / f"twice-{n}.log").read_text() for n in "ab"]
-            return any(f"job {job_id} is not claimable" in log for log in logs)
+            return any(f"message for job {job_id}: nothing claimable" in log for log in logs)
 
         wait_for(refused, 10, "the second delivery to be refused")
     assert done["status"] == "succeeded" and done["attempts"] == 1

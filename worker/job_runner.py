@@ -1,5 +1,11 @@
 """Runs one job for the Celery task: claim, train, record the outcome.
 
+The job a message names is a hint: the worker claims the job the database says runs next
+on its queue (app/jobs/scheduling.py `claim_next`: priority with aging, fair share, age),
+which may be another job of the same device count; that job's own message then wakes a
+worker for the next one, so none is lost and none runs twice (the scheduling module's
+docstring says why).
+
 Imported inside the task only, so the worker's parent process never loads torch
 (and never initialises CUDA before forking its children).
 """
@@ -17,14 +23,16 @@ from typing import Any
 import redis
 import sqlalchemy.exc
 import torch
+from sqlalchemy import select
 
 from app.blobs import default_store
 from app.checkpoints import service as checkpoints_service
 from app.db import Database
 from app.errors import NotFound
 from app.files import usage as files_usage
+from app.jobs import scheduling
 from app.jobs.models import Job
-from app.jobs.runs import Claim, LeaseLost, claim_job, finish_job, hand_back, send_jobs
+from app.jobs.runs import Claim, LeaseLost, finish_job, hand_back, send_jobs
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.observability.logs import job_context
 from app.queue import Sender
@@ -64,37 +72,46 @@ def latest_checkpoint(database: Database, settings: Settings, job_id: str) -> Ch
 
 
 def run_job(job_id: str, settings: Settings, *, worker: str, enqueue: Sender) -> None:
-    """Claim `job_id` for `worker` and train it to an outcome; `enqueue` re-sends the job
-    when it is handed back (shutdown, connection lost)."""
+    """For a message naming `job_id`, claim for `worker` the job to run now (`job_id` or
+    a better one of its queue) and train it to an outcome; `enqueue` re-sends the job
+    when it is handed back (shutdown, preemption, connection lost)."""
     database = Database(settings.effective_database_url)
     publisher = LivePublisher(settings.redis_url)
     try:
         if not _files_ready(database, publisher, job_id):
             return
         with database.session() as session:
-            claim = claim_job(
+            claim = scheduling.claim_next(
                 session,
-                job_id=job_id,
+                hint=job_id,
                 worker=worker,
                 lease_timeout=settings.lease_timeout_seconds,
+                policy=scheduling.Policy.of(settings),
             )
             session.commit()
-            job = session.get(Job, job_id) if claim else None
+            job = session.get(Job, claim.job_id) if claim else None
         if claim is None or job is None:
             logger.info(
-                "job %s is not claimable (a duplicate, a cancel, a live run): skipped", job_id
+                "message for job %s: nothing claimable (a duplicate, a cancel, a pause, "
+                "jobs held by a quota, or one run elsewhere): skipped",
+                job_id,
             )
             return
-        with job_context(job_id, claim.attempt):  # on every log line of the run
+        if claim.job_id != job_id:
+            # The hinted job's turn comes with the claimed job's own message.
+            logger.info(
+                "message for job %s: job %s comes first and runs instead", job_id, claim.job_id
+            )
+        with job_context(claim.job_id, claim.attempt):  # on every log line of the run
             logger.info(
                 "job %s: attempt %d (lease %d) on %s from step %d",
-                job_id,
+                claim.job_id,
                 claim.attempt,
                 claim.lease,
                 worker,
                 claim.resumed_from_step,
             )
-            publisher.status(job_id, "running")
+            publisher.status(claim.job_id, "running")
             spec = JobSpec.model_validate(job.spec)
             outcome = _run(database, settings, publisher, claim, spec)
             if outcome is not None:
@@ -304,8 +321,10 @@ def _record(
     outcome: Outcome,
     enqueue: Sender,
 ) -> None:
-    def write() -> bool:
+    def write() -> tuple[bool, str]:
+        """Whether the job went back to the queue, and the status it was left in."""
         with database.session() as session:
+            status = outcome.status
             if outcome.hand_back is not None:
                 requeued = hand_back(
                     session,
@@ -314,6 +333,10 @@ def _record(
                     counted=outcome.counted,
                     runtime_seconds=outcome.runtime_seconds,
                 )
+                if not requeued:  # paused (as asked) or cancelled meanwhile
+                    status = (
+                        session.scalar(select(Job.status).where(Job.id == claim.job_id)) or status
+                    )
             else:
                 finish_job(
                     session,
@@ -324,10 +347,10 @@ def _record(
                 )
                 requeued = False
             session.commit()
-        return requeued
+        return requeued, status
 
     try:
-        requeued = retry_database(
+        requeued, status = retry_database(
             write, settings.lease_timeout_seconds, f"outcome of {claim.job_id}"
         )
     except LeaseLost:
@@ -346,4 +369,4 @@ def _record(
         error_type, message = outcome.error
         publisher.status(claim.job_id, "failed", error={"type": error_type, "message": message})
     else:
-        publisher.status(claim.job_id, outcome.status)
+        publisher.status(claim.job_id, status)

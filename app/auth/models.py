@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, String
+from sqlalchemy import Boolean, DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, utcnow
@@ -18,6 +18,8 @@ class ApiKey(Base):
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
     name: Mapped[str | None] = mapped_column(String(128))
+    # The highest job priority this key may submit (below its tenant's cap); None: no cap.
+    max_priority: Mapped[int | None] = mapped_column(Integer)
     # SHA-256 of the whole key: keys are 256-bit random, so a fast hash is enough.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -61,6 +61,20 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The spec's devices, as a column: it picks the job's training queue (app/queue.py).
     devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Scheduling (app/jobs/scheduling.py): the spec's priority and preemptible, as columns
+    # the claim orders and filters by.
+    priority: Mapped[int] = mapped_column(Integer, default=500, server_default="500")
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    # When it last became queued (submit, hand-back, resume): its priority ages from here.
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its current (or last) run claimed it: preemption spares a run younger than
+    # TRAINJOB_MIN_RUN_SECONDS.
+    last_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why release_requested was set: "shutdown" (its worker stops), "preempted" (a job of
+    # higher priority waits) or "pause"; the hand-back reads it.
+    release_reason: Mapped[str | None] = mapped_column(String(16))
+    # The quota that holds this queued job back, once its `warning` event is written.
+    held_by: Mapped[str | None] = mapped_column(String(32))
     # Training time of all attempts so far, for the spec's max_runtime_seconds.
     runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -95,6 +109,12 @@ class JobAttempt(Base):
     reason: Mapped[str | None] = mapped_column(String(32))
     # Whether the run counts against max_attempts.
     counted: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Seconds the job waited queued before this run claimed it (trainjob_queue_wait_seconds).
+    waited_seconds: Mapped[float | None] = mapped_column(Float)
+
+    # Fair share and the device-hours quota sum the device-seconds of runs that ended in a
+    # recent window (or still run).
+    __table_args__ = (Index("ix_job_attempts_ended_at", "ended_at"),)
 
 
 class JobEvent(Base):

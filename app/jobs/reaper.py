@@ -40,6 +40,7 @@ class ReapReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     validations: list[str] = field(default_factory=list)  # files whose validation was re-sent
 
@@ -61,6 +62,11 @@ def reap_lost_runs(
             values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
             data: dict[str, Any] = {"status": "cancelled"}
             outcome = report.cancelled
+        elif job.status == "pausing":
+            # Its worker died on the way: paused at its last checkpoint, as asked.
+            values = {"status": "paused", "worker": None, "enqueued_at": None}
+            values |= {"release_requested": False, "release_reason": None}
+            outcome, data = report.paused, {"status": "paused", "reason": "worker_lost"}
         elif job.attempts >= job.max_attempts:
             message = (
                 f"the worker stopped renewing its lease for {lease_timeout:g} s, "
@@ -75,7 +81,8 @@ def reap_lost_runs(
             outcome = report.failed
             data = {"status": "failed", "error": {"type": "worker_lost", "message": message}}
         else:
-            values = {"status": "queued", "worker": None, "enqueued_at": None}
+            values = {"status": "queued", "worker": None, "enqueued_at": None, "queued_at": now}
+            values |= {"release_requested": False, "release_reason": None}
             outcome, data = report.requeued, {"status": "queued", "reason": "worker_lost"}
         # Conditional on what was read: on SQLite there is no row lock.
         changed = session.execute(
@@ -219,9 +226,9 @@ class Reaper:
         if self.idempotency_ttl_hours is not None:
             with self.database.sessions.begin() as session:
                 forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
-        if changed := report.requeued + report.failed + report.cancelled:
+        if changed := report.requeued + report.failed + report.cancelled + report.paused:
             self.ring(changed)  # their streams show the new status at once
-        for kind in ("requeued", "failed", "cancelled", "sent", "validations"):
+        for kind in ("requeued", "failed", "cancelled", "paused", "sent", "validations"):
             if ids := getattr(report, kind):
                 logger.info("reaper: %s %s", kind, ", ".join(ids))
         return report

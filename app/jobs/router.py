@@ -1,4 +1,4 @@
-"""HTTP routes of jobs: submit, read, list, cancel, metrics, events."""
+"""HTTP routes of jobs: submit, read, list, cancel, pause, resume, metrics, events."""
 
 from __future__ import annotations
 
@@ -165,6 +165,45 @@ def cancel_job(
     session.commit()
     ring(redis_client, [job_id])
     return JobPublic.model_validate(job)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    responses={**ERRORS, **error_responses({409: "the job has finished or is cancelling"})},
+)
+def pause_job(
+    job_id: str, session: SessionDep, redis_client: RedisDep, principal: PrincipalDep
+) -> JobPublic:
+    """A queued job is paused at once; a running one is `pausing` until its next optimizer
+    step, where it checkpoints, frees its device and is `paused`. Paused jobs keep their
+    checkpoints and resume exactly where they stopped."""
+    job = jobs_service.request_pause(session, job_id=job_id, tenant=principal.scope)
+    session.commit()
+    ring(redis_client, [job_id])
+    return JobPublic.model_validate(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    responses={**ERRORS, **error_responses({409: "the job has finished or is cancelling"})},
+)
+def resume_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    redis_client: RedisDep,
+    principal: PrincipalDep,
+) -> JobPublic:
+    """A paused job goes back to `queued` and later resumes from its latest checkpoint; a
+    `pausing` one runs on as if never paused. A queued or running job is unchanged."""
+    resumed = jobs_service.request_resume(session, job_id=job_id, tenant=principal.scope)
+    session.commit()
+    ring(redis_client, [job_id])
+    send_jobs(session, resumed.to_send, send=training_sender(celery, settings.queue))
+    return JobPublic.model_validate(resumed.job)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=ERRORS)

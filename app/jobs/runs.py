@@ -24,7 +24,8 @@ from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
 from app.queue import Sender
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
-LIVE_STATUSES = ("running", "cancelling")
+# A pausing job runs until its next optimizer step, then checkpoints and is paused.
+LIVE_STATUSES = ("running", "cancelling", "pausing")
 # Counted against a tenant's cap; a job in one of these may still read its files.
 ACTIVE_STATUSES = ("queued", *LIVE_STATUSES)
 
@@ -131,9 +132,12 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
             worker=worker,
             heartbeat_at=now,
             started_at=func.coalesce(Job.started_at, now),
+            last_started_at=now,
             release_requested=False,
+            release_reason=None,
+            held_by=None,
         )
-        .returning(Job.lease, Job.attempts, Job.runtime_seconds)
+        .returning(Job.lease, Job.attempts, Job.runtime_seconds, Job.queued_at)
     ).first()
     if row is None:
         return None
@@ -154,11 +158,20 @@ def claim_job(session: Session, *, job_id: str, worker: str, lease_timeout: floa
             started_at=now,
             resumed_from_step=resumed_from_step,
             counted=True,
+            waited_seconds=_seconds_between(row.queued_at, now),
         )
     )
     data = {"status": "running", "worker": worker, "attempt": row.attempts}
     append_events(session, job_id, [("status", data | {"resumed_from_step": resumed_from_step})])
     return Claim(job_id, row.lease, row.attempts, resumed_from_step, row.runtime_seconds)
+
+
+def _seconds_between(start: datetime | None, end: datetime) -> float | None:
+    if start is None:
+        return None
+    if start.tzinfo is None:  # SQLite hands back naive UTC times
+        start = start.replace(tzinfo=UTC)
+    return max(0.0, (end - start).total_seconds())
 
 
 def owned(claim: Claim) -> ColumnElement[bool]:
@@ -234,15 +247,26 @@ def hand_back(
     counted: bool,
     runtime_seconds: float | None = None,
 ) -> bool:
-    """Put the job back in the queue for another run.
+    """Put the job back in the queue for another run, or pause it.
 
-    `shutdown` (the worker was asked to stop) is not counted against max_attempts; an
-    infrastructure failure is, and fails the job `reason` once attempts are used up.
-    Returns whether the job was re-queued (the caller then sends its message).
+    `shutdown` (the run stopped because it was asked to: its worker stops, a job of higher
+    priority takes its device, a pause) is not counted against max_attempts; an
+    infrastructure failure is, and fails the job `reason` once attempts are used up. A
+    run asked to stop learns why from the job's row: a `pausing` job is `paused` (its
+    checkpoint kept, no device held), a preempted one goes back to the queue with a
+    `preempted` status event. Returns whether the job was re-queued (the caller then
+    sends its message).
     """
     now = utcnow()
     job = session.execute(
-        select(Job.attempts, Job.max_attempts, Job.cancel_requested).where(owned(claim))
+        select(
+            Job.attempts,
+            Job.max_attempts,
+            Job.cancel_requested,
+            Job.status,
+            Job.release_requested,
+            Job.release_reason,
+        ).where(owned(claim))
     ).first()
     if job is None:
         raise LeaseLost(claim.job_id)
@@ -256,26 +280,51 @@ def hand_back(
             session, claim=claim, status="failed", error=error, runtime_seconds=runtime_seconds
         )
         return False
+    pausing = job.status == "pausing"
+    preempted = not pausing and job.release_requested and job.release_reason == "preempted"
+    if preempted and reason == "shutdown":
+        reason = "preempted"
     values: dict[str, Any] = {
-        "status": "queued",
+        "status": "paused" if pausing else "queued",
         "attempts": attempts,
         "worker": None,
         "release_requested": False,
+        "release_reason": None,
         # The caller sends the message right after the commit (and clears this if
-        # that fails), as the API does for a new job.
-        "enqueued_at": now,
+        # that fails), as the API does for a new job. A paused job is sent on resume.
+        "enqueued_at": None if pausing else now,
+        "queued_at": None if pausing else now,
     }
     if runtime_seconds is not None:
         values["runtime_seconds"] = runtime_seconds
-    # Conditional on no cancel: one that lands after the read above must not be lost.
+    # Conditional on no cancel (and on the status read): one that lands after the read
+    # above must not be lost; a resume of a pausing job since then re-queues it.
     requeued = session.execute(
-        update(Job).where(owned(claim), Job.cancel_requested.is_(False)).values(**values)
+        update(Job)
+        .where(owned(claim), Job.cancel_requested.is_(False), Job.status == job.status)
+        .values(**values)
     ).rowcount  # type: ignore[attr-defined]
     if not requeued:
+        refreshed = session.execute(select(Job.cancel_requested).where(owned(claim))).first()
+        if refreshed is not None and not refreshed.cancel_requested:
+            return hand_back(
+                session,
+                claim=claim,
+                reason=reason,
+                counted=counted,
+                runtime_seconds=runtime_seconds,
+            )
         finish_job(session, claim=claim, status="cancelled", runtime_seconds=runtime_seconds)
         return False
-    end_attempt(session, claim, reason=reason, now=now, counted=counted)
-    append_events(session, claim.job_id, [("status", {"status": "queued", "reason": reason})])
+    end_attempt(session, claim, reason="paused" if pausing else reason, now=now, counted=counted)
+    if pausing:
+        append_events(session, claim.job_id, [("status", {"status": "paused"})])
+        return False
+    events: list[tuple[str, dict[str, Any]]] = []
+    if preempted:
+        events.append(("status", {"status": "preempted"}))
+    events.append(("status", {"status": "queued", "reason": reason}))
+    append_events(session, claim.job_id, events)
     return True
 
 
@@ -285,7 +334,12 @@ def request_release(session: Session, *, worker: str) -> int:
         session.execute(
             update(Job)
             .where(Job.worker == worker, Job.status == "running")
-            .values(release_requested=True)
+            .values(
+                release_requested=True,
+                # A preemption already asked keeps its reason: the job goes back queued
+                # either way.
+                release_reason=func.coalesce(Job.release_reason, "shutdown"),
+            )
         ).rowcount  # type: ignore[attr-defined]
     )
 

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobStatus = Literal[
+    "queued", "running", "cancelling", "pausing", "paused", "succeeded", "failed", "cancelled"
+]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -75,6 +77,8 @@ class JobPublic(JobRow):
     micro_batch_size: int
     accumulation_steps: int
     devices: int
+    priority: int
+    preemptible: bool
     progress: JobProgress
     metrics: dict[str, Any] | None
     error: JobError | None
@@ -86,6 +90,10 @@ class JobPublic(JobRow):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # While queued: how many jobs would run before it now (app/jobs/scheduling.py).
+    queue_position: int | None = None
+    # While it runs, once some steps have: when it should finish at its measured pace.
+    estimated_finish: datetime | None = None
 
 
 class JobList(BaseModel):

@@ -119,6 +119,9 @@ def create_job(session: Session, *, spec: JobSpec, tenant: str = DEFAULT_TENANT)
         micro_batch_size=micro,
         accumulation_steps=spec.accumulation_steps or 1,
         devices=spec.devices,
+        priority=spec.priority,
+        preemptible=spec.preemptible,
+        queued_at=utcnow(),
         max_steps=spec.max_steps,
         max_attempts=spec.max_attempts,
         # A new queued job on no file is sendable: stamped sent in its INSERT (an UPDATE
@@ -188,14 +191,15 @@ async def read_jobs_page(
 
 
 def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
-    """Queued: cancelled at once. Running: cancelling until the worker stops at a window edge."""
+    """Queued or paused: cancelled at once. Running (or pausing): cancelling until the
+    worker stops at a window edge."""
     job = get_job(session, job_id=job_id, tenant=tenant)
     if job.status in TERMINAL_STATUSES:
         raise JobAlreadyFinished(job_id, job.status)
     if job.status == "cancelling":
         return job
     values: dict[str, Any] = {"status": "cancelling", "cancel_requested": True}
-    if job.status == "queued":
+    if job.status in ("queued", "paused"):
         values |= {"status": "cancelled", "finished_at": utcnow()}
     # Conditional on the status we read, so a worker's claim and this cancel cannot both win.
     changed = session.execute(
@@ -227,3 +231,64 @@ def job_rows(
     if after is not None:
         query = query.where(cursor > after)
     return page(session, query, limit)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    job: Job
+    # The job, when it went back to the queue: the route sends it after the commit.
+    to_send: list[str]
+
+
+def request_pause(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
+    """Queued: paused at once (it keeps its checkpoints, if any). Running: `pausing` until
+    the worker stops at its next optimizer step, checkpoints and frees the device; then
+    `paused`. Paused or pausing already: unchanged. Finished or cancelling: 409."""
+    job = get_job(session, job_id=job_id, tenant=tenant)
+    if job.status in TERMINAL_STATUSES or job.status == "cancelling":
+        raise JobAlreadyFinished(job_id, job.status)
+    if job.status in ("paused", "pausing"):
+        return job
+    if job.status == "queued":
+        values: dict[str, Any] = {"status": "paused", "enqueued_at": None, "held_by": None}
+    else:
+        values = {"status": "pausing", "release_requested": True, "release_reason": "pause"}
+    changed = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
+    ).rowcount  # type: ignore[attr-defined]
+    session.expire(job)
+    if not changed:  # the status moved under us: try again against the new one
+        return request_pause(session, job_id=job_id, tenant=tenant)
+    runs.append_events(session, job_id, [("status", {"status": values["status"]})])
+    return job
+
+
+def request_resume(session: Session, *, job_id: str, tenant: str | None = None) -> Resumed:
+    """Paused: queued again (the route sends it after the commit), resuming from its latest
+    checkpoint. Pausing: running on, as if never paused. Queued or running: unchanged.
+    Finished or cancelling: 409."""
+    job = get_job(session, job_id=job_id, tenant=tenant)
+    if job.status in TERMINAL_STATUSES or job.status == "cancelling":
+        raise JobAlreadyFinished(job_id, job.status)
+    if job.status not in ("paused", "pausing"):
+        return Resumed(job, to_send=[])
+    if job.status == "paused":
+        now = utcnow()
+        values: dict[str, Any] = {"status": "queued", "queued_at": now}
+        # Sendable now unless a file it trains on is still validating (that sends it).
+        blocker = files_usage.blocking_file(session, job_id=job_id)
+        validating = blocker is not None and blocker.status == "validating"
+        values["enqueued_at"] = None if validating else now
+    else:
+        values = {"status": "running", "release_requested": False, "release_reason": None}
+    changed = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == job.status).values(**values)
+    ).rowcount  # type: ignore[attr-defined]
+    session.expire(job)
+    if not changed:
+        return request_resume(session, job_id=job_id, tenant=tenant)
+    runs.append_events(
+        session, job_id, [("status", {"status": values["status"], "reason": "resumed"})]
+    )
+    to_send = [job_id] if values.get("enqueued_at") is not None else []
+    return Resumed(job, to_send=to_send)

@@ -304,6 +304,8 @@ class KeepCheckpointsSpec(_Strict):
 
 
 Precision = Literal["fp32", "fp64", "bf16", "fp16"]
+DEFAULT_PRIORITY = 500
+MAX_PRIORITY = 1000
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -340,6 +342,12 @@ class JobSpec(_Strict):
     max_attempts: int = Field(3, ge=1, le=10)
     # Training time over all attempts; on expiry the job checkpoints and fails `timeout`.
     max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
+    # Higher runs first (app/jobs/scheduling.py); a tenant's or key's cap may lower the
+    # most it may ask for.
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
+    # Whether a waiting job of higher priority may take its device (it resumes later,
+    # exactly); false needs an admin key.
+    preemptible: bool = True
 
     @field_validator("model", "dataset", mode="before")
     @classmethod

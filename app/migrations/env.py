@@ -7,7 +7,8 @@ from sqlalchemy import engine_from_config, pool
 
 import app.checkpoints.models
 import app.files.models
-import app.jobs.models  # noqa: F401  (registers the tables on Base.metadata)
+import app.jobs.models
+import app.tenants.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db import Base
 
 config = context.config

@@ -28,6 +28,7 @@ from app.settings import Settings
 
 TABLES = {
     "jobs",
+    "tenants",
     "job_attempts",
     "job_events",
     "job_metrics",
@@ -69,7 +70,8 @@ def test_upgrade_from_empty_to_head_and_downgrade_to_base_on_postgres(
 def test_the_migrated_schema_is_the_schema_of_the_models(database: Database) -> None:
     # `database` is migrated to head (Postgres and SQLite): no difference may remain.
     import app.checkpoints.models
-    import app.jobs.models  # noqa: F401
+    import app.jobs.models
+    import app.tenants.models  # noqa: F401
 
     with database.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})

@@ -17,6 +17,7 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     for path in ["/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
+                 "/v1/jobs/{job_id}/pause", "/v1/jobs/{job_id}/resume",
                  "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/events",
                  "/v1/jobs/{job_id}/checkpoints", "/v1/jobs/{job_id}/weights"]:  # fmt: skip
         assert path in paths

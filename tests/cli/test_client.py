@@ -320,13 +320,35 @@ def test_cancel_of_a_queued_job_then_again_is_the_servers_conflict(
     wait_for_status(service.http, blocker["id"], TERMINAL, timeout=10)
 
 
+def test_pause_and_resume_of_a_queued_job_then_of_a_finished_one(
+    service: Service, trainjob: Callable[..., Result]
+) -> None:
+    blocker = running_job(service)  # the one worker is busy: the next job stays queued
+    queued = service.http.post("/v1/jobs", json=SPEC).json()
+    try:
+        paused = trainjob("pause", queued["id"])
+        assert paused.code == 0 and paused.out.strip() == f"{queued['id']} paused"
+        resumed = trainjob("resume", queued["id"], "--json")
+        assert resumed.code == 0 and json.loads(resumed.out)["status"] == "queued"
+        service.http.post(f"/v1/jobs/{queued['id']}/cancel")
+        again = trainjob("resume", queued["id"])
+        message = service.http.post(f"/v1/jobs/{queued['id']}/resume").json()["error"]
+        assert again.code == 1 and again.out == ""
+        assert again.err.strip() == f"trainjob: {message['type']}: {message['message']}"
+        pausing = trainjob("pause", blocker["id"])
+        assert pausing.code == 0 and pausing.out.startswith(f"{blocker['id']} pausing: ")
+    finally:
+        service.http.post(f"/v1/jobs/{blocker['id']}/cancel")
+    wait_for_status(service.http, blocker["id"], TERMINAL, timeout=30)
+
+
 # --- errors and exit codes ------------------------------------------------------------
 
 
 def test_an_unknown_job_exits_1_with_the_servers_not_found_message(
     service: Service, trainjob: Callable[..., Result]
 ) -> None:
-    for command in ("status", "watch", "cancel", "events", "download"):
+    for command in ("status", "watch", "cancel", "pause", "resume", "events", "download"):
         result = trainjob(command, "job_doesnotexist")
         assert result.code == 1, command
         message = service.http.get("/v1/jobs/job_doesnotexist").json()["error"]["message"]

@@ -39,6 +39,12 @@ def never_enqueue(job_id: str) -> bool:
 
 
 @pytest.fixture
+def database(own_database: Database) -> Database:
+    """run_job claims the best queued job of its database: one of this test's own."""
+    return own_database
+
+
+@pytest.fixture
 def run_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Where the run's temporary directories go."""
     path = tmp_path / "tmp"

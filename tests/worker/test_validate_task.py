@@ -24,11 +24,11 @@ BAD = TEXT + b'{"text": 42}\n'
 
 
 @pytest.fixture
-def worker_settings(postgres_url: str, queue_name: str, tmp_path: Path) -> Iterator[Settings]:
-    """One worker on its own queue, against the session's Postgres database."""
+def worker_settings(own_postgres_url: str, queue_name: str, tmp_path: Path) -> Iterator[Settings]:
+    """One worker on its own queue and database (it claims the best queued job there)."""
     settings = Settings(
         home=tmp_path / "home",
-        database_url=postgres_url,
+        database_url=own_postgres_url,
         redis_url=REDIS_URL,
         queue=f"{queue_name}-validate",
         files_queue=f"{queue_name}-validate-files",
@@ -90,10 +90,10 @@ def test_the_worker_validates_files_and_settles_the_jobs_waiting_for_them(
 
 
 @pytest.fixture
-def files_only_settings(postgres_url: str, queue_name: str, tmp_path: Path) -> Settings:
+def files_only_settings(own_postgres_url: str, queue_name: str, tmp_path: Path) -> Settings:
     return Settings(
         home=tmp_path / "home",
-        database_url=postgres_url,
+        database_url=own_postgres_url,
         redis_url=REDIS_URL,
         queue=f"{queue_name}-files-only",
         files_queue=f"{queue_name}-files-only-files",

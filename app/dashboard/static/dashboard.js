@@ -7,9 +7,12 @@ import { formatNumber, LineChart } from "./chart.js";
 
 const POLL_MS = 2000;
 const PAGE = 20;
-const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
+const STATUSES = [
+  "queued", "running", "cancelling", "pausing", "paused", "succeeded", "failed", "cancelled",
+];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-const CANCELLABLE = new Set(["queued", "running"]);
+// A paused job is cancelled at once, a pausing one stops as a running one does.
+const CANCELLABLE = new Set(["queued", "running", "pausing", "paused"]);
 const LISTED_EVENTS = ["status", "checkpoint", "oom_backoff", "overflow_skip", "warning", "error"];
 const EVENT_PAGES = 10;
 // Stored steps the page replays for its charts at most (evenly spread, the newest
@@ -312,7 +315,7 @@ function newJobRow(id) {
 
 function updateJobRow(row, job) {
   const metrics = job.metrics || {};
-  const live = job.status === "running" || job.status === "cancelling";
+  const live = ["running", "cancelling", "pausing"].includes(job.status);
   row.dataset.status = job.status;
   row.replaceChildren(
     el("td", { class: "col-job" },
@@ -579,7 +582,7 @@ function renderJob(job) {
   }
 
   const metrics = job.metrics || {};
-  const live = job.status === "running" || job.status === "cancelling";
+  const live = ["running", "cancelling", "pausing"].includes(job.status);
   const facts = [
     ["Loss", fmtLoss(metrics.loss)],
     // Evaluations are every few steps: the latest one, not only the latest step's.

@@ -5,7 +5,7 @@ Each test gets a database of its own: auth turns on for a database once any key 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,21 +33,6 @@ class Keys:
 
     def header(self, key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def own_database(
-    request: pytest.FixtureRequest, tmp_path: Path, make_postgres_database: Callable[[], str]
-) -> Iterator[Database]:
-    url = (
-        make_postgres_database()
-        if request.param == "postgres"
-        else f"sqlite:///{tmp_path / 'auth.db'}"
-    )
-    upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def make_settings(database: Database, queue_name: str, tmp_path: Path, **changes: Any) -> Settings:
@@ -113,6 +98,8 @@ def test_another_tenant_can_neither_see_nor_touch_a_job(
     for method, path in (
         ("GET", ""),
         ("POST", "/cancel"),
+        ("POST", "/pause"),
+        ("POST", "/resume"),
         ("GET", "/events"),
         ("GET", "/events/stream"),
         ("GET", "/metrics"),

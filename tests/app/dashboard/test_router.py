@@ -28,7 +28,9 @@ from tests.app.jobs.helpers import claim, create, metric
 from tests.conftest import REDIS_URL
 from worker.presence import presence_key
 
-STATUSES = {"queued", "running", "cancelling", "succeeded", "failed", "cancelled"}
+STATUSES = {
+    "queued", "running", "cancelling", "pausing", "paused", "succeeded", "failed", "cancelled"
+}  # fmt: skip
 RUNNING_FIELDS = {
     "id", "name", "status", "progress", "batch_size", "micro_batch_size", "accumulation_steps",
     "loss", "samples_per_sec", "worker", "started_at",
@@ -127,8 +129,8 @@ def test_counts_move_with_submitted_cancelled_and_claimed_jobs(
     after = dashboard(client)
     delta = {status: after["counts"][status] - before["counts"][status] for status in STATUSES}
     # Two submitted and one claimed from a created job (created jobs start queued).
-    assert delta == {"queued": 2, "running": 1, "cancelling": 0, "succeeded": 0, "failed": 0,
-                     "cancelled": 1}  # fmt: skip
+    assert delta == {"queued": 2, "running": 1, "cancelling": 0, "pausing": 0, "paused": 0,
+                     "succeeded": 0, "failed": 0, "cancelled": 1}  # fmt: skip
     assert after["queue_depth"] == before["queue_depth"] + 2 == redis_client.llen(settings.queue)
     assert after["finished_last_hour"]["cancelled"] == before["finished_last_hour"]["cancelled"] + 1
 

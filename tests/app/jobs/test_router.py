@@ -183,6 +183,68 @@ def test_cancel_running_job_becomes_cancelling(client: TestClient, database: Dat
     assert response.status_code == 200 and response.json()["status"] == "cancelling"
 
 
+def test_pause_of_a_queued_job_is_immediate_and_resume_sends_it_again(
+    client: TestClient, settings: Settings, redis_client: redis.Redis, database: Database
+) -> None:
+    job = submit(client)
+    before = redis_client.llen(settings.queue)
+    paused = client.post(f"/v1/jobs/{job['id']}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert redis_client.llen(settings.queue) == before  # nothing sent for a paused job
+    with database.session() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None and (row.status, row.enqueued_at) == ("paused", None)
+    assert client.post(f"/v1/jobs/{job['id']}/pause").json()["status"] == "paused"  # idempotent
+
+    resumed = client.post(f"/v1/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    assert redis_client.llen(settings.queue) == before + 1
+    message = json.loads(redis_client.lindex(settings.queue, 0))  # type: ignore[arg-type]
+    assert message["headers"]["argsrepr"] == repr([job["id"]])
+    statuses = [
+        event["data"]["status"]
+        for event in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        if event["type"] == "status"
+    ]
+    assert statuses[-2:] == ["paused", "queued"]
+    # Resuming a queued job changes nothing and sends nothing.
+    assert client.post(f"/v1/jobs/{job['id']}/resume").json()["status"] == "queued"
+    assert redis_client.llen(settings.queue) == before + 1
+
+
+def test_pause_of_a_running_job_is_pausing_and_resume_lets_it_run_on(
+    client: TestClient, database: Database
+) -> None:
+    job = submit(client)
+    with database.session() as session:
+        runs.claim_job(session, job_id=job["id"], worker="w", lease_timeout=60)
+        session.commit()
+    response = client.post(f"/v1/jobs/{job['id']}/pause")
+    assert response.status_code == 200 and response.json()["status"] == "pausing"
+    with database.session() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None and row.release_requested and row.release_reason == "pause"
+    resumed = client.post(f"/v1/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "running"
+    with database.session() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None and not row.release_requested
+
+
+def test_pause_and_resume_of_a_finished_or_missing_job_are_409_and_404(
+    client: TestClient,
+) -> None:
+    job = submit(client)
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    for verb in ("pause", "resume"):
+        response = client.post(f"/v1/jobs/{job['id']}/{verb}")
+        assert response.status_code == 409, verb
+        error = response.json()["error"]
+        assert error["type"] == "job_finished" and "cancelled" in error["message"]
+        missing = client.post(f"/v1/jobs/job_000000000000000000000000/{verb}")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+
+
 def test_metrics_and_events_have_their_documented_shapes(
     client: TestClient, database: Database
 ) -> None:

@@ -58,7 +58,7 @@ def test_metrics_parse_as_prometheus_text_with_every_series(client: TestClient) 
     families = {family.name for family in text_string_to_metric_families(response.text)}
     assert families >= SERIES
     assert set(jobs(scrape(client))) == {
-        "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
+        "queued", "running", "cancelling", "pausing", "paused", "succeeded", "failed", "cancelled"
     }  # fmt: skip
 
 
