@@ -144,6 +144,19 @@ def send_due_jobs(
     return sent
 
 
+def send_jobs_now(
+    session: Session, job_ids: Sequence[str], *, now: datetime, send: Sender
+) -> list[str]:
+    """Send these jobs (those still sendable), up to the first send that fails; the ids
+    sent, stamped."""
+    query = select(Job.id, Job.devices).where(Job.id.in_(job_ids), sendable()).order_by(Job.id)
+    due = _locked(session, query, len(job_ids))
+    sent = [job[0] for job in itertools.takewhile(lambda job: send(job[0], job[1]), due)]
+    if sent:
+        session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
+    return sent
+
+
 def send_due_validations(
     session: Session,
     *,
@@ -208,10 +221,15 @@ class Reaper:
         with self.database.sessions.begin() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
         with self.database.sessions.begin() as session:
-            # A job a running-devices quota holds back says so once (a `warning` event).
-            report.held = hold_blocked_jobs(session, now=now)
+            # A job a running-devices quota holds back says so once (a `warning` event);
+            # one it lets go is sent again now.
+            holds = hold_blocked_jobs(session, now=now)
+            report.held = holds.held
+        if holds.released:
+            with self.database.sessions.begin() as session:
+                report.sent += send_jobs_now(session, holds.released, now=now, send=self.send)
         with self.database.sessions.begin() as session:
-            report.sent = send_due_jobs(
+            report.sent += send_due_jobs(
                 session,
                 now=now,
                 resend_after=self.requeue_after,

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from app.auth import service as auth_service
 from app.db import Database, utcnow
 from app.jobs import runs
-from app.jobs.models import JobAttempt, JobEvent
+from app.jobs.models import Job, JobAttempt, JobEvent
 from app.jobs.reaper import Reaper
 from tests.app.auth.test_auth import SPEC, Keys
 
@@ -139,3 +139,17 @@ def test_a_job_over_the_running_devices_quota_waits_with_a_warning_naming_it(
     )
     with own_database.session() as session:
         assert session.query(JobEvent).filter_by(job_id=running, type="warning").count() == 0
+    # The running job ends: the next pass lets the held one go and sends it at once.
+    sent: list[str] = []
+    reaper.send = lambda job_id, devices: sent.append(job_id) or True
+    with own_database.session() as session:
+        runs.finish_job(session, claim=claim_of(own_database, running), status="succeeded")
+        session.commit()
+    assert reaper.run_once().sent == [waiting] and sent == [waiting]
+
+
+def claim_of(database: Database, job_id: str) -> runs.Claim:
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return runs.Claim(job_id, job.lease, job.attempts, 0, 0.0)
