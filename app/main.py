@@ -29,6 +29,7 @@ from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_ro
 from app.queue import enqueue_validation, training_queue, training_sender
 from app.reads import open_reads
 from app.settings import Settings, get_settings
+from app.tenants import router as tenants_router
 from worker.celery_app import make_celery
 
 logger = logging.getLogger(__name__)
@@ -119,5 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkpoints_router.router)
     app.include_router(files_router.router)
     app.include_router(metrics_router)
+    app.include_router(tenants_router.router)
     app.include_router(dashboard_router.router)  # also `/` → `/dashboard`
     return app

@@ -60,6 +60,9 @@ class Api:
     def post(self, path: str, body: Any = None) -> Any:
         return _json(self.http.post(path, json=body))
 
+    def put(self, path: str, body: Any) -> Any:
+        return _json(self.http.put(path, json=body))
+
     def unreachable(self, error: httpx.TransportError) -> Unreachable:
         reason = str(error) or type(error).__name__
         return Unreachable(f"cannot reach the server at {self.url}: {reason}")
@@ -163,10 +166,12 @@ def client_command(args: argparse.Namespace) -> int:
     try:
         api = connect(args.url or settings.url, api_key)
         with api.http:
-            from cli import files, jobs  # imported here: both build on this module
+            from cli import files, jobs, tenants  # imported here: they build on this module
 
             if args.command == "files":
                 return files.COMMANDS[args.files_action](api, args)
+            if args.command == "tenants":
+                return tenants.COMMANDS[args.tenants_action](api, args)
             return jobs.COMMANDS[args.command](api, args)
     except (UsageError, SpecFileError) as error:
         print(f"trainjob: {error}", file=sys.stderr)

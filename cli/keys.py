@@ -27,6 +27,7 @@ def _described(row: ApiKey) -> dict[str, Any]:
         "tenant": row.tenant,
         "admin": row.admin,
         "name": row.name,
+        "max_priority": row.max_priority,
         "created_at": row.created_at.isoformat(),
         "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
     }
@@ -34,7 +35,11 @@ def _described(row: ApiKey) -> dict[str, Any]:
 
 def _create(session: Session, args: argparse.Namespace) -> None:
     row, key = auth_service.create_key(
-        session, tenant=args.tenant, admin=args.admin, name=args.name
+        session,
+        tenant=args.tenant,
+        admin=args.admin,
+        name=args.name,
+        max_priority=args.max_priority,
     )
     session.commit()
     if args.json:

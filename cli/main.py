@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True, help="the tenant the key's jobs belong to")
     create.add_argument("--admin", action="store_true", help="sees and manages every tenant")
     create.add_argument("--name", help="a note, e.g. who holds the key")
+    create.add_argument(
+        "--max-priority",
+        type=int,
+        choices=range(0, 1001),
+        metavar="N",
+        help="the highest job priority this key may submit (0..1000; its tenant's cap applies too)",
+    )
     create.add_argument("--json", action="store_true", help="print JSON")
     listing = key_actions.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--tenant", help="only this tenant's keys")
@@ -139,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `trainjob tenants set` options, as the API's fields (cli/tenants.py sends them).
+TENANT_SETTINGS = (
+    "share",
+    "max_priority",
+    "max_running_devices",
+    "max_queued_jobs",
+    "max_device_hours",
+)
 CLIENT_COMMANDS = (
     "submit",
     "status",
@@ -150,6 +165,7 @@ CLIENT_COMMANDS = (
     "events",
     "download",
     "files",
+    "tenants",
 )
 FILE_STATUSES = get_args(FileStatus)
 
@@ -290,6 +306,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "running job uses it.",
     )
     remove.add_argument("file_id", metavar="ID", help="file id")
+    add_tenant_commands(commands, server)
 
 
 # What a shell reports for a command that SIGPIPE ended (128 + 13), e.g. under
@@ -348,6 +365,63 @@ def run_command(argv: Sequence[str] | None) -> int:
     if args.command == "db":
         return serve.db_command(args.action, args.revision)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def add_tenant_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    server: argparse.ArgumentParser,
+) -> None:
+    tenants = commands.add_parser(
+        "tenants",
+        help="tenants' fair share, priority cap and quotas: set, list, show",
+        description="An admin sets a tenant's fair-share weight, the highest job priority it "
+        "may ask for and its quotas; a tenant's own key may show its usage.",
+    )
+    actions = tenants.add_subparsers(dest="tenants_action", required=True, metavar="ACTION")
+    setter = actions.add_parser(
+        "set",
+        parents=[server],
+        help="set a tenant's share, max priority or quotas (admin)",
+        description="Options not given keep their values; `--clear NAME` (or the value "
+        "`none`) removes a cap or quota.",
+    )
+    setter.add_argument("name", metavar="NAME", help="the tenant")
+    setter.add_argument("--share", type=float, help="fair-share weight (default 1)")
+    setter.add_argument("--max-priority", type=_int_or_none, help="highest job priority, 0..1000")
+    setter.add_argument(
+        "--max-running-devices", type=_int_or_none, help="devices its running jobs may hold"
+    )
+    setter.add_argument(
+        "--max-queued-jobs", type=_int_or_none, help="queued jobs; a submit over it is 429"
+    )
+    setter.add_argument(
+        "--max-device-hours",
+        type=_float_or_none,
+        help="device-hours over a rolling 30 days; a submit past it is 403",
+    )
+    setter.add_argument(
+        "--clear", action="append", choices=TENANT_SETTINGS[1:], metavar="NAME", help="remove a cap"
+    )
+    listing = actions.add_parser(
+        "list",
+        parents=[server],
+        help="list tenants with their usage (admin)",
+        description="A table.",
+    )
+    listing.add_argument("--limit", type=int, metavar="N", help="page size, 1..100 (20)")
+    listing.add_argument("--after", metavar="NAME", help="the page after this tenant")
+    shown = actions.add_parser(
+        "show", parents=[server], help="a tenant's settings and usage", description="Its caps."
+    )
+    shown.add_argument("name", metavar="NAME", help="the tenant")
+
+
+def _int_or_none(value: str) -> int | str:
+    return "none" if value == "none" else int(value)
+
+
+def _float_or_none(value: str) -> float | str:
+    return "none" if value == "none" else float(value)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class Principal:
     tenant: str
     admin: bool
     key_id: str | None = None
+    # The key's cap on job priority (app/tenants/service.py check_submit).
+    max_priority: int | None = None
 
     @property
     def scope(self) -> str | None:
@@ -44,7 +46,12 @@ OPEN = Principal(tenant=DEFAULT_TENANT, admin=True)
 
 
 def create_key(
-    session: Session, *, tenant: str, admin: bool, name: str | None = None
+    session: Session,
+    *,
+    tenant: str,
+    admin: bool,
+    name: str | None = None,
+    max_priority: int | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key for `tenant`; returns the row and the key, which is not stored."""
     if not TENANT_PATTERN.match(tenant):
@@ -54,7 +61,14 @@ def create_key(
         )
     key_id = secrets.token_hex(6)  # public; the whole key is shown once
     key = f"tjk_{key_id}_{secrets.token_urlsafe(32)}"
-    row = ApiKey(id=key_id, tenant=tenant, admin=admin, name=name, key_hash=key_hash(key))
+    row = ApiKey(
+        id=key_id,
+        tenant=tenant,
+        admin=admin,
+        name=name,
+        key_hash=key_hash(key),
+        max_priority=max_priority,
+    )
     session.add(row)
     session.flush()
     return row, key
@@ -79,7 +93,7 @@ def revoke_key(session: Session, *, key_id: str) -> ApiKey:
 
 
 KEY_BY_HASH = (
-    select(ApiKey.id, ApiKey.tenant, ApiKey.admin)
+    select(ApiKey.id, ApiKey.tenant, ApiKey.admin, ApiKey.max_priority)
     .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
     .limit(1)
 )
@@ -92,4 +106,5 @@ async def authenticate(reads: Reads, *, key: str) -> Principal | None:
     rows = await reads.all(KEY_BY_HASH, {"key_hash": key_hash(key)})
     if not rows:
         return None
-    return Principal(tenant=rows[0].tenant, admin=rows[0].admin, key_id=rows[0].id)
+    row = rows[0]
+    return Principal(row.tenant, row.admin, key_id=row.id, max_priority=row.max_priority)

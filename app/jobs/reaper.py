@@ -28,6 +28,7 @@ from app.files.models import DataFile
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
+from app.jobs.scheduling import hold_blocked_jobs
 from app.queue import Sender
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     paused: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # queued jobs a quota now holds back
     sent: list[str] = field(default_factory=list)
     validations: list[str] = field(default_factory=list)  # files whose validation was re-sent
 
@@ -142,6 +144,19 @@ def send_due_jobs(
     return sent
 
 
+def send_jobs_now(
+    session: Session, job_ids: Sequence[str], *, now: datetime, send: Sender
+) -> list[str]:
+    """Send these jobs (those still sendable), up to the first send that fails; the ids
+    sent, stamped."""
+    query = select(Job.id, Job.devices).where(Job.id.in_(job_ids), sendable()).order_by(Job.id)
+    due = _locked(session, query, len(job_ids))
+    sent = [job[0] for job in itertools.takewhile(lambda job: send(job[0], job[1]), due)]
+    if sent:
+        session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=now))
+    return sent
+
+
 def send_due_validations(
     session: Session,
     *,
@@ -206,7 +221,15 @@ class Reaper:
         with self.database.sessions.begin() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
         with self.database.sessions.begin() as session:
-            report.sent = send_due_jobs(
+            # A job a running-devices quota holds back says so once (a `warning` event);
+            # one it lets go is sent again now.
+            holds = hold_blocked_jobs(session, now=now)
+            report.held = holds.held
+        if holds.released:
+            with self.database.sessions.begin() as session:
+                report.sent += send_jobs_now(session, holds.released, now=now, send=self.send)
+        with self.database.sessions.begin() as session:
+            report.sent += send_due_jobs(
                 session,
                 now=now,
                 resend_after=self.requeue_after,
@@ -226,9 +249,11 @@ class Reaper:
         if self.idempotency_ttl_hours is not None:
             with self.database.sessions.begin() as session:
                 forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
-        if changed := report.requeued + report.failed + report.cancelled + report.paused:
+        changed = report.requeued + report.failed + report.cancelled + report.paused + report.held
+        if changed:
             self.ring(changed)  # their streams show the new status at once
-        for kind in ("requeued", "failed", "cancelled", "paused", "sent", "validations"):
+        kinds = ("requeued", "failed", "cancelled", "paused", "held", "sent", "validations")
+        for kind in kinds:
             if ids := getattr(report, kind):
                 logger.info("reaper: %s %s", kind, ", ".join(ids))
         return report

@@ -96,6 +96,8 @@ def submit_job(
         most_devices=lambda: devices.most_devices(redis_client, queue=settings.queue),
         idempotency_key=idempotency_key,
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
+        admin=principal.admin,
+        key_max_priority=principal.max_priority,
     )
     session.commit()
     send = training_sender(celery, settings.queue)
@@ -121,7 +123,10 @@ router.add_api_route(
                 413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
                 422: "an invalid spec, a dataset file that is unknown, invalid or does "
                 "not fit the model, or device `cuda` with no live CUDA worker",
-                429: "the tenant has too many queued and running jobs",
+                403: "a priority above the key's or tenant's max_priority, preemptible "
+                "false without an admin key, or the tenant's device-hours quota used up",
+                429: "the tenant has too many queued and running jobs, or its "
+                "max_queued_jobs quota is reached",
             }
         ),
     },

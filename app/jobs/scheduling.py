@@ -193,10 +193,17 @@ def queue_position(
     return None if position is None else int(position) - 1
 
 
-def hold_blocked_jobs(session: Session, *, now: datetime) -> list[str]:
+@dataclass(frozen=True)
+class Holds:
+    held: list[str]  # newly held back by a quota (each given its warning event)
+    released: list[str]  # held until now, free to run: the caller sends them again
+
+
+def hold_blocked_jobs(session: Session, *, now: datetime) -> Holds:
     """Mark the queued jobs that a running-devices quota holds back, each with a `warning`
     event naming the quota (once: until the quota lets it go, when the mark is cleared).
-    The ids newly held."""
+    A held job's message was likely taken by a worker that passed it over, so one let go
+    is to be sent again at once rather than when the reaper finds its message lost."""
     running = running_devices_by_tenant().subquery("running")
     in_use = func.coalesce(running.c.devices, 0)
     blocked = and_(
@@ -234,8 +241,10 @@ def hold_blocked_jobs(session: Session, *, now: datetime) -> list[str]:
         .where(Job.held_by.is_not(None), Job.status == "queued")
         .except_(base.with_only_columns(Job.id).where(blocked))
     )
-    session.execute(update(Job).where(Job.id.in_(free)).values(held_by=None))
-    return [job.id for job in held]
+    released = list(session.scalars(free))
+    if released:
+        session.execute(update(Job).where(Job.id.in_(released)).values(held_by=None))
+    return Holds([job.id for job in held], released)
 
 
 @dataclass(frozen=True)

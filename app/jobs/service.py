@@ -13,6 +13,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, func, select, text, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from app.auth.exceptions import Forbidden
 from app.auth.service import DEFAULT_TENANT
 from app.db import page, utcnow
 from app.files import usage as files_usage
@@ -23,6 +24,7 @@ from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
 from app.reads import Reads, Statement
+from app.tenants import service as tenants_service
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ def submit_job(
     most_devices: Callable[[], int | None] = lambda: None,
     idempotency_key: str | None = None,
     idempotency_ttl_hours: float = 48.0,
+    admin: bool = True,
+    key_max_priority: int | None = None,
 ) -> Submitted:
     """A submit: the earlier job of a known Idempotency-Key, else a new queued job, within
     the tenant's cap (TooManyJobs) and on a device some worker has (CudaNotSeen)."""
@@ -57,6 +61,11 @@ def submit_job(
             return Submitted(earlier, replayed=True, to_send=[])
     if spec.device == "cuda" and not cuda_available():
         raise CudaNotSeen()
+    if not spec.preemptible and not admin:
+        raise Forbidden("only an admin key may submit a job with preemptible: false")
+    tenants_service.check_submit(
+        session, tenant=tenant, spec=spec, key_max_priority=key_max_priority
+    )
     tenant_active = Job.tenant == tenant, Job.status.in_(runs.ACTIVE_STATUSES)
     active = session.scalar(select(func.count()).where(*tenant_active)) or 0
     if active >= max_active_jobs:

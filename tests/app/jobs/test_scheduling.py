@@ -121,14 +121,14 @@ def test_a_running_devices_quota_holds_a_job_back_with_one_warning(database: Dat
     assert claim_next(database, held) == other
     for _ in range(2):
         with database.session() as session:
-            newly = scheduling.hold_blocked_jobs(session, now=utcnow())
+            holds = scheduling.hold_blocked_jobs(session, now=utcnow())
             session.commit()
-        assert newly == ([held] if _ == 0 else [])
+        assert holds.held == ([held] if _ == 0 else []) and holds.released == []
     kind, data = last_event(database, held)
     assert kind == "warning" and data["quota"] == "max_running_devices"
     set_job(database, running, status="succeeded")
     with database.session() as session:
-        scheduling.hold_blocked_jobs(session, now=utcnow())
+        assert scheduling.hold_blocked_jobs(session, now=utcnow()).released == [held]
         session.commit()
     assert load(database, held).held_by is None
     assert claim_next(database, held) == held
