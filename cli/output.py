@@ -48,6 +48,8 @@ def job_summary(job: Json) -> str:
     cancel_pending = job.get("cancel_requested") and job["status"] in {"running", "queued"}
     rows = [
         ("status", job["status"] + (" (cancel requested)" if cancel_pending else "")),
+        ("priority", str(job.get("priority", "-"))),
+        *optional_rows(job),
         ("step", format_steps(job["progress"])),
         ("loss", loss),
         ("batch", format_batch(job)),
@@ -59,6 +61,19 @@ def job_summary(job: Json) -> str:
     ]
     title = job["id"] + (f"  {job['name']}" if job.get("name") else "")
     return "\n".join([title, *(f"  {label:<9} {value}" for label, value in rows)])
+
+
+def optional_rows(job: Json) -> list[tuple[str, str]]:
+    """The queue position of a queued job and the estimated finish of a running one, when
+    the server knows them."""
+    rows = []
+    position = job.get("queue_position")
+    if position is not None:
+        rows.append(("queue", "next" if position == 0 else f"{position} jobs run before it"))
+    finish = job.get("estimated_finish")
+    if finish:
+        rows.append(("eta", f"{format_time(finish)} UTC"))
+    return rows
 
 
 def print_job_table(jobs: Sequence[Json]) -> None:

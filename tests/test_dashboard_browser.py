@@ -173,6 +173,10 @@ def test_a_job_is_followed_live_in_the_browser_and_cancelled_from_its_page(
     wait_for(lambda: one(".worker[data-worker]"), 10, "the worker in the list")
     assert one(f"{row} .job-name").text == SPEC["name"]
     assert one(f"{row} .batch").text == "16 = 8 × 2"
+    assert one(f"{row} .col-priority").text == "500"
+    # Pause and resume are another test's (they POST the job's /pause and /resume).
+    assert one(f'{row} button[data-action="pause"]').is_displayed()
+    wait_for(lambda: one('#tenants tr[data-tenant="default"]'), 10, "the tenant's usage")
     overview = artifacts / "dashboard-overview.png"
     browser.save_screenshot(str(overview))
 
@@ -180,6 +184,7 @@ def test_a_job_is_followed_live_in_the_browser_and_cancelled_from_its_page(
     one(f"{row} .job-name").click()
     wait_for(lambda: browser.current_url.endswith(f"#/jobs/{job_id}"), 5, "the job page")
     wait_for(lambda: one("#job-status").text == "running", 10, "the job's status")
+    assert one("#pause").is_displayed() and not one("#resume").is_displayed()
 
     def points() -> int:
         return int(one("#loss-chart").get_attribute("data-points") or 0)

@@ -21,6 +21,7 @@ from app.dashboard import service as dashboard_service
 from app.dashboard.schemas import Dashboard
 from app.deps import RedisDep, SessionDep, SettingsDep
 from app.errors import NotFound, ServiceUnavailable
+from app.jobs.scheduling import Policy
 
 router = APIRouter(tags=["dashboard"])
 
@@ -49,10 +50,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {503: {"description": "Redis does not 
 def read_dashboard(
     session: SessionDep, redis_client: RedisDep, settings: SettingsDep, principal: PrincipalDep
 ) -> Dashboard:
-    """Jobs by status, queue depth, running jobs, live workers and the last hour's outcomes."""
+    """Jobs by status, queue depth, running jobs, the head of the queue in claim order,
+    paused jobs, tenants' usage, live workers and the last hour's outcomes."""
     try:
         return dashboard_service.read_dashboard(
-            session, redis_client, queue=settings.queue, tenant=principal.scope
+            session,
+            redis_client,
+            queue=settings.queue,
+            tenant=principal.scope,
+            policy=Policy.of(settings),
         )
     except redis.RedisError as error:
         raise ServiceUnavailable(f"redis does not answer: {type(error).__name__}") from error

@@ -9,6 +9,7 @@ from pydantic import AliasPath, BaseModel, ConfigDict, Field
 # Times as the jobs API writes them (UTC, `+00:00`), also for SQLite's naive datetimes.
 from app.jobs.schemas import JobProgress, JobRow, JobStatus
 from app.jobs.schemas import _TimesInUtc as TimesInUtc
+from app.tenants.schemas import TenantUsage
 
 
 class RunningJob(JobRow):
@@ -21,6 +22,7 @@ class RunningJob(JobRow):
     id: str
     name: str | None
     status: JobStatus
+    priority: int
     progress: JobProgress
     batch_size: int
     micro_batch_size: int
@@ -62,10 +64,48 @@ class FinishedCounts(BaseModel):
     cancelled: int
 
 
+class QueuedJob(TimesInUtc):
+    """A queued job at the head of the queue, in claim order."""
+
+    id: str
+    name: str | None
+    tenant: str
+    priority: int
+    devices: int
+    queue_position: int = Field(
+        description="queued jobs of its device count that would run before it now"
+    )
+    created_at: datetime
+
+
+class PausedJob(JobRow):
+    """A job paused (or pausing): it holds its checkpoint, and no device once paused."""
+
+    id: str
+    name: str | None
+    status: JobStatus
+    priority: int
+    progress: JobProgress
+    created_at: datetime
+
+
+class TenantUsageRow(TenantUsage):
+    """A tenant's usage now: running devices, queued jobs, recent device-seconds."""
+
+    name: str
+
+
 class Dashboard(TimesInUtc):
     counts: dict[JobStatus, int] = Field(description="jobs by status, every status present")
     queue_depth: int = Field(description="training messages waiting in the broker's queue")
     running: list[RunningJob] = Field(description="running and cancelling jobs, newest first")
+    queue: list[QueuedJob] = Field(
+        description="the head of the queue in claim order (each device count's own queue)"
+    )
+    paused: list[PausedJob] = Field(description="paused and pausing jobs, newest first")
+    tenants: list[TenantUsageRow] = Field(
+        description="per-tenant usage: every active tenant for an admin, else its own"
+    )
     workers: list[WorkerPublic]
     finished_last_hour: FinishedCounts
     time: datetime

@@ -8,11 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.sse import ServerSentEvent
 from pydantic import StringConstraints
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import PrincipalDep
 from app.deps import (
     MAX_INT32,
     CeleryDep,
+    DatabaseDep,
     Limit,
     ReadsDep,
     RedisDep,
@@ -23,11 +25,12 @@ from app.deps import (
 )
 from app.errors import error_responses
 from app.ids import JOB_ID_PATTERN
-from app.jobs import devices
+from app.jobs import devices, estimates
 from app.jobs import service as jobs_service
 from app.jobs.json_body import JsonBodyRoute
 from app.jobs.models import JobAttempt, JobEvent, JobMetric
 from app.jobs.runs import send_jobs
+from app.jobs.scheduling import Policy
 from app.jobs.schemas import (
     TERMINAL_STATUSES,
     AttemptList,
@@ -151,10 +154,24 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def get_job(job_id: str, reads: ReadsDep, principal: PrincipalDep) -> JobPublic:
+async def get_job(
+    job_id: str,
+    reads: ReadsDep,
+    database: DatabaseDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+) -> JobPublic:
+    """The job; while queued its `queue_position`, while running its `estimated_finish`."""
     # The hottest read: in the event loop on PostgreSQL (app/reads.py).
     job = await jobs_service.read_job(reads, job_id=job_id, tenant=principal.scope)
-    return JobPublic.model_validate(job)
+    public = JobPublic.model_validate(job)
+    if job.status == "queued":
+        public.queue_position = await run_in_threadpool(
+            estimates.queue_position, database, job=job, policy=Policy.of(settings)
+        )
+    elif job.status in estimates.RUNNING_STATUSES:
+        public.estimated_finish = await estimates.estimated_finish(reads, job=job)
+    return public
 
 
 @router.post(

@@ -2,7 +2,8 @@
 
 Read at each scrape: jobs by status (one GROUP BY on the jobs table, answered by its
 (status, id) index), the latest samples/s of each running job (its row), the steps
-stored since the previous scrape (their `metrics` events) and the depth of the
+stored since the previous scrape (their `metrics` events), the queue waits of the runs
+started since the previous scrape (their attempts' `waited_seconds`) and the depth of the
 training queue in Redis. Recorded as they happen: the duration of every HTTP request,
 by route template.
 
@@ -16,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import get_args
 
 from fastapi import APIRouter, Request, Response
@@ -28,7 +30,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth.deps import AdminDep
-from app.jobs.models import Job, JobEvent
+from app.jobs.models import Job, JobAttempt, JobEvent
 from app.jobs.runs import LIVE_STATUSES
 from app.jobs.schemas import JobStatus
 
@@ -39,6 +41,8 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Optimizer steps take from milliseconds (a small MLP on CPU) to minutes (big windows).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Queue waits run from a worker that is free at once to hours behind a busy pool.
+WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 
 
 class Metrics:
@@ -46,13 +50,21 @@ class Metrics:
 
     def __init__(self, state: State, *, queue: str) -> None:
         self.registry = CollectorRegistry()
-        # First: it observes the steps stored since the last scrape into step_duration,
-        # which the registry then collects (in the order of registration).
+        # First: it observes the steps stored since the last scrape into step_duration
+        # (and the runs started into queue_wait), which the registry then collects (in
+        # the order of registration).
         self.registry.register(_ReadAtScrape(self, state, queue))
         self.step_duration = Histogram(
             "trainjob_step_duration_seconds",
             "Wall time of one optimizer step of a running job (its whole window).",
             buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "trainjob_queue_wait_seconds",
+            "Time a job waited queued before a run of it started (each run: a job "
+            "preempted or resumed waits again).",
+            buckets=WAIT_BUCKETS,
             registry=self.registry,
         )
         self.http_request_duration = Histogram(
@@ -74,6 +86,7 @@ class _ReadAtScrape(Collector):
         self.state = state  # the lifespan opens state.database and state.redis
         self.queue = queue
         self.steps_after: int | None = None  # the newest metrics event observed
+        self.starts_after: datetime | None = None  # the latest run start observed
         self.reading_steps = threading.Lock()  # two scrapes at once must not count twice
 
     def collect(self) -> Iterable[Metric]:
@@ -95,6 +108,7 @@ class _ReadAtScrape(Collector):
                     .order_by(Job.id)
                 ).all()
                 self._observe_new_steps(session)
+                self._observe_new_waits(session)
         except Exception:
             logger.warning("metrics: could not read the jobs", exc_info=True)
             return
@@ -130,6 +144,26 @@ class _ReadAtScrape(Collector):
                     self.metrics.step_duration.observe(value)
             if rows:
                 self.steps_after = rows[-1].id
+
+    def _observe_new_waits(self, session: Session) -> None:
+        """The `waited_seconds` of the runs started since the previous scrape (the first
+        scrape starts the count). A run whose start commits after a later one's was
+        observed is missed, a sample lost, as for the steps."""
+        with self.reading_steps:
+            if self.starts_after is None:
+                latest = session.scalar(select(func.max(JobAttempt.started_at)))
+                self.starts_after = latest or datetime.min.replace(tzinfo=UTC)
+                return
+            rows = session.execute(
+                select(JobAttempt.started_at, JobAttempt.waited_seconds)
+                .where(JobAttempt.started_at > self.starts_after)
+                .order_by(JobAttempt.started_at)
+            ).all()
+            for _, waited in rows:
+                if waited is not None and waited >= 0:
+                    self.metrics.queue_wait.observe(waited)
+            if rows:
+                self.starts_after = rows[-1].started_at
 
     def _queue_depth(self) -> Iterable[Metric]:
         client = getattr(self.state, "redis", None)

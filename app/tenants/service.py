@@ -77,6 +77,37 @@ def usage(session: Session, *, tenant: str, fair_share_window_seconds: float) ->
     )
 
 
+def usage_by_tenant(
+    session: Session, *, tenant: str | None, fair_share_window_seconds: float, limit: int
+) -> dict[str, TenantUsage]:
+    """`usage` of `tenant` (None: of every tenant with a run, a queued job or device time in
+    the last 30 days, the first `limit` by name), with one grouped query per figure."""
+    now = utcnow()
+    window = timedelta(seconds=fair_share_window_seconds)
+
+    def by_tenant(query: Any) -> dict[str, float]:
+        if tenant is not None:
+            query = query.having(Job.tenant == tenant)
+        return {row[0]: float(row[1] or 0) for row in session.execute(query)}
+
+    running = by_tenant(running_devices_by_tenant())
+    queued = by_tenant(
+        select(Job.tenant, func.count()).where(Job.status == "queued").group_by(Job.tenant)
+    )
+    month = by_tenant(device_seconds_by_tenant(now - timedelta(days=QUOTA_DAYS), now))
+    recent = by_tenant(device_seconds_by_tenant(now - window, now))
+    names = [tenant] if tenant is not None else sorted({*running, *queued, *month})[:limit]
+    return {
+        name: TenantUsage(
+            running_devices=int(running.get(name, 0)),
+            queued_jobs=int(queued.get(name, 0)),
+            device_hours_30d=round(month.get(name, 0.0) / 3600, 6),
+            device_seconds_recent=round(recent.get(name, 0.0), 3),
+        )
+        for name in names
+    }
+
+
 def public(session: Session, *, name: str, fair_share_window_seconds: float) -> TenantPublic:
     tenant = session.get(Tenant, name)
     settings: dict[str, Any] = {

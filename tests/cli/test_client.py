@@ -172,6 +172,8 @@ def test_status_summarises_the_job(
     assert shown.code == 0
     assert shown.out.splitlines()[0] == f"{finished_job['id']}  cli test"
     assert "status    succeeded" in shown.out
+    assert "priority  500" in shown.out
+    assert "queue " not in shown.out and "eta " not in shown.out  # neither once finished
     assert "step      8/8" in shown.out
     assert f"loss      {finished_job['metrics']['loss']:.4f}" in shown.out
     assert "batch     8 = 4 × 2" in shown.out and "partial" not in shown.out

@@ -13,6 +13,10 @@ const STATUSES = [
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 // A paused job is cancelled at once, a pausing one stops as a running one does.
 const CANCELLABLE = new Set(["queued", "running", "pausing", "paused"]);
+// A queued job pauses at once, a running one at its next optimizer step; a paused one
+// resumes (back to the queue).
+const PAUSABLE = new Set(["queued", "running"]);
+const RESUMABLE = new Set(["paused"]);
 const LISTED_EVENTS = ["status", "checkpoint", "oom_backoff", "overflow_skip", "warning", "error"];
 const EVENT_PAGES = 10;
 // Stored steps the page replays for its charts at most (evenly spread, the newest
@@ -313,6 +317,32 @@ function newJobRow(id) {
   return row;
 }
 
+// POST /v1/jobs/{id}/pause or /resume; the job as it is after.
+function pauseOrResume(id, action) {
+  return api(jobPath(id, `/${action}`), { method: "POST" });
+}
+
+// The pause or resume button of a row of the jobs table (none for other statuses).
+function rowAction(row, job) {
+  const action = PAUSABLE.has(job.status) ? "pause" : RESUMABLE.has(job.status) ? "resume" : null;
+  if (!action) return null;
+  const button = el("button", {
+    type: "button", class: `small ${action}-button`, "data-action": action,
+    title: action === "pause" ? "keep its checkpoint and free its device" : "queue it again",
+  }, action === "pause" ? "Pause" : "Resume");
+  button.addEventListener("click", async (event) => {
+    event.stopPropagation(); // not a click on the row, which opens the job
+    button.disabled = true;
+    try {
+      updateJobRow(row, await pauseOrResume(job.id, action));
+    } catch (error) {
+      button.disabled = false;
+      button.title = `Could not ${action}: ${error.message}`;
+    }
+  });
+  return button;
+}
+
 function updateJobRow(row, job) {
   const metrics = job.metrics || {};
   const live = ["running", "cancelling", "pausing"].includes(job.status);
@@ -322,12 +352,14 @@ function updateJobRow(row, job) {
       el("a", { href: jobHref(job.id), class: "job-name" }, job.name || "Untitled job"),
       el("div", { class: "job-sub mono" }, job.id)),
     el("td", { class: "col-status" }, badge(job.status)),
+    el("td", { class: "col-priority num" }, fmtInt(job.priority)),
     el("td", { class: "col-progress" },
       progressBar(job), el("div", { class: "progress-caption" }, progressOf(job).text)),
     el("td", { class: "col-batch num" }, batchCell(job)),
     el("td", { class: "col-loss num" }, fmtLoss(metrics.loss)),
     el("td", { class: "col-rate num" }, live ? fmtRate(metrics.samples_per_sec) : "–"),
     el("td", { class: "col-age num", title: fmtDateTime(job.created_at) }, fmtAge(job.created_at)),
+    el("td", { class: "col-actions" }, rowAction(row, job)),
   );
 }
 
@@ -355,6 +387,44 @@ function renderDashboard(dashboard, filter) {
   $("stat-devices").textContent = Object.entries(devices)
     .map(([device, n]) => `${n} ${device}`).join(" · ") || "none alive";
   renderWorkers(dashboard.workers);
+  renderQueue(dashboard.queue);
+  renderPaused(dashboard.paused);
+  renderTenants(dashboard.tenants);
+}
+
+function sideJob(job, ...rest) {
+  return el("li", { class: "side-item", "data-job-id": job.id, "data-status": job.status },
+    ...rest,
+    el("a", { href: jobHref(job.id), title: job.id }, job.name || job.id));
+}
+
+// The head of the queue in claim order: a position counts the jobs of the same device
+// count that would run before it (each device count is a queue of its own).
+function renderQueue(queue) {
+  $("queue").replaceChildren(...queue.map((job) => sideJob(
+    { ...job, status: "queued" },
+    el("span", { class: "position", title: "jobs that would run before it" },
+      `#${job.queue_position + 1}`),
+    el("span", { class: "meta", title: "priority" }, `p${job.priority}`),
+    job.devices > 1 ? el("span", { class: "meta" }, `${job.devices} devices`) : null,
+  )));
+  $("queue-empty").hidden = queue.length > 0;
+}
+
+function renderPaused(paused) {
+  $("paused").replaceChildren(...paused.map((job) => sideJob(job,
+    badge(job.status),
+    el("span", { class: "meta" }, progressOf(job).text))));
+  $("paused-empty").hidden = paused.length > 0;
+}
+
+function renderTenants(tenants) {
+  $("tenants").replaceChildren(...tenants.map((tenant) => el("tr", { "data-tenant": tenant.name },
+    el("td", {}, tenant.name),
+    el("td", { class: "num" }, fmtInt(tenant.running_devices)),
+    el("td", { class: "num" }, fmtInt(tenant.queued_jobs)),
+    el("td", { class: "num", title: `${fmtInt(Math.round(tenant.device_seconds_recent))} device-seconds` },
+      fmtDuration(tenant.device_seconds_recent)))));
 }
 
 function renderWorkers(workers) {
@@ -419,6 +489,8 @@ function jobView(id) {
   $("attempts").replaceChildren();
   $("job-facts").replaceChildren();
   $("cancel").hidden = true;
+  $("pause").hidden = true;
+  $("resume").hidden = true;
 
   // Coalesce bursts (a replayed stream holds many status and checkpoint events).
   const soon = (name, task, delay = 300) => {
@@ -507,7 +579,28 @@ function jobView(id) {
     if (view.stream) view.stream.close();
     Object.values(view.timers).forEach(clearTimeout);
     $("cancel").onclick = null;
+    $("pause").onclick = null;
+    $("resume").onclick = null;
   };
+
+  for (const action of ["pause", "resume"]) {
+    $(action).onclick = async () => {
+      $(action).disabled = true;
+      $("job-message").hidden = true;
+      try {
+        const updated = await pauseOrResume(id, action);
+        if (view.stopped) return;
+        view.job = updated;
+        renderJob(updated);
+      } catch (error) {
+        if (view.stopped) return;
+        $("job-message").textContent = `Could not ${action}: ${error.message}`;
+        $("job-message").hidden = false;
+      } finally {
+        $(action).disabled = false;
+      }
+    };
+  }
 
   $("cancel").onclick = async () => {
     const job = view.job;
@@ -570,6 +663,10 @@ function renderJob(job) {
   cancel.hidden = !(CANCELLABLE.has(job.status) || job.status === "cancelling");
   cancel.disabled = job.status === "cancelling";
   cancel.textContent = job.status === "cancelling" ? "Cancelling…" : "Cancel job";
+  $("pause").hidden = !(PAUSABLE.has(job.status) || job.status === "pausing");
+  $("pause").disabled = job.status === "pausing";
+  $("pause").textContent = job.status === "pausing" ? "Pausing…" : "Pause";
+  $("resume").hidden = !RESUMABLE.has(job.status);
 
   const { fraction, text } = progressOf(job);
   const fill = $("job-bar");
@@ -593,6 +690,12 @@ function renderJob(job) {
     ["Epoch", fmtInt(job.progress.epoch)],
     ["Samples seen", fmtInt(job.progress.samples_seen)],
     ["Runtime", fmtDuration(job.runtime_seconds)],
+    ["Priority", fmtInt(job.priority)],
+    ...(isNumber(job.queue_position)
+      ? [["Queue position", job.queue_position === 0 ? "next" : `${fmtInt(job.queue_position)} before it`]]
+      : []),
+    ...(job.estimated_finish
+      ? [["Estimated finish", fmtDateTime(job.estimated_finish)]] : []),
     ["Attempts", `${job.attempts} of ${job.max_attempts}`],
     ["Worker", job.worker || "–"],
     ["Created", fmtDateTime(job.created_at)],

@@ -32,8 +32,8 @@ STATUSES = {
     "queued", "running", "cancelling", "pausing", "paused", "succeeded", "failed", "cancelled"
 }  # fmt: skip
 RUNNING_FIELDS = {
-    "id", "name", "status", "progress", "batch_size", "micro_batch_size", "accumulation_steps",
-    "loss", "samples_per_sec", "worker", "started_at",
+    "id", "name", "status", "priority", "progress", "batch_size", "micro_batch_size",
+    "accumulation_steps", "loss", "samples_per_sec", "worker", "started_at",
 }  # fmt: skip
 WORKER_FIELDS = {
     "name", "hostname", "pid", "device", "cuda_visible_devices", "queues", "job_id",
@@ -105,7 +105,8 @@ def test_the_dashboard_has_every_status_the_queue_depth_and_the_time(
 ) -> None:
     body = dashboard(client)
     assert set(body) == {
-        "counts", "queue_depth", "running", "workers", "finished_last_hour", "time",
+        "counts", "queue_depth", "running", "queue", "paused", "tenants", "workers",
+        "finished_last_hour", "time",
     }  # fmt: skip
     assert set(body["counts"]) == STATUSES
     assert all(isinstance(count, int) for count in body["counts"].values())
@@ -291,7 +292,51 @@ def test_a_tenant_sees_only_its_own_jobs_and_no_other_tenant_s_job_on_a_worker(
     finally:
         database.dispose()
     assert mine["counts"]["running"] == 0 and mine["running"] == []
+    assert [tenant["name"] for tenant in mine["tenants"]] == ["acme"]  # its own, even idle
+    assert mine["tenants"][0]["running_devices"] == 0
+    assert [tenant["name"] for tenant in everything["tenants"]] == ["default"]
+    assert everything["tenants"][0]["running_devices"] == 1
     assert {w["name"]: w["job_id"] for w in mine["workers"]}[worker] is None
     assert everything["counts"]["running"] == 1
     assert [job["id"] for job in everything["running"]] == [other_tenant_job]
     assert {w["name"]: w["job_id"] for w in everything["workers"]}[worker] == other_tenant_job
+
+
+def test_the_queue_s_head_in_claim_order_paused_jobs_and_tenants_usage(
+    make_postgres_database: Callable[[], str], queue_name: str, tmp_path: Path
+) -> None:
+    # A database of its own: the queue's head is the first jobs of the whole table.
+    url = make_postgres_database()
+    upgrade(url)
+    database = Database(url)
+    settings = Settings(
+        home=tmp_path / "home", database_url=url, redis_url=REDIS_URL,
+        queue=f"{queue_name}-dash-queue", reaper_interval_seconds=0,
+    )  # fmt: skip
+    low, high, middle = (create(database, priority=p, name=f"p{p}") for p in (100, 900, 500))
+    two_devices = create(database, priority=50, devices=2, micro_batch_size=4)
+    paused = create(database, priority=700)
+    running = running_job(database, "trainjob-2@dash")
+    with database.session() as session:
+        session.execute(update(Job).where(Job.id == paused).values(status="paused"))
+        session.execute(update(Job).where(Job.id == low).values(tenant="acme"))
+        session.commit()
+    try:
+        with TestClient(create_app(settings)) as client:
+            body = dashboard(client)
+    finally:
+        database.dispose()
+    queue = [(job["id"], job["queue_position"], job["priority"]) for job in body["queue"]]
+    # Each device count is a queue of its own: the two-device job is first of its queue.
+    assert queue == [(high, 0, 900), (two_devices, 0, 50), (middle, 1, 500), (low, 2, 100)]
+    assert body["queue"][3]["tenant"] == "acme" and body["queue"][1]["devices"] == 2
+    assert [(job["id"], job["status"], job["priority"]) for job in body["paused"]] == [
+        (paused, "paused", 700)
+    ]
+    assert body["counts"]["paused"] == 1
+    assert [job["id"] for job in body["running"]] == [running]
+    usage = {tenant["name"]: tenant for tenant in body["tenants"]}
+    assert set(usage) == {"acme", "default"}
+    assert (usage["acme"]["queued_jobs"], usage["acme"]["running_devices"]) == (1, 0)
+    assert (usage["default"]["queued_jobs"], usage["default"]["running_devices"]) == (3, 1)
+    assert usage["default"]["device_seconds_recent"] >= 0

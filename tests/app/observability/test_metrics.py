@@ -3,14 +3,17 @@ HTTP timings by route template."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
-from app.db import Database
+from app.db import Database, utcnow
 from app.jobs import runs
+from app.jobs.models import Job
 from app.settings import Settings
 from tests.app.jobs import helpers
 
@@ -25,6 +28,7 @@ SERIES = {
     "trainjob_jobs",
     "trainjob_queue_depth",
     "trainjob_step_duration_seconds",
+    "trainjob_queue_wait_seconds",
     "trainjob_samples_per_second",
     "trainjob_http_request_duration_seconds",
 }
@@ -149,3 +153,28 @@ def test_step_durations_and_running_rates_are_read_from_the_database_at_scrape(
         runs.finish_job(session, claim=taken, status="succeeded")
         session.commit()
     assert rate(scrape(client), job_id) is None  # the rate of running jobs only
+
+
+def test_queue_waits_of_the_runs_started_since_the_last_scrape_are_observed_once(
+    client: TestClient, database: Database
+) -> None:
+    def waits(samples: Samples, bucket: str | None = None) -> float:
+        name = "trainjob_queue_wait_seconds_" + ("bucket" if bucket else "count")
+        return samples.get((name, (("le", bucket),) if bucket else ()), 0.0)
+
+    scrape(client)  # the count starts at the first scrape
+    before = scrape(client)
+    job_id = helpers.create(database)
+    with database.session() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(queued_at=utcnow() - timedelta(seconds=42))
+        )
+        session.commit()
+    helpers.claim(database, job_id, "w")
+    started = scrape(client)
+    assert waits(started) == waits(before) + 1
+    assert waits(started, "30.0") == waits(before, "30.0")
+    assert waits(started, "60.0") == waits(before, "60.0") + 1
+    sum_key = ("trainjob_queue_wait_seconds_sum", ())
+    assert started[sum_key] == pytest.approx(before[sum_key] + 42, abs=5)
+    assert waits(scrape(client)) == waits(started)  # each run counted once
