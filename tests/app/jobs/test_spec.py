@@ -707,6 +707,8 @@ def full_spec() -> dict[str, Any]:
         "keep_checkpoints": {"last": 3, "best": 2},
         "max_attempts": 5,
         "max_runtime_seconds": 3600,
+        "priority": 700,
+        "preemptible": False,
     }
 
 
