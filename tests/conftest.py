@@ -114,6 +114,10 @@ def settings(database: Database, queue_name: str, tmp_path: Path) -> Settings:
         redis_url=REDIS_URL,
         queue=queue_name,
         files_queue=f"{queue_name}-files",
+        # The session's PostgreSQL database is shared: queued jobs of the default tenant
+        # pile up across tests, and the default cap (100) would refuse a later test's
+        # submit. tests/app/jobs/test_submit_cap.py tests the cap on a database of its own.
+        max_active_jobs_per_tenant=1_000_000,
     )
 
 
