@@ -15,6 +15,7 @@ from app.deps import (
     CeleryDep,
     Limit,
     ReadsDep,
+    ReaperDep,
     RedisDep,
     SessionDep,
     SettingsDep,
@@ -80,6 +81,7 @@ def submit_job(
     celery: CeleryDep,
     redis_client: RedisDep,
     principal: PrincipalDep,
+    reaper: ReaperDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobPublic:
     """Validate a job spec, store the job as `queued`, and send it to the workers (a job
@@ -102,6 +104,8 @@ def submit_job(
     session.commit()
     send = training_sender(celery, settings.queue)
     send_jobs(session, submitted.to_send, send=send, devices={submitted.job.id: spec.devices})
+    if reaper is not None and submitted.to_send:
+        reaper.wake()  # a pass now: the new job may preempt a running one of lower priority
     if submitted.replayed:
         response.status_code = status.HTTP_200_OK
     return JobPublic.model_validate(submitted.job)
