@@ -10,7 +10,10 @@ distributed) and starts a fresh worker in its place, until every job has finishe
 cases it then waits up to `--grace` seconds without kills for the jobs left. Timings
 are shortened (heartbeat 0.2 s, lease 2 s, reaper every 0.5 s) and the workers inject
 `slow=SECONDS` (a pause per micro-batch that leaves the weights alone) so that jobs
-last a few seconds and are killed mid-run.
+last a few seconds and are killed mid-run. Each job gets a random priority (one of
+`PRIORITIES`, seeded), and preemption is on (TRAINJOB_PREEMPT_GAP `--preempt-gap`,
+TRAINJOB_MIN_RUN_SECONDS 0): a job waiting behind a running one of much lower priority
+has it hand back its worker at its next optimizer step, so runs also end `preempted`.
 
 It then prints, from the API:
 
@@ -30,6 +33,7 @@ not be set up, and 130 on Ctrl-C. All processes, the run's Redis keys and the
 temporary database are removed at the end, Ctrl-C included.
 
     .venv/bin/python bench/chaos.py                     # 30 jobs, 2 workers
+    .venv/bin/python bench/chaos.py --preempt-gap 1001  # no preemption (all priorities 500)
     .venv/bin/python bench/chaos.py --jobs 6 --keep-logs /tmp/chaos-logs
 """
 
@@ -109,6 +113,10 @@ VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+# Drawn at random for each job (seeded): gaps of 200 or more preempt at the default gap.
+PRIORITIES = (100, 300, 500, 700, 900)
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: stop and clean up."""
 
@@ -146,6 +154,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=10,
         help="max_attempts of each job spec (1..10; 10, the most the API accepts: a job "
         "killed that often fails worker_lost by design and would count as lost)",
+    )
+    parser.add_argument(
+        "--preempt-gap",
+        type=int,
+        default=100,
+        help="TRAINJOB_PREEMPT_GAP of the run (100; over 1000: no preemption, and every job "
+        "gets the default priority, as before priorities existed)",
     )
     parser.add_argument(
         "--timeout",
@@ -198,6 +213,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--kill-interval must be > 0")
     if not 1 <= args.max_attempts <= 10:
         parser.error("--max-attempts must be in 1..10")
+    if args.preempt_gap < 1:
+        parser.error("--preempt-gap must be at least 1")
     return args
 
 
@@ -591,7 +608,12 @@ def report(
     say(
         f"chaos: {args.jobs} jobs ({len(VARIANTS)} specs), {args.workers} workers, a SIGKILL "
         f"every ~{args.kill_interval:g} s (seed {args.seed}), slow={args.slow:g}, "
-        f"max_attempts {args.max_attempts}"
+        f"max_attempts {args.max_attempts}, "
+        + (
+            f"random priorities {'/'.join(map(str, PRIORITIES))}, preempt gap {args.preempt_gap}"
+            if preempting(args)
+            else "no preemption"
+        )
     )
     row("submitted", found.submitted)
     row("succeeded", found.succeeded)
@@ -609,6 +631,7 @@ def report(
     row("kills (SIGKILL of a worker's group)", chaos.kills, f"({chaos.kills_mid_job} mid-run)")
     row("workers that exited by themselves", chaos.unexpected_exits)
     row("runs (attempts listed)", sum(runs), f"max {max(runs, default=0)} for one job")
+    row("preemptions (runs ended `preempted`)", found.reasons["preempted"], "not counted")
     row("counted attempts", sum(found.counted_attempts), f"max {max(found.counted_attempts)}")
     spread = ", ".join(f"{n} run{'s' * (n != 1)}: {jobs}" for n, jobs in sorted(per_job.items()))
     row("jobs by runs", "", spread)
@@ -627,6 +650,17 @@ def report(
             say(f"  {label}: {' '.join(ids)}")
     for job_id, detail in found.lost_detail.items():
         say(f"  lost {job_id}: {detail}")
+
+
+def preempting(args: argparse.Namespace) -> bool:
+    return args.preempt_gap <= 1000
+
+
+def priorities(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Each job's priority field: random (seeded), or none when preemption is off."""
+    rng = random.Random(args.seed)
+    while True:
+        yield {"priority": rng.choice(PRIORITIES)} if preempting(args) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -655,6 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 queue=queue,
                 home=str(workdir / "home"),
                 **FAST_TIMINGS,
+                # Preemption as eager as it gets: any run, however young.
+                preempt_gap=str(min(args.preempt_gap, 1000)),
+                min_run_seconds="0",
             )
             cluster = Cluster(env, workdir, args.slow)
             removed = 0
@@ -669,8 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
                             "max_attempts": args.max_attempts,
                         }
+                        | priority
                     )
-                    for i in range(args.jobs)
+                    for i, priority in zip(range(args.jobs), priorities(args), strict=False)
                 ]
                 say(f"submitted {len(job_ids)} jobs; the killer starts")
                 chaos = run_chaos(cluster, job_ids, args)
