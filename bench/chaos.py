@@ -2,10 +2,11 @@
 
 Not part of CI. It starts, on this machine, an API process (`trainjob serve
 --no-worker`, which runs the reaper) and `--workers` worker processes on a fresh
-PostgreSQL database and a queue of their own, submits `--jobs` small jobs, and while
-they train a killer SIGKILLs a random worker's whole process group (the Celery parent
-and its training child) every `--kill-interval` seconds on average (exponentially
-distributed) and starts a fresh worker in its place, until every job has finished,
+PostgreSQL database and a queue of their own, submits `--jobs` small jobs (half at
+once, the others one every `--submit-interval` seconds), and while they train a killer
+SIGKILLs a random worker's whole process group (the Celery parent and its training
+child) every `--kill-interval` seconds on average (exponentially distributed) and
+starts a fresh worker in its place, until every job has finished,
 `--timeout` passes, or no job has moved for `--stall-timeout` seconds; in the last two
 cases it then waits up to `--grace` seconds without kills for the jobs left. Timings
 are shortened (heartbeat 0.2 s, lease 2 s, reaper every 0.5 s) and the workers inject
@@ -154,6 +155,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=10,
         help="max_attempts of each job spec (1..10; 10, the most the API accepts: a job "
         "killed that often fails worker_lost by design and would count as lost)",
+    )
+    parser.add_argument(
+        "--submit-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="half the jobs are submitted at the start, the others one every SECONDS (2)",
     )
     parser.add_argument(
         "--preempt-gap",
@@ -426,10 +434,32 @@ def kill_one(cluster: Cluster, chaos: Chaos, rng: random.Random, ours: set[str])
     cluster.start_worker(slot)
 
 
+@dataclass
+class Submitter:
+    """Submits the jobs: the first half at once, then one every `interval` seconds while
+    the others run, so that a job of high priority may arrive while lower ones run."""
+
+    cluster: Cluster
+    pending: list[dict[str, Any]]
+    interval: float
+    job_ids: list[str] = field(default_factory=list)
+    next_at: float = 0.0
+
+    def start(self) -> None:
+        for _ in range((len(self.pending) + 1) // 2):
+            self.job_ids.append(self.cluster.submit(self.pending.pop(0)))
+        self.next_at = time.monotonic() + self.interval
+
+    def submit_due(self, now: float) -> None:
+        if self.pending and now >= self.next_at:
+            self.job_ids.append(self.cluster.submit(self.pending.pop(0)))
+            self.next_at = now + self.interval
+
+
 def watch(
     cluster: Cluster,
     chaos: Chaos,
-    job_ids: list[str],
+    submitter: Submitter,
     *,
     limit: float,
     stall: float,
@@ -440,7 +470,6 @@ def watch(
     (status, step, attempts) for `stall` seconds; with `rng`, kill a random worker every
     `interval` seconds on average meanwhile. Returns why it stopped and how many jobs
     finished while it watched."""
-    ours = set(job_ids)
     began = last_change = time.monotonic()
     next_kill = began + rng.expovariate(1 / interval) if rng else float("inf")
     next_report = began + 15
@@ -448,6 +477,8 @@ def watch(
     done_before: int | None = None
     while True:
         now = time.monotonic()
+        submitter.submit_due(now)
+        ours = set(submitter.job_ids)
         jobs = [j for j in cluster.jobs() if j["id"] in ours]
         statuses = Counter(j["status"] for j in jobs)
         done = sum(statuses[s] for s in FINISHED)
@@ -455,7 +486,7 @@ def watch(
         state = sorted((j["id"], j["status"], j["progress"]["step"], j["attempts"]) for j in jobs)
         if state != snapshot:
             snapshot, last_change = state, now
-        if done == len(ours):
+        if done == len(ours) and not submitter.pending:
             return "all finished", done - done_before
         if now - began > limit:
             return "timeout", done - done_before
@@ -472,16 +503,17 @@ def watch(
         if rng is not None and now >= next_kill:
             kill_one(cluster, chaos, rng, ours)
             next_kill = time.monotonic() + rng.expovariate(1 / interval)
-        time.sleep(max(0.0, min(0.5, next_kill - time.monotonic())))
+        wake_at = min(next_kill, submitter.next_at if submitter.pending else next_kill)
+        time.sleep(max(0.0, min(0.5, wake_at - time.monotonic())))
 
 
-def run_chaos(cluster: Cluster, job_ids: list[str], args: argparse.Namespace) -> Chaos:
+def run_chaos(cluster: Cluster, submitter: Submitter, args: argparse.Namespace) -> Chaos:
     chaos = Chaos()
     began = time.monotonic()
     chaos.ended, _ = watch(
         cluster,
         chaos,
-        job_ids,
+        submitter,
         limit=args.timeout,
         stall=args.stall_timeout,
         rng=random.Random(args.seed),
@@ -492,7 +524,7 @@ def run_chaos(cluster: Cluster, job_ids: list[str], args: argparse.Namespace) ->
         say(f"the killer stops ({chaos.ended}); up to {args.grace:g} s more without kills")
         began = time.monotonic()
         _, chaos.finished_in_calm = watch(
-            cluster, chaos, job_ids, limit=args.grace, stall=args.grace
+            cluster, chaos, submitter, limit=args.grace, stall=args.grace
         )
         chaos.calm_seconds = time.monotonic() - began
     return chaos
@@ -698,20 +730,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 cluster.start_api()
                 cluster.start_workers(args.workers)
-                job_ids = [
-                    cluster.submit(
-                        VARIANTS[i % len(VARIANTS)]
-                        | {
-                            "name": f"chaos-{i:03d}",
-                            "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
-                            "max_attempts": args.max_attempts,
-                        }
-                        | priority
-                    )
+                specs = [
+                    VARIANTS[i % len(VARIANTS)]
+                    | {
+                        "name": f"chaos-{i:03d}",
+                        "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
+                        "max_attempts": args.max_attempts,
+                    }
+                    | priority
                     for i, priority in zip(range(args.jobs), priorities(args), strict=False)
                 ]
-                say(f"submitted {len(job_ids)} jobs; the killer starts")
-                chaos = run_chaos(cluster, job_ids, args)
+                submitter = Submitter(cluster, specs, args.submit_interval)
+                submitter.start()
+                say(
+                    f"submitted {len(submitter.job_ids)} jobs, the others one every "
+                    f"{args.submit_interval:g} s; the killer starts"
+                )
+                chaos = run_chaos(cluster, submitter, args)
+                job_ids = submitter.job_ids
                 messages = broker_messages(args.redis_url, queue)
                 found = examine(cluster, job_ids, references, messages)
             finally:
