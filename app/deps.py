@@ -17,6 +17,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from app.db import Database, max_connections
+from app.jobs.reaper import Reaper
 from app.reads import Reads
 from app.settings import Settings
 
@@ -74,6 +75,7 @@ DatabaseDep = Annotated[Database, Depends(_state("database"))]
 ReadsDep = Annotated[Reads, Depends(_state("reads"))]
 CeleryDep = Annotated[Celery, Depends(_state("celery"))]
 RedisDep = Annotated[redis.Redis, Depends(_state("redis"))]
+ReaperDep = Annotated[Reaper | None, Depends(_state("reaper"))]  # None: this API runs none
 
 # Query parameters of the paged lists. Cursors are bounded by their columns: past them a
 # request is a 422, not a database error.

@@ -20,8 +20,10 @@ from app.deps import session_slots
 from app.errors import install_error_handlers
 from app.files import router as files_router
 from app.files.multipart import MAX_FORM_OVERHEAD_BYTES
+from app.jobs import devices
 from app.jobs import router as jobs_router
-from app.jobs.reaper import Reaper
+from app.jobs.reaper import Preemption, Reaper
+from app.jobs.scheduling import Policy
 from app.limits import BodySizeLimit, PathLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
@@ -52,6 +54,12 @@ def make_reaper(
         ),
         ring=lambda job_ids: ring(client, job_ids),
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
+        preemption=Preemption(
+            capacity=lambda session: devices.live_capacity(session, client, queue=settings.queue),
+            gap=settings.preempt_gap,
+            min_run_seconds=settings.min_run_seconds,
+            policy=Policy.of(settings),
+        ),
     )
 
 
@@ -78,7 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         reaper = make_reaper(settings, database, app.state.celery, app.state.redis)
-        if settings.reaper_interval_seconds > 0:
+        # The submit route wakes it: a job of high priority need not wait an interval.
+        app.state.reaper = reaper if settings.reaper_interval_seconds > 0 else None
+        if app.state.reaper is not None:
             reaper.start()
         app.state.hub = LiveHub(database, settings.redis_url)
         app.state.hub.start()

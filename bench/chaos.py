@@ -2,15 +2,19 @@
 
 Not part of CI. It starts, on this machine, an API process (`trainjob serve
 --no-worker`, which runs the reaper) and `--workers` worker processes on a fresh
-PostgreSQL database and a queue of their own, submits `--jobs` small jobs, and while
-they train a killer SIGKILLs a random worker's whole process group (the Celery parent
-and its training child) every `--kill-interval` seconds on average (exponentially
-distributed) and starts a fresh worker in its place, until every job has finished,
+PostgreSQL database and a queue of their own, submits `--jobs` small jobs (half at
+once, the others one every `--submit-interval` seconds), and while they train a killer
+SIGKILLs a random worker's whole process group (the Celery parent and its training
+child) every `--kill-interval` seconds on average (exponentially distributed) and
+starts a fresh worker in its place, until every job has finished,
 `--timeout` passes, or no job has moved for `--stall-timeout` seconds; in the last two
 cases it then waits up to `--grace` seconds without kills for the jobs left. Timings
 are shortened (heartbeat 0.2 s, lease 2 s, reaper every 0.5 s) and the workers inject
 `slow=SECONDS` (a pause per micro-batch that leaves the weights alone) so that jobs
-last a few seconds and are killed mid-run.
+last a few seconds and are killed mid-run. Each job gets a random priority (one of
+`PRIORITIES`, seeded), and preemption is on (TRAINJOB_PREEMPT_GAP `--preempt-gap`,
+TRAINJOB_MIN_RUN_SECONDS 0): a job waiting behind a running one of much lower priority
+has it hand back its worker at its next optimizer step, so runs also end `preempted`.
 
 It then prints, from the API:
 
@@ -30,6 +34,7 @@ not be set up, and 130 on Ctrl-C. All processes, the run's Redis keys and the
 temporary database are removed at the end, Ctrl-C included.
 
     .venv/bin/python bench/chaos.py                     # 30 jobs, 2 workers
+    .venv/bin/python bench/chaos.py --preempt-gap 1001  # no preemption (all priorities 500)
     .venv/bin/python bench/chaos.py --jobs 6 --keep-logs /tmp/chaos-logs
 """
 
@@ -109,6 +114,10 @@ VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+# Drawn at random for each job (seeded): gaps of 200 or more preempt at the default gap.
+PRIORITIES = (100, 300, 500, 700, 900)
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: stop and clean up."""
 
@@ -146,6 +155,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=10,
         help="max_attempts of each job spec (1..10; 10, the most the API accepts: a job "
         "killed that often fails worker_lost by design and would count as lost)",
+    )
+    parser.add_argument(
+        "--submit-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="half the jobs are submitted at the start, the others one every SECONDS (2)",
+    )
+    parser.add_argument(
+        "--preempt-gap",
+        type=int,
+        default=100,
+        help="TRAINJOB_PREEMPT_GAP of the run (100; over 1000: no preemption, and every job "
+        "gets the default priority, as before priorities existed)",
     )
     parser.add_argument(
         "--timeout",
@@ -198,6 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--kill-interval must be > 0")
     if not 1 <= args.max_attempts <= 10:
         parser.error("--max-attempts must be in 1..10")
+    if args.preempt_gap < 1:
+        parser.error("--preempt-gap must be at least 1")
     return args
 
 
@@ -409,10 +434,32 @@ def kill_one(cluster: Cluster, chaos: Chaos, rng: random.Random, ours: set[str])
     cluster.start_worker(slot)
 
 
+@dataclass
+class Submitter:
+    """Submits the jobs: the first half at once, then one every `interval` seconds while
+    the others run, so that a job of high priority may arrive while lower ones run."""
+
+    cluster: Cluster
+    pending: list[dict[str, Any]]
+    interval: float
+    job_ids: list[str] = field(default_factory=list)
+    next_at: float = 0.0
+
+    def start(self) -> None:
+        for _ in range((len(self.pending) + 1) // 2):
+            self.job_ids.append(self.cluster.submit(self.pending.pop(0)))
+        self.next_at = time.monotonic() + self.interval
+
+    def submit_due(self, now: float) -> None:
+        if self.pending and now >= self.next_at:
+            self.job_ids.append(self.cluster.submit(self.pending.pop(0)))
+            self.next_at = now + self.interval
+
+
 def watch(
     cluster: Cluster,
     chaos: Chaos,
-    job_ids: list[str],
+    submitter: Submitter,
     *,
     limit: float,
     stall: float,
@@ -423,7 +470,6 @@ def watch(
     (status, step, attempts) for `stall` seconds; with `rng`, kill a random worker every
     `interval` seconds on average meanwhile. Returns why it stopped and how many jobs
     finished while it watched."""
-    ours = set(job_ids)
     began = last_change = time.monotonic()
     next_kill = began + rng.expovariate(1 / interval) if rng else float("inf")
     next_report = began + 15
@@ -431,6 +477,8 @@ def watch(
     done_before: int | None = None
     while True:
         now = time.monotonic()
+        submitter.submit_due(now)
+        ours = set(submitter.job_ids)
         jobs = [j for j in cluster.jobs() if j["id"] in ours]
         statuses = Counter(j["status"] for j in jobs)
         done = sum(statuses[s] for s in FINISHED)
@@ -438,7 +486,7 @@ def watch(
         state = sorted((j["id"], j["status"], j["progress"]["step"], j["attempts"]) for j in jobs)
         if state != snapshot:
             snapshot, last_change = state, now
-        if done == len(ours):
+        if done == len(ours) and not submitter.pending:
             return "all finished", done - done_before
         if now - began > limit:
             return "timeout", done - done_before
@@ -455,16 +503,17 @@ def watch(
         if rng is not None and now >= next_kill:
             kill_one(cluster, chaos, rng, ours)
             next_kill = time.monotonic() + rng.expovariate(1 / interval)
-        time.sleep(max(0.0, min(0.5, next_kill - time.monotonic())))
+        wake_at = min(next_kill, submitter.next_at if submitter.pending else next_kill)
+        time.sleep(max(0.0, min(0.5, wake_at - time.monotonic())))
 
 
-def run_chaos(cluster: Cluster, job_ids: list[str], args: argparse.Namespace) -> Chaos:
+def run_chaos(cluster: Cluster, submitter: Submitter, args: argparse.Namespace) -> Chaos:
     chaos = Chaos()
     began = time.monotonic()
     chaos.ended, _ = watch(
         cluster,
         chaos,
-        job_ids,
+        submitter,
         limit=args.timeout,
         stall=args.stall_timeout,
         rng=random.Random(args.seed),
@@ -475,7 +524,7 @@ def run_chaos(cluster: Cluster, job_ids: list[str], args: argparse.Namespace) ->
         say(f"the killer stops ({chaos.ended}); up to {args.grace:g} s more without kills")
         began = time.monotonic()
         _, chaos.finished_in_calm = watch(
-            cluster, chaos, job_ids, limit=args.grace, stall=args.grace
+            cluster, chaos, submitter, limit=args.grace, stall=args.grace
         )
         chaos.calm_seconds = time.monotonic() - began
     return chaos
@@ -591,7 +640,12 @@ def report(
     say(
         f"chaos: {args.jobs} jobs ({len(VARIANTS)} specs), {args.workers} workers, a SIGKILL "
         f"every ~{args.kill_interval:g} s (seed {args.seed}), slow={args.slow:g}, "
-        f"max_attempts {args.max_attempts}"
+        f"max_attempts {args.max_attempts}, "
+        + (
+            f"random priorities {'/'.join(map(str, PRIORITIES))}, preempt gap {args.preempt_gap}"
+            if preempting(args)
+            else "no preemption"
+        )
     )
     row("submitted", found.submitted)
     row("succeeded", found.succeeded)
@@ -609,6 +663,7 @@ def report(
     row("kills (SIGKILL of a worker's group)", chaos.kills, f"({chaos.kills_mid_job} mid-run)")
     row("workers that exited by themselves", chaos.unexpected_exits)
     row("runs (attempts listed)", sum(runs), f"max {max(runs, default=0)} for one job")
+    row("preemptions (runs ended `preempted`)", found.reasons["preempted"], "not counted")
     row("counted attempts", sum(found.counted_attempts), f"max {max(found.counted_attempts)}")
     spread = ", ".join(f"{n} run{'s' * (n != 1)}: {jobs}" for n, jobs in sorted(per_job.items()))
     row("jobs by runs", "", spread)
@@ -629,6 +684,17 @@ def report(
             say(f"  {label}: {' '.join(ids)}")
     for job_id, detail in found.lost_detail.items():
         say(f"  lost {job_id}: {detail}")
+
+
+def preempting(args: argparse.Namespace) -> bool:
+    return args.preempt_gap <= 1000
+
+
+def priorities(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Each job's priority field: random (seeded), or none when preemption is off."""
+    rng = random.Random(args.seed)
+    while True:
+        yield {"priority": rng.choice(PRIORITIES)} if preempting(args) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -657,25 +723,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 queue=queue,
                 home=str(workdir / "home"),
                 **FAST_TIMINGS,
+                # Preemption as eager as it gets: any run, however young.
+                preempt_gap=str(min(args.preempt_gap, 1000)),
+                min_run_seconds="0",
             )
             cluster = Cluster(env, workdir, args.slow)
             removed = 0
             try:
                 cluster.start_api()
                 cluster.start_workers(args.workers)
-                job_ids = [
-                    cluster.submit(
-                        VARIANTS[i % len(VARIANTS)]
-                        | {
-                            "name": f"chaos-{i:03d}",
-                            "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
-                            "max_attempts": args.max_attempts,
-                        }
-                    )
-                    for i in range(args.jobs)
+                specs = [
+                    VARIANTS[i % len(VARIANTS)]
+                    | {
+                        "name": f"chaos-{i:03d}",
+                        "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
+                        "max_attempts": args.max_attempts,
+                    }
+                    | priority
+                    for i, priority in zip(range(args.jobs), priorities(args), strict=False)
                 ]
-                say(f"submitted {len(job_ids)} jobs; the killer starts")
-                chaos = run_chaos(cluster, job_ids, args)
+                submitter = Submitter(cluster, specs, args.submit_interval)
+                submitter.start()
+                say(
+                    f"submitted {len(submitter.job_ids)} jobs, the others one every "
+                    f"{args.submit_interval:g} s; the killer starts"
+                )
+                chaos = run_chaos(cluster, submitter, args)
+                job_ids = submitter.job_ids
                 messages = broker_messages(args.redis_url, queue)
                 found = examine(cluster, job_ids, references, messages)
             finally:

@@ -97,11 +97,15 @@ def presence_step(settings: Settings) -> type[bootsteps.StartStopStep]:
                 "pid": os.getpid(),
                 **detect_device(),
                 "queues": [],
+                "concurrency": 1,
                 "started_at": datetime.now(UTC).isoformat(),
             }
 
         def start(self, c: Any) -> None:
             self.info["queues"] = sorted(c.app.amqp.queues.consume_from)
+            # The pool's size: how many jobs it runs at once, which preemption counts on
+            # (app/jobs/devices.py live_capacity).
+            self.info["concurrency"] = max(1, int(c.pool.num_processes or 1))
             self._announce()  # at once: the timer's first call is one interval away
             self.tref = c.timer.call_repeatedly(interval, self._announce)
 

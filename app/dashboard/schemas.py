@@ -53,6 +53,8 @@ class WorkerPublic(TimesInUtc):
     device: str = Field(description="`cuda` or `cpu`, from the driver, not from PyTorch")
     cuda_visible_devices: str | None = Field(None, description="as set for the worker")
     queues: list[str]
+    # Absent from the records of workers older than it: those ran one job at a time.
+    concurrency: int = Field(1, ge=1, description="how many jobs it runs at once")
     job_id: str | None = Field(description="the job it runs now, if you may see it")
     started_at: datetime
     last_seen: datetime

@@ -1,5 +1,6 @@
 """Whether a job's devices are there to run it: `cuda` needs a live worker that has CUDA,
-`devices` N a live worker that consumes the queue of jobs on N devices.
+`devices` N a live worker that consumes the queue of jobs on N devices; and what the live
+workers can take now, for preemption.
 
 Workers announce themselves, with their device and queues, in Redis (worker/presence.py);
 the dashboard reads those records and so does this.
@@ -10,8 +11,13 @@ from __future__ import annotations
 import logging
 
 import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app.dashboard import service as dashboard_service
+from app.jobs.models import Job
+from app.jobs.runs import LIVE_STATUSES
+from app.jobs.scheduling import Capacity
 from app.jobs.spec import MAX_DEVICES
 from app.queue import training_queue
 
@@ -44,3 +50,38 @@ def most_devices(client: redis.Redis, *, queue: str) -> int | None:
         if queue in worker.queues
     ]
     return max(counts, default=None)
+
+
+def live_capacity(session: Session, client: redis.Redis, *, queue: str) -> Capacity | None:
+    """What the live workers of `queue` can take now: for a device count, the workers that
+    consume its training queue, and how many of them run fewer live jobs than their pool
+    (`concurrency`) holds. None when Redis does not answer: nothing is known of the
+    workers, and nothing is preempted on a guess."""
+    try:
+        workers = dashboard_service.live_workers(client)
+    except redis.RedisError as error:
+        logger.warning("reaper: cannot read worker presence (%s); no preemption now", error)
+        return None
+    running = dict(
+        session.execute(
+            select(Job.worker, func.count())
+            .where(
+                Job.status.in_(LIVE_STATUSES), Job.worker.in_([worker.name for worker in workers])
+            )
+            .group_by(Job.worker)
+        ).all()
+    )
+
+    def consuming(devices: int) -> set[str]:
+        wanted = training_queue(queue, devices)
+        return {worker.name for worker in workers if wanted in worker.queues}
+
+    def free_slots(devices: int) -> int:
+        names = consuming(devices)
+        return sum(
+            running.get(worker.name, 0) < worker.concurrency
+            for worker in workers
+            if worker.name in names
+        )
+
+    return Capacity(workers=consuming, free_slots=free_slots)

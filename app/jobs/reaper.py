@@ -1,5 +1,6 @@
 """The reaper: finds runs whose worker died, and queued jobs (and files to validate)
-whose message is gone.
+whose message is gone; and asks running jobs to make way for waiting ones of much higher
+priority (preemption, app/jobs/scheduling.py).
 
 Celery with Redis delivers at least once but not promptly: a SIGKILLed worker's
 message comes back only after the visibility timeout (days), and a Redis restart or a
@@ -28,7 +29,7 @@ from app.files.models import DataFile
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
-from app.jobs.scheduling import hold_blocked_jobs
+from app.jobs.scheduling import Capacity, Policy, hold_blocked_jobs, preempt_for_waiting
 from app.queue import Sender
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ReapReport:
     cancelled: list[str] = field(default_factory=list)
     paused: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)  # queued jobs a quota now holds back
+    preempted: list[str] = field(default_factory=list)  # running jobs asked to hand back
     sent: list[str] = field(default_factory=list)
     validations: list[str] = field(default_factory=list)  # files whose validation was re-sent
 
@@ -193,9 +195,22 @@ def _locked(
     return session.execute(query.limit(limit).with_for_update(skip_locked=True)).all()
 
 
+@dataclass(frozen=True)
+class Preemption:
+    """The settings preemption runs with (TRAINJOB_PREEMPT_GAP, TRAINJOB_MIN_RUN_SECONDS,
+    the claim order's), and what the live workers can take now: None when unknown (Redis
+    does not answer), and then nothing is preempted."""
+
+    capacity: Callable[[Session], Capacity | None]
+    gap: int
+    min_run_seconds: float
+    policy: Policy
+
+
 @dataclass
 class Reaper:
-    """One pass: `run_once`; as a daemon thread: `start` / `stop`."""
+    """One pass: `run_once`; as a daemon thread: `start` / `stop`, and `wake` for a pass
+    now rather than at the next interval."""
 
     database: Database
     _: KW_ONLY
@@ -210,8 +225,10 @@ class Reaper:
     ring: Callable[[list[str]], None] = lambda job_ids: None
     idempotency_ttl_hours: float | None = None
     send_validation: Callable[[str], bool] | None = None
+    preemption: Preemption | None = None  # None: no job is preempted
     _validations_sent: dict[str, datetime] = field(default_factory=dict, init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
+    _woken: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
 
     def run_once(self) -> ReapReport:
@@ -236,6 +253,9 @@ class Reaper:
                 waiting=self.waiting,
                 send=self.send,
             )
+        if self.preemption is not None:
+            with self.database.sessions.begin() as session:
+                report.preempted = self._preempt(session, now=now)
         if self.send_validation is not None:
             with self.database.sessions.begin() as session:
                 report.validations = send_due_validations(
@@ -250,13 +270,34 @@ class Reaper:
             with self.database.sessions.begin() as session:
                 forget_expired(session, ttl_hours=self.idempotency_ttl_hours)
         changed = report.requeued + report.failed + report.cancelled + report.paused + report.held
+        changed += report.preempted
         if changed:
-            self.ring(changed)  # their streams show the new status at once
+            self.ring(changed)  # their streams show the new status (or `preempting`) at once
+        # The preempted ones are logged with the job each makes way for (_preempt).
         kinds = ("requeued", "failed", "cancelled", "paused", "held", "sent", "validations")
         for kind in kinds:
             if ids := getattr(report, kind):
                 logger.info("reaper: %s %s", kind, ", ".join(ids))
         return report
+
+    def _preempt(self, session: Session, *, now: datetime) -> list[str]:
+        """Running jobs asked to hand their device back to a waiting job (each victim's
+        worker sees the flag at its next progress write or heartbeat)."""
+        assert self.preemption is not None
+        capacity = self.preemption.capacity(session)
+        if capacity is None:
+            return []
+        chosen = preempt_for_waiting(
+            session,
+            now=now,
+            policy=self.preemption.policy,
+            capacity=capacity,
+            gap=self.preemption.gap,
+            min_run_seconds=self.preemption.min_run_seconds,
+        )
+        for victim, waiting in chosen:
+            logger.info("reaper: job %s asked to hand back its device to %s", victim, waiting)
+        return [victim for victim, _ in chosen]
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
@@ -264,7 +305,14 @@ class Reaper:
                 self.run_once()
             except Exception:  # a database or broker blip: the next pass tries again
                 logger.exception("reaper pass failed")
-            self._stopped.wait(self.interval)
+            # A wake during the pass is not lost: the wait returns at once.
+            self._woken.wait(self.interval)
+            self._woken.clear()
+
+    def wake(self) -> None:
+        """Run a pass now (a job of high priority was submitted: preempt for it without
+        waiting for the interval). Returns at once."""
+        self._woken.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="trainjob-reaper", daemon=True)
@@ -272,5 +320,6 @@ class Reaper:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

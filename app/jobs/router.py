@@ -17,6 +17,7 @@ from app.deps import (
     DatabaseDep,
     Limit,
     ReadsDep,
+    ReaperDep,
     RedisDep,
     SessionDep,
     SettingsDep,
@@ -83,6 +84,7 @@ def submit_job(
     celery: CeleryDep,
     redis_client: RedisDep,
     principal: PrincipalDep,
+    reaper: ReaperDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobPublic:
     """Validate a job spec, store the job as `queued`, and send it to the workers (a job
@@ -105,6 +107,8 @@ def submit_job(
     session.commit()
     send = training_sender(celery, settings.queue)
     send_jobs(session, submitted.to_send, send=send, devices={submitted.job.id: spec.devices})
+    if reaper is not None and submitted.to_send:
+        reaper.wake()  # a pass now: the new job may preempt a running one of lower priority
     if submitted.replayed:
         response.status_code = status.HTTP_200_OK
     return JobPublic.model_validate(submitted.job)

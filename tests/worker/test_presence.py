@@ -59,7 +59,7 @@ def test_the_device_is_cuda_only_with_an_nvidia_gpu_not_hidden(tmp_path: Path) -
 
 @contextmanager
 def worker_process(
-    tmp_path: Path, postgres_url: str, queue: str, heartbeat_seconds: float
+    tmp_path: Path, postgres_url: str, queue: str, heartbeat_seconds: float, concurrency: int = 1
 ) -> Iterator[Any]:
     env = service_env(
         database_url=postgres_url,
@@ -68,7 +68,8 @@ def worker_process(
         home=str(tmp_path / "home"),
         heartbeat_seconds=str(heartbeat_seconds),
     )
-    with running(["worker"], env, tmp_path / "worker.log") as process:
+    args = ["worker", "--concurrency", str(concurrency)]
+    with running(args, env, tmp_path / "worker.log") as process:
         yield process
 
 
@@ -88,7 +89,7 @@ def dashboard_client(postgres_url: str, queue_name: str, tmp_path: Path) -> Iter
 
 
 @pytest.mark.slow
-def test_a_real_worker_appears_with_its_device_and_is_removed_on_a_clean_stop(
+def test_a_real_worker_appears_with_its_device_and_pool_size_and_is_removed_on_a_clean_stop(
     tmp_path: Path,
     postgres_url: str,
     queue_name: str,
@@ -97,7 +98,7 @@ def test_a_real_worker_appears_with_its_device_and_is_removed_on_a_clean_stop(
 ) -> None:
     queue = f"{queue_name}-presence-stop"
     # A long TTL (15 s): gone at once after the exit can only mean the key was deleted.
-    with worker_process(tmp_path, postgres_url, queue, heartbeat_seconds=5) as process:
+    with worker_process(tmp_path, postgres_url, queue, 5, concurrency=2) as process:
         workers = wait_for(lambda: live_workers(dashboard_client, queue), 60, "the worker")
         (worker,) = workers.values()
         assert worker["name"] == f"trainjob-{process.pid}@{worker['hostname']}"
@@ -105,6 +106,7 @@ def test_a_real_worker_appears_with_its_device_and_is_removed_on_a_clean_stop(
         # The same guess the worker made, here: "cpu" on a machine without an NVIDIA GPU.
         assert worker["device"] == detect_device()["device"]
         assert worker["job_id"] is None
+        assert worker["concurrency"] == 2  # its pool: preemption counts free slots by it
         assert 0 < redis_client.pttl(presence_key(worker["name"])) <= 15_000
         process.send_signal(signal.SIGTERM)
         process.wait(30)

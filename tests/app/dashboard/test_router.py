@@ -36,8 +36,8 @@ RUNNING_FIELDS = {
     "accumulation_steps", "loss", "samples_per_sec", "worker", "started_at",
 }  # fmt: skip
 WORKER_FIELDS = {
-    "name", "hostname", "pid", "device", "cuda_visible_devices", "queues", "job_id",
-    "started_at", "last_seen",
+    "name", "hostname", "pid", "device", "cuda_visible_devices", "queues", "concurrency",
+    "job_id", "started_at", "last_seen",
 }  # fmt: skip
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -192,6 +192,7 @@ def test_workers_are_read_from_live_presence_keys_with_their_running_job(
     assert workers[busy]["job_id"] == job_id
     assert (workers[busy]["device"], workers[busy]["cuda_visible_devices"]) == ("cuda", "1")
     assert workers[busy]["queues"] == ["gpu"] and workers[busy]["pid"] == 4242
+    assert workers[busy]["concurrency"] == 1  # a record without it: written before it existed
     assert workers[idle]["job_id"] is None and workers[idle]["device"] == "cpu"
 
 

@@ -27,7 +27,8 @@ from app.jobs import reaper as reaper_module
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
-from app.jobs.reaper import Reaper, ReapReport
+from app.jobs.reaper import Preemption, Reaper, ReapReport
+from app.jobs.scheduling import Capacity, Policy
 from app.main import create_app
 from app.queue import enqueue_training
 from app.settings import Settings
@@ -523,3 +524,54 @@ def test_the_api_sends_a_lost_validation_to_the_real_broker(
         assert message["argsrepr"] == repr([lost])
     finally:
         redis_client.delete(queue)
+
+
+def preempting_reaper(
+    database: Database, capacity: Callable[[Any], Capacity | None], rang: list[str]
+) -> Reaper:
+    return Reaper(
+        database,
+        lease_timeout=LEASE,
+        requeue_after=REQUEUE_AFTER,
+        interval=60.0,
+        send=FakeBroker().send,
+        waiting=FakeBroker().waiting,
+        ring=rang.extend,
+        preemption=Preemption(capacity=capacity, gap=100, min_run_seconds=0, policy=Policy()),
+    )
+
+
+def test_a_pass_asks_the_lowest_running_job_to_make_way_and_rings_its_stream(
+    database: Database,
+) -> None:
+    low, mid = create(database, priority=100), create(database, priority=300)
+    claim(database, low, "w0")
+    claim(database, mid, "w1")
+    urgent = create(database, priority=900)
+    rang: list[str] = []
+    unknown = preempting_reaper(database, lambda session: None, rang)  # Redis away
+    assert unknown.run_once().preempted == [] and rang == []
+    full = Capacity(workers=lambda devices: {"w0", "w1"}, free_slots=lambda devices: 0)
+    reaper = preempting_reaper(database, lambda session: full, rang)
+    assert reaper.run_once().preempted == [low]
+    assert rang == [low]
+    kind, data = last_event(database, low)
+    assert (kind, data["by"]) == ("preempting", urgent)
+    assert load(database, low).release_requested and not load(database, mid).release_requested
+    assert reaper.run_once().preempted == []  # its hand-back is under way
+
+
+def test_wake_runs_a_pass_without_waiting_for_the_interval(database: Database) -> None:
+    passes: list[datetime] = []
+
+    def counted(session: Any) -> None:
+        passes.append(utcnow())
+
+    reaper = preempting_reaper(database, counted, [])  # interval 60 s
+    reaper.start()
+    try:
+        wait_for(lambda: len(passes) == 1, timeout=10, what="the first pass")
+        reaper.wake()
+        wait_for(lambda: len(passes) == 2, timeout=5, what="a pass on wake")
+    finally:
+        reaper.stop()
