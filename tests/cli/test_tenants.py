@@ -65,10 +65,11 @@ def test_set_with_nothing_to_set_or_a_bad_value_is_refused(trainjob: Callable[..
 
 
 def test_a_key_created_with_a_max_priority_shows_it(
-    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, own_postgres_url: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    monkeypatch.setenv("TRAINJOB_DATABASE_URL", postgres_url)
+    # A database of its own: a key turns auth on for every later test of a shared one.
+    monkeypatch.setenv("TRAINJOB_DATABASE_URL", own_postgres_url)
     from app.settings import get_settings
 
     get_settings.cache_clear()
