@@ -52,7 +52,10 @@ from worker.engine.window import (
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
 # Not how a window is cut (micro_batch_size, accumulation_steps, devices): accumulation
-# is exact, so a run may resume on another number of devices with the same batch.
+# is exact, so a run may resume on another number of devices with the same batch. Nor
+# activation_checkpointing: it changes what a step keeps in memory, not one bit of what
+# it computes (recomputation replays the same operations and the same RNG; pinned by
+# tests/test_activation_checkpointing.py), so either side may resume the other's run.
 _TRAINING_FIELDS = {
     "model",
     "dataset",
@@ -231,7 +234,7 @@ def prepare_run(
     data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec, hf_limits))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
-    model = build_model(spec.model, data.info, hf_limits)
+    model = build_model(spec.model, data.info, hf_limits, spec.activation_checkpointing)
     model.to(device=device, dtype=precision.parameter_dtype).train()
     if group is not None:
         broadcast_parameters(model)
