@@ -55,7 +55,7 @@ from worker.engine.window import (
 # is exact, so a run may resume on another number of devices with the same batch. Nor
 # activation_checkpointing: it changes what a step keeps in memory, not one bit of what
 # it computes (recomputation replays the same operations and the same RNG; pinned by
-# tests/test_activation_checkpointing.py), so either side may resume the other's run.
+# tests/test_activation_checkpointing_end_to_end.py), so either may resume the other's run.
 _TRAINING_FIELDS = {
     "model",
     "dataset",

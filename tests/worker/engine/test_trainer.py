@@ -258,6 +258,9 @@ def test_activation_checkpointing_trains_the_same_bits_and_resumes_either_way(
 
     plain = train(spec, Callbacks(on_checkpoint=keep_step_3))
     assert train(checkpointed).weights == plain.weights
+    # The dropout replayed is real: without it the same run ends elsewhere.
+    without_dropout = spec.model.model_copy(update={"dropout": 0.0})
+    assert train(spec.model_copy(update={"model": without_dropout})).weights != plain.weights
     resumed = train(checkpointed, resume=Checkpoint.read(tmp_path))
     assert (resumed.step, resumed.weights) == (6, plain.weights)
 
