@@ -570,6 +570,8 @@ def gradients_of_a_step(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
+# peft 0.21 reads transformers' deprecated name when it wraps a model: not ours to fix.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_checkpointed_llama_recomputes_its_layers_to_the_same_gradients(lora: bool) -> None:
     plain, checkpointed = llama(False, lora), llama(True, lora)

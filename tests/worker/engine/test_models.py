@@ -118,6 +118,26 @@ def test_parameters_inside_a_block_get_gradients_when_its_input_needs_none() -> 
     assert all(parameter.grad is not None for parameter in model.blocks.parameters())
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft reads transformers' old names
+def test_a_tiny_gpt_wrapped_by_peft_is_checkpointed_to_the_same_adapter_gradients() -> None:
+    """LoRA puts a peft model around ours: the switch reaches the TinyGpt inside it."""
+    peft = pytest.importorskip("peft")
+    adapted = []
+    for checkpointing in (False, True):
+        model = peft.get_peft_model(tiny_gpt(False), peft.LoraConfig(r=2, target_modules=["qkv"]))
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        calls = block_calls(model.get_base_model())
+        training_step(model)
+        gradients = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        adapted.append((calls, gradients))
+    (plain_calls, expected), (checkpointed_calls, actual) = adapted
+    assert (plain_calls, checkpointed_calls) == ([1, 1, 1], [2, 2, 2])
+    assert len(actual) == 6 and actual.keys() == expected.keys()  # lora_A and lora_B × 3
+    for name, gradient in expected.items():
+        assert torch.equal(actual[name], gradient), name
+
+
 def test_models_without_blocks_to_recompute_are_refused() -> None:
     model = build_mlp(MlpSpec(), DataInfo(input_shape=(8,), num_classes=3))
     with pytest.raises(TrainingError) as refused:
