@@ -88,7 +88,7 @@ def plan_quantization(spec: JobSpec, precision: PrecisionPlan) -> Quantization |
 
 def quantization_config(quantization: Quantization) -> Any:
     """transformers' BitsAndBytesConfig: NF4 with double quantization (the QLoRA paper's
-    4-bit base; the quantization constants are quantized too, about 0.4 bit per weight
+    4-bit base; the quantization constants are quantized too, about 0.37 bit per weight
     less), or LLM.int8(). transformers keeps the output layer (and a classifier's head,
     the model's last module) unquantized by default."""
     try:
