@@ -7,7 +7,8 @@ pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
 `config` builds a new model from a transformers config. Either is refused before its
 weights are allocated if it has more parameters than the caller's bound (the worker's
 TRAINJOB_HF_MAX_PARAMETERS). The caller passes both in an `HfLimits`: the engine reads
-no settings.
+no settings. A job's `quantize` loads a pretrained base 4- or 8-bit straight onto its GPU,
+frozen for adapters (worker/engine/quantize.py).
 
 Each model is wrapped so that the engine sees what it sees of the built-in models:
 `forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
