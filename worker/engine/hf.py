@@ -7,7 +7,8 @@ pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
 `config` builds a new model from a transformers config. Either is refused before its
 weights are allocated if it has more parameters than the caller's bound (the worker's
 TRAINJOB_HF_MAX_PARAMETERS). The caller passes both in an `HfLimits`: the engine reads
-no settings.
+no settings. A job's `quantize` loads a pretrained base 4- or 8-bit straight onto its GPU,
+frozen for adapters (worker/engine/quantize.py).
 
 Each model is wrapped so that the engine sees what it sees of the built-in models:
 `forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
@@ -35,6 +36,7 @@ from torch import nn
 from app.jobs.spec import MAX_PARAMETERS, HfCausalLmSpec, HfSequenceClassificationSpec
 from worker.engine.data_types import DataInfo
 from worker.engine.errors import TrainingError
+from worker.engine.quantize import Quantization, prepare_quantized
 
 if TYPE_CHECKING:
     from worker.datafiles.tokenizers import TextTokenizer
@@ -61,10 +63,14 @@ DEFAULT_LIMITS = HfLimits()
 
 
 def build_hf_causal_lm(
-    spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
+    spec: HfCausalLmSpec,
+    info: DataInfo,
+    limits: HfLimits = DEFAULT_LIMITS,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
-    """A causal language model: logits [batch, tokens, vocabulary]."""
-    model = _load("AutoModelForCausalLM", spec, limits)
+    """A causal language model: logits [batch, tokens, vocabulary]. With `quantization`,
+    its base is loaded quantized onto its device and frozen (worker/engine/quantize.py)."""
+    model = _load("AutoModelForCausalLM", spec, limits, quantization=quantization)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
@@ -73,15 +79,24 @@ def build_hf_causal_lm(
 
 
 def build_hf_sequence_classification(
-    spec: HfSequenceClassificationSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
+    spec: HfSequenceClassificationSpec,
+    info: DataInfo,
+    limits: HfLimits = DEFAULT_LIMITS,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
     """A sequence classifier: logits [batch, classes], read at each sequence's last real
-    token (decoders) or its first token (encoders)."""
+    token (decoders) or its first token (encoders). `quantization` as for causal models."""
     if info.num_classes is None:
         raise TrainingError(
             "invalid_data", "hf-sequence-classification needs a labelled data set (num_classes)"
         )
-    model = _load("AutoModelForSequenceClassification", spec, limits, num_labels=info.num_classes)
+    model = _load(
+        "AutoModelForSequenceClassification",
+        spec,
+        limits,
+        num_labels=info.num_classes,
+        quantization=quantization,
+    )
     if model.config.pad_token_id is None:
         # Decoders refuse batches of more than one sequence without a pad token id; the
         # wrapper pools by the attention mask, so the value only has to be a token id.
@@ -108,10 +123,11 @@ def _import_transformers() -> ModuleType:
 @contextmanager
 def _transformers_errors(field: str) -> Iterator[None]:
     """Whatever transformers raises about a user's model is the spec's fault, never an
-    internal error: report it as invalid_spec with transformers' own words."""
+    internal error: report it as invalid_spec with transformers' own words. Running out of
+    memory (a quantized base is loaded straight onto its GPU) stays out_of_memory."""
     try:
         yield
-    except TrainingError:
+    except (TrainingError, torch.OutOfMemoryError):
         raise
     except Exception as error:
         message = " ".join(str(error).split())[:_MAX_MESSAGE] or type(error).__name__
@@ -147,11 +163,16 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
 
 
 def _load(
-    auto_class_name: str, spec: HfModelSpec, limits: HfLimits, num_labels: int | None = None
+    auto_class_name: str,
+    spec: HfModelSpec,
+    limits: HfLimits,
+    num_labels: int | None = None,
+    quantization: Quantization | None = None,
 ) -> Any:
     """A transformers PreTrainedModel of the auto class `auto_class_name` from the spec's
     `config` or `pretrained` directory, refused over `limits.max_parameters` before its
-    weights exist. `num_labels` gives a classifier its head: one output per class."""
+    weights exist. `num_labels` gives a classifier its head: one output per class.
+    `quantization` loads a pretrained base quantized (the spec allows it with nothing else)."""
     transformers = _import_transformers()
     auto_class = getattr(transformers, auto_class_name)
     head = {} if num_labels is None else {"num_labels": num_labels}
@@ -170,10 +191,12 @@ def _load(
     if num_labels is not None:
         # A head saved for another number of classes is replaced by a fresh one.
         head["ignore_mismatched_sizes"] = saved.num_labels != num_labels
+    quantized = {} if quantization is None else quantization.from_pretrained_arguments()
     with _transformers_errors("model.pretrained"):
-        return auto_class.from_pretrained(
-            directory, **_OFFLINE_AND_SAFE, use_safetensors=True, **head
+        model = auto_class.from_pretrained(
+            directory, **_OFFLINE_AND_SAFE, use_safetensors=True, **head, **quantized
         )
+    return model if quantization is None else prepare_quantized(model)
 
 
 def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
