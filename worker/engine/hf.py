@@ -337,7 +337,7 @@ def _check_keeps_packed_rows_apart(model: CausalLm, info: DataInfo) -> None:
         model_type = transformers_model.config.model_type
         raise TrainingError(
             "invalid_spec",
-            f"dataset.packing: a {model_type!r} model does not keep packed rows apart (its "
+            f"dataset.packing: model type {model_type!r} does not keep packed rows apart (its "
             "attention does not follow each row's position ids: a row's logits change when "
             "another row is packed before it); train this model without packing",
         )

@@ -168,5 +168,6 @@ def test_a_model_whose_packed_rows_see_each_other_is_refused(config: dict[str, A
     with pytest.raises(TrainingError, match="does not keep packed rows apart") as error:
         build_hf_causal_lm(HfCausalLmSpec(config=config), INFO)
     assert error.value.type == "invalid_spec"
+    assert f"model type {config['model_type']!r}" in error.value.message
     # Unpacked, the same model trains.
     build_hf_causal_lm(HfCausalLmSpec(config=config), DataInfo(VOCABULARY, max_length=MAX_LENGTH))
