@@ -170,4 +170,6 @@ def test_a_model_whose_packed_rows_see_each_other_is_refused(config: dict[str, A
     assert error.value.type == "invalid_spec"
     assert f"model type {config['model_type']!r}" in error.value.message
     # Unpacked, the same model trains.
-    build_hf_causal_lm(HfCausalLmSpec(config=config), DataInfo(VOCABULARY, max_length=MAX_LENGTH))
+    build_hf_causal_lm(
+        HfCausalLmSpec(config=config), DataInfo(vocab_size=VOCABULARY, max_length=MAX_LENGTH)
+    )
