@@ -51,6 +51,9 @@ FINE_TUNING_LR = 5e-5  # transformers' Trainer default for pretrained weights
 HF_MODELS = frozenset({"hf-causal-lm", "hf-sequence-classification"})
 # Trained with AdamW unless the spec says otherwise; every other model with SGD.
 ADAMW_MODELS = HF_MODELS | {"tiny-gpt"}
+# The models that keep packed rows apart (dataset.packing): tiny-gpt by its own mask, and
+# transformers causal LMs whose masks follow position ids (the worker checks each one).
+PACKING_MODELS = frozenset({"tiny-gpt", "hf-causal-lm"})
 
 
 # In [0, 1): dropout, momentum and Adam's betas.
@@ -210,6 +213,10 @@ class FileDatasetSpec(_Strict):
     # Held out from the training file when there is no validation file (then 0 by default:
     # the validation file is what is evaluated).
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
+    # Text and prompt/completion rows packed into sequences of max_length, each row
+    # attending only to itself and counted as unpacked (worker/engine/packing.py); a
+    # sample (batch_size counts them) is then a pack of rows.
+    packing: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -512,6 +519,13 @@ class JobSpec(_Strict):
                     "dataset.tokenizer",
                     f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
                     "use 'byte' or 'char'",
+                )
+            if dataset.packing and model.type not in PACKING_MODELS:
+                raise _field_error(
+                    "dataset.packing",
+                    "needs a model that keeps packed rows apart "
+                    f"({', '.join(sorted(PACKING_MODELS))}), not {model.type!r}; "
+                    "train without packing",
                 )
         # Texts are cut to max_length tokens (whatever a file holds): a sequence of n
         # tokens gives n-1 (input, target) positions.

@@ -75,7 +75,10 @@ def build_hf_causal_lm(
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
     )
-    return CausalLm(model)
+    wrapped = CausalLm(model)
+    if info.packed:
+        _check_keeps_packed_rows_apart(wrapped, info)
+    return wrapped
 
 
 def build_hf_sequence_classification(
@@ -305,10 +308,62 @@ class _Wrapper(nn.Module):
 
 class CausalLm(_Wrapper):
     """Right padding with causal attention: real tokens never attend to padding, so a
-    sequence's logits do not depend on how much padding its micro-batch has."""
+    sequence's logits do not depend on how much padding its micro-batch has.
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=_long_mask(attention_mask)).logits
+    Packed rows come with `position_ids` restarting at 0 for each row and no attention
+    mask: transformers then finds the rows where the positions restart and builds a
+    block-diagonal causal mask for whichever attention the model uses
+    (masking_utils.find_packed_sequence_indices). Not every architecture does: packing
+    checks the model first (`_check_keeps_packed_rows_apart`).
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        mask = _long_mask(attention_mask)
+        outputs = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
+        return outputs.logits
+
+
+# A row's logits packed behind another may differ from its logits alone by rounding (a
+# few 1e-7 of their size in fp32); rows that see each other differ by 1e-3 and more.
+_PACKED_ROWS_TOLERANCE = 1e-4
+
+
+def _check_keeps_packed_rows_apart(model: CausalLm, info: DataInfo) -> None:
+    """Refuse packing for a model whose rows would see each other in a pack: those whose
+    attention does not follow position ids (ALiBi or positions taken from the attention
+    mask, as BLOOM and OPT; state-space models). Asked of the model itself, on two short
+    rows: packed, each must give the logits it gives alone."""
+    transformers_model: Any = model.model
+    vocabulary = transformers_model.get_input_embeddings().num_embeddings
+    # Rows no longer than the data's: the model takes that many positions.
+    length = max(1, min(6, (info.max_length or 7) - 1))
+    first = torch.arange(1, length + 1) % vocabulary
+    second = (torch.arange(length) * 7 + 3) % vocabulary
+    device = next(model.parameters()).device
+    packed = torch.cat([first, second]).to(device)
+    positions = torch.cat([torch.arange(length), torch.arange(length)]).to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the same row must give the same logits
+    try:
+        with torch.no_grad(), _transformers_errors("dataset.packing"):
+            alone = torch.cat([model(row[None].to(device))[0] for row in (first, second)])
+            together = model(packed[None], position_ids=positions[None])[0]
+    finally:
+        model.train(was_training)
+    error = (together - alone).abs().max().item()
+    if not error <= _PACKED_ROWS_TOLERANCE * alone.abs().max().item():
+        model_type = transformers_model.config.model_type
+        raise TrainingError(
+            "invalid_spec",
+            f"dataset.packing: model type {model_type!r} does not keep packed rows apart (its "
+            "attention does not follow each row's position ids: a row's logits change when "
+            "another row is packed before it); train this model without packing",
+        )
 
 
 class SequenceClassifier(_Wrapper):

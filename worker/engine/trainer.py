@@ -293,6 +293,10 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     state = unpack_state(checkpoint.state)
     # Older checkpoints also hold the fields of the cut: they are not compared.
     written_for = {name: state["training"].get(name) for name in _TRAINING_FIELDS}
+    dataset = written_for["dataset"]
+    if isinstance(dataset, dict) and dataset.get("type") == "file":
+        # Written before dataset.packing existed: those runs trained unpacked.
+        written_for["dataset"] = {"packing": False, **dataset}
     if written_for != _training_fields(run.spec):
         raise TrainingError(
             "incompatible_checkpoint", "the checkpoint was written by a different training spec"

@@ -39,6 +39,9 @@ from app.jobs.spec import (
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
+FILE_ID = "file_" + "0" * 24
+VALIDATION_ID = "file_" + "1" * 24
+
 # Marks a top-level key to leave out of the spec (None is a value some fields accept).
 REMOVE: Any = object()
 
@@ -387,6 +390,27 @@ MODEL_CASES = [
         "a micro-batch of 4",
     ),
     _case(
+        "packing-a-classifier",
+        base_spec(
+            model={"type": "hf-sequence-classification", "config": {"model_type": "bert"}},
+            dataset={"type": "file", "file_id": FILE_ID, "packing": True},
+        ),
+        "dataset.packing",
+        "needs a model that keeps packed rows apart (hf-causal-lm, tiny-gpt)",
+        "not 'hf-sequence-classification'",
+    ),
+    _case(
+        "packing-features",
+        base_spec(dataset={"type": "file", "file_id": FILE_ID, "packing": True}),
+        "dataset.packing",
+        "not 'mlp'",
+    ),
+    _case(
+        "packing-not-a-boolean",
+        gpt_spec(dataset={"type": "file", "file_id": FILE_ID, "packing": "always"}),
+        "dataset.packing",
+    ),
+    _case(
         "auto-micro-batch-activations-too-large",
         wide_gpt_spec(micro_batch_size="auto", accumulation_steps=REMOVE, batch_size=8),
         "batch_size",
@@ -549,10 +573,6 @@ def test_defaults_are_filled() -> None:
     assert spec.checkpoint_every == 0 and spec.eval_every == 0
     assert spec.model == MlpSpec(hidden_sizes=[64], dropout=0.0)
     assert spec.dataset == SyntheticClassificationSpec()
-
-
-FILE_ID = "file_" + "0" * 24
-VALIDATION_ID = "file_" + "1" * 24
 
 
 @pytest.mark.parametrize(
