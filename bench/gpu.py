@@ -1,7 +1,7 @@
 """The GPU kit: the CUDA test lane and the GPU benchmarks in one unattended run, one report.
 
 Run it through bench/gpu.sh, which first installs what it needs into ./.venv
-(scripts/install.sh with the `dev` extra; pip's torch is a CUDA build there):
+(scripts/install.sh with the `dev` and `cuda` extras; pip's torch is a CUDA build there):
 
     bash bench/gpu.sh                          # on a GPU machine: under 8 minutes
     bash bench/gpu.sh --dry-run                # on CPU: every part at toy size, ~1 minute

@@ -28,7 +28,9 @@ probe does not fit when the engine backs off from an out-of-memory error (its
 micro-batch (the spec's bound on activation elements); `--search-max` caps it. Then
 the largest micro-batch found trains at k = `--search-k`: the largest global batch with
 accumulation that was tried, and its peak beside the one without. `--json PATH` writes
-the figures for bench/gpu.py.
+the figures for bench/gpu.py. `--optimizer adamw8bit` trains with bitsandbytes' 8-bit
+AdamW instead of AdamW (CUDA with the `cuda` extra only): run the same command with each
+to see what the optimizer state takes.
 
 `--checkpointing` compares, at one (m, k), a run with `activation_checkpointing` against
 one without (issue 17), on tiny-gpt whose activations dwarf its weights (8 layers of
@@ -44,7 +46,7 @@ and the ratio of their median window times. On CUDA: max_memory_allocated over
 memory_allocated between windows.
 
     .venv/bin/python bench/memory.py                     # about 30 s
-    .venv/bin/python bench/memory.py --checkpointing     # about a minute
+    .venv/bin/python bench/memory.py --checkpointing     # about 30 s
     .venv/bin/python bench/memory.py --smoke --out /tmp/memory.png
     .venv/bin/python bench/memory.py --size gpu --device cuda --precision bf16 --k 1 8 \
         --search --out /tmp/memory-gpu.png              # what bench/gpu.py runs on a GPU
@@ -127,6 +129,7 @@ def make_spec(
     steps: int,
     device: str,
     precision: str = "fp32",
+    optimizer: str = "adamw",
     activation_checkpointing: bool = False,
 ) -> dict[str, Any]:
     model = MODELS[size]
@@ -148,7 +151,7 @@ def make_spec(
         "micro_batch_size": micro_batch_size,
         "accumulation_steps": accumulation_steps,
         "max_steps": steps,
-        "optimizer": {"type": "adamw", "lr": 0.001},
+        "optimizer": {"type": optimizer, "lr": 0.001},
         "device": device,
         "precision": precision,
         "activation_checkpointing": activation_checkpointing,
@@ -184,6 +187,7 @@ def child(args: argparse.Namespace) -> None:
                 args.steps,
                 args.device,
                 args.precision,
+                args.optimizer,
                 args.activation_checkpointing,
             )
         )
@@ -310,6 +314,8 @@ def run_child(
         args.device,
         "--precision",
         args.precision,
+        "--optimizer",
+        args.optimizer,
         *(["--activation-checkpointing"] if activation_checkpointing else []),
         *(["--warm-up"] if warm_up else []),
     ]
@@ -481,6 +487,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--size", choices=sorted(MODELS), help="mlp; --checkpointing: ckpt")
     parser.add_argument("--search", action="store_true", help="the largest batch that trains")
     parser.add_argument("--search-max", type=int, default=4096, help="micro-batches above: none")
@@ -653,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(
         f"model {json.dumps(MODELS[args.size]['model'])}, m={m}, {args.steps} windows a point, "
-        f"{args.precision}, torch threads {args.threads}, a fresh child per point, "
+        f"{args.precision}, {'8-bit AdamW, ' if args.optimizer == 'adamw8bit' else ''}"
+        f"torch threads {args.threads}, a fresh child per point, "
         f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
     )
     started = time.perf_counter()

@@ -254,6 +254,11 @@ def test_worker_image_installs_the_worker_extra_on_a_pytorch_image() -> None:
     )
 
 
+def test_the_gpu_worker_image_installs_bitsandbytes_for_quantize_and_adamw8bit() -> None:
+    # The `cuda` extra: without it the image's GPU worker fails such jobs with invalid_spec.
+    assert any(re.search(r"\[[^\]]*\bcuda\b[^\]]*\]", run) for run in _target("worker").runs)
+
+
 def test_api_healthcheck_probes_the_healthz_route_on_the_served_port() -> None:
     from app.health import router
 

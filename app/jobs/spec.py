@@ -51,6 +51,9 @@ FINE_TUNING_LR = 5e-5  # transformers' Trainer default for pretrained weights
 HF_MODELS = frozenset({"hf-causal-lm", "hf-sequence-classification"})
 # Trained with AdamW unless the spec says otherwise; every other model with SGD.
 ADAMW_MODELS = HF_MODELS | {"tiny-gpt"}
+# The models that keep packed rows apart (dataset.packing): tiny-gpt by its own mask, and
+# transformers causal LMs whose masks follow position ids (the worker checks each one).
+PACKING_MODELS = frozenset({"tiny-gpt", "hf-causal-lm"})
 # Models whose blocks the engine knows how to recompute in backward (docs/models.md,
 # "Activation checkpointing"). The MLP and CNN have no blocks worth recomputing, and a
 # plugin's model is opaque to the engine: a plugin checkpoints inside its own module,
@@ -215,6 +218,10 @@ class FileDatasetSpec(_Strict):
     # Held out from the training file when there is no validation file (then 0 by default:
     # the validation file is what is evaluated).
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
+    # Text and prompt/completion rows packed into sequences of max_length, each row
+    # attending only to itself and counted as unpacked (worker/engine/packing.py); a
+    # sample (batch_size counts them) is then a pack of rows.
+    packing: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -276,11 +283,19 @@ def known_types(what: str) -> list[str]:
 # ---------------------------------------------------------------- training
 
 
-class OptimizerSpec(_Strict):
-    """`lr` defaults by `type`: SGD_LR for sgd, ADAMW_LR for adamw. Within a JobSpec the
-    type, and the lr of a pretrained model, default by model (see JobSpec)."""
+# A tuple, not a set: `in` compares with ==, so a body's list or object as `type` is
+# no TypeError before the field's own validation names it.
+ADAMW_OPTIMIZERS = ("adamw", "adamw8bit")
 
-    type: Literal["sgd", "adamw"] = "sgd"
+
+class OptimizerSpec(_Strict):
+    """`lr` defaults by `type`: SGD_LR for sgd, ADAMW_LR for adamw and adamw8bit. Within a
+    JobSpec the type, and the lr of a pretrained model, default by model (see JobSpec).
+
+    `adamw8bit` is AdamW with its two moments kept 8-bit (bitsandbytes, CUDA workers only):
+    the same fields as `adamw`."""
+
+    type: Literal["sgd", "adamw", "adamw8bit"] = "sgd"
     lr: float = Field(SGD_LR, gt=0.0, le=10.0)
     momentum: _Fraction = Field(0.0, description="SGD only")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
@@ -289,7 +304,7 @@ class OptimizerSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _lr_for_the_type(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") == "adamw":
+        if isinstance(data, dict) and data.get("type") in ADAMW_OPTIMIZERS:
             return {"lr": ADAMW_LR, **data}
         return data
 
@@ -309,6 +324,8 @@ class KeepCheckpointsSpec(_Strict):
 
 
 Precision = Literal["fp32", "fp64", "bf16", "fp16"]
+# How the frozen base of an hf-* model is loaded (QLoRA): 4-bit NormalFloat or 8-bit.
+Quantize = Literal["nf4", "int8"]
 DEFAULT_PRIORITY = 500
 MAX_PRIORITY = 1000
 Device = Literal["auto", "cpu", "cuda"]
@@ -333,6 +350,9 @@ class JobSpec(_Strict):
     lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec)
     grad_clip_norm: float | None = Field(None, gt=0.0, le=1e6)
     precision: Precision = "fp32"
+    # The base model's weights loaded 4-bit (nf4) or 8-bit (int8) through bitsandbytes and
+    # frozen; CUDA workers only (a CPU worker fails the job with invalid_spec).
+    quantize: Quantize | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Device = "auto"
     # Processes training the job together, one per device: each window of batch_size
@@ -423,7 +443,8 @@ class JobSpec(_Strict):
             return data  # the model's own validation says what is wrong
         optimizer_type = optimizer.get("type", "adamw" if model_type in ADAMW_MODELS else "sgd")
         defaults: dict[str, Any] = {"type": optimizer_type}
-        if optimizer_type == "adamw" and model_type in HF_MODELS and model.get("pretrained"):
+        pretrained = model_type in HF_MODELS and model.get("pretrained")
+        if optimizer_type in ADAMW_OPTIMIZERS and pretrained:
             defaults["lr"] = FINE_TUNING_LR
         return {**data, "optimizer": {**defaults, **optimizer}}
 
@@ -507,6 +528,13 @@ class JobSpec(_Strict):
                     f"'model' needs a Hugging Face model (hf-*), not {model.type!r}; "
                     "use 'byte' or 'char'",
                 )
+            if dataset.packing and model.type not in PACKING_MODELS:
+                raise _field_error(
+                    "dataset.packing",
+                    "needs a model that keeps packed rows apart "
+                    f"({', '.join(sorted(PACKING_MODELS))}), not {model.type!r}; "
+                    "train without packing",
+                )
         # Texts are cut to max_length tokens (whatever a file holds): a sequence of n
         # tokens gives n-1 (input, target) positions.
         if (
@@ -531,6 +559,39 @@ class JobSpec(_Strict):
                 "dataset.type",
                 f"model {model.type!r} cannot train on {dataset.type!r}; "
                 f"use one of: {', '.join(fitting)}",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_only_options_fit_the_job(self) -> JobSpec:
+        """quantize and adamw8bit run bitsandbytes' CUDA kernels. What the spec alone shows
+        is refused here (422); whether a worker has CUDA only the worker knows (it fails
+        the job with invalid_spec, worker/engine/quantize.py)."""
+        if self.quantize is not None:
+            if not isinstance(self.model, _HfModelSpec):
+                raise _field_error(
+                    "quantize",
+                    "needs a Hugging Face model (hf-causal-lm, hf-sequence-classification), "
+                    f"not {self.model.type!r}",
+                )
+            if self.model.pretrained is None:
+                raise _field_error(
+                    "quantize",
+                    "needs model.pretrained: a quantized base is frozen, so a randomly "
+                    "initialised one would stay random",
+                )
+        asked = cuda_only_options(self)
+        if asked and self.precision == "fp64":
+            raise _field_error(
+                "precision",
+                f"'fp64' cannot be used with {' and '.join(asked)}: bitsandbytes computes in "
+                "fp32, bf16 and fp16",
+            )
+        if asked and self.device == "cpu":
+            raise _field_error(
+                "device",
+                f"'cpu' cannot run {' and '.join(asked)}: bitsandbytes needs a CUDA device; "
+                "use 'auto' or 'cuda'",
             )
         return self
 
@@ -584,6 +645,14 @@ class JobSpec(_Strict):
         """The effective batch m·k·devices: samples per optimizer step."""
         assert self.batch_size is not None
         return self.batch_size
+
+
+def cuda_only_options(spec: JobSpec) -> list[str]:
+    """The options of `spec` that need bitsandbytes on a CUDA device, as a user wrote them."""
+    asked = [] if spec.quantize is None else [f"quantize {spec.quantize!r}"]
+    if spec.optimizer.type == "adamw8bit":
+        asked.append("optimizer.type 'adamw8bit'")
+    return asked
 
 
 def _field_error(field: str, message: str) -> PydanticCustomError:

@@ -46,6 +46,19 @@ def test_checkpointing_smoke_run_prints_activation_memory_on_and_off() -> None:
     assert any(line.startswith("activation memory on/off: ") for line in lines)
 
 
+def test_the_8_bit_optimizer_reaches_the_child_which_needs_cuda_for_it() -> None:
+    """`--optimizer adamw8bit` measures on CUDA only: on the CPU its child's spec is refused,
+    and the run says why."""
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--smoke", "--k", "1",
+         "--device", "cpu", "--optimizer", "adamw8bit"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert "8-bit AdamW" in finished.stdout
+    assert "device: 'cpu' cannot run optimizer.type 'adamw8bit'" in finished.stderr
+
+
 def test_the_search_doubles_then_bisects_to_within_an_eighth_and_stops_at_what_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -8,6 +8,8 @@ that trains is a file that passed. What each kind becomes:
 - prompt_completion: the prompt's tokens followed by the completion's, cut to
   `max_length`; only completion tokens are loss units (the prompt's targets are
   IGNORE_INDEX); a row whose completion is cut away entirely is skipped;
+- with `packing`, text and prompt_completion rows are packed several to a sample
+  (worker/engine/packing.py), each counted as unpacked;
 - labelled_text: token sequences with a class, padded per batch with an attention mask;
 - classification / regression (CSV, NPZ): feature tensors with class indices, or with
   float targets shaped N × target_size.
@@ -58,6 +60,7 @@ from worker.engine.data_types import (
     TokenSequenceSet,
 )
 from worker.engine.errors import TrainingError
+from worker.engine.packing import PackedSequenceSet
 
 # A file id to a local path holding the file's bytes, named `<file id>.<format>`.
 FileSource = Callable[[str], Path]
@@ -219,9 +222,17 @@ def _text_splits(
         held_out = train.take(held_rows)
         train = train.take(train_rows)
 
+    if spec.packing and classes is not None:
+        raise TrainingError(
+            "invalid_spec",
+            f"dataset.packing: packs text and prompt/completion rows, not {train.kind} rows",
+        )
+
     def sample_set(file_id: str, encoded: _EncodedText) -> SampleSet:
         if classes is None:
-            return TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+            rows = TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+            # A row of max_length tokens has max_length - 1 positions: so may a pack.
+            return PackedSequenceSet(rows, spec.max_length - 1, seed) if spec.packing else rows
         labels = _class_indices(file_id, encoded.labels, classes)
         return TextClassificationSet(encoded.sequences, labels, tokenizer.pad_id)
 
@@ -231,6 +242,7 @@ def _text_splits(
         pad_id=tokenizer.pad_id,
         num_classes=None if classes is None else len(classes),
         class_labels=None if classes is None else tuple(classes),
+        packed=spec.packing,
     )
     held_id = spec.validation_file_id or spec.file_id
     return DataSplits(

@@ -22,12 +22,16 @@ class Batch:
     targets: torch.Tensor
     # 1 for real tokens, 0 for padding, for models that read padded rows of text.
     attention_mask: torch.Tensor | None = None
+    # Packed rows of text (worker/engine/packing.py): each token's position within its
+    # row, restarting at 0 where a row starts, so that the model can keep rows apart.
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device, float_dtype: torch.dtype) -> Batch:
         return Batch(
             _to(self.inputs, device, float_dtype),
             _to(self.targets, device, float_dtype),
             None if self.attention_mask is None else _to(self.attention_mask, device, float_dtype),
+            None if self.position_ids is None else _to(self.position_ids, device, float_dtype),
         )
 
 
@@ -67,6 +71,8 @@ class DataInfo:
     pad_id: int | None = None
     # Classification from a file: the label each class index stands for.
     class_labels: tuple[int | str, ...] | None = None
+    # Text packed several rows to a sample: the model must keep them apart by position ids.
+    packed: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,15 @@ class TokenSequenceSet:
 
     def tokens(self, indices: list[int]) -> int:
         return sum(self.input_counts[index] for index in indices)
+
+    def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's inputs and targets, unpadded: what `collate` puts in its row."""
+        sequence = self.sequences[index]
+        inputs = sequence[:-1].long()
+        targets = torch.full_like(inputs, IGNORE_INDEX)
+        start = self.loss_starts[index]
+        targets[start - 1 :] = sequence[start:]
+        return inputs, targets
 
     def collate(self, indices: list[int]) -> Batch:
         inputs = _right_padded([self.sequences[index][:-1] for index in indices], self.pad_id)

@@ -7,7 +7,8 @@ pickled `pytorch_model.bin` is refused) and `trust_remote_code` is always off. A
 `config` builds a new model from a transformers config. Either is refused before its
 weights are allocated if it has more parameters than the caller's bound (the worker's
 TRAINJOB_HF_MAX_PARAMETERS). The caller passes both in an `HfLimits`: the engine reads
-no settings.
+no settings. A job's `quantize` loads a pretrained base 4- or 8-bit straight onto its GPU,
+frozen for adapters (worker/engine/quantize.py).
 
 Each model is wrapped so that the engine sees what it sees of the built-in models:
 `forward(input_ids, attention_mask=None) -> logits`, and a state dict that is the
@@ -35,6 +36,7 @@ from torch import nn
 from app.jobs.spec import MAX_PARAMETERS, HfCausalLmSpec, HfSequenceClassificationSpec
 from worker.engine.data_types import DataInfo
 from worker.engine.errors import TrainingError
+from worker.engine.quantize import Quantization, prepare_quantized
 
 if TYPE_CHECKING:
     from worker.datafiles.tokenizers import TextTokenizer
@@ -61,27 +63,43 @@ DEFAULT_LIMITS = HfLimits()
 
 
 def build_hf_causal_lm(
-    spec: HfCausalLmSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
+    spec: HfCausalLmSpec,
+    info: DataInfo,
+    limits: HfLimits = DEFAULT_LIMITS,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
-    """A causal language model: logits [batch, tokens, vocabulary]."""
-    model = _load("AutoModelForCausalLM", spec, limits)
+    """A causal language model: logits [batch, tokens, vocabulary]. With `quantization`,
+    its base is loaded quantized onto its device and frozen (worker/engine/quantize.py)."""
+    model = _load("AutoModelForCausalLM", spec, limits, quantization=quantization)
     # A sequence of n tokens gives n-1 input positions.
     _check_fits_data(
         model, info, longest_input=None if info.max_length is None else info.max_length - 1
     )
-    return CausalLm(model)
+    wrapped = CausalLm(model)
+    if info.packed:
+        _check_keeps_packed_rows_apart(wrapped, info)
+    return wrapped
 
 
 def build_hf_sequence_classification(
-    spec: HfSequenceClassificationSpec, info: DataInfo, limits: HfLimits = DEFAULT_LIMITS
+    spec: HfSequenceClassificationSpec,
+    info: DataInfo,
+    limits: HfLimits = DEFAULT_LIMITS,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
     """A sequence classifier: logits [batch, classes], read at each sequence's last real
-    token (decoders) or its first token (encoders)."""
+    token (decoders) or its first token (encoders). `quantization` as for causal models."""
     if info.num_classes is None:
         raise TrainingError(
             "invalid_data", "hf-sequence-classification needs a labelled data set (num_classes)"
         )
-    model = _load("AutoModelForSequenceClassification", spec, limits, num_labels=info.num_classes)
+    model = _load(
+        "AutoModelForSequenceClassification",
+        spec,
+        limits,
+        num_labels=info.num_classes,
+        quantization=quantization,
+    )
     if model.config.pad_token_id is None:
         # Decoders refuse batches of more than one sequence without a pad token id; the
         # wrapper pools by the attention mask, so the value only has to be a token id.
@@ -142,10 +160,11 @@ def _import_transformers() -> ModuleType:
 @contextmanager
 def _transformers_errors(field: str) -> Iterator[None]:
     """Whatever transformers raises about a user's model is the spec's fault, never an
-    internal error: report it as invalid_spec with transformers' own words."""
+    internal error: report it as invalid_spec with transformers' own words. Running out of
+    memory (a quantized base is loaded straight onto its GPU) stays out_of_memory."""
     try:
         yield
-    except TrainingError:
+    except (TrainingError, torch.OutOfMemoryError):
         raise
     except Exception as error:
         message = " ".join(str(error).split())[:_MAX_MESSAGE] or type(error).__name__
@@ -181,11 +200,16 @@ def _config_from_spec(transformers: ModuleType, values: dict[str, Any]) -> Any:
 
 
 def _load(
-    auto_class_name: str, spec: HfModelSpec, limits: HfLimits, num_labels: int | None = None
+    auto_class_name: str,
+    spec: HfModelSpec,
+    limits: HfLimits,
+    num_labels: int | None = None,
+    quantization: Quantization | None = None,
 ) -> Any:
     """A transformers PreTrainedModel of the auto class `auto_class_name` from the spec's
     `config` or `pretrained` directory, refused over `limits.max_parameters` before its
-    weights exist. `num_labels` gives a classifier its head: one output per class."""
+    weights exist. `num_labels` gives a classifier its head: one output per class.
+    `quantization` loads a pretrained base quantized (the spec allows it with nothing else)."""
     transformers = _import_transformers()
     auto_class = getattr(transformers, auto_class_name)
     head = {} if num_labels is None else {"num_labels": num_labels}
@@ -204,10 +228,12 @@ def _load(
     if num_labels is not None:
         # A head saved for another number of classes is replaced by a fresh one.
         head["ignore_mismatched_sizes"] = saved.num_labels != num_labels
+    quantized = {} if quantization is None else quantization.from_pretrained_arguments()
     with _transformers_errors("model.pretrained"):
-        return auto_class.from_pretrained(
-            directory, **_OFFLINE_AND_SAFE, use_safetensors=True, **head
+        model = auto_class.from_pretrained(
+            directory, **_OFFLINE_AND_SAFE, use_safetensors=True, **head, **quantized
         )
+    return model if quantization is None else prepare_quantized(model)
 
 
 def _check_parameters(auto_class: Any, config: Any, max_parameters: int, field: str) -> None:
@@ -316,10 +342,62 @@ class _Wrapper(nn.Module):
 
 class CausalLm(_Wrapper):
     """Right padding with causal attention: real tokens never attend to padding, so a
-    sequence's logits do not depend on how much padding its micro-batch has."""
+    sequence's logits do not depend on how much padding its micro-batch has.
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=_long_mask(attention_mask)).logits
+    Packed rows come with `position_ids` restarting at 0 for each row and no attention
+    mask: transformers then finds the rows where the positions restart and builds a
+    block-diagonal causal mask for whichever attention the model uses
+    (masking_utils.find_packed_sequence_indices). Not every architecture does: packing
+    checks the model first (`_check_keeps_packed_rows_apart`).
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        mask = _long_mask(attention_mask)
+        outputs = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
+        return outputs.logits
+
+
+# A row's logits packed behind another may differ from its logits alone by rounding (a
+# few 1e-7 of their size in fp32); rows that see each other differ by 1e-3 and more.
+_PACKED_ROWS_TOLERANCE = 1e-4
+
+
+def _check_keeps_packed_rows_apart(model: CausalLm, info: DataInfo) -> None:
+    """Refuse packing for a model whose rows would see each other in a pack: those whose
+    attention does not follow position ids (ALiBi or positions taken from the attention
+    mask, as BLOOM and OPT; state-space models). Asked of the model itself, on two short
+    rows: packed, each must give the logits it gives alone."""
+    transformers_model: Any = model.model
+    vocabulary = transformers_model.get_input_embeddings().num_embeddings
+    # Rows no longer than the data's: the model takes that many positions.
+    length = max(1, min(6, (info.max_length or 7) - 1))
+    first = torch.arange(1, length + 1) % vocabulary
+    second = (torch.arange(length) * 7 + 3) % vocabulary
+    device = next(model.parameters()).device
+    packed = torch.cat([first, second]).to(device)
+    positions = torch.cat([torch.arange(length), torch.arange(length)]).to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the same row must give the same logits
+    try:
+        with torch.no_grad(), _transformers_errors("dataset.packing"):
+            alone = torch.cat([model(row[None].to(device))[0] for row in (first, second)])
+            together = model(packed[None], position_ids=positions[None])[0]
+    finally:
+        model.train(was_training)
+    error = (together - alone).abs().max().item()
+    if not error <= _PACKED_ROWS_TOLERANCE * alone.abs().max().item():
+        model_type = transformers_model.config.model_type
+        raise TrainingError(
+            "invalid_spec",
+            f"dataset.packing: model type {model_type!r} does not keep packed rows apart (its "
+            "attention does not follow each row's position ids: a row's logits change when "
+            "another row is packed before it); train this model without packing",
+        )
 
 
 class SequenceClassifier(_Wrapper):

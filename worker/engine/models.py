@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(spec.n_embd, spec.n_embd)
         self.dropout = spec.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         q, k, v = (
@@ -81,8 +81,14 @@ class CausalSelfAttention(nn.Module):
         )
         # Causal attention over right-padded rows: real tokens never attend to padding,
         # so a sample's outputs do not depend on how long its micro-batch was padded.
+        # Packed rows: `mask` is causal within each row and closed between rows.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -100,8 +106,8 @@ class Block(nn.Module):
             nn.Dropout(spec.dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.norm_1(x), mask)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -122,14 +128,23 @@ class TinyGpt(nn.Module):
         # The spec's activation_checkpointing (worker/engine/registry.py turns it on).
         self.activation_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [batch, tokens, vocabulary]. With `position_ids` (packed rows, each
+        numbered from 0) every row attends only to itself and is embedded at its own
+        positions: its logits are those it has alone."""
         length = tokens.shape[1]
         if length > self.block_size:
             raise TrainingError(
                 "invalid_data",
                 f"a sequence of {length} inputs exceeds block_size {self.block_size}",
             )
-        positions = torch.arange(length, device=tokens.device)
+        mask = None
+        if position_ids is None:
+            positions = torch.arange(length, device=tokens.device)
+        else:
+            positions, mask = position_ids, packed_rows_mask(position_ids)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
         # Only when there will be a backward to recompute for: evaluation runs as is.
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -139,8 +154,17 @@ class TinyGpt(nn.Module):
             # when x does not require them (a frozen embedding, LoRA). The default
             # preserve_rng_state=True replays the forward's RNG state, so the dropout masks
             # of the recomputation are the forward's: the same gradients bit for bit.
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.head(self.norm(x))
+
+
+def packed_rows_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, tokens, tokens], True where a token may attend: causal, and only within
+    its row, a row being a run of positions that starts at 0."""
+    rows = (position_ids == 0).cumsum(dim=1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((rows[:, :, None] == rows[:, None, :]) & causal).unsqueeze(1)
 
 
 def build_tiny_gpt(spec: TinyGptSpec, info: DataInfo) -> nn.Module:

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from app.jobs.spec import LrScheduleSpec, OptimizerSpec
+from worker.engine.quantize import import_bitsandbytes
 
 
 def build_optimizer(
     spec: OptimizerSpec, parameters: Iterable[torch.nn.Parameter]
 ) -> torch.optim.Optimizer:
+    if spec.type == "adamw8bit":
+        # CUDA only: the run checked its device before it built anything (quantize.py).
+        # Block-wise 8-bit moments for every tensor of 4,096 elements or more (bitsandbytes'
+        # min_8bit_size); smaller ones keep 32-bit moments, as bitsandbytes decides.
+        bitsandbytes = import_bitsandbytes("optimizer.type 'adamw8bit' needs")
+        return cast(
+            torch.optim.Optimizer,
+            bitsandbytes.optim.AdamW8bit(
+                parameters, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+            ),
+        )
     if spec.type == "adamw":
         return torch.optim.AdamW(
             parameters, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay

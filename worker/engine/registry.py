@@ -30,6 +30,7 @@ from worker.datafiles.tokenizers import TextTokenizer
 from worker.engine import datasets, hf, models
 from worker.engine.data_types import DataInfo, DataSplits
 from worker.engine.errors import TrainingError
+from worker.engine.quantize import Quantization
 
 ModelBuilder = Callable[[Any, DataInfo], nn.Module]
 DatasetBuilder = Callable[[Any, int], DataSplits]
@@ -58,22 +59,26 @@ def build_model(
     spec: ModelSpec,
     info: DataInfo,
     hf_limits: hf.HfLimits = hf.DEFAULT_LIMITS,
+    quantization: Quantization | None = None,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
     """The spec's model. A Hugging Face one is loaded within `hf_limits` (refused over its
-    parameter bound before its weights exist); the built-in ones are bounded by the spec.
-    `activation_checkpointing`: its blocks recompute their activations in backward."""
-    model = _build_model(spec, info, hf_limits)
+    parameter bound before its weights exist), its base quantized with `quantization`
+    (which the job spec allows on hf-* models only); the built-in ones are bounded by the
+    spec. `activation_checkpointing`: its blocks recompute their activations in backward."""
+    model = _build_model(spec, info, hf_limits, quantization)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
 
 
-def _build_model(spec: ModelSpec, info: DataInfo, hf_limits: hf.HfLimits) -> nn.Module:
+def _build_model(
+    spec: ModelSpec, info: DataInfo, hf_limits: hf.HfLimits, quantization: Quantization | None
+) -> nn.Module:
     if isinstance(spec, HfCausalLmSpec):
-        return hf.build_hf_causal_lm(spec, info, hf_limits)
+        return hf.build_hf_causal_lm(spec, info, hf_limits, quantization)
     if isinstance(spec, HfSequenceClassificationSpec):
-        return hf.build_hf_sequence_classification(spec, info, hf_limits)
+        return hf.build_hf_sequence_classification(spec, info, hf_limits, quantization)
     name = str(spec.type)
     if name in BUILTIN_MODEL_BUILDERS:
         return BUILTIN_MODEL_BUILDERS[name](spec, info)

@@ -38,6 +38,7 @@ from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import plan_precision
+from worker.engine.quantize import check_cuda_options, plan_quantization
 from worker.engine.registry import build_dataset, build_model, model_tokenizer
 from worker.engine.window import (
     MicroBatchOutOfMemory,
@@ -66,6 +67,7 @@ _TRAINING_FIELDS = {
     "lr_schedule",
     "grad_clip_norm",
     "precision",
+    "quantize",
     "seed",
 }
 
@@ -229,13 +231,22 @@ def prepare_run(
     if deterministic:
         use_deterministic_algorithms()
     device = resolve_device(spec.device)
+    # quantize and adamw8bit: refused off CUDA before any data is read or model built.
+    check_cuda_options(spec, device)
     precision = plan_precision(spec.precision, device)
     seed_everything(spec.seed)
     data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec, hf_limits))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
-    model = build_model(spec.model, data.info, hf_limits, spec.activation_checkpointing)
-    model.to(device=device, dtype=precision.parameter_dtype).train()
+    quantization = plan_quantization(spec, precision)
+    model = build_model(
+        spec.model, data.info, hf_limits, quantization, spec.activation_checkpointing
+    )
+    if quantization is None:
+        # A quantized base is on its device already and keeps its 4/8-bit weights: a cast
+        # would undo the quantization (transformers refuses it).
+        model.to(device=device, dtype=precision.parameter_dtype)
+    model.train()
     if group is not None:
         broadcast_parameters(model)
     check_accumulation_is_exact(model, spec)
@@ -287,6 +298,10 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
     state = unpack_state(checkpoint.state)
     # Older checkpoints also hold the fields of the cut: they are not compared.
     written_for = {name: state["training"].get(name) for name in _TRAINING_FIELDS}
+    dataset = written_for["dataset"]
+    if isinstance(dataset, dict) and dataset.get("type") == "file":
+        # Written before dataset.packing existed: those runs trained unpacked.
+        written_for["dataset"] = {"packing": False, **dataset}
     if written_for != _training_fields(run.spec):
         raise TrainingError(
             "incompatible_checkpoint", "the checkpoint was written by a different training spec"

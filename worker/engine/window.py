@@ -71,10 +71,16 @@ class StepParts:
 
 
 def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's outputs; models of padded text also get the batch's attention mask."""
-    if batch.attention_mask is None:
+    """The model's outputs; models of padded text also get the batch's attention mask, and
+    of packed text its position ids."""
+    if batch.attention_mask is None and batch.position_ids is None:
         return cast(torch.Tensor, model(batch.inputs))
-    return cast(torch.Tensor, model(batch.inputs, attention_mask=batch.attention_mask))
+    extra = {}
+    if batch.attention_mask is not None:
+        extra["attention_mask"] = batch.attention_mask
+    if batch.position_ids is not None:
+        extra["position_ids"] = batch.position_ids
+    return cast(torch.Tensor, model(batch.inputs, **extra))
 
 
 def sum_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

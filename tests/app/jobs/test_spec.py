@@ -39,6 +39,9 @@ from app.jobs.spec import (
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
+FILE_ID = "file_" + "0" * 24
+VALIDATION_ID = "file_" + "1" * 24
+
 # Marks a top-level key to leave out of the spec (None is a value some fields accept).
 REMOVE: Any = object()
 
@@ -400,6 +403,27 @@ MODEL_CASES = [
         "model 'cnn' cannot recompute its activations",
     ),
     _case(
+        "packing-a-classifier",
+        base_spec(
+            model={"type": "hf-sequence-classification", "config": {"model_type": "bert"}},
+            dataset={"type": "file", "file_id": FILE_ID, "packing": True},
+        ),
+        "dataset.packing",
+        "needs a model that keeps packed rows apart (hf-causal-lm, tiny-gpt)",
+        "not 'hf-sequence-classification'",
+    ),
+    _case(
+        "packing-features",
+        base_spec(dataset={"type": "file", "file_id": FILE_ID, "packing": True}),
+        "dataset.packing",
+        "not 'mlp'",
+    ),
+    _case(
+        "packing-not-a-boolean",
+        gpt_spec(dataset={"type": "file", "file_id": FILE_ID, "packing": "always"}),
+        "dataset.packing",
+    ),
+    _case(
         "auto-micro-batch-activations-too-large",
         wide_gpt_spec(micro_batch_size="auto", accumulation_steps=REMOVE, batch_size=8),
         "batch_size",
@@ -565,10 +589,6 @@ def test_defaults_are_filled() -> None:
     assert spec.dataset == SyntheticClassificationSpec()
 
 
-FILE_ID = "file_" + "0" * 24
-VALIDATION_ID = "file_" + "1" * 24
-
-
 @pytest.mark.parametrize(
     ("model", "dataset", "optimizer"),
     [
@@ -604,6 +624,12 @@ def test_the_default_optimizer_is_the_one_the_model_is_usually_trained_with(
         ({"type": "tiny-gpt"}, {"lr": 0.01, "weight_decay": 0.1}, ("adamw", 0.01)),
         ({"type": "hf-causal-lm", "pretrained": "gpt2"}, {"type": "sgd"}, ("sgd", 0.05)),
         ({"type": "hf-causal-lm", "pretrained": "gpt2"}, {"lr": 1e-4}, ("adamw", 1e-4)),
+        ({"type": "mlp"}, {"type": "adamw8bit"}, ("adamw8bit", 1e-3)),
+        (
+            {"type": "hf-causal-lm", "pretrained": "gpt2"},
+            {"type": "adamw8bit"},
+            ("adamw8bit", 5e-5),
+        ),
     ],
 )
 def test_an_optimizer_given_in_part_keeps_its_values_and_gets_its_type_s_lr(
@@ -613,6 +639,72 @@ def test_an_optimizer_given_in_part_keeps_its_values_and_gets_its_type_s_lr(
     spec = JobSpec.model_validate(base_spec(model=model, dataset=dataset, optimizer=given))
     assert (spec.optimizer.type, spec.optimizer.lr) == optimizer
     assert spec.optimizer.weight_decay == given.get("weight_decay", 0.0)
+
+
+PRETRAINED_LM = {"type": "hf-causal-lm", "pretrained": "/models/llama"}
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("model_type", ["hf-causal-lm", "hf-sequence-classification"])
+def test_quantize_is_accepted_on_a_pretrained_hugging_face_model(
+    quantize: str, model_type: str
+) -> None:
+    model = {"type": model_type, "pretrained": "/models/llama"}
+    dataset = (
+        {"type": "tiny-text"}
+        if model_type == "hf-causal-lm"
+        else {"type": "file", "file_id": FILE_ID}
+    )
+    spec = JobSpec.model_validate(base_spec(model=model, dataset=dataset, quantize=quantize))
+    assert spec.quantize == quantize
+    assert JobSpec.model_validate(spec.model_dump(mode="json")).quantize == quantize
+
+
+@pytest.mark.parametrize("model", [{"type": "tiny-gpt"}, {"type": "mlp"}])
+def test_quantize_on_another_model_is_refused_naming_quantize(model: dict[str, Any]) -> None:
+    dataset = {"type": "tiny-text"} if model["type"] == "tiny-gpt" else {"type": "digits"}
+    assert_rejected(
+        base_spec(model=model, dataset=dataset, quantize="nf4"),
+        "quantize",
+        "needs a Hugging Face model",
+        repr(model["type"]),
+    )
+
+
+def test_quantize_of_a_model_from_a_config_is_refused_a_frozen_random_base_stays_random() -> None:
+    model = {"type": "hf-causal-lm", "config": {"model_type": "llama"}}
+    assert_rejected(
+        base_spec(model=model, dataset={"type": "tiny-text"}, quantize="int8"),
+        "quantize",
+        "needs model.pretrained",
+    )
+
+
+def test_an_unknown_quantization_is_refused() -> None:
+    spec = base_spec(model=PRETRAINED_LM, dataset={"type": "tiny-text"}, quantize="fp4")
+    assert_rejected(spec, "quantize", "'nf4' or 'int8'")
+
+
+@pytest.mark.parametrize(
+    ("cuda_only", "named"),
+    [
+        ({"quantize": "nf4"}, "quantize 'nf4'"),
+        ({"optimizer": {"type": "adamw8bit"}}, "optimizer.type 'adamw8bit'"),
+    ],
+)
+def test_the_cuda_only_options_refuse_fp64_and_the_cpu_device(
+    cuda_only: dict[str, Any], named: str
+) -> None:
+    spec = base_spec(model=PRETRAINED_LM, dataset={"type": "tiny-text"}, **cuda_only)
+    assert JobSpec.model_validate(spec)
+    assert_rejected({**spec, "precision": "fp64"}, "precision", named, "bitsandbytes")
+    assert_rejected({**spec, "device": "cpu"}, "device", named, "needs a CUDA device")
+    # Whether the worker has CUDA is the worker's to say: "auto" and "cuda" are accepted.
+    assert JobSpec.model_validate({**spec, "device": "cuda", "precision": "bf16"})
+
+
+def test_an_optimizer_type_that_is_no_string_is_a_validation_error_not_a_crash() -> None:
+    assert_rejected(gpt_spec(optimizer={"type": ["adamw8bit"]}), "optimizer.type")
 
 
 def test_a_file_dataset_holds_out_a_tenth_unless_it_has_a_validation_file() -> None:
@@ -747,6 +839,8 @@ def full_spec() -> dict[str, Any]:
         "lr_schedule": {"type": "cosine", "warmup_steps": 20},
         "grad_clip_norm": 1.5,
         "precision": "bf16",
+        # Needs a pretrained hf-* model: its round trip is test_quantize_is_accepted_….
+        "quantize": None,
         "seed": 1234,
         "device": "cuda",
         "devices": 2,

@@ -22,6 +22,7 @@ from worker.engine.data_types import (
     TokenSequenceSet,
 )
 from worker.engine.errors import TrainingError
+from worker.engine.packing import PackedSequenceSet
 
 TRAIN_ID = "file_" + "a" * 24
 VALIDATION_ID = "file_" + "b" * 24
@@ -178,6 +179,33 @@ def test_a_completion_cut_away_by_max_length_skips_its_row(files: Files) -> None
     assert len(data.train) == 1
     assert data.train.sequences[0].tolist() == byte_ids("abcd")
     assert data.train.loss_units([0]) == 2
+
+
+def test_packing_packs_both_splits_and_counts_every_row_as_unpacked(files: Files) -> None:
+    rows = [{"prompt": "p" * (n % 3), "completion": "c" * (1 + n % 5)} for n in range(20)]
+    files.jsonl(TRAIN_ID, rows)
+    unpacked = load(files, max_length=8, eval_fraction=0.25)
+    packed = load(files, max_length=8, eval_fraction=0.25, packing=True)
+    assert isinstance(packed.train, PackedSequenceSet) and packed.info.packed
+    assert isinstance(packed.eval, PackedSequenceSet)
+    # The same rows held out, every row in one pack of at most max_length - 1 positions.
+    for split in ("train", "eval"):
+        rows_of, packs_of = getattr(unpacked, split), getattr(packed, split)
+        assert [row.tolist() for row in packs_of.rows.sequences] == [
+            row.tolist() for row in rows_of.sequences
+        ]
+        assert len(packs_of) < len(rows_of)
+        assert sorted(row for pack in packs_of.packs for row in pack) == list(range(len(rows_of)))
+        assert max(packs_of.tokens([index]) for index in range(len(packs_of))) <= 7
+        everything = list(range(len(rows_of)))
+        assert packs_of.loss_units(list(range(len(packs_of)))) == rows_of.loss_units(everything)
+
+
+def test_packing_labelled_text_is_refused(files: Files) -> None:
+    files.jsonl(TRAIN_ID, [{"text": "good", "label": "pos"}, {"text": "no", "label": "neg"}])
+    with pytest.raises(TrainingError, match="packs text and prompt/completion rows") as error:
+        load(files, packing=True)
+    assert error.value.type == "invalid_spec"
 
 
 # ---------------------------------------------------------------- labelled text

@@ -5,6 +5,8 @@ the last partial window; and the loss each kind is trained on is the one it shou
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 import json
 import random
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 from app.jobs.spec import FileDatasetSpec, JobSpec, TinyGptSpec
 from worker.datafiles.load import load_file_dataset
 from worker.engine.batching import epoch_order
+from worker.engine.checkpoint import Checkpoint, unpack_state
 from worker.engine.data_types import DataInfo, TextClassificationSet
 from worker.engine.errors import TrainingError
 from worker.engine.models import build_tiny_gpt
@@ -127,6 +130,75 @@ def test_prompt_completion_gradient_is_the_mean_over_completion_tokens(files: Fi
     actual = torch.cat([p.grad.flatten() for p in run.parts.model.parameters()])
     assert run.data.train.loss_units([0, 1, 2, 3]) == units == 1 + 10 + 2 + 2
     assert_close_relative(actual, expected, 1e-12)
+
+
+def prompt_completion_rows(count: int) -> list[dict[str, str]]:
+    prompts, completions = variable_length_texts(count, seed=2), variable_length_texts(count, 3)
+    return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+
+
+def test_packed_prompt_completion_ends_at_the_same_weights_for_any_split(files: Files) -> None:
+    files.jsonl(TRAIN_ID, prompt_completion_rows(40))
+    finals = final_weights_of_every_split(
+        files, model=TINY_GPT, max_steps=3, dataset={"packing": True}, **ADAMW
+    )
+    for final in finals[1:]:
+        assert_close_relative(final, finals[0], 1e-12)
+
+
+def test_packing_changes_which_rows_share_a_step_not_how_each_row_counts(files: Files) -> None:
+    """One SGD step over the whole file, packed and not: the same rows, so the same loss,
+    gradient (lr 1: the same weights) and held-out loss."""
+    files.jsonl(TRAIN_ID, prompt_completion_rows(24))
+    results = {}
+    for packing in (False, True):
+        spec = file_spec(
+            model=TINY_GPT,
+            micro_batch_size=4,
+            accumulation_steps=8,
+            max_steps=1,
+            eval_every=1,
+            optimizer={"type": "sgd", "lr": 1.0},
+            dataset={"packing": packing, "eval_fraction": 0.25},
+        )
+        steps: list[StepMetrics] = []
+        result = train(spec, Callbacks(on_step=steps.append), files=files)
+        results[packing] = (steps[0], weights_vector(result.weights))
+    (unpacked, unpacked_weights), (packed, packed_weights) = results[False], results[True]
+    assert packed.window_samples < unpacked.window_samples  # packs, and rows
+    assert packed.tokens_seen == unpacked.tokens_seen
+    assert packed.loss == pytest.approx(unpacked.loss, rel=1e-12)
+    assert packed.grad_norm == pytest.approx(unpacked.grad_norm, rel=1e-12)
+    assert packed.eval_loss == pytest.approx(unpacked.eval_loss, rel=1e-12)
+    assert (packed_weights - unpacked_weights).abs().max() <= 1e-12
+
+
+def test_resume_needs_the_same_packing_and_takes_checkpoints_from_before_it(
+    files: Files, tmp_path: Path
+) -> None:
+    files.jsonl(TRAIN_ID, prompt_completion_rows(8))
+    unpacked = file_spec(model=TINY_GPT, micro_batch_size=4, accumulation_steps=1, max_steps=1)
+    train(unpacked, Callbacks(on_checkpoint=lambda saved: saved.write(tmp_path)), files=files)
+    saved = Checkpoint.read(tmp_path)
+    packed = file_spec(
+        model=TINY_GPT,
+        micro_batch_size=4,
+        accumulation_steps=1,
+        max_steps=1,
+        dataset={"packing": True},
+    )
+    with pytest.raises(TrainingError) as failure:
+        train(packed, resume=saved, files=files)
+    assert failure.value.type == "incompatible_checkpoint"
+    # Written before dataset.packing existed: it trained unpacked, and resumes so.
+    state = unpack_state(saved.state)
+    del state["training"]["dataset"]["packing"]
+    older = io.BytesIO()
+    torch.save(state, older)
+    resumed = train(
+        unpacked, resume=dataclasses.replace(saved, state=older.getvalue()), files=files
+    )
+    assert resumed.status == "completed"
 
 
 REGRESSION_CSV = "a,b,c,target\n" + "".join(

@@ -159,6 +159,21 @@ def test_without_transformers_the_error_says_to_install_the_extra(
     assert "trainjob[hf]" in error.message
 
 
+def test_running_out_of_memory_while_loading_is_out_of_memory_not_the_spec_s_fault(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantized base is loaded straight onto its GPU, where it may not fit."""
+    save_tiny_gpt2(model_dir / "tiny-gpt2")
+
+    def does_not_fit(*_: Any, **__: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", does_not_fit)
+    spec = HfCausalLmSpec(pretrained=str(model_dir / "tiny-gpt2"))
+    with pytest.raises(torch.OutOfMemoryError):
+        build_hf_causal_lm(spec, TEXT_INFO, allowing(model_dir))
+
+
 # ---------------------------------------------------------------- from a directory
 
 

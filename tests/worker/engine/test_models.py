@@ -108,6 +108,23 @@ def test_checkpointing_gives_the_same_gradients_bit_for_bit_with_dropout() -> No
     assert not torch.equal(other.head.weight.grad, plain.head.weight.grad)  # type: ignore[arg-type]
 
 
+def test_packed_rows_are_recomputed_with_their_mask_to_the_same_gradients() -> None:
+    """dataset.packing: each row of a pack attends only to itself, recomputed or not."""
+    # Two rows of 20 and 12 tokens packed into each sequence of 32.
+    position_ids = torch.cat([torch.arange(20), torch.arange(12)]).expand(4, 32)
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_gpt(checkpointing)
+        calls = block_calls(model)
+        torch.manual_seed(2)
+        model(tokens(), position_ids).square().mean().backward()
+        assert calls == ([2, 2, 2] if checkpointing else [1, 1, 1])
+        gradients.append([p.grad for p in model.parameters()])
+    for expected, actual in zip(*gradients, strict=True):
+        assert expected is not None and actual is not None
+        assert torch.equal(actual, expected)
+
+
 def test_parameters_inside_a_block_get_gradients_when_its_input_needs_none() -> None:
     """A frozen embedding (as under LoRA): non-reentrant checkpointing still reaches the
     parameters inside the blocks."""
