@@ -32,7 +32,21 @@ the figures for bench/gpu.py. `--optimizer adamw8bit` trains with bitsandbytes' 
 AdamW instead of AdamW (CUDA with the `cuda` extra only): run the same command with each
 to see what the optimizer state takes.
 
+`--checkpointing` compares, at one (m, k), a run with `activation_checkpointing` against
+one without (issue 17), on tiny-gpt whose activations dwarf its weights (8 layers of
+width 64 over sequences of 512 tokens, m = 8, k = 2), each in a child as above. The
+child trains one warm-up window first (it allocates AdamW's moments and whatever torch
+sets up on its first call), reads its resident set between windows (weights and AdamW
+state: the gradients are freed at the end of every window), resets the peak, trains
+the other windows and reads the peak. Activation memory is that peak minus that
+resident set: what a window adds on top of weights and optimizer state (the
+activations kept for backward, and with them the gradients, printed for scale, and
+backward's temporaries). It reports both, their ratio (target: checkpointing ≤ 0.6×)
+and the ratio of their median window times. On CUDA: max_memory_allocated over
+memory_allocated between windows.
+
     .venv/bin/python bench/memory.py                     # about 30 s
+    .venv/bin/python bench/memory.py --checkpointing     # about 30 s
     .venv/bin/python bench/memory.py --smoke --out /tmp/memory.png
     .venv/bin/python bench/memory.py --size gpu --device cuda --precision bf16 --k 1 8 \
         --search --out /tmp/memory-gpu.png              # what bench/gpu.py runs on a GPU
@@ -43,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +79,8 @@ from common import (
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLOT = ROOT / "docs" / "images" / "memory.png"
 TARGET = 0.10
+# Activation memory with checkpointing over without (issue 17).
+CHECKPOINTING_TARGET = 0.6
 MMAP_THRESHOLD = "65536"
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -88,6 +105,20 @@ MODELS: dict[str, dict[str, Any]] = {
         "sequence": 32,
         "micro_batch_size": 2,
     },
+    # --checkpointing: 0.47 M parameters (5.3 MiB with AdamW's moments) against
+    # activations of about 17 MiB a layer at m = 8 (bench: 148 MiB in all).
+    "ckpt": {
+        "model": {"type": "tiny-gpt", "n_layer": 8, "n_head": 4, "n_embd": 64},
+        "sequence": 512,
+        "micro_batch_size": 8,
+        "accumulation_steps": 2,
+    },
+    "ckpt-smoke": {
+        "model": {"type": "tiny-gpt", "n_layer": 2, "n_head": 2, "n_embd": 16},
+        "sequence": 32,
+        "micro_batch_size": 2,
+        "accumulation_steps": 2,
+    },
 }
 
 
@@ -99,6 +130,7 @@ def make_spec(
     device: str,
     precision: str = "fp32",
     optimizer: str = "adamw",
+    activation_checkpointing: bool = False,
 ) -> dict[str, Any]:
     model = MODELS[size]
     if "sequence" in model:
@@ -122,6 +154,7 @@ def make_spec(
         "optimizer": {"type": optimizer, "lr": 0.001},
         "device": device,
         "precision": precision,
+        "activation_checkpointing": activation_checkpointing,
     }
 
 
@@ -155,6 +188,7 @@ def child(args: argparse.Namespace) -> None:
                 args.device,
                 args.precision,
                 args.optimizer,
+                args.activation_checkpointing,
             )
         )
     except ValidationError as error:
@@ -177,7 +211,25 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     measured: dict[str, Any] = {"fits": True, "baseline_kib": baseline, "cuda_peak_bytes": None}
 
+    measured["step_seconds"] = []
+    if args.warm_up:
+        measured["gradient_bytes"] = sum(
+            p.numel() * p.element_size() for p in run.parts.model.parameters() if p.requires_grad
+        )
+
     def on_step(metrics: StepMetrics) -> None:
+        if args.warm_up and metrics.step == 1:
+            # Between windows: weights and AdamW's state (gradients are freed at a window's
+            # end). The windows after this one are measured from here.
+            gc.collect()
+            measured["between_steps_kib"] = status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+                clear_refs.write("5")
+            if cuda:
+                measured["cuda_between_steps_bytes"] = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            return
+        measured["step_seconds"].append(metrics.step_seconds)
         measured["peak_kib"] = status_kib("VmHWM")
         if cuda:
             measured["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -235,10 +287,15 @@ class ChildFailed(Exception):
 
 
 def run_child(
-    args: argparse.Namespace, micro_batch_size: int, accumulation_steps: int
+    args: argparse.Namespace,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    activation_checkpointing: bool = False,
+    warm_up: bool = False,
 ) -> dict[str, Any]:
     """One point in a fresh child: what it printed. ChildFailed when it failed or ran past
-    --child-timeout (it is then killed)."""
+    --child-timeout (it is then killed). `warm_up`: measured from the end of the first
+    window (between_steps_kib) instead of from before training."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -259,6 +316,8 @@ def run_child(
         args.precision,
         "--optimizer",
         args.optimizer,
+        *(["--activation-checkpointing"] if activation_checkpointing else []),
+        *(["--warm-up"] if warm_up else []),
     ]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     child = subprocess.Popen(
@@ -417,12 +476,19 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model, k 1 and 2, one step")
     parser.add_argument("--out", type=Path, default=DEFAULT_PLOT, help="the PNG to write")
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32], dest="ks")
-    parser.add_argument("--steps", type=int, default=2, help="windows per point")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing on vs off at one (m, k), model ckpt (issue 17)",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="windows per point (2; --checkpointing: 4, the first a warm-up)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    parser.add_argument("--size", choices=sorted(MODELS), default="mlp")
+    parser.add_argument("--size", choices=sorted(MODELS), help="mlp; --checkpointing: ckpt")
     parser.add_argument("--search", action="store_true", help="the largest batch that trains")
     parser.add_argument("--search-max", type=int, default=4096, help="micro-batches above: none")
     parser.add_argument("--search-k", type=int, default=8, help="k of the accumulation probe")
@@ -431,9 +497,15 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--accumulation-steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-up", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke and args.checkpointing:
+        args.size, args.steps = "ckpt-smoke", 2
+    elif args.smoke:
         args.size, args.ks, args.steps = "smoke", [1, 2], 1
+    args.size = args.size or ("ckpt" if args.checkpointing else "mlp")
+    args.steps = args.steps or (4 if args.checkpointing else 2)
     return args
 
 
@@ -471,11 +543,118 @@ def report_search(found: Search, unit: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class WindowMemory:
+    """One child of --checkpointing, in MiB: the resident set between windows (weights and
+    optimizer state) and the peak of the windows after the first; on CUDA allocated
+    memory instead."""
+
+    activation_checkpointing: bool
+    between_windows_mib: float
+    peak_mib: float
+    gradient_mib: float
+    window_seconds: float  # the median of the measured windows
+    device: str
+
+    @property
+    def activation_mib(self) -> float:
+        """What a window adds over weights and optimizer state: activations kept for
+        backward, and the gradients and temporaries of backward."""
+        return self.peak_mib - self.between_windows_mib
+
+
+def measure_window(args: argparse.Namespace, activation_checkpointing: bool) -> WindowMemory:
+    model = MODELS[args.size]
+    m, k = model["micro_batch_size"], model["accumulation_steps"]
+    measured = run_child(args, m, k, activation_checkpointing, warm_up=True)
+    if not measured["fits"]:
+        raise ChildFailed(f"(m={m}, k={k}) does not fit: {measured['reason']}")
+    if measured["cuda_peak_bytes"] is not None:
+        between = measured["cuda_between_steps_bytes"] / 2**20
+        peak = measured["cuda_peak_bytes"] / 2**20
+    else:
+        between, peak = measured["between_steps_kib"] / 1024, measured["peak_kib"] / 1024
+    return WindowMemory(
+        activation_checkpointing,
+        between,
+        peak,
+        measured["gradient_bytes"] / 2**20,
+        statistics.median(measured["step_seconds"]),
+        measured["device"],
+    )
+
+
+def compare_checkpointing(args: argparse.Namespace) -> int:
+    """Activation checkpointing off, then on, at the model's (m, k): one child each."""
+    model = MODELS[args.size]
+    for line in machine_lines(["torch"]):
+        print(line)
+    print(
+        f"model {json.dumps(model['model'])}, sequences of {model['sequence']} tokens, "
+        f"m={model['micro_batch_size']}, k={model['accumulation_steps']}, {args.steps} windows "
+        f"a child (the first a warm-up), {args.precision}, torch threads {args.threads}, "
+        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+    )
+    started = time.perf_counter()
+    try:
+        plain, checkpointed = (measure_window(args, on) for on in (False, True))
+    except ChildFailed as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    unit = "MiB allocated" if plain.device == "cuda" else "MiB RSS"
+    print(
+        f"device {plain.device}; activation memory: the peak over windows 2..{args.steps} "
+        f"minus the {unit} between windows 1 and 2 (weights and AdamW's state; gradients "
+        f"are freed at each window's end), so activations kept for backward plus the "
+        f"gradients ({plain.gradient_mib:.1f} MiB) and backward's temporaries"
+    )
+    header = [
+        "checkpointing",
+        f"between windows {unit}",
+        f"peak {unit}",
+        "activation MiB",
+        "window s",
+    ]
+    rows = [
+        [
+            "on" if point.activation_checkpointing else "off",
+            f"{point.between_windows_mib:.1f}",
+            f"{point.peak_mib:.1f}",
+            f"{point.activation_mib:.1f}",
+            f"{point.window_seconds:.3f}",
+        ]
+        for point in (plain, checkpointed)
+    ]
+    print("\n".join(format_table(header, rows)))
+    ratio = checkpointed.activation_mib / plain.activation_mib
+    slowdown = checkpointed.window_seconds / plain.window_seconds
+    met = ratio <= CHECKPOINTING_TARGET
+    print(
+        f"activation memory on/off: {ratio:.3f} (target ≤ {CHECKPOINTING_TARGET}: "
+        f"{'met' if met else 'NOT met'}); window time on/off: {slowdown:.3f}"
+    )
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        figures = {
+            "device": plain.device,
+            "unit": unit,
+            "model": model["model"],
+            "points": [asdict(plain), asdict(checkpointed)],
+            "activation_ratio": ratio,
+            "window_time_ratio": slowdown,
+            "target_met": met,
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
         child(args)
         return 0
+    if args.checkpointing:
+        return compare_checkpointing(args)
     m = MODELS[args.size]["micro_batch_size"]
     for line in machine_lines(["torch"]):
         print(line)

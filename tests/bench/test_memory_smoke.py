@@ -28,6 +28,24 @@ def test_memory_smoke_run_prints_both_series_and_writes_the_plot(tmp_path: Path)
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_checkpointing_smoke_run_prints_activation_memory_on_and_off() -> None:
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--checkpointing", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    lines = finished.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("checkpointing "))
+    assert "activation MiB" in header and "window s" in header
+    rows = lines[lines.index(header) + 1 :][:2]
+    assert [row.split()[0] for row in rows] == ["off", "on"]
+    assert all(float(row.split()[3]) >= 0 for row in rows)  # peak over the between-windows set
+    assert any(line.startswith("activation memory on/off: ") for line in lines)
+
+
 def test_the_8_bit_optimizer_reaches_the_child_which_needs_cuda_for_it() -> None:
     """`--optimizer adamw8bit` measures on CUDA only: on the CPU its child's spec is refused,
     and the run says why."""

@@ -108,6 +108,40 @@ def build_hf_sequence_classification(
     return SequenceClassifier(model)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Have a built hf-* model (its wrapper) recompute each layer's activations in backward,
+    through transformers' own switch with non-reentrant `torch.utils.checkpoint`. A model
+    whose class does not support it fails the job (invalid_spec).
+
+    `model.model` may also be a peft model around the transformers one (LoRA): peft hands
+    attributes it does not have to the model it wraps, so the same switch reaches it.
+    Non-reentrant checkpointing needs no `enable_input_require_grads` there: it does not run
+    the layer inside an autograd Function, whose output would require grad only if an
+    input did (and a frozen embedding's output does not), but drops and recomputes the
+    saved tensors through autograd hooks, so the adapters inside get their gradients. (The
+    newer transformers call it anyway for token models; it only marks the embedding output
+    as requiring grad and changes no gradient.)
+    """
+    inner: Any = model.model if isinstance(model, _Wrapper) else model
+    # A peft model names the transformers class it wraps.
+    name = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner).__name__
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise TrainingError(
+            "invalid_spec",
+            f"activation_checkpointing: transformers' {name} does not support it; "
+            "set activation_checkpointing to false",
+        )
+    # Non-reentrant: the default of newer transformers, and the one that keeps gradients
+    # flowing to parameters inside a layer whose input needs none (above). Its default
+    # preserve_rng_state=True replays the forward's dropout masks in the recomputation.
+    kwargs = {"use_reentrant": False}
+    with _transformers_errors("activation_checkpointing"):
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # the name before it, deprecated since
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 # Offline, and no code from the model's directory: every loader gets these.
 _OFFLINE_AND_SAFE: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 

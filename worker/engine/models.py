@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from app.jobs.spec import CnnSpec, MlpSpec, TinyGptSpec
 from worker.engine.data_types import DataInfo
@@ -124,6 +125,8 @@ class TinyGpt(nn.Module):
         # Untied head: safetensors stores each tensor once, and shared storage would
         # need the slower save_model path.
         self.head = nn.Linear(spec.n_embd, vocab_size, bias=False)
+        # The spec's activation_checkpointing (worker/engine/registry.py turns it on).
+        self.activation_checkpointing = False
 
     def forward(
         self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -143,8 +146,15 @@ class TinyGpt(nn.Module):
         else:
             positions, mask = position_ids, packed_rows_mask(position_ids)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
+        # Only when there will be a backward to recompute for: evaluation runs as is.
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            # Non-reentrant: autograd's saved-tensor hooks drop what the block saves and run
+            # it again when backward needs it, so gradients reach the parameters inside even
+            # when x does not require them (a frozen embedding, LoRA). The default
+            # preserve_rng_state=True replays the forward's RNG state, so the dropout masks
+            # of the recomputation are the forward's: the same gradients bit for bit.
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.head(self.norm(x))
 
 

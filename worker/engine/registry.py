@@ -60,11 +60,21 @@ def build_model(
     info: DataInfo,
     hf_limits: hf.HfLimits = hf.DEFAULT_LIMITS,
     quantization: Quantization | None = None,
+    activation_checkpointing: bool = False,
 ) -> nn.Module:
     """The spec's model. A Hugging Face one is loaded within `hf_limits` (refused over its
     parameter bound before its weights exist), its base quantized with `quantization`
     (which the job spec allows on hf-* models only); the built-in ones are bounded by the
-    spec."""
+    spec. `activation_checkpointing`: its blocks recompute their activations in backward."""
+    model = _build_model(spec, info, hf_limits, quantization)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _build_model(
+    spec: ModelSpec, info: DataInfo, hf_limits: hf.HfLimits, quantization: Quantization | None
+) -> nn.Module:
     if isinstance(spec, HfCausalLmSpec):
         return hf.build_hf_causal_lm(spec, info, hf_limits, quantization)
     if isinstance(spec, HfSequenceClassificationSpec):
@@ -74,6 +84,23 @@ def build_model(
         return BUILTIN_MODEL_BUILDERS[name](spec, info)
     plugin = _plugin(MODEL_ENTRY_POINT_GROUP, "model", name)
     return cast(nn.Module, plugin(spec.model_dump(), info))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute the blocks of a built model in backward. The spec allows it for the models
+    of ACTIVATION_CHECKPOINTING_MODELS only; anything else is refused here too."""
+    # A peft model (LoRA) around ours: its base model is ours, adapters injected in place.
+    base = cast(nn.Module, getattr(model, "get_base_model", lambda: model)())
+    if isinstance(base, models.TinyGpt):
+        base.activation_checkpointing = True
+    elif isinstance(base, hf.CausalLm | hf.SequenceClassifier):
+        hf.enable_activation_checkpointing(base)
+    else:
+        raise TrainingError(
+            "invalid_spec",
+            f"activation_checkpointing: {type(base).__name__} models cannot recompute "
+            "their activations",
+        )
 
 
 def build_dataset(

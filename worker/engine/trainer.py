@@ -53,7 +53,10 @@ from worker.engine.window import (
 
 # Spec fields that change what is trained; a checkpoint resumes only the same training.
 # Not how a window is cut (micro_batch_size, accumulation_steps, devices): accumulation
-# is exact, so a run may resume on another number of devices with the same batch.
+# is exact, so a run may resume on another number of devices with the same batch. Nor
+# activation_checkpointing: it changes what a step keeps in memory, not one bit of what
+# it computes (recomputation replays the same operations and the same RNG; pinned by
+# tests/test_activation_checkpointing_end_to_end.py), so either may resume the other's run.
 _TRAINING_FIELDS = {
     "model",
     "dataset",
@@ -236,7 +239,9 @@ def prepare_run(
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
     quantization = plan_quantization(spec, precision)
-    model = build_model(spec.model, data.info, hf_limits, quantization)
+    model = build_model(
+        spec.model, data.info, hf_limits, quantization, spec.activation_checkpointing
+    )
     if quantization is None:
         # A quantized base is on its device already and keeps its 4/8-bit weights: a cast
         # would undo the quantization (transformers refuses it).

@@ -390,6 +390,19 @@ MODEL_CASES = [
         "a micro-batch of 4",
     ),
     _case(
+        "activation-checkpointing-on-an-mlp",
+        base_spec(activation_checkpointing=True),
+        "activation_checkpointing",
+        "model 'mlp' cannot recompute its activations",
+        "only hf-causal-lm, hf-sequence-classification, tiny-gpt can",
+    ),
+    _case(
+        "activation-checkpointing-on-a-cnn",
+        base_spec(model={"type": "cnn"}, dataset={"type": "digits"}, activation_checkpointing=True),
+        "activation_checkpointing",
+        "model 'cnn' cannot recompute its activations",
+    ),
+    _case(
         "packing-a-classifier",
         base_spec(
             model={"type": "hf-sequence-classification", "config": {"model_type": "bert"}},
@@ -571,6 +584,7 @@ def test_defaults_are_filled() -> None:
     assert spec.name is None and spec.metadata is None
     assert spec.grad_clip_norm is None and spec.epochs is None
     assert spec.checkpoint_every == 0 and spec.eval_every == 0
+    assert spec.activation_checkpointing is False
     assert spec.model == MlpSpec(hidden_sizes=[64], dropout=0.0)
     assert spec.dataset == SyntheticClassificationSpec()
 
@@ -758,6 +772,40 @@ def test_largest_micro_batch_that_fits_is_accepted() -> None:
     assert parameters is not None and parameters <= spec_module.MAX_PARAMETERS
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"type": "tiny-gpt"},
+        {"type": "hf-causal-lm", "config": {"model_type": "llama"}},
+        {"type": "hf-sequence-classification", "pretrained": "org/bert"},
+    ],
+    ids=["tiny-gpt", "hf-causal-lm", "hf-sequence-classification"],
+)
+def test_activation_checkpointing_is_accepted_for_models_made_of_blocks(
+    model: dict[str, Any],
+) -> None:
+    dataset = {"type": "file", "file_id": FILE_ID} if "sequence" in model["type"] else None
+    data = gpt_spec(activation_checkpointing=True) | {"model": model}
+    spec = JobSpec.model_validate(data | ({"dataset": dataset} if dataset else {}))
+    assert spec.activation_checkpointing is True
+
+
+def test_activation_checkpointing_lets_more_samples_fit_one_micro_batch() -> None:
+    # Each block keeps only its input, and one block at a time all of its activations.
+    plain = JobSpec.model_validate(wide_gpt_spec(micro_batch_size=2, accumulation_steps=1))
+    data = wide_gpt_spec(micro_batch_size=16, accumulation_steps=1, activation_checkpointing=True)
+    checkpointed = JobSpec.model_validate(data)
+    plain_elements = estimate_activation_elements_per_sample(plain)
+    checkpointed_elements = estimate_activation_elements_per_sample(checkpointed)
+    assert plain_elements and checkpointed_elements
+    assert checkpointed_elements < plain_elements / 8
+    assert_rejected(
+        wide_gpt_spec(micro_batch_size=4096, accumulation_steps=1, activation_checkpointing=True),
+        "micro_batch_size",
+        "a micro-batch of 4096",
+    )
+
+
 def full_spec() -> dict[str, Any]:
     """Every field set to a non-default value."""
     return {
@@ -803,6 +851,7 @@ def full_spec() -> dict[str, Any]:
         "max_runtime_seconds": 3600,
         "priority": 700,
         "preemptible": False,
+        "activation_checkpointing": True,
     }
 
 
@@ -897,6 +946,15 @@ def test_registered_plugin_model_is_accepted() -> None:
     assert estimate_parameters(spec) is None
     assert estimate_activation_elements_per_sample(spec) is None
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.usefixtures("my_model_plugin")
+def test_a_plugin_model_cannot_ask_the_engine_to_checkpoint_it() -> None:
+    # The engine does not know a plugin's blocks: the plugin checkpoints inside itself.
+    data = base_spec(model={"type": "my-model"}, activation_checkpointing=True)
+    assert_rejected(
+        data, "activation_checkpointing", "model 'my-model' cannot recompute", "plugin model"
+    )
 
 
 @pytest.mark.usefixtures("my_model_plugin")

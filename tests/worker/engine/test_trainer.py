@@ -243,6 +243,28 @@ def test_resume_after_step_7_of_20_gives_bit_identical_weights(
     assert resumed.weights == uninterrupted.weights
 
 
+def test_activation_checkpointing_trains_the_same_bits_and_resumes_either_way(
+    tmp_path: Path,
+) -> None:
+    """tiny-gpt with dropout, recomputed in backward or not: the same weights; and since
+    it changes no bit, a checkpoint of one resumes under the other (_TRAINING_FIELDS)."""
+    text = {**TEXT, "model": {**TEXT["model"], "n_layer": 2, "dropout": 0.1}}
+    spec = make_spec(**text, **OPTIMIZERS["adamw"], max_steps=6, checkpoint_every=3)
+    checkpointed = spec.model_copy(update={"activation_checkpointing": True})
+
+    def keep_step_3(saved: LiveCheckpoint) -> None:
+        if saved.step == 3:
+            saved.write(tmp_path)
+
+    plain = train(spec, Callbacks(on_checkpoint=keep_step_3))
+    assert train(checkpointed).weights == plain.weights
+    # The dropout replayed is real: without it the same run ends elsewhere.
+    without_dropout = spec.model.model_copy(update={"dropout": 0.0})
+    assert train(spec.model_copy(update={"model": without_dropout})).weights != plain.weights
+    resumed = train(checkpointed, resume=Checkpoint.read(tmp_path))
+    assert (resumed.step, resumed.weights) == (6, plain.weights)
+
+
 def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path: Path) -> None:
     train(make_spec(max_steps=2), Callbacks(on_checkpoint=lambda saved: saved.write(tmp_path)))
     with pytest.raises(TrainingError) as failure:
