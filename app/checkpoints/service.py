@@ -227,18 +227,18 @@ def weights_download(
     `merged` changes nothing; `format` "peft" is refused). A LoRA job: the adapter, as a
     peft zip (the default, "peft") or its safetensors alone ("safetensors"); `merged`:
     the base with the adapter merged in, which only the final checkpoint has."""
-    job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
-    checkpoint = find_checkpoint(session, job_id=job_id, step=step, tenant=tenant)
-    lora = job.spec.get("lora") is not None
     if merged and format == "peft":
         raise InvalidRequest("merged weights are safetensors: leave format out, or use safetensors")
+    job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
+    lora = job.spec.get("lora") is not None
+    if not lora and format == "peft":
+        raise NoAdapter(
+            f"job {job_id} trains no LoRA adapter (its spec has no lora), so it has no peft "
+            "adapter to download: leave format out for its weights",
+            job_id=job_id,
+        )
+    checkpoint = find_checkpoint(session, job_id=job_id, step=step, tenant=tenant)
     if not lora:
-        if format == "peft":
-            raise NoAdapter(
-                f"job {job_id} trains no LoRA adapter (its spec has no lora), so it has no peft "
-                "adapter to download: leave format out for its weights",
-                job_id=job_id,
-            )
         return WeightsDownload(checkpoint, "weights", checkpoint.weights_bytes)
     if merged:
         size = part_size(
