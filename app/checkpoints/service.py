@@ -254,6 +254,11 @@ def weights_download(
         return WeightsDownload(checkpoint, "merged", size)
     if format == "safetensors":
         return WeightsDownload(checkpoint, "weights", checkpoint.weights_bytes)
+    if checkpoint.weights_bytes > adapters.MAX_MEMBER_BYTES:
+        raise InvalidRequest(
+            f"the adapter has {checkpoint.weights_bytes:,} bytes, more than a plain zip holds "
+            "here: download it with format=safetensors (its metadata holds the adapter config)"
+        )
     part = read_part(session, checkpoint=checkpoint, part="weights", checkpoint_dir=checkpoint_dir)
     # Only the header's chunks are read; the rest of the part is left unread.
     metadata = adapters.safetensors_metadata(part)

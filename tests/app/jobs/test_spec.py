@@ -696,6 +696,7 @@ def full_spec() -> dict[str, Any]:
             "weight_decay": 0.01,
             "betas": [0.8, 0.95],
         },
+        "lora": {"r": 4, "alpha": 32.0, "dropout": 0.05, "target_modules": ["qkv"]},
         "lr_schedule": {"type": "cosine", "warmup_steps": 20},
         "grad_clip_norm": 1.5,
         "precision": "bf16",
@@ -734,6 +735,36 @@ def test_spec_round_trips_through_json(data: dict[str, Any]) -> None:
 def test_full_spec_keeps_every_given_value() -> None:
     data = full_spec()
     assert JobSpec.model_validate(data).model_dump(mode="json") == {**data, "max_steps": None}
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "hf-causal-lm", "hf-sequence-classification"])
+def test_lora_goes_on_tiny_gpt_and_transformers_models_with_its_defaults(model: str) -> None:
+    extra = {"config": {"model_type": "llama"}} if model.startswith("hf-") else {}
+    data = gpt_spec(lora={}) | {"model": {"type": model, **extra}}
+    if model == "hf-sequence-classification":
+        data["dataset"] = {"type": "file", "file_id": "file_" + "0" * 24}
+    lora = JobSpec.model_validate(data).lora
+    assert lora is not None
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (8, 16.0, 0.0, None)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_lora_on_a_model_without_adapters_is_refused_naming_those_with(model: str) -> None:
+    errors = rejection(base_spec(model={"type": model}, dataset={"type": "digits"}, lora={}))
+    assert errors == [
+        "lora: LoRA adapters go on hf-causal-lm, hf-sequence-classification, tiny-gpt; "
+        f"not on model {model!r}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lora", "field"),
+    [({"r": 0}, "lora.r"), ({"alpha": 0}, "lora.alpha"), ({"dropout": 1.0}, "lora.dropout"),
+     ({"target_modules": []}, "lora.target_modules"), ({"rank": 8}, "lora.rank")],
+)  # fmt: skip
+def test_lora_fields_are_bounded(lora: dict[str, Any], field: str) -> None:
+    errors = rejection(gpt_spec(lora=lora))
+    assert len(errors) == 1 and errors[0].startswith(f"{field}: ")
 
 
 def test_spec_is_frozen() -> None:
