@@ -228,7 +228,8 @@ def weights_download(
     peft zip (the default, "peft") or its safetensors alone ("safetensors"); `merged`:
     the base with the adapter merged in, which only the final checkpoint has."""
     if merged and format == "peft":
-        raise InvalidRequest("merged weights are safetensors: leave format out, or use safetensors")
+        message = "merged weights are safetensors: leave format out, or use safetensors"
+        raise InvalidRequest(message, fields=[{"path": "format", "message": message}])
     job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
     lora = job.spec.get("lora") is not None
     if not lora and format == "peft":
@@ -255,10 +256,11 @@ def weights_download(
     if format == "safetensors":
         return WeightsDownload(checkpoint, "weights", checkpoint.weights_bytes)
     if checkpoint.weights_bytes > adapters.MAX_MEMBER_BYTES:
-        raise InvalidRequest(
+        message = (
             f"the adapter has {checkpoint.weights_bytes:,} bytes, more than a plain zip holds "
             "here: download it with format=safetensors (its metadata holds the adapter config)"
         )
+        raise InvalidRequest(message, fields=[{"path": "format", "message": message}])
     part = read_part(session, checkpoint=checkpoint, part="weights", checkpoint_dir=checkpoint_dir)
     # Only the header's chunks are read; the rest of the part is left unread.
     metadata = adapters.safetensors_metadata(part)
