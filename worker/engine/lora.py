@@ -83,8 +83,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec, model_spec: ModelSpec) -> nn.Mo
         lora_dropout=spec.dropout,
         target_modules=targets,
         task_type=task_type,
-        # A transformers model's name, so that the saved adapter says what it adapts.
-        base_model_name_or_path=getattr(model_spec, "pretrained", None),
     )
     inner = model.model if isinstance(model, CausalLm | SequenceClassifier) else model
     try:
@@ -92,6 +90,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec, model_spec: ModelSpec) -> nn.Mo
     except ValueError as error:  # no such target module, or none known for the model
         message = " ".join(str(error).split())[:600]
         raise TrainingError("invalid_spec", f"lora.target_modules: {message}") from error
+    # What the saved adapter says it adapts: the spec's `pretrained` as the user named it
+    # (peft would take the resolved directory, or "" for a `config` model).
+    adapted.peft_config[ADAPTER].base_model_name_or_path = getattr(model_spec, "pretrained", None)
     if isinstance(model, CausalLm | SequenceClassifier):
         model.model = adapted
         return model
