@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from sqlalchemy import ColumnElement, delete, insert
+from sqlalchemy import ColumnElement, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.checkpoints.models import CheckpointChunk
@@ -159,6 +159,11 @@ class DatabaseStore:
     def read(self, session: Session, blob: Blob) -> Iterator[bytes]:
         return read_by_seq(session, blob.table.data, blob.table.seq, *blob.where())
 
+    def size(self, session: Session, blob: Blob) -> int | None:
+        """The blob's size in bytes; None when there is no such blob."""
+        total = session.scalar(select(func.sum(func.length(blob.table.data))).where(*blob.where()))
+        return None if total is None else int(total)
+
     def delete(self, session: Session, *blobs: Blob) -> None:
         for blob in blobs:
             session.execute(delete(blob.table).where(*blob.where()))
@@ -182,6 +187,13 @@ class DirectoryStore:
     def read(self, session: Session, blob: Blob) -> Iterator[bytes]:
         with (self.root / blob.path).open("rb") as handle:
             yield from iter(partial(handle.read, CHUNK_BYTES), b"")
+
+    def size(self, session: Session, blob: Blob) -> int | None:
+        """The blob's size in bytes; None when there is no such blob."""
+        try:
+            return (self.root / blob.path).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def delete(self, session: Session, *blobs: Blob) -> None:
         for blob in blobs:

@@ -45,8 +45,18 @@ backward's temporaries). It reports both, their ratio (target: checkpointing ≤
 and the ratio of their median window times. On CUDA: max_memory_allocated over
 memory_allocated between windows.
 
+`--lora` compares LoRA with full fine-tuning instead (issue 17): tiny-gpt of 4 layers,
+width 256, sequence 128 (3.3 M parameters; `--smoke`: the tiny one), AdamW, m = 4, k = 1,
+once with every weight trained and once with `"lora": {"r": 8, "alpha": 16}` (adapters
+on the attention's qkv and proj layers), each in a fresh child. Counted exactly in the
+child: the bytes of every `.grad` just before the optimizer step and of every tensor in
+the optimizer's state after it; beside them the peak resident set's growth over the
+baseline (on CUDA the max_memory_allocated over the steps). Target: LoRA's gradients and
+optimizer state at most 0.1× full fine-tuning's.
+
     .venv/bin/python bench/memory.py                     # about 30 s
     .venv/bin/python bench/memory.py --checkpointing     # about 30 s
+    .venv/bin/python bench/memory.py --lora              # about 15 s
     .venv/bin/python bench/memory.py --smoke --out /tmp/memory.png
     .venv/bin/python bench/memory.py --size gpu --device cuda --precision bf16 --k 1 8 \
         --search --out /tmp/memory-gpu.png              # what bench/gpu.py runs on a GPU
@@ -119,7 +129,15 @@ MODELS: dict[str, dict[str, Any]] = {
         "micro_batch_size": 2,
         "accumulation_steps": 2,
     },
+    # --lora: a tiny-gpt of a few million parameters.
+    "lora": {
+        "model": {"type": "tiny-gpt", "n_layer": 4, "n_head": 4, "n_embd": 256},
+        "sequence": 128,
+        "micro_batch_size": 4,
+    },
 }
+LORA = {"r": 8, "alpha": 16}
+LORA_TARGET = 0.10
 
 
 def make_spec(
@@ -256,6 +274,63 @@ def child(args: argparse.Namespace) -> None:
     folder.cleanup()
 
 
+def lora_child(args: argparse.Namespace) -> None:
+    """Train `--lora-child` (full or lora) fine-tuning of MODELS[--size] and print one JSON
+    line: gradient and optimizer-state bytes, counted, and the peak memory."""
+    import gc
+
+    import torch
+
+    from app.jobs.spec import JobSpec
+    from worker.engine.hooks import Hooks
+    from worker.engine.trainer import Callbacks, StepMetrics, drive, prepare_run
+
+    torch.set_num_threads(args.threads)
+    raw = make_spec(args.size, args.micro_batch_size, 1, args.steps, args.device, args.precision)
+    if args.lora_child == "lora":
+        raw["lora"] = LORA
+    spec = JobSpec.model_validate(raw)
+    folder = tempfile.TemporaryDirectory(prefix="memory-bench-")
+    text_file = Path(folder.name) / "text.jsonl"
+    write_text_rows(text_file, args.micro_batch_size, MODELS[args.size]["sequence"] + 1)
+    run = prepare_run(spec, local_files(text_file))
+    cuda = run.parts.precision.device.type == "cuda"
+    gc.collect()
+    baseline = status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+        clear_refs.write("5")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model, optimizer = run.parts.model, run.parts.optimizer
+    measured: dict[str, Any] = {
+        "baseline_kib": baseline,
+        "cuda_peak_bytes": None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "gradient_bytes": 0,
+    }
+
+    def tensor_bytes(tensors: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    def before_step() -> None:
+        # Every gradient the window made, at its largest: just before the update frees it.
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        measured["gradient_bytes"] = max(measured["gradient_bytes"], tensor_bytes(gradients))
+
+    def on_step(metrics: StepMetrics) -> None:
+        state = [value for entry in optimizer.state.values() for value in entry.values()]
+        measured["optimizer_state_bytes"] = tensor_bytes(state)
+        measured["peak_kib"] = status_kib("VmHWM")
+        if cuda:
+            measured["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+
+    drive(run, Callbacks(on_step=on_step), Hooks(before_step=before_step))
+    measured["device"] = run.parts.precision.device.type
+    print(json.dumps(measured), flush=True)
+    folder.cleanup()
+
+
 # ---------------------------------------------------------------- the parent
 
 
@@ -292,6 +367,7 @@ def run_child(
     accumulation_steps: int,
     activation_checkpointing: bool = False,
     warm_up: bool = False,
+    lora_child: str | None = None,
 ) -> dict[str, Any]:
     """One point in a fresh child: what it printed. ChildFailed when it failed or ran past
     --child-timeout (it is then killed). `warm_up`: measured from the end of the first
@@ -318,6 +394,7 @@ def run_child(
         args.optimizer,
         *(["--activation-checkpointing"] if activation_checkpointing else []),
         *(["--warm-up"] if warm_up else []),
+        *(["--lora-child", lora_child] if lora_child else []),
     ]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     child = subprocess.Popen(
@@ -494,13 +571,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--search-k", type=int, default=8, help="k of the accumulation probe")
     parser.add_argument("--child-timeout", type=float, default=120, help="seconds per child")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA against full fine-tuning of a tiny-gpt"
+    )
+    parser.add_argument("--lora-child", choices=["full", "lora"], help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--accumulation-steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm-up", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.smoke and args.checkpointing:
+    if args.lora:
+        args.size = "gpt-smoke" if args.smoke else "lora"
+        args.steps = 1 if args.smoke else args.steps
+    elif args.smoke and args.checkpointing:
         args.size, args.steps = "ckpt-smoke", 2
     elif args.smoke:
         args.size, args.ks, args.steps = "smoke", [1, 2], 1
@@ -651,10 +735,15 @@ def compare_checkpointing(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
-        child(args)
+        if args.lora_child:
+            lora_child(args)
+        else:
+            child(args)
         return 0
     if args.checkpointing:
         return compare_checkpointing(args)
+    if args.lora:
+        return compare_lora(args)
     m = MODELS[args.size]["micro_batch_size"]
     for line in machine_lines(["torch"]):
         print(line)
@@ -737,6 +826,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             "target_met": met,
             "search": asdict(found) if found else None,
         }
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def compare_lora(args: argparse.Namespace) -> int:
+    """LoRA against full fine-tuning of the same model: gradients and optimizer state,
+    counted, and the peak memory, side by side from one run."""
+    m = MODELS[args.size]["micro_batch_size"]
+    for line in machine_lines(["torch", "peft"]):
+        print(line)
+    print(
+        f"model {json.dumps(MODELS[args.size]['model'])}, sequence "
+        f"{MODELS[args.size]['sequence']}, m={m}, k=1, AdamW, {args.steps} windows, "
+        f"{args.precision}, torch threads {args.threads}, lora {json.dumps(LORA)}, a fresh "
+        f"child each, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+    )
+    started = time.perf_counter()
+    try:
+        full, lora = (run_child(args, m, 1, mode) for mode in ("full", "lora"))
+    except ChildFailed as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+
+    def state_and_gradients(measured: dict[str, Any]) -> int:
+        return int(measured["gradient_bytes"] + measured["optimizer_state_bytes"])
+
+    def peak_growth_mib(measured: dict[str, Any]) -> float:
+        if measured["cuda_peak_bytes"] is not None:
+            return float(measured["cuda_peak_bytes"]) / 2**20
+        return (measured["peak_kib"] - measured["baseline_kib"]) / 1024
+
+    device = full["device"]
+    peak = "peak MiB" if device == "cuda" else "peak RSS growth MiB"
+    header = ["", "trained params", "gradients MiB", "optimizer MiB", "both MiB", peak]
+    rows = [
+        [
+            name,
+            f"{measured['trainable']:,} of {measured['parameters']:,}",
+            f"{measured['gradient_bytes'] / 2**20:.3f}",
+            f"{measured['optimizer_state_bytes'] / 2**20:.3f}",
+            f"{state_and_gradients(measured) / 2**20:.3f}",
+            f"{peak_growth_mib(measured):.1f}",
+        ]
+        for name, measured in (("full", full), ("lora", lora))
+    ]
+    ratio = state_and_gradients(lora) / state_and_gradients(full)
+    rows.append(
+        [
+            "lora/full",
+            f"{lora['trainable'] / full['trainable']:.4f}",
+            "",
+            "",
+            f"{ratio:.4f}",
+            f"{peak_growth_mib(lora) / peak_growth_mib(full):.3f}",
+        ]
+    )
+    print(f"device {device}; gradients and optimizer state counted in bytes after a step")
+    print("\n".join(format_table(header, rows)))
+    met = ratio <= LORA_TARGET
+    print(
+        f"target LoRA gradients + optimizer state <= {LORA_TARGET:g}x full fine-tuning's: "
+        f"{'met' if met else 'NOT met'} ({ratio:.4f}x)"
+    )
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        figures = {"device": device, "full": full, "lora": lora, "ratio": ratio, "met": met}
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
 

@@ -115,12 +115,23 @@ def events(api: Api, args: argparse.Namespace) -> int:
 
 def download(api: Api, args: argparse.Namespace) -> int:
     step = args.step
-    default_name = f"{args.job_id}{f'-step{step}' if step is not None else ''}.safetensors"
-    target = args.output or Path(default_name)
-    if target.is_dir():
-        target = target / default_name
-    params = {"step": step} if step is not None else {}
+    params: dict[str, str | int] = {"step": step} if step is not None else {}
+    if args.format is not None:
+        params["format"] = args.format
+    if args.merged:
+        params["merged"] = "true"
     with api.http.stream("GET", job_path(args.job_id, "weights"), params=params) as response:
+        # What came is known from the response: a LoRA job's adapter is a zip by default.
+        stem = f"{args.job_id}{f'-step{step}' if step is not None else ''}"
+        if response.headers.get("content-type", "").startswith("application/zip"):
+            default_name = f"{stem}-adapter.zip"
+        elif args.merged:
+            default_name = f"{stem}-merged.safetensors"
+        else:
+            default_name = f"{stem}.safetensors"
+        target = args.output or Path(default_name)
+        if target.is_dir():
+            target = target / default_name
         size = _write_atomically(target, response.iter_bytes())
     at_step = response.headers.get("X-Checkpoint-Step")
     step_text = f", step {at_step}" if at_step else ""

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train SPEC (a .json, .yaml or .yml job spec) in the foreground with a progress "
             "bar. Writes DIR/weights.safetensors, DIR/metrics.jsonl, DIR/events.jsonl and "
-            "DIR/checkpoints/. Ctrl-C stops at the next optimizer step after a checkpoint; "
+            "DIR/checkpoints/; a spec with lora also DIR/adapter/ (adapter_model.safetensors "
+            "and adapter_config.json, for peft.PeftModel.from_pretrained), and its "
+            "DIR/weights.safetensors are the merged weights. Ctrl-C stops at the next "
+            "optimizer step after a checkpoint; "
             "--resume DIR continues from the latest checkpoint to the same final weights."
         ),
     )
@@ -258,16 +261,31 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "download",
         "download a job's weights as safetensors",
         "Write the final (or latest) weights, or those of checkpoint --step N, to FILE "
-        "(through a temporary file, so FILE is never left half-written).",
+        "(through a temporary file, so FILE is never left half-written). A LoRA job's "
+        "weights are its adapter: a zip of peft's adapter_model.safetensors and "
+        "adapter_config.json (--format peft, the default), or the safetensors alone "
+        "(--format safetensors); --merged gives the base model with the adapter merged in "
+        "(its final checkpoint has them).",
     )
     download.add_argument(
         "-o",
         "--output",
         type=Path,
         metavar="FILE",
-        help="where to write (default ID.safetensors, or ID-stepN.safetensors)",
+        help="where to write (default ID.safetensors, or ID-stepN.safetensors; ID-adapter.zip "
+        "for a LoRA adapter, ID-merged.safetensors for merged weights)",
     )
     download.add_argument("--step", type=int, metavar="N", help="the checkpoint at step N")
+    download.add_argument(
+        "--format",
+        choices=["peft", "safetensors"],
+        help="a LoRA job's adapter as a peft zip (default) or as safetensors alone",
+    )
+    download.add_argument(
+        "--merged",
+        action="store_true",
+        help="a LoRA job's base model with the adapter merged in, as safetensors",
+    )
 
     files = commands.add_parser(
         "files",

@@ -4,8 +4,13 @@ Layout of the output directory:
     spec.json                 the normalised spec (what --resume continues)
     metrics.jsonl             one JSON object per optimizer step
     events.jsonl              oom_backoff, overflow_skip, checkpoint, ... events
-    checkpoints/step-NNNNNNN/ weights.safetensors + state.pt, one per checkpoint
-    weights.safetensors       the final weights, once the run completes
+    checkpoints/step-NNNNNNN/ weights.safetensors + state.pt, one per checkpoint (a LoRA
+                              run's weights are its adapter's; its last one also has
+                              merged.safetensors)
+    weights.safetensors       the final weights, once the run completes (a LoRA run's:
+                              the base model with the adapter merged in)
+    adapter/                  a LoRA run's adapter as peft saves it, once the run
+                              completes: adapter_model.safetensors + adapter_config.json
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from worker.group import launch_environment, launcher_command
 from worker.parent_death import dies_with
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# A LoRA run's adapter, loadable with peft.PeftModel.from_pretrained(base, DIR/adapter).
+ADAPTER_DIR = "adapter"
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -259,8 +266,17 @@ def _train(
         )
         return EXIT_INTERRUPTED
     (out / "weights.safetensors").write_bytes(result.weights)
+    adapter = result.adapter
+    written = f"weights in {out / 'weights.safetensors'}"
+    if adapter is not None:
+        adapter_bytes, config = adapter
+        (out / ADAPTER_DIR).mkdir(exist_ok=True)
+        (out / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(adapter_bytes)
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (out / ADAPTER_DIR / "adapter_config.json").write_text(config_text)
+        written = f"merged weights in {out / 'weights.safetensors'}, adapter in {out / ADAPTER_DIR}"
     loss = f" loss {result.last_metrics.loss:.4f}" if result.last_metrics else ""
-    print(f"done: {result.step} steps,{loss}; weights in {out / 'weights.safetensors'}")
+    print(f"done: {result.step} steps,{loss}; {written}")
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ QUANTIZED: dict[str, Any] = {
     "model": {"type": "hf-causal-lm", "pretrained": "/models/no-such-llama"},
     "dataset": TINY_TEXT,
     "quantize": "nf4",
+    "lora": {"r": 8, "alpha": 16},
     "micro_batch_size": 2,
     "accumulation_steps": 2,
     "max_steps": 2,

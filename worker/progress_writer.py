@@ -136,6 +136,7 @@ class ProgressWriter:
                     # Serialised straight into the store, a chunk at a time.
                     weights=checkpoint.write_weights,
                     state=checkpoint.write_state,
+                    merged=checkpoint.write_merged if checkpoint.has_merged else None,
                     loss=checkpoint.loss,
                     eval_loss=checkpoint.eval_loss,
                 )

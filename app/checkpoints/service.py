@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.blobs import Blob, BlobStore, BlobWriter, DatabaseStore, store_for
-from app.checkpoints import retention
-from app.checkpoints.exceptions import NoCheckpoint
+from app.checkpoints import adapters, retention
+from app.checkpoints.exceptions import NoAdapter, NoCheckpoint, NoMergedWeights
 from app.checkpoints.models import Checkpoint, CheckpointChunk
 from app.db import utcnow
+from app.errors import InvalidRequest
 from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.models import Job
@@ -22,7 +25,8 @@ from app.jobs.spec import KeepCheckpointsSpec
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("weights", "state")
+# "merged": a LoRA job's final checkpoint only, the base with the adapters merged in.
+PARTS = ("weights", "state", "merged")
 
 # A part's bytes, or a function that writes them into the store as it serialises them:
 # the worker's way, so that a save holds no copy of the weights or the optimizer state.
@@ -39,6 +43,7 @@ def save_checkpoint(
     state: PartSource,
     loss: float | None,
     eval_loss: float | None = None,
+    merged: PartSource | None = None,
 ) -> Checkpoint:
     """Store a checkpoint's bytes and metadata, if the job is still this worker's, then
     delete those that the job's `keep_checkpoints` no longer keeps."""
@@ -69,6 +74,8 @@ def save_checkpoint(
     session.flush()
     weights_bytes = _write_part(session, store, checkpoint, "weights", weights)
     size = weights_bytes + _write_part(session, store, checkpoint, "state", state)
+    if merged is not None:
+        size += _write_part(session, store, checkpoint, "merged", merged)
     checkpoint.weights_bytes, checkpoint.size_bytes = weights_bytes, size
     append_events(
         session,
@@ -157,6 +164,106 @@ def find_checkpoint(
 def read_part(
     session: Session, *, checkpoint: Checkpoint, part: str, checkpoint_dir: Path | None
 ) -> Iterator[bytes]:
+    return _store_of(checkpoint, checkpoint_dir).read(session, part_blob(checkpoint, part))
+
+
+def part_size(
+    session: Session, *, checkpoint: Checkpoint, part: str, checkpoint_dir: Path | None
+) -> int | None:
+    """A part's size in bytes; None when the checkpoint has no such part (only a LoRA
+    job's final checkpoint has "merged")."""
+    return _store_of(checkpoint, checkpoint_dir).size(session, part_blob(checkpoint, part))
+
+
+def _store_of(checkpoint: Checkpoint, checkpoint_dir: Path | None) -> BlobStore:
     unset = "checkpoint stored in a directory, but TRAINJOB_CHECKPOINT_DIR is unset"
-    store = store_for(checkpoint.storage, checkpoint_dir, unset=unset)
-    return store.read(session, part_blob(checkpoint, part))
+    return store_for(checkpoint.storage, checkpoint_dir, unset=unset)
+
+
+WeightsFormat = Literal["peft", "safetensors"]
+
+
+@dataclass(frozen=True)
+class WeightsDownload:
+    """What `GET /v1/jobs/{id}/weights` sends: a checkpoint's part of `size` bytes, alone
+    or, with `adapter_config`, as a LoRA adapter in peft's layout (a zip)."""
+
+    checkpoint: Checkpoint
+    part: str
+    size: int
+    adapter_config: bytes | None = None
+
+    @property
+    def filename(self) -> str:
+        stem = f"{self.checkpoint.job_id}-step-{self.checkpoint.step}"
+        if self.adapter_config is not None:
+            return f"{stem}-adapter.zip"
+        suffix = {"merged": "-merged", "weights": ""}[self.part]
+        return f"{stem}{suffix}.safetensors"
+
+    @property
+    def body_size(self) -> int:
+        if self.adapter_config is None:
+            return self.size
+        return adapters.zip_size(
+            [
+                (adapters.ADAPTER_WEIGHTS_NAME, self.size),
+                (adapters.ADAPTER_CONFIG_NAME, len(self.adapter_config)),
+            ]
+        )
+
+
+def weights_download(
+    session: Session,
+    *,
+    job_id: str,
+    step: int | None,
+    tenant: str | None,
+    format: WeightsFormat | None,
+    merged: bool,
+    checkpoint_dir: Path | None,
+) -> WeightsDownload:
+    """Which weights a download sends. A job without LoRA: its weights (they are whole:
+    `merged` changes nothing; `format` "peft" is refused). A LoRA job: the adapter, as a
+    peft zip (the default, "peft") or its safetensors alone ("safetensors"); `merged`:
+    the base with the adapter merged in, which only the final checkpoint has."""
+    if merged and format == "peft":
+        message = "merged weights are safetensors: leave format out, or use safetensors"
+        raise InvalidRequest(message, fields=[{"path": "format", "message": message}])
+    job = jobs_service.get_job(session, job_id=job_id, tenant=tenant)
+    lora = job.spec.get("lora") is not None
+    if not lora and format == "peft":
+        raise NoAdapter(
+            f"job {job_id} trains no LoRA adapter (its spec has no lora), so it has no peft "
+            "adapter to download: leave format out for its weights",
+            job_id=job_id,
+        )
+    checkpoint = find_checkpoint(session, job_id=job_id, step=step, tenant=tenant)
+    if not lora:
+        return WeightsDownload(checkpoint, "weights", checkpoint.weights_bytes)
+    if merged:
+        size = part_size(
+            session, checkpoint=checkpoint, part="merged", checkpoint_dir=checkpoint_dir
+        )
+        if size is None:
+            raise NoMergedWeights(
+                f"the checkpoint at step {checkpoint.step} of job {job_id} has no merged "
+                "weights: merged weights are written with a LoRA job's final checkpoint",
+                job_id=job_id,
+                step=checkpoint.step,
+            )
+        return WeightsDownload(checkpoint, "merged", size)
+    if format == "safetensors":
+        return WeightsDownload(checkpoint, "weights", checkpoint.weights_bytes)
+    if checkpoint.weights_bytes > adapters.MAX_MEMBER_BYTES:
+        message = (
+            f"the adapter has {checkpoint.weights_bytes:,} bytes, more than a plain zip holds "
+            "here: download it with format=safetensors (its metadata holds the adapter config)"
+        )
+        raise InvalidRequest(message, fields=[{"path": "format", "message": message}])
+    part = read_part(session, checkpoint=checkpoint, part="weights", checkpoint_dir=checkpoint_dir)
+    # Only the header's chunks are read; the rest of the part is left unread.
+    metadata = adapters.safetensors_metadata(part)
+    return WeightsDownload(
+        checkpoint, "weights", checkpoint.weights_bytes, adapters.adapter_config(metadata)
+    )

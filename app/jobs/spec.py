@@ -314,6 +314,24 @@ class LrScheduleSpec(_Strict):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
 
+# Models a `lora` adapter can be put on (worker/engine/lora.py).
+LORA_MODELS = HF_MODELS | {"tiny-gpt"}
+
+
+class LoraSpec(_Strict):
+    """LoRA adapters (through peft): the model's weights stay frozen and a low-rank update
+    B·A of rank `r`, scaled by `alpha / r`, trains beside each targeted linear layer.
+    `target_modules` are module names (or name suffixes) of the model; left out, tiny-gpt
+    targets "qkv" and "proj" and a transformers model peft's default for its architecture."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0.0, le=65536.0)
+    dropout: _Fraction = 0.0
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None, min_length=1, max_length=64
+    )
+
+
 class KeepCheckpointsSpec(_Strict):
     """Checkpoint retention: the `last` newest and the `best` lowest-eval_loss (train loss
     when the job has no evaluation). The latest checkpoint, which a resumed run starts
@@ -347,6 +365,8 @@ class JobSpec(_Strict):
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     epochs: int | None = Field(None, ge=1, le=1000)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    # Train LoRA adapters instead of the whole model (tiny-gpt and hf-* models).
+    lora: LoraSpec | None = None
     lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec)
     grad_clip_norm: float | None = Field(None, gt=0.0, le=1e6)
     precision: Precision = "fp32"
@@ -506,6 +526,16 @@ class JobSpec(_Strict):
         return self._with(**{derived_name: derived})
 
     @model_validator(mode="after")
+    def _lora_on_a_model_that_takes_it(self) -> JobSpec:
+        if self.lora is not None and self.model.type not in LORA_MODELS:
+            raise _field_error(
+                "lora",
+                f"LoRA adapters go on {', '.join(sorted(LORA_MODELS))}; "
+                f"not on model {self.model.type!r}",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _exactly_one_length(self) -> JobSpec:
         if (self.max_steps is None) == (self.epochs is None):
             raise _field_error("max_steps", "give exactly one of max_steps and epochs")
@@ -579,6 +609,11 @@ class JobSpec(_Strict):
                     "quantize",
                     "needs model.pretrained: a quantized base is frozen, so a randomly "
                     "initialised one would stay random",
+                )
+            if self.lora is None:
+                raise _field_error(
+                    "lora",
+                    "is required with quantize: a quantized base is frozen, only adapters train",
                 )
         asked = cuda_only_options(self)
         if asked and self.precision == "fp64":

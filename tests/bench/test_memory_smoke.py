@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,44 @@ def test_the_search_doubles_then_bisects_to_within_an_eighth_and_stops_at_what_f
 
     capped = memory.search_largest(memory.parse_arguments(["--search-max", "24"]), start)
     assert (capped.largest, capped.stopped_by) == (24, "--search-max 24")
+
+
+def test_lora_smoke_counts_less_gradient_and_optimizer_state_than_full_fine_tuning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/memory.py --lora --smoke, its two children run in this process (a child is
+    a second of work and several of importing torch)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+    import torch
+
+    def in_process(
+        args: object, micro_batch_size: int, accumulation_steps: int, lora_child: str | None = None
+    ) -> dict[str, object]:
+        assert lora_child is not None and accumulation_steps == 1
+        child = ["--child", "--lora-child", lora_child, "--size", "gpt-smoke", "--steps", "1"]
+        child += ["--micro-batch-size", str(micro_batch_size)]
+        threads = torch.get_num_threads()
+        try:
+            memory.lora_child(memory.parse_arguments(child))
+        finally:
+            torch.set_num_threads(threads)
+        printed: dict[str, object] = json.loads(capsys.readouterr().out.splitlines()[-1])
+        return printed
+
+    monkeypatch.setattr(memory, "run_child", in_process)
+    figures = tmp_path / "lora.json"
+    assert memory.main(["--lora", "--smoke", "--json", str(figures)]) == 0
+    assert "lora/full" in capsys.readouterr().out
+    measured = json.loads(figures.read_text())
+    full, lora = measured["full"], measured["lora"]
+    # fp32 AdamW: a gradient and two moments (and a step counter) per trained value.
+    assert full["gradient_bytes"] == 4 * full["trainable"] == 4 * full["parameters"]
+    assert lora["gradient_bytes"] == 4 * lora["trainable"] < 4 * lora["parameters"]
+    assert lora["optimizer_state_bytes"] >= 8 * lora["trainable"]
+    assert measured["ratio"] == pytest.approx(
+        (lora["gradient_bytes"] + lora["optimizer_state_bytes"])
+        / (full["gradient_bytes"] + full["optimizer_state_bytes"])
+    )
+    assert measured["met"] == (measured["ratio"] <= 0.1)

@@ -60,6 +60,32 @@ def test_run_writes_weights_metrics_and_checkpoints(tmp_path: Path) -> None:
     assert "step 12/12" in result.stderr and "samples/s" in result.stderr and "ETA" in result.stderr
 
 
+def test_a_lora_run_writes_the_adapter_for_peft_and_the_merged_weights(tmp_path: Path) -> None:
+    model = {"type": "tiny-gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
+    spec = write_spec(
+        tmp_path / "spec.json",
+        model=model,
+        dataset={"type": "tiny-text", "min_length": 8, "max_length": 16},
+        max_steps=2,
+        checkpoint_every=0,
+        lora={"r": 2},
+    )
+    result = trainjob("run", spec, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(".lora_A." in name or ".lora_B." in name for name in adapter)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    # The final checkpoint holds the adapter; the run's weights are merged, tiny-gpt's names.
+    checkpoint = out / "checkpoints" / "step-0000002"
+    assert load_file(checkpoint / "weights.safetensors").keys() == adapter.keys()
+    merged = (out / "weights.safetensors").read_bytes()
+    assert (checkpoint / "merged.safetensors").read_bytes() == merged
+    assert "blocks.0.attention.qkv.weight" in load_file(out / "weights.safetensors")
+    assert "adapter in" in result.stdout
+
+
 def test_run_reads_yaml(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(

@@ -4,8 +4,7 @@ checkpoint to the bits of an undisturbed run; a tiny Llama's base loaded 4-bit (
 8-bit (LLM.int8()) trains LoRA adapters whose loss falls, and such a job resumes bit for
 bit too.
 
-The quantized cases need issue 17's `lora` field: until the spec has it they skip saying
-so. A resume runs in a process of its own, with deterministic kernels (they stay on in
+A resume runs in a process of its own, with deterministic kernels (they stay on in
 the process that turns them on), as a worker with TRAINJOB_DETERMINISTIC does."""
 
 from __future__ import annotations
@@ -57,13 +56,6 @@ TINY_LLAMA = {
     "vocab_size": 96,  # tiny-text's characters and padding
     "max_position_embeddings": 64,
 }
-
-
-def needs_the_lora_field() -> None:
-    # A runtime skip, not a mark: without CUDA the lane's own skip reason comes first
-    # (tests/cuda/test_lane.py checks every reason).
-    if "lora" not in JobSpec.model_fields:
-        pytest.skip("needs the spec's `lora` field (issue 17's LoRA adapters)")
 
 
 def save_tiny_llama(directory: Path) -> Path:
@@ -168,7 +160,6 @@ def test_adamw8bit_trains_and_resumes_from_its_checkpoint_bit_identically(tmp_pa
 def test_lora_adapters_on_a_quantized_base_lower_the_loss(
     quantize: str, precision: str, tmp_path: Path
 ) -> None:
-    needs_the_lora_field()
     pytest.importorskip("bitsandbytes")
     directory = save_tiny_llama(tmp_path / "llama")
     spec = make_spec(**qlora_spec(directory, quantize, precision=precision))
@@ -187,7 +178,6 @@ def test_lora_adapters_on_a_quantized_base_lower_the_loss(
 
 
 def test_a_qlora_job_stopped_mid_run_resumes_bit_identically(tmp_path: Path) -> None:
-    needs_the_lora_field()
     pytest.importorskip("bitsandbytes")
     directory = save_tiny_llama(tmp_path / "llama")
     spec = qlora_spec(directory, "nf4", max_steps=8, checkpoint_every=STOP_AFTER)

@@ -12,10 +12,10 @@ import io
 import json
 import random
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,9 +25,14 @@ from torch import nn
 
 from worker.engine.errors import TrainingError
 
+if TYPE_CHECKING:
+    from worker.engine.lora import MergedWeights
+
 STATE_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.pt"
+# A LoRA job's final checkpoint: the base model with its adapters merged in.
+MERGED_FILE = "merged.safetensors"
 
 
 class Sink(Protocol):
@@ -47,6 +52,9 @@ class LiveCheckpoint:
     (the bytes of both, and a chunked copy of them, used to take three times their size).
     They can be written during `on_checkpoint` only: then the run trains on, and the
     checkpoint lets go of its tensors (`release`); writing it later raises.
+
+    A LoRA job's weights are its adapter's, with `weights_metadata` saying how to load
+    them; its final checkpoint has a third part, `merged` (worker/engine/lora.py).
     """
 
     step: int
@@ -55,19 +63,45 @@ class LiveCheckpoint:
     loss: float | None
     # Of the last evaluation at or before `step`: what `keep_checkpoints.best` ranks by.
     eval_loss: float | None
+    merged: InitVar[MergedWeights | None] = None
+    # Beside the step, in the weights' safetensors metadata.
+    weights_metadata: dict[str, str] = field(default_factory=dict)
     size_bytes: int = field(init=False, default=0)  # of the parts written so far
+    has_merged: bool = field(init=False, default=False)
 
-    def __post_init__(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        self._held: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = (weights, state)
+    def __post_init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        merged: MergedWeights | None,
+    ) -> None:
+        self._held: tuple[dict[str, torch.Tensor], dict[str, Any], MergedWeights | None] | None = (
+            weights,
+            state,
+            merged,
+        )
+        self.has_merged = merged is not None
 
     def write_weights(self, sink: Sink) -> int:
-        weights, _ = self._parts()
-        written = write_safetensors(weights, {"step": str(self.step)}, sink)
+        weights, _, _ = self._parts()
+        metadata = {"step": str(self.step), **self.weights_metadata}
+        written = write_safetensors(weights, metadata, sink)
+        self.size_bytes += written
+        return written
+
+    def write_merged(self, sink: Sink) -> int:
+        """The merged weights, a merged tensor at a time; only when `has_merged`."""
+        _, _, merged = self._parts()
+        if merged is None:
+            raise RuntimeError(f"the checkpoint of step {self.step} has no merged weights")
+        written = write_safetensors(
+            merged.tensors, {"step": str(self.step)}, sink, merged.materialize
+        )
         self.size_bytes += written
         return written
 
     def write_state(self, sink: Sink) -> int:
-        _, state = self._parts()
+        _, state, _ = self._parts()
         counted = _CountingSink(sink)
         torch.save({"format": STATE_FORMAT, **state}, counted)  # type: ignore[arg-type]
         self.size_bytes += counted.size
@@ -76,7 +110,9 @@ class LiveCheckpoint:
     def write(self, directory: Path) -> None:
         """Write both files, the state last: a directory with a state file is complete."""
         directory.mkdir(parents=True, exist_ok=True)
-        parts = ((WEIGHTS_FILE, self.write_weights), (STATE_FILE, self.write_state))
+        parts = [(WEIGHTS_FILE, self.write_weights), (STATE_FILE, self.write_state)]
+        if self.has_merged:
+            parts.insert(1, (MERGED_FILE, self.write_merged))
         for name, write_part in parts:
             partial = directory / f".{name}.partial"
             with partial.open("wb") as handle:
@@ -86,7 +122,9 @@ class LiveCheckpoint:
     def release(self) -> None:
         self._held = None
 
-    def _parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _parts(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], MergedWeights | None]:
         if self._held is None:
             raise RuntimeError(
                 f"the checkpoint of step {self.step} can be written during on_checkpoint only"
@@ -132,14 +170,20 @@ _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
 
 def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None, sink: Sink
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None,
+    sink: Sink,
+    materialize: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """The safetensors file of `tensors`, written tensor by tensor; its size.
 
     Hand-written because safetensors can only write a path or return the whole file as
     bytes, and a save must not hold the weights twice nor need a local disk. The format
     is its documented one: an 8-byte little-endian header length, a JSON header padded
-    with spaces to 8 bytes, the tensors' bytes in header order."""
+    with spaces to 8 bytes, the tensors' bytes in header order.
+
+    `materialize(name, tensor)`, if given, makes each tensor's bytes as it is written (a
+    LoRA job's merged weights): of `tensor`'s shape and dtype, which the header gives."""
     ordered = sorted(tensors.items(), key=lambda item: (_DTYPE_RANK[item[1].dtype], item[0]))
     header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
     offset = 0
@@ -155,7 +199,9 @@ def write_safetensors(
     text += b" " * (-len(text) % 8)
     sink.write(struct.pack("<Q", len(text)))
     sink.write(text)
-    for _, tensor in ordered:
+    for name, tensor in ordered:
+        if materialize is not None:
+            tensor = materialize(name, tensor)
         # One tensor at a time on the CPU (a copy only if it is on a GPU or strided).
         cpu = tensor.detach().contiguous().cpu().reshape(-1)
         sink.write(cpu.view(torch.uint8).numpy().data)

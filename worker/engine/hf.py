@@ -448,7 +448,7 @@ def _last_real_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 _INNER = "model."
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
+def tied_aliases(model: nn.Module) -> dict[str, str]:
     """{alias: name} of parameters that are the same tensor as an earlier one."""
     first: dict[int, str] = {}
     aliases = {}
@@ -462,7 +462,7 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
 def _state_dict_as_transformers(
     wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any
 ) -> None:
-    aliases = _tied_aliases(wrapper.get_submodule("model"))
+    aliases = tied_aliases(wrapper.get_submodule("model"))
     for key in [key for key in state_dict if key.startswith(prefix + _INNER)]:
         value = state_dict.pop(key)
         name = key[len(prefix + _INNER) :]
@@ -475,7 +475,7 @@ def _load_state_dict_as_transformers(
 ) -> None:
     for key in [key for key in state_dict if key.startswith(prefix)]:
         state_dict[prefix + _INNER + key[len(prefix) :]] = state_dict.pop(key)
-    for alias, name in _tied_aliases(wrapper.get_submodule("model")).items():
+    for alias, name in tied_aliases(wrapper.get_submodule("model")).items():
         if prefix + _INNER + name in state_dict:
             state_dict[prefix + _INNER + alias] = state_dict[prefix + _INNER + name]
 

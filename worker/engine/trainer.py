@@ -7,6 +7,7 @@ drive the same loop.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.jobs.spec import Device, JobSpec
@@ -29,6 +31,7 @@ from worker.engine.checkpoint import (
     restore_rng,
     unpack_state,
     weights_to_bytes,
+    write_safetensors,
 )
 from worker.engine.data_types import IGNORE_INDEX, DataSplits, SampleSet
 from worker.engine.determinism import use_deterministic_algorithms
@@ -36,6 +39,16 @@ from worker.engine.distributed import RankGroup, broadcast_parameters, run_windo
 from worker.engine.errors import TrainingError
 from worker.engine.hf import DEFAULT_LIMITS, HfLimits
 from worker.engine.hooks import NO_HOOKS, Hooks
+from worker.engine.lora import (
+    adapter_config,
+    adapter_metadata,
+    adapter_tensors,
+    apply_lora,
+    load_adapter,
+    merged_weights,
+    peft_model,
+    trainable_parameters,
+)
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import plan_precision
 from worker.engine.quantize import check_cuda_options, plan_quantization
@@ -64,6 +77,7 @@ _TRAINING_FIELDS = {
     "max_steps",
     "epochs",
     "optimizer",
+    "lora",
     "lr_schedule",
     "grad_clip_norm",
     "precision",
@@ -148,8 +162,28 @@ class TrainResult:
     @property
     def weights(self) -> bytes:
         """The trained weights as safetensors bytes, made on each ask: the service never
-        asks (its last checkpoint has them), and a run holds no copy of them meanwhile."""
-        return weights_to_bytes(self.model, {"step": str(self.step)})
+        asks (its last checkpoint has them), and a run holds no copy of them meanwhile.
+        A LoRA job's are the merged weights, named as the model's own."""
+        metadata = {"step": str(self.step)}
+        adapted = peft_model(self.model)
+        if adapted is None:
+            return weights_to_bytes(self.model, metadata)
+        merged = merged_weights(adapted)
+        buffer = io.BytesIO()
+        write_safetensors(merged.tensors, metadata, buffer, merged.materialize)
+        return buffer.getvalue()
+
+    @property
+    def adapter(self) -> tuple[bytes, dict[str, Any]] | None:
+        """A LoRA job's adapter as peft saves it: the bytes of adapter_model.safetensors and
+        the content of adapter_config.json; None for a job without LoRA."""
+        adapted = peft_model(self.model)
+        if adapted is None:
+            return None
+        buffer = io.BytesIO()
+        metadata = {"step": str(self.step), **adapter_metadata(adapted)}
+        write_safetensors(adapter_tensors(adapted), metadata, buffer)
+        return buffer.getvalue(), adapter_config(adapted)
 
 
 @dataclass
@@ -242,6 +276,9 @@ def prepare_run(
     model = build_model(
         spec.model, data.info, hf_limits, quantization, spec.activation_checkpointing
     )
+    if spec.lora is not None:
+        # After the base, from the same seeded stream: a resumed run draws the same adapters.
+        model = apply_lora(model, spec.lora, spec.model)
     if quantization is None:
         # A quantized base is on its device already and keeps its 4/8-bit weights: a cast
         # would undo the quantization (transformers refuses it).
@@ -250,7 +287,8 @@ def prepare_run(
     if group is not None:
         broadcast_parameters(model)
     check_accumulation_is_exact(model, spec)
-    optimizer = build_optimizer(spec.optimizer, model.parameters())
+    # Frozen weights (LoRA) get no optimizer state.
+    optimizer = build_optimizer(spec.optimizer, trainable_parameters(model))
     total_steps = spec.max_steps
     if total_steps is None:
         assert spec.epochs is not None  # the spec gives exactly one of the two
@@ -287,10 +325,27 @@ def make_checkpoint(run: Run, loss: float | None) -> LiveCheckpoint:
         "scaler": parts.scaler.state_dict(),
         "rng": capture_rng(),
     }
-    # The live tensors, not copies: they are serialised before the run moves on.
-    weights = dict(parts.model.state_dict())
+    adapted = peft_model(parts.model)
+    if adapted is None:
+        # The live tensors, not copies: they are serialised before the run moves on.
+        return LiveCheckpoint(
+            step=progress.step,
+            weights=dict(parts.model.state_dict()),
+            state=state,
+            loss=loss,
+            eval_loss=progress.eval_loss,
+        )
+    # A LoRA job's checkpoint holds what trains, its adapter: the base is rebuilt from the
+    # spec. Its final one also has the merged weights, for those who serve the model whole.
+    final = progress.step >= run.total_steps
     return LiveCheckpoint(
-        step=progress.step, weights=weights, state=state, loss=loss, eval_loss=progress.eval_loss
+        step=progress.step,
+        weights=adapter_tensors(adapted),
+        state=state,
+        loss=loss,
+        eval_loss=progress.eval_loss,
+        merged=merged_weights(adapted) if final else None,
+        weights_metadata=adapter_metadata(adapted),
     )
 
 
@@ -307,7 +362,11 @@ def restore_checkpoint(run: Run, checkpoint: Checkpoint) -> None:
             "incompatible_checkpoint", "the checkpoint was written by a different training spec"
         )
     parts = run.parts
-    load_weights(parts.model, checkpoint.weights)
+    adapted = peft_model(parts.model)
+    if adapted is None:
+        load_weights(parts.model, checkpoint.weights)
+    else:
+        load_adapter(adapted, load_safetensors(checkpoint.weights))
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])

@@ -52,9 +52,10 @@ class StepParts:
 
     @cached_property
     def parameters(self) -> list[nn.Parameter]:
-        """The model's parameters, listed once: walking the module tree every window is a
-        measurable cost for small models (bench/loop.py)."""
-        return list(self.model.parameters())
+        """The model's trained parameters (a LoRA job's frozen weights are left out), listed
+        once: walking the module tree every window is a measurable cost for small models
+        (bench/loop.py)."""
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
     @cached_property
     def foreach_norm(self) -> bool:

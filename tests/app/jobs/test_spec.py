@@ -642,6 +642,7 @@ def test_an_optimizer_given_in_part_keeps_its_values_and_gets_its_type_s_lr(
 
 
 PRETRAINED_LM = {"type": "hf-causal-lm", "pretrained": "/models/llama"}
+LORA = {"r": 8, "alpha": 16}
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
@@ -655,7 +656,9 @@ def test_quantize_is_accepted_on_a_pretrained_hugging_face_model(
         if model_type == "hf-causal-lm"
         else {"type": "file", "file_id": FILE_ID}
     )
-    spec = JobSpec.model_validate(base_spec(model=model, dataset=dataset, quantize=quantize))
+    spec = JobSpec.model_validate(
+        base_spec(model=model, dataset=dataset, quantize=quantize, lora=LORA)
+    )
     assert spec.quantize == quantize
     assert JobSpec.model_validate(spec.model_dump(mode="json")).quantize == quantize
 
@@ -680,6 +683,14 @@ def test_quantize_of_a_model_from_a_config_is_refused_a_frozen_random_base_stays
     )
 
 
+def test_quantize_without_lora_is_refused_naming_lora_a_quantized_base_is_frozen() -> None:
+    assert_rejected(
+        base_spec(model=PRETRAINED_LM, dataset={"type": "tiny-text"}, quantize="nf4"),
+        "lora",
+        "required with quantize",
+    )
+
+
 def test_an_unknown_quantization_is_refused() -> None:
     spec = base_spec(model=PRETRAINED_LM, dataset={"type": "tiny-text"}, quantize="fp4")
     assert_rejected(spec, "quantize", "'nf4' or 'int8'")
@@ -688,7 +699,7 @@ def test_an_unknown_quantization_is_refused() -> None:
 @pytest.mark.parametrize(
     ("cuda_only", "named"),
     [
-        ({"quantize": "nf4"}, "quantize 'nf4'"),
+        ({"quantize": "nf4", "lora": LORA}, "quantize 'nf4'"),
         ({"optimizer": {"type": "adamw8bit"}}, "optimizer.type 'adamw8bit'"),
     ],
 )
@@ -836,6 +847,7 @@ def full_spec() -> dict[str, Any]:
             "weight_decay": 0.01,
             "betas": [0.8, 0.95],
         },
+        "lora": {"r": 4, "alpha": 32.0, "dropout": 0.05, "target_modules": ["qkv"]},
         "lr_schedule": {"type": "cosine", "warmup_steps": 20},
         "grad_clip_norm": 1.5,
         "precision": "bf16",
@@ -877,6 +889,36 @@ def test_spec_round_trips_through_json(data: dict[str, Any]) -> None:
 def test_full_spec_keeps_every_given_value() -> None:
     data = full_spec()
     assert JobSpec.model_validate(data).model_dump(mode="json") == {**data, "max_steps": None}
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "hf-causal-lm", "hf-sequence-classification"])
+def test_lora_goes_on_tiny_gpt_and_transformers_models_with_its_defaults(model: str) -> None:
+    extra = {"config": {"model_type": "llama"}} if model.startswith("hf-") else {}
+    data = gpt_spec(lora={}) | {"model": {"type": model, **extra}}
+    if model == "hf-sequence-classification":
+        data["dataset"] = {"type": "file", "file_id": "file_" + "0" * 24}
+    lora = JobSpec.model_validate(data).lora
+    assert lora is not None
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (8, 16.0, 0.0, None)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_lora_on_a_model_without_adapters_is_refused_naming_those_with(model: str) -> None:
+    errors = rejection(base_spec(model={"type": model}, dataset={"type": "digits"}, lora={}))
+    assert errors == [
+        "lora: LoRA adapters go on hf-causal-lm, hf-sequence-classification, tiny-gpt; "
+        f"not on model {model!r}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lora", "field"),
+    [({"r": 0}, "lora.r"), ({"alpha": 0}, "lora.alpha"), ({"dropout": 1.0}, "lora.dropout"),
+     ({"target_modules": []}, "lora.target_modules"), ({"rank": 8}, "lora.rank")],
+)  # fmt: skip
+def test_lora_fields_are_bounded(lora: dict[str, Any], field: str) -> None:
+    errors = rejection(gpt_spec(lora=lora))
+    assert len(errors) == 1 and errors[0].startswith(f"{field}: ")
 
 
 def test_spec_is_frozen() -> None:

@@ -35,10 +35,13 @@ TINY_TEXT = {"type": "tiny-text", "min_length": 2, "max_length": 33}
 
 
 def pretrained_spec(**overrides: Any) -> Any:
+    # A quantized base trains adapters only: the spec refuses quantize without lora.
+    adapters = {"lora": {"r": 8, "alpha": 16}} if "quantize" in overrides else {}
     return make_spec(
         model={"type": "hf-causal-lm", "pretrained": "/models/llama"},
         dataset=TINY_TEXT,
         device="auto",
+        **adapters,
         **overrides,
     )
 
