@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -44,6 +44,8 @@ from app.jobs.models import Job, JobSlot
 from app.jobs.runs import LIVE_STATUSES, Claim, append_events, hand_back, sendable
 
 HELD_BY = "nodes"
+# The class id of the gang claims' advisory locks (two-key form), apart from others'.
+GANG_LOCK_CLASS = 0x676E  # "gn"
 # The reason a run's hand-back gives when its gang did not form in time.
 INCOMPLETE = "gang_incomplete"
 
@@ -65,6 +67,38 @@ def _current(job_id: Any, lease: Any) -> Any:
     """The slot belongs to the job's live run: its lease is the job's (fencing)."""
     return exists(
         select(Job.id).where(Job.id == job_id, Job.lease == lease, Job.status.in_(LIVE_STATUSES))
+    )
+
+
+def lock_gangs(session: Session, *, devices: int) -> None:
+    """Hold back the other gang claims of the queue of `devices` devices a node until this
+    transaction ends, so that counting the free workers, claiming a job and opening its
+    gang are one step: two workers counting at once would each see room for a gang, and
+    the two gangs would each wait for the other's nodes. Take it before reading anything
+    of the claim."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:lock_class, :devices)"),
+            {"lock_class": GANG_LOCK_CLASS, "devices": devices},
+        )
+    elif dialect == "sqlite":
+        # One writer at a time: take the write lock before the reads.
+        connection = session.connection()
+        if not getattr(connection.connection.dbapi_connection, "in_transaction", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def gangs_around(session: Session, *, devices: int) -> bool:
+    """Whether a multi-node job of the queue of `devices` devices a node waits or runs:
+    only then does a claim need the lock and the free workers."""
+    return (
+        session.scalar(
+            select(Job.id)
+            .where(Job.status.in_(("queued", "running")), Job.devices == devices, Job.nodes > 1)
+            .limit(1)
+        )
+        is not None
     )
 
 
