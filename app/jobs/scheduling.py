@@ -121,13 +121,14 @@ def _non_negative(value: ColumnElement[float]) -> ColumnElement[float]:
 
 
 def device_seconds_by_tenant(since: datetime, now: datetime) -> Select[Any, Any]:
-    """(tenant, device_seconds) of the runs between `since` and `now`: each run's devices ×
-    its seconds in that span, a run still going counted up to `now`."""
+    """(tenant, device_seconds) of the runs between `since` and `now`: each run's devices
+    (× nodes: an elastic run on fewer is counted at its spec's) × its seconds in that span,
+    a run still going counted up to `now`."""
     start = case((JobAttempt.started_at > _at(since), JobAttempt.started_at), else_=_at(since))
     end = func.coalesce(JobAttempt.ended_at, _at(now))
     seconds = _non_negative(epoch_seconds(end) - epoch_seconds(start))
     return (
-        select(Job.tenant, func.sum(Job.devices * seconds).label("device_seconds"))
+        select(Job.tenant, func.sum(Job.devices * Job.nodes * seconds).label("device_seconds"))
         .select_from(JobAttempt)
         .join(Job, Job.id == JobAttempt.job_id)
         .where(or_(JobAttempt.ended_at.is_(None), JobAttempt.ended_at > _at(since)))
@@ -138,7 +139,7 @@ def device_seconds_by_tenant(since: datetime, now: datetime) -> Select[Any, Any]
 def running_devices_by_tenant() -> Select[Any, Any]:
     """(tenant, devices) of its live runs: what its max_running_devices quota counts."""
     return (
-        select(Job.tenant, func.sum(Job.devices).label("devices"))
+        select(Job.tenant, func.sum(Job.devices * Job.nodes).label("devices"))
         .where(Job.status.in_(LIVE_STATUSES))
         .group_by(Job.tenant)
     )
@@ -159,7 +160,8 @@ def ranking(now: datetime, policy: Policy, *, devices: int | None) -> Ranking:
     running = running_devices_by_tenant().subquery("running")
     fair_share = func.coalesce(usage.c.device_seconds, 0.0) / func.coalesce(Tenant.share, 1.0)
     cap = Tenant.max_running_devices
-    within_quota = or_(cap.is_(None), func.coalesce(running.c.devices, 0) + Job.devices <= cap)
+    wanted = Job.devices * Job.nodes
+    within_quota = or_(cap.is_(None), func.coalesce(running.c.devices, 0) + wanted <= cap)
     query = (
         select(Job.id)
         .outerjoin(Tenant, Tenant.name == Job.tenant)
@@ -213,10 +215,17 @@ def hold_blocked_jobs(session: Session, *, now: datetime) -> Holds:
     running = running_devices_by_tenant().subquery("running")
     in_use = func.coalesce(running.c.devices, 0)
     blocked = and_(
-        Tenant.max_running_devices.is_not(None), in_use + Job.devices > Tenant.max_running_devices
+        Tenant.max_running_devices.is_not(None),
+        in_use + Job.devices * Job.nodes > Tenant.max_running_devices,
     )
     base = (
-        select(Job.id, Job.tenant, Job.devices, Tenant.max_running_devices, in_use.label("in_use"))
+        select(
+            Job.id,
+            Job.tenant,
+            (Job.devices * Job.nodes).label("devices"),
+            Tenant.max_running_devices,
+            in_use.label("in_use"),
+        )
         .join(Tenant, Tenant.name == Job.tenant)
         .outerjoin(running, running.c.tenant == Job.tenant)
         .where(sendable())

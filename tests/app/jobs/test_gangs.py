@@ -226,3 +226,20 @@ def test_free_nodes_counts_followers_busy_and_open_slots_reserved(
     finally:
         for name in names:
             withdraw(redis_client, name)
+
+
+def test_a_follower_s_worker_shutting_down_asks_the_whole_group_to_hand_back(
+    database: Database,
+) -> None:
+    job, other = two_nodes(database), create(database)
+    taken = claim_next(database, job, "leader", free_nodes=2)
+    assert taken is not None
+    open_gang(database, taken)
+    assert take_slot(database, "follower") is not None
+    claim(database, other, "elsewhere")
+    with database.session() as session:
+        assert runs.request_release(session, worker="follower") == 1
+        session.commit()
+    with database.session() as session:
+        flagged = session.scalars(select(Job.id).where(Job.release_requested.is_(True)))
+        assert list(flagged) == [job]
