@@ -332,9 +332,11 @@ def request_release(session: Session, *, worker: str) -> int:
     """Ask the runs of a shutting-down worker (those it leads or follows) to checkpoint and
     hand their jobs back."""
     # And the multi-node runs it follows (app/jobs/gangs.py): the whole group hands back.
-    followed = select(JobSlot.job_id).where(
-        JobSlot.worker == worker, JobSlot.slot > 0, JobSlot.lease == Job.lease
-    ).correlate(Job)
+    followed = (
+        select(JobSlot.job_id)
+        .where(JobSlot.worker == worker, JobSlot.slot > 0, JobSlot.lease == Job.lease)
+        .correlate(Job)
+    )
     return int(
         session.execute(
             update(Job)
