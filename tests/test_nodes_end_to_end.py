@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -138,7 +139,7 @@ def cluster(
         progress_flush_seconds="0.2",
         gang_wait_seconds="30",
         # A pause per micro-batch (weights unchanged): a run lasts long enough to be hit.
-        test_faults="slow=0.1",
+        test_faults="slow=0.03",
     )
     database = Database(database_url)
     with contextlib.ExitStack() as stack:
@@ -262,12 +263,47 @@ def test_a_3_node_job_ends_at_the_weights_of_one_batch(cluster: Cluster) -> None
     assert [a["reason"] for a in cluster.attempts(job_id)] == ["succeeded"]
 
 
+def group_processes(cluster: Cluster) -> list[psutil.Process]:
+    """The launchers and ranks this module's workers started."""
+    found = []
+    for worker in cluster.workers.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in psutil.Process(worker.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    command = " ".join(process.cmdline())
+                    if "torch.distributed.run" in command or "worker.rank" in command:
+                        found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_a_running_gang_cancelled_stops_on_every_node_with_a_checkpoint(
+    cluster: Cluster,
+) -> None:
+    long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
+            "max_steps": 100_000}  # fmt: skip
+    job_id = cluster.submit(long)
+
+    def training() -> bool:
+        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
+        return job["status"] == "running" and job["progress"]["step"] > 0
+
+    wait_for(training, 90, "the gang to train", interval=0.1)
+    assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    done = wait_for_status(cluster.client, job_id, FINISHED, timeout=30)
+    assert done["status"] == "cancelled"
+    checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[-1]["step"] == done["progress"]["step"]
+    wait_for(lambda: not cluster.slots(), 10, "the gang's slots to go")
+    wait_for(lambda: not group_processes(cluster), 30, "every node's launcher and rank to end")
+
+
 @pytest.mark.slow
 def test_an_elastic_job_that_loses_a_node_resumes_on_fewer_with_the_same_batch(
     cluster: Cluster,
 ) -> None:
     spec = {**MLP, "nodes": 3, "elastic": {"min_nodes": 2}, "micro_batch_size": 2,
-            "accumulation_steps": 2, "max_steps": 12, "checkpoint_every": 2}  # fmt: skip
+            "accumulation_steps": 2, "max_steps": 30, "checkpoint_every": 2}  # fmt: skip
     job_id = cluster.submit(spec)
     kill_a_follower(cluster, job_id)
     assert wait_for_the_group_to_end(cluster, job_id) < LEAVE_BOUND
@@ -279,7 +315,7 @@ def test_an_elastic_job_that_loses_a_node_resumes_on_fewer_with_the_same_batch(
     attempts = cluster.attempts(job_id)
     assert [a["reason"] for a in attempts] == ["rank_failed", "succeeded"]
     assert attempts[1]["resumed_from_step"] >= 2
-    assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 12))
+    assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 30))
 
 
 @pytest.mark.slow
@@ -287,7 +323,7 @@ def test_a_job_that_loses_a_node_resumes_on_as_many_when_a_fresh_worker_appears(
     cluster: Cluster,
 ) -> None:
     spec = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 3,
-            "max_steps": 12, "checkpoint_every": 2}  # fmt: skip
+            "max_steps": 30, "checkpoint_every": 2}  # fmt: skip
     job_id = cluster.submit(spec)
     kill_a_follower(cluster, job_id)
     assert wait_for_the_group_to_end(cluster, job_id) < LEAVE_BOUND
@@ -299,4 +335,4 @@ def test_a_job_that_loses_a_node_resumes_on_as_many_when_a_fresh_worker_appears(
     cluster.finished(job_id)
     attempts = cluster.attempts(job_id)
     assert [a["reason"] for a in attempts] == ["rank_failed", "succeeded"]
-    assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 12))
+    assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 30))
