@@ -229,7 +229,8 @@ def test_two_2_node_jobs_at_once_run_one_after_the_other_to_exact_weights(
 ) -> None:
     spec = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 3}
     first, second = cluster.submit(spec), cluster.submit(spec)
-    assert cluster.client.get(f"/v1/jobs/{first}").json()["batch_size"] == 12
+    job = cluster.client.get(f"/v1/jobs/{first}").json()
+    assert (job["devices"], job["nodes"], job["batch_size"]) == (1, 2, 12)
 
     def one_runs_the_other_waits() -> bool:
         statuses = {
