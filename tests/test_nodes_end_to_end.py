@@ -9,7 +9,10 @@ sharing an API and a database of their own.
   slot (no deadlock), and both finish;
 - a node's worker SIGKILLed mid-run: the others leave the group within the stated bound,
   and the job resumes from its checkpoint on as many nodes (or, elastic, on fewer, with
-  the same global batch) and ends at the undisturbed weights.
+  the same global batch) and ends at the undisturbed weights;
+- a follower's worker stopped gracefully: the whole group checkpoints and hands back.
+
+The workers are shared: each test leaves the next as many as it needs (3, 3, 2, 2, 1).
 """
 
 from __future__ import annotations
@@ -279,53 +282,6 @@ def group_processes(cluster: Cluster) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_and_a_cancel_stops_it(
-    cluster: Cluster,
-) -> None:
-    long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
-            "max_steps": 100_000}  # fmt: skip
-    job_id = cluster.submit(long)
-
-    def training(runs: int) -> Callable[[], bool]:
-        """Whether its run number `runs` trains past the step it started from."""
-
-        def check() -> bool:
-            job = cluster.client.get(f"/v1/jobs/{job_id}").json()
-            assert job["status"] not in FINISHED, job
-            attempts = cluster.attempts(job_id)
-            return (
-                len(attempts) == runs
-                and job["status"] == "running"
-                and job["progress"]["step"] > attempts[-1]["resumed_from_step"]
-            )
-
-        return check
-
-    wait_for(training(1), 90, "the gang to train", interval=0.1)
-    follower = next(worker for job, slot, worker in cluster.slots() if job == job_id and slot)
-    assert follower is not None
-    stopping = cluster.workers.pop(follower)
-    stopping.send_signal(signal.SIGTERM)  # as Docker stops a worker: a graceful shutdown
-    # The whole group checkpoints and hands the job back, the attempt not counted; the
-    # stopped worker exits once its node's launcher has.
-    assert stopping.wait(30) == 0
-    wait_for(lambda: cluster.attempts(job_id)[0]["ended_at"], 30, "the first run to end")
-    attempts = cluster.attempts(job_id)
-    assert (attempts[0]["reason"], attempts[0]["counted"]) == ("shutdown", False)
-    # Two workers are left: it runs again on two nodes, from its checkpoint.
-    wait_for(training(2), 90, "the gang to train again", interval=0.1)
-    assert cluster.attempts(job_id)[1]["resumed_from_step"] > 0
-    assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
-    done = wait_for_status(cluster.client, job_id, FINISHED, timeout=30)
-    assert done["status"] == "cancelled"
-    checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    assert checkpoints and checkpoints[-1]["step"] == done["progress"]["step"]
-    wait_for(lambda: not cluster.slots(), 10, "the gang's slots to go")
-    wait_for(lambda: not group_processes(cluster), 30, "every node's launcher and rank to end")
-    cluster.add_workers("127.0.0.4")  # three again, for what follows
-
-
-@pytest.mark.slow
 def test_an_elastic_job_that_loses_a_node_resumes_on_fewer_with_the_same_batch(
     cluster: Cluster,
 ) -> None:
@@ -357,9 +313,43 @@ def test_a_job_that_loses_a_node_resumes_on_as_many_when_a_fresh_worker_appears(
     # One worker left: the job waits for a second, holding nothing.
     wait_for(lambda: not cluster.slots(), 10, "the run's slots to go")
     assert cluster.client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
-    cluster.add_workers("127.0.0.5")
+    cluster.add_workers("127.0.0.4")
     assert nodes_of_the_run(cluster, job_id, attempt=2) == 2
     cluster.finished(job_id)
     attempts = cluster.attempts(job_id)
     assert [a["reason"] for a in attempts] == ["rank_failed", "succeeded"]
     assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 30))
+
+
+@pytest.mark.slow
+def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_with_a_checkpoint(
+    cluster: Cluster,
+) -> None:
+    long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
+            "max_steps": 100_000}  # fmt: skip
+    job_id = cluster.submit(long)
+
+    def training() -> bool:
+        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] not in FINISHED, job
+        return job["status"] == "running" and job["progress"]["step"] > 0
+
+    wait_for(training, 90, "the gang to train", interval=0.1)
+    follower = next(worker for job, slot, worker in cluster.slots() if job == job_id and slot)
+    assert follower is not None
+    stopping = cluster.workers.pop(follower)
+    stopping.send_signal(signal.SIGTERM)  # as Docker stops a worker: a graceful shutdown
+    # Every node stops at the same window edge, after a checkpoint; the job goes back to
+    # the queue, the attempt not counted, and the stopped worker exits once its node's
+    # launcher has.
+    assert stopping.wait(30) == 0
+    job = wait_for_status(cluster.client, job_id, {"queued", *FINISHED}, timeout=30)
+    assert job["status"] == "queued"
+    attempts = cluster.attempts(job_id)
+    assert [(a["reason"], a["counted"]) for a in attempts] == [("shutdown", False)]
+    checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"] > 0
+    wait_for(lambda: not cluster.slots(), 10, "the gang's slots to go")
+    wait_for(lambda: not group_processes(cluster), 30, "every node's launcher and rank to end")
+    # One worker left: the job waits for a second one, holding nothing.
+    assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
