@@ -7,9 +7,10 @@ worker for the next one, so none is lost and none runs twice (the scheduling mod
 docstring says why).
 
 A job on several nodes (app/jobs/gangs.py): a message first offers its worker an open
-slot of a forming gang (`_follow`); otherwise the worker may claim a job to lead, a
-multi-node one only when the gang fits the free workers (`_free_nodes`), and leads it
-(`_lead`): it opens the gang, wakes the followers, and runs its node of the group.
+slot of a forming gang, which it follows (`_follow`); otherwise the worker may claim a
+job to lead, a multi-node one only when the gang fits the free workers, its gang opened
+in the claim's transaction (`_choose`); the leader wakes the followers and runs its node
+of the group (`_lead`).
 
 Imported inside the task only, so the worker's parent process never loads torch
 (and never initialises CUDA before forking its children).
@@ -285,6 +286,10 @@ def _lead(
     finally:
         keeper.stop()
         with database.session() as session:
+            # A group that formed and failed between two looks is a failed run, not a
+            # gang that never formed.
+            state = gangs.gang_state(session, claim=claim)
+            formed = formed or state.filled == state.nodes
             gangs.close_gang(session, job_id=claim.job_id)
             session.commit()
     if written is None:

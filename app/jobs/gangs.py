@@ -23,8 +23,8 @@ The claim is the database's, made of the lease machinery of one-node jobs:
   live, the slot is void (`renew_slot` says so and its follower stops), and the reaper
   deletes it (`delete_void_slots`).
 - **Bounded**: a gang not complete within TRAINJOB_GANG_WAIT_SECONDS is given up: the
-  leader hands the job back (queued, the attempt not counted) and deletes its slots, so a
-  partial claim never blocks anything for longer.
+  leader deletes its slots and hands the job back (`INCOMPLETE`: queued, the attempt not
+  counted), so a partial claim never blocks anything for longer.
 
 Leases: the leader's is the job's. A follower renews its slot's `expires_at`; a slot
 expired and not released is a lost node, and the leader stops the group.
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.jobs.models import Job, JobSlot
-from app.jobs.runs import LIVE_STATUSES, Claim, append_events, hand_back, sendable
+from app.jobs.runs import LIVE_STATUSES, Claim, append_events, sendable
 
 HELD_BY = "nodes"
 # The class id of the gang claims' advisory locks (two-key form), apart from others'.
@@ -263,14 +263,6 @@ def close_gang(session: Session, *, job_id: str) -> None:
     session.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
 
 
-def give_up(session: Session, *, claim: Claim) -> bool:
-    """The gang did not form within TRAINJOB_GANG_WAIT_SECONDS: its slots go and the job
-    goes back to the queue, the attempt not counted (or paused or cancelled, as asked
-    meanwhile). Returns whether it was re-queued (the caller sends its message)."""
-    close_gang(session, job_id=claim.job_id)
-    return hand_back(session, claim=claim, reason=INCOMPLETE, counted=False)
-
-
 def delete_void_slots(session: Session) -> int:
     """Slots of runs that are over (the job's lease moved on, or it is not live): their
     leader died or handed the job back without deleting them. Their followers stop at
@@ -328,9 +320,10 @@ def hold_gangs(session: Session, *, devices: int, free_nodes: int) -> list[str]:
         .limit(100)
     ).all()
     for job in held:
+        are = "is" if free_nodes == 1 else "are"
         message = (
-            f"waits: it needs {job.min_nodes} worker nodes at once and {free_nodes} "
-            "are free now; it holds none of them while it waits"
+            f"waits: it needs {job.min_nodes} worker nodes at once and {free_nodes} {are} "
+            "free now; it holds none of them while it waits"
         )
         data = {"message": message, "nodes": job.min_nodes, "free_nodes": free_nodes}
         append_events(session, job.id, [("warning", data)])
