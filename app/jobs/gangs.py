@@ -148,6 +148,8 @@ def claim_open_slot(
             Job.lease == JobSlot.lease,
             Job.status == "running",
             Job.devices == devices,
+            # One node per worker: two pool children of one worker would share its devices.
+            JobSlot.job_id.not_in(select(JobSlot.job_id).where(JobSlot.worker == worker)),
         )
         .order_by(JobSlot.job_id, JobSlot.slot)
         .limit(8)

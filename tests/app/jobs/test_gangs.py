@@ -124,6 +124,8 @@ def test_each_open_slot_is_taken_by_one_worker_and_the_gang_is_all_or_nothing(
     taken = claim_next(database, job, "leader", free_nodes=3)
     assert taken is not None
     open_gang(database, taken, nodes=3)
+    # A worker holds one node of a gang at most (its pool children share its devices).
+    assert take_slot(database, "leader") is None
     first, second = take_slot(database, "f1"), take_slot(database, "f2")
     assert take_slot(database, "f3") is None
     assert first is not None and second is not None
