@@ -127,9 +127,9 @@ def run_job(job_id: str, settings: Settings, *, worker: str, enqueue: Sender) ->
                 outcome = _run(database, settings, publisher, claim, spec)
             if outcome is not None:
                 _record(database, settings, publisher, claim, outcome, enqueue)
-            if spec.nodes > 1:
-                # Its workers are free again: wake them for the next job (the messages
-                # of jobs that waited for nodes were taken by workers that passed them).
+            if spec.nodes > 1 and _jobs_wait_for_nodes(database, spec.devices):
+                # Its workers are free again: wake them for the jobs that waited for nodes
+                # (their messages were taken by workers that passed them over).
                 for _ in range(nodes):
                     enqueue(claim.job_id, spec.devices)
     finally:
@@ -194,6 +194,11 @@ def _choose(database: Database, settings: Settings, job_id: str, worker: str) ->
             )
         session.commit()
         return Choice(claim=claim, nodes=nodes, port=port)
+
+
+def _jobs_wait_for_nodes(database: Database, devices: int) -> bool:
+    with database.session() as session:
+        return gangs.jobs_wait_for_nodes(session, devices=devices)
 
 
 def _free_nodes(session: Session, settings: Settings, devices: int) -> int:

@@ -308,6 +308,13 @@ def open_slots(session: Session, *, devices: int) -> int:
     )
 
 
+def jobs_wait_for_nodes(session: Session, *, devices: int) -> bool:
+    """Whether a job of the queue of `devices` devices a node was passed over for want of
+    free nodes (its message is spent: a gang that ends wakes workers for it)."""
+    waiting = select(Job.id).where(sendable(), Job.devices == devices, Job.held_by == HELD_BY)
+    return session.scalar(waiting.limit(1)) is not None
+
+
 def hold_gangs(session: Session, *, devices: int, free_nodes: int) -> list[str]:
     """Mark the queued jobs on `devices` devices a node that need more nodes than are free
     now, each with a `warning` event (once: a claim clears the mark)."""

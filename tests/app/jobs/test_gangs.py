@@ -102,6 +102,8 @@ def test_a_multi_node_job_waits_holding_nothing_until_its_nodes_are_free(
         "waits: it needs 2 worker nodes at once and 1 is free now; it holds none of them "
         "while it waits"
     ]
+    with database.session() as session:
+        assert gangs.jobs_wait_for_nodes(session, devices=1)
     # A one-node job behind it runs meanwhile: the wait blocks nothing.
     single = create(database)
     taken = claim_next(database, job, "w1", free_nodes=1)
