@@ -7,6 +7,7 @@ os.environ for configuration. What each setting does is in README.md's settings 
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +33,12 @@ class Settings(BaseSettings):
     # What a worker owns (worker/devices.py): "0,1,2,3" or "cpu:4"; unset: every visible
     # CUDA device, else one CPU device.
     worker_devices: str | None = None
+    # Where the other nodes of a multi-node job reach this worker's rendezvous (slot 0):
+    # an address or a name they can resolve. Unset: this host's name.
+    worker_address: str = Field(default_factory=socket.getfqdn)
+    # How long the worker that claims a multi-node job waits for the others before it
+    # hands the job back (app/jobs/gangs.py).
+    gang_wait_seconds: float = Field(60.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Redis redelivers an unacknowledged task after this long: keep it above the longest job.

@@ -15,6 +15,17 @@ Who does what:
   (the same LeaseKeeper and ProgressWriter), then the outcome, into a file;
 - the other ranks: their share of each window; they report nothing.
 
+A job on several nodes (app/jobs/gangs.py) runs one launcher per node, each started by
+the pool child that holds the node's slot, meeting at the leader's rendezvous instead
+of `--standalone`: `--nnodes N --rdzv-backend c10d --rdzv-endpoint ADDR:PORT --rdzv-id
+JOB-LEASE --rdzv-conf is_host=true|false,... --local-addr TRAINJOB_WORKER_ADDRESS`.
+torch's c10d rendezvous numbers the nodes by their sorted (address, pid) descriptors
+(dynamic_rendezvous.py `_mark_rendezvous_complete`), and the agents give global ranks in
+node order, so global rank 0 may be on any node: whichever it is does rank 0's part, with
+the run's claim (the leader's), and writes the outcome on its own node (a follower
+passes it on in its slot). `watch`, polled while the launcher runs, stops it when the
+run is no longer this node's (a void slot, a lost node, a gang that did not form).
+
 A rank that dies makes the launcher stop the others (within its monitor interval) and
 exit non-zero; the survivors' collectives fail at once (gloo) or after the collective
 timeout (NCCL). No outcome then: the job goes back to the queue `rank_failed`, a counted
@@ -32,6 +43,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +64,53 @@ class GroupResult:
     outcome: dict[str, Any] | None  # what rank 0 wrote; None if it wrote nothing
 
 
-def launcher_command(devices: int, module: str, rank_arguments: list[str]) -> list[str]:
-    """torch.distributed.run starting `devices` ranks of `python -m module ARGS`."""
+# A launcher asked to stop has this long to stop its ranks before it is killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the launchers of a multi-node job meet: the leader's slot (app/jobs/gangs.py)."""
+
+    nodes: int
+    address: str  # the leader's TRAINJOB_WORKER_ADDRESS
+    port: int
+    run_id: str  # the job and its lease: a new run never meets an old one's nodes
+    is_host: bool  # the leader hosts the rendezvous store
+    local_address: str  # this node's TRAINJOB_WORKER_ADDRESS
+    # How long the launchers wait for each other (the gang's bounded wait).
+    join_timeout_seconds: float
+
+    def arguments(self) -> list[str]:
+        timeout = max(1, round(self.join_timeout_seconds))
+        settings = [
+            f"is_host={str(self.is_host).lower()}",
+            f"join_timeout={timeout}",
+            # A follower may start before the leader's store listens: it waits this long.
+            f"read_timeout={timeout + 30}",
+        ]
+        return [
+            f"--nnodes={self.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.address}:{self.port}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf={','.join(settings)}",
+            f"--local-addr={self.local_address}",
+        ]
+
+
+def launcher_command(
+    devices: int, module: str, rank_arguments: list[str], rendezvous: Rendezvous | None = None
+) -> list[str]:
+    """torch.distributed.run starting `devices` ranks of `python -m module ARGS`, on this
+    machine alone or as one node of `rendezvous`."""
+    # Without a rendezvous: one of this machine's ranks, on a free port.
+    meeting = ["--standalone"] if rendezvous is None else rendezvous.arguments()
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",  # a rendezvous of this machine's ranks, on a free port
+        *meeting,
         f"--nproc-per-node={devices}",
         "--max-restarts=0",
         f"--monitor-interval={MONITOR_INTERVAL_SECONDS}",
@@ -75,14 +128,23 @@ def launch_environment(devices: int) -> dict[str, str]:
 
 
 def run_group(
-    job_id: str, claim: dict[str, Any], devices: int, owned: WorkerDevices
+    job_id: str,
+    claim: dict[str, Any],
+    devices: int,
+    owned: WorkerDevices,
+    *,
+    rendezvous: Rendezvous | None = None,
+    watch: Callable[[], str | None] | None = None,
+    watch_seconds: float = 1.0,
 ) -> GroupResult:
-    """Train the claimed job on `devices` of the worker's devices; blocks until the group
-    ends. `claim` is what rank 0 needs to act as the run's owner."""
+    """Train the claimed job on `devices` of the worker's devices (as one node of
+    `rendezvous`, if given); blocks until the group ends. `claim` is what rank 0 needs to
+    act as the run's owner. `watch`, every `watch_seconds`: a reason to stop the group
+    now, or None."""
     with tempfile.TemporaryDirectory(prefix="trainjob-group-") as directory:
         outcome_path = Path(directory) / "outcome.json"
         rank_arguments = [job_id, json.dumps(claim), str(outcome_path)]
-        command = launcher_command(devices, "worker.rank", rank_arguments)
+        command = launcher_command(devices, "worker.rank", rank_arguments, rendezvous)
         environment = {**launch_environment(devices), **owned.environment(devices)}
         if owned.kind == "cpu":
             environment["TRAINJOB_RANK_DEVICE"] = "cpu"
@@ -96,9 +158,45 @@ def run_group(
             # that would kill the ranks mid-window.
             start_new_session=True,
         )
-        exit_code = process.wait()
+        exit_code = _wait(process, watch, watch_seconds, job_id)
         outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else None
     return GroupResult(exit_code, outcome)
+
+
+def _wait(
+    process: subprocess.Popen[bytes],
+    watch: Callable[[], str | None] | None,
+    watch_seconds: float,
+    job_id: str,
+) -> int:
+    """The launcher's exit code, once it exits or `watch` has it stopped."""
+    if watch is None:
+        return process.wait()
+    while True:
+        try:
+            return process.wait(timeout=watch_seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            reason = watch()
+        except Exception:  # a database blip: the next look decides
+            logger.warning("job %s: could not check on the group", job_id, exc_info=True)
+            continue
+        if reason is not None:
+            logger.warning("job %s: stopping the group: %s", job_id, reason)
+            return stop_launcher(process)
+
+
+def stop_launcher(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (the launcher stops its ranks), then SIGKILL after STOP_GRACE_SECONDS
+    (its ranks die with it, worker/rank.py)."""
+    process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    try:
+        return process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def write_outcome(path: Path, outcome: dict[str, Any]) -> None:

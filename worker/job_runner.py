@@ -6,6 +6,12 @@ which may be another job of the same device count; that job's own message then w
 worker for the next one, so none is lost and none runs twice (the scheduling module's
 docstring says why).
 
+A job on several nodes (app/jobs/gangs.py): a message first offers its worker an open
+slot of a forming gang, which it follows (`_follow`); otherwise the worker may claim a
+job to lead, a multi-node one only when the gang fits the free workers, its gang opened
+in the claim's transaction (`_choose`); the leader wakes the followers and runs its node
+of the group (`_lead`).
+
 Imported inside the task only, so the worker's parent process never loads torch
 (and never initialises CUDA before forking its children).
 """
@@ -13,7 +19,9 @@ Imported inside the task only, so the worker's parent process never loads torch
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -24,13 +32,15 @@ import redis
 import sqlalchemy.exc
 import torch
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.blobs import default_store
 from app.checkpoints import service as checkpoints_service
 from app.db import Database
 from app.errors import NotFound
 from app.files import usage as files_usage
-from app.jobs import scheduling
+from app.jobs import devices as jobs_devices
+from app.jobs import gangs, scheduling
 from app.jobs.models import Job
 from app.jobs.runs import Claim, LeaseLost, finish_job, hand_back, send_jobs
 from app.jobs.spec import FileDatasetSpec, JobSpec
@@ -45,7 +55,7 @@ from worker.engine.errors import TrainingError
 from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, train
 from worker.faults import fault_hooks
-from worker.group import run_group
+from worker.group import Rendezvous, run_group
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
 from worker.progress_writer import ProgressWriter, retry_database
@@ -80,15 +90,12 @@ def run_job(job_id: str, settings: Settings, *, worker: str, enqueue: Sender) ->
     try:
         if not _files_ready(database, publisher, job_id):
             return
+        choice = _choose(database, settings, job_id, worker)
+        if choice.slot is not None:
+            _follow(database, settings, choice.slot, worker)
+            return
+        claim = choice.claim
         with database.session() as session:
-            claim = scheduling.claim_next(
-                session,
-                hint=job_id,
-                worker=worker,
-                lease_timeout=settings.lease_timeout_seconds,
-                policy=scheduling.Policy.of(settings),
-            )
-            session.commit()
             job = session.get(Job, claim.job_id) if claim else None
         if claim is None or job is None:
             logger.info(
@@ -113,12 +120,266 @@ def run_job(job_id: str, settings: Settings, *, worker: str, enqueue: Sender) ->
             )
             publisher.status(claim.job_id, "running")
             spec = JobSpec.model_validate(job.spec)
-            outcome = _run(database, settings, publisher, claim, spec)
+            nodes = choice.nodes
+            if nodes > 1:
+                outcome = _lead(database, settings, claim, spec, choice, enqueue)
+            else:
+                outcome = _run(database, settings, publisher, claim, spec)
             if outcome is not None:
                 _record(database, settings, publisher, claim, outcome, enqueue)
+            if spec.nodes > 1 and _jobs_wait_for_nodes(database, spec.devices):
+                # Its workers are free again: wake them for the jobs that waited for nodes
+                # (their messages were taken by workers that passed them over).
+                for _ in range(nodes):
+                    enqueue(claim.job_id, spec.devices)
     finally:
         publisher.close()
         database.dispose()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a message gives its worker: a job to run (on a gang of `nodes`, opened with
+    its rendezvous on `port`), an open slot of another's gang, or nothing."""
+
+    claim: Claim | None = None
+    nodes: int = 1
+    port: int = 0
+    slot: gangs.Slot | None = None
+
+
+def _choose(database: Database, settings: Settings, job_id: str, worker: str) -> Choice:
+    """For a message naming `job_id`: an open slot of a forming gang of its queue first;
+    else the job to run now (app/jobs/scheduling.py), a multi-node one only when its gang
+    fits the free workers (app/jobs/gangs.py), its gang opened in the same transaction."""
+    lease_timeout = settings.lease_timeout_seconds
+    with database.session() as session:
+        devices = session.scalar(select(Job.devices).where(Job.id == job_id))
+        free = 1
+        if devices is not None and gangs.gangs_around(session, devices=devices):
+            gangs.lock_gangs(session, devices=devices)
+            slot = gangs.claim_open_slot(
+                session, worker=worker, devices=devices, lease_timeout=lease_timeout
+            )
+            if slot is not None:
+                session.commit()
+                return Choice(slot=slot)
+            free = _free_nodes(session, settings, devices)
+        claim = scheduling.claim_next(
+            session,
+            hint=job_id,
+            worker=worker,
+            lease_timeout=lease_timeout,
+            policy=scheduling.Policy.of(settings),
+            free_nodes=free,
+        )
+        job = session.get(Job, claim.job_id) if claim else None
+        if claim is None or job is None or job.nodes == 1:
+            session.commit()
+            return Choice(claim=claim)
+        # As many nodes as are free, up to the spec's (never fewer than its minimum: the
+        # claim passed it over then).
+        nodes = min(job.nodes, max(free, job.min_nodes))
+        port = _rendezvous_port() if nodes > 1 else 0
+        if nodes > 1:
+            gangs.open_gang(
+                session,
+                claim=claim,
+                nodes=nodes,
+                worker=worker,
+                address=settings.worker_address,
+                port=port,
+                claim_data=asdict(claim),
+                lease_timeout=lease_timeout,
+            )
+        session.commit()
+        return Choice(claim=claim, nodes=nodes, port=port)
+
+
+def _jobs_wait_for_nodes(database: Database, devices: int) -> bool:
+    with database.session() as session:
+        return gangs.jobs_wait_for_nodes(session, devices=devices)
+
+
+def _free_nodes(session: Session, settings: Settings, devices: int) -> int:
+    """How many workers of the queue could join a gang now, this one included."""
+    if settings.redis_url is None:
+        return 1
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return jobs_devices.free_nodes(session, client, queue=settings.queue, devices=devices)
+    finally:
+        client.close()
+
+
+def _rendezvous_port() -> int:
+    """A free port for the gang's rendezvous store (the leader's launcher listens on it
+    at once; another process taking it in between fails the run, which is retried)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
+def _lead(
+    database: Database,
+    settings: Settings,
+    claim: Claim,
+    spec: JobSpec,
+    choice: Choice,
+    enqueue: Sender,
+) -> Outcome | None:
+    """Run the claimed job on its gang (opened by the claim): the followers woken, this
+    node's launcher run, then the outcome global rank 0 wrote (here, or in a follower's
+    slot)."""
+    owned = worker_devices(settings.worker_devices)
+    nodes, port = choice.nodes, choice.port
+    for _ in range(nodes - 1):
+        enqueue(claim.job_id, spec.devices)
+    logger.info(
+        "job %s: leads a gang of %d nodes, rendezvous at %s:%d",
+        claim.job_id,
+        nodes,
+        settings.worker_address,
+        port,
+    )
+    rendezvous = Rendezvous(
+        nodes=nodes,
+        address=settings.worker_address,
+        port=port,
+        run_id=f"{claim.job_id}-{claim.lease}",
+        is_host=True,
+        local_address=settings.worker_address,
+        join_timeout_seconds=settings.gang_wait_seconds,
+    )
+    keeper = LeaseKeeper(
+        database, claim, heartbeat_seconds=settings.heartbeat_seconds, max_runtime_seconds=None
+    )
+    deadline = time.monotonic() + settings.gang_wait_seconds
+    formed = False
+
+    def watch() -> str | None:
+        nonlocal formed
+        if keeper.lost:
+            return "lease lost"
+        with database.session() as session:
+            state = gangs.gang_state(session, claim=claim)
+        if state.lost:
+            return f"{state.lost} node(s) stopped renewing their slot"
+        if not formed:
+            formed = state.filled == state.nodes
+            if not formed and time.monotonic() > deadline:
+                return f"the gang did not form in {settings.gang_wait_seconds:g} s"
+            if not formed and (keeper.cancel_requested or keeper.release_requested):
+                return "asked to stop before the gang formed"
+        return None
+
+    keeper.start()
+    try:
+        result = run_group(
+            claim.job_id,
+            asdict(claim),
+            spec.devices,
+            owned,
+            rendezvous=rendezvous,
+            watch=watch,
+            watch_seconds=min(1.0, settings.heartbeat_seconds),
+        )
+        written = result.outcome
+        if written is None and result.exit_code == 0:
+            # Rank 0 ran on a follower's node (its node left this one in peace).
+            written = _followers_outcome(database, settings, claim)
+    finally:
+        keeper.stop()
+        with database.session() as session:
+            # A group that formed and failed between two looks is a failed run, not a
+            # gang that never formed.
+            state = gangs.gang_state(session, claim=claim)
+            formed = formed or state.filled == state.nodes
+            gangs.close_gang(session, job_id=claim.job_id)
+            session.commit()
+    if written is None:
+        if not formed:
+            return Outcome("queued", hand_back=gangs.INCOMPLETE, counted=False)
+        logger.warning(
+            "job %s: its group ended (exit code %d) before rank 0 could say how",
+            claim.job_id,
+            result.exit_code,
+        )
+        return Outcome("queued", hand_back=RANK_FAILED)
+    outcome = outcome_from_json(written)
+    if outcome is not None and outcome.runtime_seconds is not None:
+        outcome = replace(outcome, runtime_seconds=keeper.runtime_seconds())
+    return outcome
+
+
+def _followers_outcome(
+    database: Database, settings: Settings, claim: Claim
+) -> dict[str, Any] | None:
+    """The outcome rank 0 wrote on a follower's node: there once every follower has
+    released its slot (or stopped renewing it, within the lease)."""
+    deadline = time.monotonic() + settings.lease_timeout_seconds + settings.heartbeat_seconds
+    while True:
+        with database.session() as session:
+            state = gangs.gang_state(session, claim=claim)
+        if state.outcome is not None or state.running == 0 or time.monotonic() > deadline:
+            return state.outcome
+        time.sleep(0.2)
+
+
+def _follow(database: Database, settings: Settings, slot: gangs.Slot, worker: str) -> None:
+    """Run this node of a gang's group, in the slot taken, until the launcher exits or
+    the slot is void. A follower records nothing of the job: rank 0 does, if it lands
+    here, through the outcome left in the slot for the leader."""
+    with database.session() as session:
+        job = session.get(Job, slot.job_id)
+        assert job is not None  # the slot was taken while its job ran
+    spec = JobSpec.model_validate(job.spec)
+    owned = worker_devices(settings.worker_devices)
+    rendezvous = Rendezvous(
+        nodes=slot.nodes,
+        address=slot.address,
+        port=slot.port,
+        run_id=f"{slot.job_id}-{slot.lease}",
+        is_host=False,
+        local_address=settings.worker_address,
+        join_timeout_seconds=settings.gang_wait_seconds,
+    )
+    renewed_at = time.monotonic()
+
+    def watch() -> str | None:
+        nonlocal renewed_at
+        if time.monotonic() - renewed_at < settings.heartbeat_seconds:
+            return None
+        with database.session() as session:
+            current = gangs.renew_slot(
+                session, slot=slot, worker=worker, lease_timeout=settings.lease_timeout_seconds
+            )
+            session.commit()
+        renewed_at = time.monotonic()
+        return None if current else "the job's run is over (its slot is void)"
+
+    with job_context(slot.job_id, int(slot.claim.get("attempt", 0))):
+        logger.info(
+            "job %s: node %d of %d, rendezvous at %s:%d",
+            slot.job_id,
+            slot.slot,
+            slot.nodes,
+            slot.address,
+            slot.port,
+        )
+        result = run_group(
+            slot.job_id,
+            slot.claim,
+            spec.devices,
+            owned,
+            rendezvous=rendezvous,
+            watch=watch,
+            watch_seconds=min(1.0, settings.heartbeat_seconds),
+        )
+        with database.session() as session:
+            gangs.release_slot(session, slot=slot, worker=worker, outcome=result.outcome)
+            session.commit()
+        logger.info("job %s: node %d done (exit code %d)", slot.job_id, slot.slot, result.exit_code)
 
 
 def _files_ready(database: Database, publisher: LivePublisher, job_id: str) -> bool:

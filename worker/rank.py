@@ -30,7 +30,13 @@ from worker.engine.hf import HfLimits
 from worker.engine.trainer import Callbacks, train
 from worker.faults import fault_hooks
 from worker.group import write_outcome
-from worker.job_runner import latest_checkpoint, outcome_to_json, run_files, train_claimed
+from worker.job_runner import (
+    RANK_FAILED,
+    latest_checkpoint,
+    outcome_to_json,
+    run_files,
+    train_claimed,
+)
 from worker.live import LivePublisher
 from worker.parent_death import dies_with
 
@@ -81,9 +87,12 @@ def main(argv: list[str]) -> int:
     configure_logging(settings)
     group = join_group(collective_timeout(settings), BETWEEN_WINDOWS)
     database = Database(settings.effective_database_url)
+    broken = False
     try:
         if group.rank != 0:
-            return follow(database, settings, job_id, group)
+            exit_code = follow(database, settings, job_id, group)
+            broken = exit_code != 0
+            return exit_code
         claim = Claim(**json.loads(claim_json))
         publisher = LivePublisher(settings.redis_url)
         try:
@@ -96,10 +105,14 @@ def main(argv: list[str]) -> int:
         finally:
             publisher.close()
         write_outcome(Path(outcome_path), outcome_to_json(outcome))
-        return 0
+        # A broken group is a failed one for the launcher too: it then stops at once,
+        # where a rank that succeeded would wait at its exit barrier for the lost node.
+        broken = outcome is not None and outcome.hand_back == RANK_FAILED
+        return 1 if broken else 0
     finally:
         database.dispose()
-        dist.destroy_process_group()
+        if not broken:  # its peers are gone: tearing the group down would wait for them
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.dashboard import service as dashboard_service
+from app.jobs import gangs
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES
 from app.jobs.scheduling import Capacity
@@ -62,15 +63,17 @@ def live_capacity(session: Session, client: redis.Redis, *, queue: str) -> Capac
     except redis.RedisError as error:
         logger.warning("reaper: cannot read worker presence (%s); no preemption now", error)
         return None
+    names = [worker.name for worker in workers]
     running = dict(
         session.execute(
             select(Job.worker, func.count())
-            .where(
-                Job.status.in_(LIVE_STATUSES), Job.worker.in_([worker.name for worker in workers])
-            )
+            .where(Job.status.in_(LIVE_STATUSES), Job.worker.in_(names))
             .group_by(Job.worker)
         ).all()
     )
+    # A worker that follows a gang (app/jobs/gangs.py) spends a pool slot on it too.
+    for name, count in gangs.busy_followers(session, workers=names).items():
+        running[name] = running.get(name, 0) + count
 
     def consuming(devices: int) -> set[str]:
         wanted = training_queue(queue, devices)
@@ -85,3 +88,15 @@ def live_capacity(session: Session, client: redis.Redis, *, queue: str) -> Capac
         )
 
     return Capacity(workers=consuming, free_slots=free_slots)
+
+
+def free_nodes(session: Session, client: redis.Redis, *, queue: str, devices: int) -> int:
+    """How many workers could join a gang of nodes on `devices` devices now: live workers
+    of the queue with a free pool slot, less the open slots of gangs already forming
+    (they will take as many). At least 1 (the asking worker is free); 1 when Redis does
+    not answer, so that no multi-node job starts on a guess."""
+    capacity = live_capacity(session, client, queue=queue)
+    if capacity is None:
+        return 1
+    free = capacity.free_slots(devices) - gangs.open_slots(session, devices=devices)
+    return max(1, free)

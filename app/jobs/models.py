@@ -61,6 +61,10 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The spec's devices, as a column: it picks the job's training queue (app/queue.py).
     devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The spec's nodes: a job on several is gang-scheduled (app/jobs/gangs.py).
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The fewest it may run on (the spec's elastic.min_nodes, else nodes).
+    min_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Scheduling (app/jobs/scheduling.py): the spec's priority and preemptible, as columns
     # the claim orders and filters by.
     priority: Mapped[int] = mapped_column(Integer, default=500, server_default="500")
@@ -115,6 +119,34 @@ class JobAttempt(Base):
     # Fair share and the device-hours quota sum the device-seconds of runs that ended in a
     # recent window (or still run).
     __table_args__ = (Index("ix_job_attempts_ended_at", "ended_at"),)
+
+
+class JobSlot(Base):
+    """One node's place in the run of a multi-node job (app/jobs/gangs.py). Slot 0 is the
+    leader's, the worker that claimed the job; the others are open (no worker) until a
+    follower takes them. A slot belongs to the run whose lease token it carries: once
+    the job's lease moves on, it is void."""
+
+    __tablename__ = "job_slots"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The job's lease token (jobs.lease) of the run the slot belongs to: fencing.
+    lease: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    # A follower renews its slot; an expired one counts as lost (its worker died).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The rendezvous (slot 0's): where every node's launcher meets the others.
+    address: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    # The run's claim (lease, attempt, ...), which global rank 0 runs the job with
+    # wherever it lands; and the outcome that rank wrote, when it ran on this node.
+    claim: Mapped[dict[str, Any]] = mapped_column(JSON)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The follower's launcher has exited: the slot no longer holds its worker.
+    released: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_job_slots_worker", "worker"),)
 
 
 class JobEvent(Base):

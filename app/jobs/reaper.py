@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.files.models import DataFile
+from app.jobs import gangs
 from app.jobs.idempotency import forget_expired
 from app.jobs.models import Job
 from app.jobs.runs import LIVE_STATUSES, append_events, end_open_attempts, sendable
@@ -237,6 +238,9 @@ class Reaper:
         # A transaction each: one part's failure does not undo the others.
         with self.database.sessions.begin() as session:
             reap_lost_runs(session, now=now, lease_timeout=self.lease_timeout, report=report)
+        with self.database.sessions.begin() as session:
+            # Slots of gangs whose run is over (app/jobs/gangs.py): their workers are free.
+            gangs.delete_void_slots(session)
         with self.database.sessions.begin() as session:
             # A job a running-devices quota holds back says so once (a `warning` event);
             # one it lets go is sent again now.

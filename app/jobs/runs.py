@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.checkpoints.models import Checkpoint
 from app.db import utcnow
 from app.files.models import DataFile, JobFile
-from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric
+from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric, JobSlot
 from app.queue import Sender
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
@@ -329,11 +329,18 @@ def hand_back(
 
 
 def request_release(session: Session, *, worker: str) -> int:
-    """Ask the runs of a shutting-down worker to checkpoint and hand their jobs back."""
+    """Ask the runs of a shutting-down worker (those it leads or follows) to checkpoint and
+    hand their jobs back."""
+    # And the multi-node runs it follows (app/jobs/gangs.py): the whole group hands back.
+    followed = (
+        select(JobSlot.job_id)
+        .where(JobSlot.worker == worker, JobSlot.slot > 0, JobSlot.lease == Job.lease)
+        .correlate(Job)
+    )
     return int(
         session.execute(
             update(Job)
-            .where(Job.worker == worker, Job.status == "running")
+            .where(or_(Job.worker == worker, Job.id.in_(followed)), Job.status == "running")
             .values(
                 release_requested=True,
                 # A preemption already asked keeps its reason: the job goes back queued

@@ -49,6 +49,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from app.db import utcnow
+from app.jobs import gangs
 from app.jobs.models import Job, JobAttempt
 from app.jobs.runs import LIVE_STATUSES, Claim, append_events, claim_job, sendable
 from app.tenants.models import Tenant
@@ -120,13 +121,14 @@ def _non_negative(value: ColumnElement[float]) -> ColumnElement[float]:
 
 
 def device_seconds_by_tenant(since: datetime, now: datetime) -> Select[Any, Any]:
-    """(tenant, device_seconds) of the runs between `since` and `now`: each run's devices ×
-    its seconds in that span, a run still going counted up to `now`."""
+    """(tenant, device_seconds) of the runs between `since` and `now`: each run's devices
+    (× nodes: an elastic run on fewer is counted at its spec's) × its seconds in that span,
+    a run still going counted up to `now`."""
     start = case((JobAttempt.started_at > _at(since), JobAttempt.started_at), else_=_at(since))
     end = func.coalesce(JobAttempt.ended_at, _at(now))
     seconds = _non_negative(epoch_seconds(end) - epoch_seconds(start))
     return (
-        select(Job.tenant, func.sum(Job.devices * seconds).label("device_seconds"))
+        select(Job.tenant, func.sum(Job.devices * Job.nodes * seconds).label("device_seconds"))
         .select_from(JobAttempt)
         .join(Job, Job.id == JobAttempt.job_id)
         .where(or_(JobAttempt.ended_at.is_(None), JobAttempt.ended_at > _at(since)))
@@ -137,7 +139,7 @@ def device_seconds_by_tenant(since: datetime, now: datetime) -> Select[Any, Any]
 def running_devices_by_tenant() -> Select[Any, Any]:
     """(tenant, devices) of its live runs: what its max_running_devices quota counts."""
     return (
-        select(Job.tenant, func.sum(Job.devices).label("devices"))
+        select(Job.tenant, func.sum(Job.devices * Job.nodes).label("devices"))
         .where(Job.status.in_(LIVE_STATUSES))
         .group_by(Job.tenant)
     )
@@ -158,7 +160,8 @@ def ranking(now: datetime, policy: Policy, *, devices: int | None) -> Ranking:
     running = running_devices_by_tenant().subquery("running")
     fair_share = func.coalesce(usage.c.device_seconds, 0.0) / func.coalesce(Tenant.share, 1.0)
     cap = Tenant.max_running_devices
-    within_quota = or_(cap.is_(None), func.coalesce(running.c.devices, 0) + Job.devices <= cap)
+    wanted = Job.devices * Job.nodes
+    within_quota = or_(cap.is_(None), func.coalesce(running.c.devices, 0) + wanted <= cap)
     query = (
         select(Job.id)
         .outerjoin(Tenant, Tenant.name == Job.tenant)
@@ -172,11 +175,16 @@ def ranking(now: datetime, policy: Policy, *, devices: int | None) -> Ranking:
     return Ranking(query, order, within_quota)
 
 
-def next_job(session: Session, *, devices: int, now: datetime, policy: Policy) -> str | None:
+def next_job(
+    session: Session, *, devices: int, now: datetime, policy: Policy, free_nodes: int = 1
+) -> str | None:
     """The id of the job of `devices` devices to run next, locked (PostgreSQL) until the
-    transaction ends; None when every one waits (or none is queued)."""
+    transaction ends; None when every one waits (or none is queued). A job on several
+    nodes is passed over unless `free_nodes` workers can hold its gang now (app/jobs/
+    gangs.py)."""
     rank = ranking(now, policy, devices=devices)
-    query = rank.query.where(rank.within_quota).order_by(*rank.order).limit(1)
+    fits = Job.min_nodes <= free_nodes
+    query = rank.query.where(rank.within_quota, fits).order_by(*rank.order).limit(1)
     return session.scalar(query.with_for_update(skip_locked=True, of=Job))
 
 
@@ -207,10 +215,17 @@ def hold_blocked_jobs(session: Session, *, now: datetime) -> Holds:
     running = running_devices_by_tenant().subquery("running")
     in_use = func.coalesce(running.c.devices, 0)
     blocked = and_(
-        Tenant.max_running_devices.is_not(None), in_use + Job.devices > Tenant.max_running_devices
+        Tenant.max_running_devices.is_not(None),
+        in_use + Job.devices * Job.nodes > Tenant.max_running_devices,
     )
     base = (
-        select(Job.id, Job.tenant, Job.devices, Tenant.max_running_devices, in_use.label("in_use"))
+        select(
+            Job.id,
+            Job.tenant,
+            (Job.devices * Job.nodes).label("devices"),
+            Tenant.max_running_devices,
+            in_use.label("in_use"),
+        )
         .join(Tenant, Tenant.name == Job.tenant)
         .outerjoin(running, running.c.tenant == Job.tenant)
         .where(sendable())
@@ -238,7 +253,7 @@ def hold_blocked_jobs(session: Session, *, now: datetime) -> Holds:
     # Let go of those the quota no longer holds (a later hold warns again).
     free = (
         select(Job.id)
-        .where(Job.held_by.is_not(None), Job.status == "queued")
+        .where(Job.held_by == "max_running_devices", Job.status == "queued")
         .except_(base.with_only_columns(Job.id).where(blocked))
     )
     released = list(session.scalars(free))
@@ -336,23 +351,36 @@ def preempt_for_waiting(
 
 
 def claim_next(
-    session: Session, *, hint: str, worker: str, lease_timeout: float, policy: Policy
+    session: Session,
+    *,
+    hint: str,
+    worker: str,
+    lease_timeout: float,
+    policy: Policy,
+    free_nodes: int = 1,
 ) -> Claim | None:
     """Claim, for a message naming job `hint`, the job to run now: `hint` itself when its
     run's worker died (a redelivered message resumes that run here), else the best job of
     its device count (`next_job`), whichever message that job's own was. None when
-    nothing may run now (the caller writes nothing)."""
-    hinted = session.execute(select(Job.status, Job.devices).where(Job.id == hint)).first()
+    nothing may run now (the caller writes nothing). `free_nodes`: how many workers of
+    the queue (this one included) can join a gang now; a multi-node job that needs more
+    waits, holding nothing, with a `warning` event."""
+    hinted = session.execute(
+        select(Job.status, Job.devices, Job.min_nodes).where(Job.id == hint)
+    ).first()
     if hinted is None:
         return None
-    if hinted.status == "running":
+    if hinted.status == "running" and hinted.min_nodes <= free_nodes:
         stale = claim_job(session, job_id=hint, worker=worker, lease_timeout=lease_timeout)
         if stale is not None:
             return stale
     # Otherwise the message only woke this worker (`hint` may run elsewhere already).
     # SQLite has no row locks: a claim that another worker's beat is lost; try the next.
+    gangs.hold_gangs(session, devices=hinted.devices, free_nodes=free_nodes)
     for _ in range(CLAIM_TRIES):
-        chosen = next_job(session, devices=hinted.devices, now=utcnow(), policy=policy)
+        chosen = next_job(
+            session, devices=hinted.devices, now=utcnow(), policy=policy, free_nodes=free_nodes
+        )
         if chosen is None:
             return None
         claim = claim_job(session, job_id=chosen, worker=worker, lease_timeout=lease_timeout)

@@ -77,6 +77,7 @@ class JobPublic(JobRow):
     micro_batch_size: int
     accumulation_steps: int
     devices: int
+    nodes: int
     priority: int
     preemptible: bool
     progress: JobProgress

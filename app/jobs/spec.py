@@ -32,6 +32,7 @@ MAX_MICRO_BATCH_SIZE = 4096
 MAX_ACCUMULATION_STEPS = 4096
 MAX_BATCH_SIZE = 65536
 MAX_DEVICES = 64
+MAX_NODES = 16
 MAX_STEPS = 1_000_000
 MAX_PARAMETERS = 200_000_000
 # One micro-batch's activations, counted in elements of the largest tensors the
@@ -332,6 +333,13 @@ class LoraSpec(_Strict):
     )
 
 
+class ElasticSpec(_Strict):
+    """A multi-node job may resume on as few as `min_nodes` nodes (after a node is lost),
+    with the same global batch: each rank accumulates more of every window."""
+
+    min_nodes: int = Field(1, ge=1, le=MAX_NODES)
+
+
 class KeepCheckpointsSpec(_Strict):
     """Checkpoint retention: the `last` newest and the `best` lowest-eval_loss (train loss
     when the job has no evaluation). The latest checkpoint, which a resumed run starts
@@ -351,7 +359,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 class JobSpec(_Strict):
     """A training job. Give two of micro_batch_size, accumulation_steps, batch_size; the
-    batch is micro_batch_size × accumulation_steps × devices."""
+    batch is micro_batch_size × accumulation_steps × devices × nodes."""
 
     name: str | None = Field(None, max_length=128)
     metadata: (
@@ -378,6 +386,11 @@ class JobSpec(_Strict):
     # Processes training the job together, one per device: each window of batch_size
     # samples is split among them (worker/engine/distributed.py).
     devices: int = Field(1, ge=1, le=MAX_DEVICES)
+    # Worker nodes training the job together (gang-scheduled, app/jobs/gangs.py), each on
+    # `devices` devices: devices × nodes processes share every window.
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    # Whether a multi-node job may run on fewer nodes (never fewer than min_nodes).
+    elastic: ElasticSpec | None = None
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)
     eval_every: int = Field(0, ge=0, le=MAX_STEPS)
     # None keeps every checkpoint.
@@ -471,15 +484,18 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _derive_batch_arithmetic(self) -> JobSpec:
         micro, steps, batch = self.micro_batch_size, self.accumulation_steps, self.batch_size
-        devices = self.devices
+        devices = self.processes
         # Named in messages only when there are several: one device reads as before.
-        times_devices = " × devices" if devices > 1 else ""
+        times_devices = " × devices" if self.devices > 1 else ""
+        if self.nodes > 1:
+            times_devices += " × nodes"
         if micro == "auto":
             if batch is None:
                 raise _field_error("batch_size", "is required when micro_batch_size is 'auto'")
             if batch % devices:
+                processes = "devices × nodes" if self.nodes > 1 else "devices"
                 raise _field_error(
-                    "batch_size", f"must be a multiple of devices ({devices}), not {batch}"
+                    "batch_size", f"must be a multiple of {processes} ({devices}), not {batch}"
                 )
             if steps not in (None, 1):
                 raise _field_error(
@@ -512,7 +528,7 @@ class JobSpec(_Strict):
             else ("accumulation_steps", "micro_batch_size", MAX_MICRO_BATCH_SIZE)
         )
         divisor: int = getattr(self, divisor_name) * devices
-        divided_by = f"({divisor_name} × devices)" if devices > 1 else divisor_name
+        divided_by = f"({divisor_name}{times_devices})" if times_devices else divisor_name
         if batch % divisor:
             raise _field_error(
                 "batch_size",
@@ -524,6 +540,15 @@ class JobSpec(_Strict):
                 derived_name, f"batch_size / {divided_by} = {derived} exceeds the maximum of {high}"
             )
         return self._with(**{derived_name: derived})
+
+    @model_validator(mode="after")
+    def _elastic_within_nodes(self) -> JobSpec:
+        if self.elastic is not None and self.elastic.min_nodes > self.nodes:
+            raise _field_error(
+                "elastic.min_nodes",
+                f"must be at most nodes ({self.nodes}), not {self.elastic.min_nodes}",
+            )
+        return self
 
     @model_validator(mode="after")
     def _lora_on_a_model_that_takes_it(self) -> JobSpec:
@@ -651,7 +676,7 @@ class JobSpec(_Strict):
             )
         field = "batch_size" if self.micro_batch_size == "auto" else "micro_batch_size"
         # 'auto' starts with each device's whole share of the batch in one micro-batch.
-        largest_micro = getattr(self, field) // (self.devices if field == "batch_size" else 1)
+        largest_micro = getattr(self, field) // (self.processes if field == "batch_size" else 1)
         per_sample = estimate_activation_elements_per_sample(self)
         if (
             per_sample is not None
@@ -676,8 +701,18 @@ class JobSpec(_Strict):
         return self
 
     @property
+    def processes(self) -> int:
+        """The ranks of the job's group as submitted: devices per node × nodes."""
+        return self.devices * self.nodes
+
+    @property
+    def min_nodes(self) -> int:
+        """The fewest nodes the job may run on (`elastic.min_nodes`, else all of them)."""
+        return self.nodes if self.elastic is None else self.elastic.min_nodes
+
+    @property
     def window_size(self) -> int:
-        """The effective batch m·k·devices: samples per optimizer step."""
+        """The effective batch m·k·devices·nodes: samples per optimizer step."""
         assert self.batch_size is not None
         return self.batch_size
 

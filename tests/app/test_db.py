@@ -31,6 +31,7 @@ TABLES = {
     "tenants",
     "job_attempts",
     "job_events",
+    "job_slots",
     "job_metrics",
     "checkpoints",
     "checkpoint_chunks",

@@ -838,7 +838,7 @@ def full_spec() -> dict[str, Any]:
         },
         "micro_batch_size": 6,
         "accumulation_steps": 5,
-        "batch_size": 60,
+        "batch_size": 120,
         "epochs": 7,
         "optimizer": {
             "type": "adamw",
@@ -856,6 +856,8 @@ def full_spec() -> dict[str, Any]:
         "seed": 1234,
         "device": "cuda",
         "devices": 2,
+        "nodes": 2,
+        "elastic": {"min_nodes": 1},
         "checkpoint_every": 50,
         "eval_every": 25,
         "keep_checkpoints": {"last": 3, "best": 2},
@@ -1110,3 +1112,44 @@ def test_devices_are_between_1_and_64(devices: int) -> None:
     with pytest.raises(ValidationError) as caught:
         JobSpec.model_validate(base_spec(devices=devices))
     assert validation_messages(caught.value)[0].startswith("devices: ")
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def test_the_batch_is_micro_batch_times_steps_times_devices_times_nodes() -> None:
+    given = {"micro_batch_size": 2, "accumulation_steps": 3}
+    spec = JobSpec.model_validate(base_spec(**given, devices=2, nodes=3))
+    assert (spec.batch_size, spec.window_size, spec.processes, spec.min_nodes) == (36, 36, 6, 3)
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(base_spec(**given, batch_size=12, devices=2, nodes=3))
+    assert validation_messages(caught.value) == [
+        "batch_size: must equal micro_batch_size × accumulation_steps × devices × nodes = 36, "
+        "not 12"
+    ]
+    auto = base_spec(micro_batch_size="auto", accumulation_steps=REMOVE, batch_size=7, nodes=2)
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(auto)
+    assert validation_messages(caught.value) == [
+        "batch_size: must be a multiple of devices × nodes (2), not 7"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"nodes": 0}, "nodes: "),
+        ({"nodes": 17}, "nodes: "),
+        ({"nodes": 2, "elastic": {"min_nodes": 3}}, "elastic.min_nodes: must be at most nodes (2)"),
+        ({"nodes": 2, "elastic": {"min_nodes": 0}}, "elastic.min_nodes: "),
+    ],
+)
+def test_nodes_and_elastic_min_nodes_are_bounded(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(base_spec(**changes))
+    assert validation_messages(caught.value)[0].startswith(message)
+
+
+def test_an_elastic_job_may_run_on_as_few_as_min_nodes() -> None:
+    spec = JobSpec.model_validate(base_spec(nodes=4, elastic={"min_nodes": 2}))
+    assert (spec.nodes, spec.min_nodes) == (4, 2)
