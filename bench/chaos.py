@@ -24,7 +24,8 @@ It then prints, from the API:
 * overlap: jobs two of whose runs (GET /v1/jobs/{id}/attempts, [started_at,
   ended_at), an open run lasting to the end) overlap in time - must be 0;
 * weights differ: succeeded jobs whose final weights differ byte for byte from an
-  undisturbed `trainjob run` of the same spec - must be 0;
+  undisturbed `trainjob run` of the same spec (a 2-node job: by more than 1e-10, see
+  below) - must be 0;
 
 and kills, runs per job, the reasons runs ended, what the worker logs say about fenced
 runs and refused duplicate deliveries, the messages killed workers left in kombu's
@@ -36,6 +37,14 @@ temporary database are removed at the end, Ctrl-C included.
     .venv/bin/python bench/chaos.py                     # 30 jobs, 2 workers
     .venv/bin/python bench/chaos.py --preempt-gap 1001  # no preemption (all priorities 500)
     .venv/bin/python bench/chaos.py --jobs 6 --keep-logs /tmp/chaos-logs
+    .venv/bin/python bench/chaos.py --multi-node        # a third of the jobs on 2 nodes
+
+`--multi-node`: every third job is a 2-node job (`"nodes": 2`, fp64), and each worker
+is a node of its own (`TRAINJOB_WORKER_DEVICES=cpu:1`, `TRAINJOB_WORKER_ADDRESS`
+127.0.0.1, .2, ...; 3 workers unless `--workers` says otherwise), so that a gang takes
+two of them and a kill may hit a gang's leader or a follower. A 2-node job's weights are
+compared with one process training the same global batch (k twice as large) within a
+relative 1e-10, not byte for byte: the gradient sum over two ranks rounds differently.
 """
 
 from __future__ import annotations
@@ -114,6 +123,49 @@ VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+# --multi-node: replaces the third variant; its reference is one process with the same
+# global batch (m · k · nodes), which it equals within MULTI_NODE_TOLERANCE in fp64.
+MULTI_NODE_VARIANT: dict[str, Any] = RESUMABLE_SPEC | {
+    "nodes": 2,
+    "precision": "fp64",
+    "micro_batch_size": 4,
+    "accumulation_steps": 2,
+    "max_steps": 30,
+    "seed": 5,
+}
+MULTI_NODE_TOLERANCE = 1e-10
+
+
+def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [*VARIANTS[:2], MULTI_NODE_VARIANT] if args.multi_node else VARIANTS
+
+
+def one_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec on one process: the same global batch, k times the nodes."""
+    nodes = spec.get("nodes", 1)
+    single = {key: value for key, value in spec.items() if key not in ("nodes", "elastic")}
+    return single | {"accumulation_steps": spec["accumulation_steps"] * nodes}
+
+
+def same_weights(got: bytes | None, reference: bytes, spec: dict[str, Any]) -> bool:
+    """Byte for byte on one node; within MULTI_NODE_TOLERANCE (relative to the largest
+    weight of each tensor) on several."""
+    if got is None:
+        return False
+    if spec.get("nodes", 1) == 1:
+        return got == reference
+    from safetensors.numpy import load  # only for --multi-node
+
+    ours, theirs = load(got), load(reference)
+    if ours.keys() != theirs.keys():
+        return False
+    for name, value in ours.items():
+        scale = max(float(abs(theirs[name]).max()), 1e-300)
+        if float(abs(value - theirs[name]).max()) > MULTI_NODE_TOLERANCE * scale:
+            return False
+    return True
+
+
 # Drawn at random for each job (seeded): gaps of 200 or more preempt at the default gap.
 PRIORITIES = (100, 300, 500, 700, 900)
 
@@ -133,7 +185,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "every job ends at the weights of an undisturbed run.",
     )
     parser.add_argument("--jobs", type=int, default=30, help="jobs to submit (30)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    parser.add_argument("--workers", type=int, help="worker processes (2; 3 with --multi-node)")
+    parser.add_argument(
+        "--multi-node",
+        action="store_true",
+        help="every third job on 2 nodes; each worker a node of its own (cpu:1, its own "
+        "TRAINJOB_WORKER_ADDRESS)",
+    )
     parser.add_argument(
         "--kill-interval",
         type=float,
@@ -215,6 +273,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "temporary directory, kept only when the run fails)",
     )
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = 3 if args.multi_node else 2
     if args.jobs < 1 or args.workers < 1:
         parser.error("--jobs and --workers must be at least 1")
     if args.kill_interval <= 0:
@@ -223,6 +283,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--max-attempts must be in 1..10")
     if args.preempt_gap < 1:
         parser.error("--preempt-gap must be at least 1")
+    if args.multi_node and args.workers < MULTI_NODE_VARIANT["nodes"]:
+        parser.error("--multi-node needs at least 2 workers")
     return args
 
 
@@ -281,10 +343,14 @@ def clear_queue(redis_url: str, queue: str) -> int:
         client.close()
 
 
-def compute_references(workdir: Path) -> list[bytes]:
-    """Each variant's final weights from an undisturbed `trainjob run` (in parallel)."""
-    folders = [workdir / f"reference-{index}" for index in range(len(VARIANTS))]
-    runs = [start_training(spec, folder) for spec, folder in zip(VARIANTS, folders, strict=True)]
+def compute_references(workdir: Path, specs: list[dict[str, Any]]) -> list[bytes]:
+    """Each variant's final weights from an undisturbed `trainjob run` on one process
+    (in parallel)."""
+    folders = [workdir / f"reference-{index}" for index in range(len(specs))]
+    runs = [
+        start_training(one_process(spec), folder)
+        for spec, folder in zip(specs, folders, strict=True)
+    ]
     try:
         return [trained_weights(run, folder) for run, folder in zip(runs, folders, strict=True)]
     finally:
@@ -315,6 +381,8 @@ class Cluster:
     env: dict[str, str]
     logs: Path
     slow: float
+    # --multi-node: each worker a node of its own, at 127.0.0.<slot + 1>.
+    nodes: bool = False
     api: Server | None = None
     client: httpx.Client | None = None
     slots: list[Slot] = field(default_factory=list)
@@ -334,6 +402,11 @@ class Cluster:
         slot.started += 1
         log = self.logs / f"worker-{slot.index}-{slot.started:03d}.log"
         env = self.env | ({"TRAINJOB_TEST_FAULTS": f"slow={self.slow:g}"} if self.slow else {})
+        if self.nodes:
+            env |= {
+                "TRAINJOB_WORKER_DEVICES": "cpu:1",
+                "TRAINJOB_WORKER_ADDRESS": f"127.0.0.{slot.index + 1}",
+            }
         slot.process = start([*TRAINJOB, "worker"], env, log)
 
     def start_workers(self, count: int) -> None:
@@ -593,7 +666,11 @@ def broker_messages(redis_url: str, queue: str) -> dict[str, list[str]]:
 
 
 def examine(
-    cluster: Cluster, job_ids: list[str], references: list[bytes], messages: dict[str, list[str]]
+    cluster: Cluster,
+    job_ids: list[str],
+    specs: list[dict[str, Any]],
+    references: list[bytes],
+    messages: dict[str, list[str]],
 ) -> Findings:
     found = Findings(submitted=len(job_ids))
     for index, job_id in enumerate(job_ids):
@@ -610,7 +687,8 @@ def examine(
         if job["status"] == "succeeded":
             found.succeeded += 1
             found.compared += 1
-            if cluster.weights(job_id) != references[index % len(references)]:
+            variant = index % len(references)
+            if not same_weights(cluster.weights(job_id), references[variant], specs[variant]):
                 found.differing.append(job_id)
         else:
             found.lost.append(job_id)
@@ -638,7 +716,9 @@ def report(
     unfinished = sum(n for status, n in found.statuses.items() if status not in FINISHED)
     say("")
     say(
-        f"chaos: {args.jobs} jobs ({len(VARIANTS)} specs), {args.workers} workers, a SIGKILL "
+        f"chaos: {args.jobs} jobs ({len(variants(args))} specs"
+        + (", every third on 2 nodes" if args.multi_node else "")
+        + f"), {args.workers} workers, a SIGKILL "
         f"every ~{args.kill_interval:g} s (seed {args.seed}), slow={args.slow:g}, "
         f"max_attempts {args.max_attempts}, "
         + (
@@ -713,9 +793,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"chaos: logs in {workdir}; queue {queue}")
         say(
             f"python {platform.python_version()}, {os.cpu_count()} CPUs; reference runs of "
-            f"{len(VARIANTS)} specs ..."
+            f"{len(variants(args))} specs ..."
         )
-        references = compute_references(workdir)
+        specs_of_variants = variants(args)
+        references = compute_references(workdir, specs_of_variants)
         with database(args) as url:
             env = service_env(
                 database_url=url,
@@ -727,16 +808,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preempt_gap=str(min(args.preempt_gap, 1000)),
                 min_run_seconds="0",
             )
-            cluster = Cluster(env, workdir, args.slow)
+            cluster = Cluster(env, workdir, args.slow, nodes=args.multi_node)
             removed = 0
             try:
                 cluster.start_api()
                 cluster.start_workers(args.workers)
                 specs = [
-                    VARIANTS[i % len(VARIANTS)]
+                    specs_of_variants[i % len(specs_of_variants)]
                     | {
                         "name": f"chaos-{i:03d}",
-                        "metadata": {"chaos": queue, "variant": str(i % len(VARIANTS))},
+                        "metadata": {"chaos": queue, "variant": str(i % len(specs_of_variants))},
                         "max_attempts": args.max_attempts,
                     }
                     | priority
@@ -751,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chaos = run_chaos(cluster, submitter, args)
                 job_ids = submitter.job_ids
                 messages = broker_messages(args.redis_url, queue)
-                found = examine(cluster, job_ids, references, messages)
+                found = examine(cluster, job_ids, specs_of_variants, references, messages)
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM):  # clean up undisturbed
                     signal.signal(signum, signal.SIG_IGN)
