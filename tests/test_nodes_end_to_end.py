@@ -10,7 +10,8 @@ sharing an API and a database of their own.
 - a node's worker SIGKILLed mid-run: the others leave the group within the stated bound,
   and the job resumes from its checkpoint on as many nodes (or, elastic, on fewer, with
   the same global batch) and ends at the undisturbed weights;
-- a follower's worker stopped gracefully: the whole group checkpoints and hands back.
+- a running gang paused stops on every node and resumes on two; a follower's worker
+  stopped gracefully: the whole group checkpoints and hands back.
 
 The workers are shared: each test leaves the next as many as it needs (3, 3, 2, 2, 1).
 """
@@ -335,6 +336,23 @@ def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_with_a_checkpoin
         return job["status"] == "running" and job["progress"]["step"] > 0
 
     wait_for(training, 90, "the gang to train", interval=0.1)
+    # A pause stops every node at the same window edge, after a checkpoint, and frees
+    # them all; a resume runs the job on two nodes again.
+    assert cluster.client.post(f"/v1/jobs/{job_id}/pause").status_code == 200
+    job = wait_for_status(cluster.client, job_id, {"paused", *FINISHED}, timeout=30)
+    assert job["status"] == "paused"
+    wait_for(lambda: not cluster.slots(), 10, "the paused gang's slots to go")
+    wait_for(lambda: not group_processes(cluster), 30, "every paused node's ranks to end")
+    paused_at = job["progress"]["step"]
+    assert cluster.client.post(f"/v1/jobs/{job_id}/resume").status_code == 200
+    wait_for(
+        lambda: training() and cluster.client.get(f"/v1/jobs/{job_id}").json()["progress"][
+            "step"] > paused_at,
+        90,
+        "the resumed gang to train",
+        interval=0.1,
+    )  # fmt: skip
+    assert sum(job == job_id for job, _, _ in cluster.slots()) == 2
     follower = next(worker for job, slot, worker in cluster.slots() if job == job_id and slot)
     assert follower is not None
     stopping = cluster.workers.pop(follower)
@@ -346,7 +364,10 @@ def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_with_a_checkpoin
     job = wait_for_status(cluster.client, job_id, {"queued", *FINISHED}, timeout=30)
     assert job["status"] == "queued"
     attempts = cluster.attempts(job_id)
-    assert [(a["reason"], a["counted"]) for a in attempts] == [("shutdown", False)]
+    assert [(a["reason"], a["counted"]) for a in attempts] == [
+        ("paused", False),
+        ("shutdown", False),
+    ]
     checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"] > 0
     wait_for(lambda: not cluster.slots(), 10, "the gang's slots to go")
