@@ -10,10 +10,11 @@ sharing an API and a database of their own.
 - a node's worker SIGKILLed mid-run: the others leave the group within the stated bound,
   and the job resumes from its checkpoint on as many nodes (or, elastic, on fewer, with
   the same global batch) and ends at the undisturbed weights;
-- a running gang paused stops on every node and resumes on two; a follower's worker
+- a running gang cancelled stops on every node; one paused stops on every node and
+  resumes on two; a follower's worker
   stopped gracefully: the whole group checkpoints and hands back.
 
-The workers are shared: each test leaves the next as many as it needs (3, 3, 2, 2, 1).
+The workers are shared: each test leaves the next as many as it needs (3, 3, 2, 2, 2, 1).
 """
 
 from __future__ import annotations
@@ -320,6 +321,31 @@ def test_a_job_that_loses_a_node_resumes_on_as_many_when_a_fresh_worker_appears(
     attempts = cluster.attempts(job_id)
     assert [a["reason"] for a in attempts] == ["rank_failed", "succeeded"]
     assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 30))
+
+
+@pytest.mark.slow
+def test_a_running_gang_cancelled_stops_on_every_node(cluster: Cluster) -> None:
+    long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
+            "max_steps": 100_000}  # fmt: skip
+    job_id = cluster.submit(long)
+
+    def training() -> bool:
+        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] not in FINISHED, job
+        return job["status"] == "running" and job["progress"]["step"] > 0
+
+    wait_for(training, 90, "the gang to train", interval=0.1)
+    assert sum(job == job_id for job, _, _ in cluster.slots()) == 2
+    assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    job = wait_for_status(cluster.client, job_id, FINISHED, timeout=30)
+    assert job["status"] == "cancelled"
+    # Both nodes stop (the leader's and the follower's launchers and ranks), the slots go,
+    # and both workers stay up for the next job.
+    wait_for(lambda: not cluster.slots(), 10, "the cancelled gang's slots to go")
+    wait_for(lambda: not group_processes(cluster), 30, "every node's ranks to end")
+    assert all(worker.poll() is None for worker in cluster.workers.values())
+    checkpoints = cluster.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"] > 0
 
 
 @pytest.mark.slow
