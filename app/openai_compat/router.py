@@ -81,20 +81,14 @@ def _rendered_apart(database: Database, jobs: list[JobPublic]) -> list[FineTunin
         return _rendered(session, jobs)
 
 
-def _spec(request: FineTuningJobCreate) -> JobSpec:
-    """The native spec of a create body; a native validation error names the OpenAI
-    field it came from."""
-    native = mapping.native_spec(request)
-    try:
-        return JobSpec.model_validate(native)
-    except ValidationError as error:
-        at, _ = mapping.hyperparameters_of(request)
-        fields = field_errors([dict(item) for item in error.errors()])
-        for field in fields:
-            param = mapping.openai_param(field["path"], hyperparameters_at=at)
-            field["path"] = param or f"(native spec) {field['path']}"
-        summary = "; ".join(f"{f['path']}: {f['message']}" for f in fields[:5])
-        raise InvalidRequest(summary, fields=fields) from None
+def _in_openai_terms(fields: list[dict[str, str]], *, hyperparameters_at: str) -> InvalidRequest:
+    """A native validation error with each field renamed to the OpenAI field it came from
+    (one the mapping fixed is named as the native spec's)."""
+    for field in fields:
+        param = mapping.openai_param(field["path"], hyperparameters_at=hyperparameters_at)
+        field["path"] = param or f"(native spec) {field['path']}"
+    summary = "; ".join(f"{f['path']}: {f['message']}" for f in fields[:5])
+    return InvalidRequest(summary, fields=fields)
 
 
 @router.post(
@@ -123,9 +117,21 @@ def create_job(
     reaper: ReaperDep,
 ) -> FineTuningJob:
     """Create a fine-tuning job (docs/openai.md maps each field to the native spec)."""
-    job = jobs_router.submit_job(
-        _spec(body), response, session, settings, celery, redis_client, principal, reaper
-    )
+    at, _ = mapping.hyperparameters_of(body)
+    try:
+        spec = JobSpec.model_validate(mapping.native_spec(body))
+    except ValidationError as error:
+        fields = field_errors([dict(item) for item in error.errors()])
+        raise _in_openai_terms(fields, hyperparameters_at=at) from None
+    try:
+        job = jobs_router.submit_job(
+            spec, response, session, settings, celery, redis_client, principal, reaper
+        )
+    except InvalidRequest as error:  # the training files: unknown, invalid, misfit
+        native_fields: list[dict[str, str]] | None = error.details.get("fields")
+        if not native_fields:
+            raise
+        raise _in_openai_terms(native_fields, hyperparameters_at=at) from None
     return _rendered(session, [job])[0]
 
 
