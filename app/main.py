@@ -28,6 +28,7 @@ from app.limits import BodySizeLimit, PathLimit
 from app.live.channels import ring
 from app.live.hub import LiveHub
 from app.observability.metrics import HttpMetricsMiddleware, Metrics, metrics_router
+from app.openai_compat import router as openai_router
 from app.queue import enqueue_validation, training_queue, training_sender
 from app.reads import open_reads
 from app.settings import Settings, get_settings
@@ -129,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router.router)
     app.include_router(checkpoints_router.router)
     app.include_router(files_router.router)
+    app.include_router(openai_router.router)
+    app.include_router(openai_router.models_router)
     app.include_router(metrics_router)
     app.include_router(tenants_router.router)
     app.include_router(dashboard_router.router)  # also `/` → `/dashboard`

@@ -22,7 +22,7 @@ from app.files.exceptions import UploadInterrupted
 from app.files.formats import FORMATS
 from app.files.models import DataFile
 from app.files.multipart import FileData, FileStart, FormField, read_form
-from app.files.schemas import FileList, FilePublic, FileStatus
+from app.files.schemas import PURPOSE, FileList, FilePublic, FileStatus
 from app.ids import FILE_ID_PATTERN
 from app.queue import enqueue_validation
 from app.settings import Settings
@@ -50,6 +50,11 @@ UPLOAD_BODY: dict[str, Any] = {
                         "enum": list(FORMATS),
                         "description": "default: from the file's name (.jsonl/.json, .csv, .npz)",
                     },
+                    "purpose": {
+                        "type": "string",
+                        "enum": [PURPOSE],
+                        "description": "OpenAI's upload field: every file here is training data",
+                    },
                 },
             }
         }
@@ -74,7 +79,8 @@ async def upload_file(
     celery: CeleryDep,
     principal: PrincipalDep,
 ) -> FilePublic:
-    """Upload a data file as multipart/form-data (a part `file`, optionally `format`). It
+    """Upload a data file as multipart/form-data (a part `file`, optionally `format`, and
+    OpenAI's `purpose`, which can only be `fine-tune`). It
     is stored as it arrives and comes back `validating`; a worker then checks it once
     and sets `valid` or `invalid` with the errors found."""
     data_file = await _store_and_commit(request, database, settings, tenant=principal.tenant)
@@ -98,13 +104,15 @@ async def _store_and_commit(
         request.stream(),
         request.headers.get("content-type", ""),
         file_field="file",
-        fields=("format",),
+        fields=("format", "purpose"),
         max_file_bytes=settings.max_file_bytes,
     )
     try:
         async with contextlib.aclosing(events):
             async for event in events:
-                if isinstance(event, FormField):  # only `format`: refuse a bad one at once
+                if isinstance(event, FormField) and event.name == "purpose":
+                    files_service.check_purpose(event.value)  # refused at once if not ours
+                elif isinstance(event, FormField):  # `format`: refuse a bad one at once
                     explicit_format = files_service.check_format(event.value)
                 elif isinstance(event, FileStart):
                     upload = await run_in_threadpool(

@@ -16,6 +16,7 @@ from app.db import page, utcnow
 from app.files.exceptions import BadUpload, FileInUse, FileNotFound
 from app.files.formats import FORMATS, detect_format
 from app.files.models import DataFile, FileChunk, JobFile
+from app.files.schemas import PURPOSE
 from app.ids import is_file_id, new_file_id
 from app.jobs.models import Job
 from app.jobs.runs import ACTIVE_STATUSES
@@ -87,6 +88,17 @@ def check_format(value: str) -> str:
     if value not in FORMATS:
         raise BadUpload("format", f"{value[:40]!r} is not one of {', '.join(FORMATS)}")
     return value
+
+
+def check_purpose(value: str) -> None:
+    """OpenAI's `purpose` upload field: every file here is training data, so only
+    `fine-tune` (BadUpload naming the field otherwise)."""
+    if value != PURPOSE:
+        raise BadUpload(
+            "purpose",
+            f"{value[:40]!r} is not supported: every trainjob file is training data, "
+            f"upload it with purpose {PURPOSE!r} (or without purpose)",
+        )
 
 
 def upload_format(explicit: str | None, filename: str) -> str:

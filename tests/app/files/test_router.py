@@ -93,6 +93,19 @@ def test_an_upload_round_trips_through_get_list_and_content_in_chunks_of_at_most
     assert content.headers["content-disposition"].startswith('attachment; filename="corpus.jsonl"')
 
 
+def test_an_openai_upload_with_purpose_fine_tune_keeps_the_native_fields_and_adds_openai_s(
+    client: TestClient,
+) -> None:
+    response = upload(client, "train.jsonl", b'{"text": "hi"}\n', purpose="fine-tune")
+    assert response.status_code == 201, response.text
+    created = response.json()
+    # The native contract unchanged (created_at stays an ISO string), OpenAI's fields added.
+    assert created["size_bytes"] == 15 and created["format"] == "jsonl"
+    assert isinstance(created["created_at"], str) and "T" in created["created_at"]
+    assert (created["object"], created["bytes"], created["purpose"]) == ("file", 15, "fine-tune")
+    assert client.get(f"/v1/files/{created['id']}").json() == created
+
+
 def test_the_directory_store_writes_one_file_and_no_chunks(
     make_client: Callable[..., TestClient], database: Database, tmp_path: Path
 ) -> None:
@@ -192,10 +205,16 @@ def raw_body(parts: list[tuple[str, str | None, bytes]], *, closed: bool = True)
             "one file per upload",
         ),
         (
-            raw_body([("file", "a.csv", b"1"), ("purpose", None, b"x")]),
+            raw_body([("file", "a.csv", b"1"), ("colour", None, b"x")]),
+            CONTENT_TYPE,
+            "colour",
+            "unknown field",
+        ),
+        (
+            raw_body([("purpose", None, b"batch"), ("file", "a.csv", b"1")]),
             CONTENT_TYPE,
             "purpose",
-            "unknown field",
+            "'batch' is not supported: every trainjob file is training data",
         ),
         (
             raw_body([("file", "a.csv", b"1,2\n3,4\n")], closed=False),
@@ -211,7 +230,16 @@ def raw_body(parts: list[tuple[str, str | None, bytes]], *, closed: bool = True)
             "beside the file exceed",
         ),
     ],
-    ids=["json", "no-file", "two-files", "unknown-field", "cut-short", "garbage", "big-field"],
+    ids=[
+        "json",
+        "no-file",
+        "two-files",
+        "unknown-field",
+        "purpose-not-fine-tune",
+        "cut-short",
+        "garbage",
+        "big-field",
+    ],
 )
 def test_a_body_that_is_not_one_file_upload_is_a_422_and_stores_nothing(
     client: TestClient,
