@@ -13,6 +13,9 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
+# A receiver's URL may hold a token: the service must never log it.
+RECEIVER_PATH = "hooks/receiver-token-7f3a"
+
 
 @dataclass(frozen=True)
 class Received:
@@ -52,7 +55,9 @@ class Receiver:
 @contextmanager
 def receiving(**options: Any) -> Iterator[Receiver]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    receiver = Receiver(url=f"http://127.0.0.1:{server.server_address[1]}/hooks", **options)
+    receiver = Receiver(
+        url=f"http://127.0.0.1:{server.server_address[1]}/{RECEIVER_PATH}", **options
+    )
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:

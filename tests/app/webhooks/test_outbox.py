@@ -3,6 +3,7 @@ endpoint of the job's tenant that wants them, and nothing for the others."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from sqlalchemy import event
@@ -12,17 +13,31 @@ from app.jobs import runs
 from app.jobs import service as jobs_service
 from app.jobs.spec import JobSpec
 from app.webhooks import outbox
-from tests.app.jobs.helpers import SPEC, claim, create, metric
+from tests.app.jobs.helpers import SPEC, claim, metric
 from tests.app.webhooks.helpers import deliveries, register
 
 
+def create(database: Database, tenant: str) -> str:
+    with database.session() as session:
+        spec = JobSpec.model_validate(SPEC)
+        job_id = jobs_service.create_job(session, spec=spec, tenant=tenant).id
+        session.commit()
+        return job_id
+
+
+def new_tenant() -> str:
+    # The session's database is shared: a tenant of its own sees no other test's jobs.
+    return f"hooks-{secrets.token_hex(4)}"
+
+
 def test_a_runs_status_events_become_deliveries_in_order_for_the_endpoints_that_want_them(
-    own_database: Database,
+    database: Database,
 ) -> None:
-    wanted = register(own_database, "job.queued", "job.running", "job.succeeded")
-    failures_only = register(own_database, "job.failed")
-    other_tenant = register(own_database, "job.queued", "job.running", tenant="bravo")
-    job_id = create(own_database)
+    tenant, own_database = new_tenant(), database
+    wanted = register(own_database, "job.queued", "job.running", "job.succeeded", tenant=tenant)
+    failures_only = register(own_database, "job.failed", tenant=tenant)
+    other_tenant = register(own_database, "job.queued", "job.running", tenant=new_tenant())
+    job_id = create(own_database, tenant)
     taken = claim(own_database, job_id, "worker-1")
     with own_database.session() as session:
         runs.record_progress(
@@ -44,16 +59,18 @@ def test_a_runs_status_events_become_deliveries_in_order_for_the_endpoints_that_
     assert deliveries(own_database, other_tenant) == []
 
 
-def test_a_rolled_back_event_leaves_no_delivery(own_database: Database) -> None:
-    endpoint = register(own_database, "job.queued")
-    with own_database.session() as session:
-        jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC))
+def test_a_rolled_back_event_leaves_no_delivery(database: Database) -> None:
+    tenant = new_tenant()
+    endpoint = register(database, "job.queued", tenant=tenant)
+    with database.session() as session:
+        jobs_service.create_job(session, spec=JobSpec.model_validate(SPEC), tenant=tenant)
         session.rollback()
-    assert deliveries(own_database, endpoint) == []
+    assert deliveries(database, endpoint) == []
 
 
-def test_events_no_webhook_announces_cost_no_statement(own_database: Database) -> None:
-    job_id = create(own_database)
+def test_events_no_webhook_announces_cost_no_statement(database: Database) -> None:
+    own_database = database
+    job_id = create(own_database, new_tenant())
     statements: list[str] = []
 
     def count(*args: Any) -> None:
