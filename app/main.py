@@ -33,6 +33,9 @@ from app.queue import enqueue_validation, training_queue, training_sender
 from app.reads import open_reads
 from app.settings import Settings, get_settings
 from app.tenants import router as tenants_router
+from app.webhooks import router as webhooks_router
+from app.webhooks import ssrf
+from app.webhooks.dispatcher import Dispatcher
 from worker.celery_app import make_celery
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,16 @@ def make_reaper(
             min_run_seconds=settings.min_run_seconds,
             policy=Policy.of(settings),
         ),
+    )
+
+
+def make_dispatcher(settings: Settings, database: Database) -> Dispatcher:
+    return Dispatcher(
+        database,
+        timeout=settings.webhook_timeout_seconds,
+        retry_scale=settings.webhook_retry_scale,
+        interval=settings.webhook_poll_seconds,
+        allowed_networks=ssrf.parse_networks(settings.webhook_allowed_networks),
     )
 
 
@@ -93,9 +106,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.start()
         app.state.hub = LiveHub(database, settings.redis_url)
         app.state.hub.start()
+        dispatcher = make_dispatcher(settings, database)
+        if settings.webhook_poll_seconds > 0:
+            dispatcher.start()
         try:
             yield
         finally:
+            dispatcher.stop()
             await app.state.hub.stop()
             reaper.stop()
             await app.state.reads.close()
@@ -134,5 +151,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_router.models_router)
     app.include_router(metrics_router)
     app.include_router(tenants_router.router)
+    app.include_router(webhooks_router.router)
     app.include_router(dashboard_router.router)  # also `/` → `/dashboard`
     return app

@@ -7,6 +7,7 @@ os.environ for configuration. What each setting does is in README.md's settings 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -67,16 +68,31 @@ class Settings(BaseSettings):
     deterministic: bool = False
     test_faults: str | None = None  # testing only: faults a worker injects into every job
     log_format: Literal["text", "json"] = "text"
+    # Webhooks (app/webhooks/): CIDRs a webhook may target though not public (private,
+    # loopback, ...); how long a receiver has to answer; a factor on the retry schedule
+    # (tests shrink the day of retries to seconds); how often the dispatcher looks for
+    # due deliveries (0 turns it off in this process).
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    webhook_retry_scale: float = Field(1.0, gt=0)
+    webhook_poll_seconds: float = Field(1.0, ge=0)
     url: str = "http://127.0.0.1:8000"  # where the command-line client finds the API
     api_key: SecretStr | None = None  # a secret: never printed or logged
 
-    @field_validator("cors_origins", "hf_model_dirs", mode="before")
+    @field_validator("cors_origins", "hf_model_dirs", "webhook_allowed_networks", mode="before")
     @classmethod
     def _split_list(cls, value: object, info: ValidationInfo) -> object:
         # Origins are separated by commas, directories by colons (as in PATH).
         if isinstance(value, str):
             separator = ":" if info.field_name == "hf_model_dirs" else ","
             return [part.strip() for part in value.split(separator) if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks_are_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # a ValueError names the bad one
         return value
 
     @model_validator(mode="after")

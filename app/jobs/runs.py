@@ -22,6 +22,7 @@ from app.db import utcnow
 from app.files.models import DataFile, JobFile
 from app.jobs.models import Job, JobAttempt, JobEvent, JobMetric, JobSlot
 from app.queue import Sender
+from app.webhooks import outbox
 
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_sec", "micro_batch_size")
 # A pausing job runs until its next optimizer step, then checkpoints and is paused.
@@ -389,7 +390,10 @@ def metric_event_data(metric: dict[str, Any]) -> dict[str, Any]:
 def append_events(
     session: Session, job_id: str, events: Sequence[tuple[str, dict[str, Any]]]
 ) -> None:
+    """Every job event is written here, by the API and the workers alike: and in the same
+    transaction, the webhook deliveries that announce it (app/webhooks/outbox.py)."""
     now = utcnow()
     for kind, data in events:
         session.add(JobEvent(job_id=job_id, type=kind, data=data, created_at=now))
     session.flush()
+    outbox.enqueue_deliveries(session, job_id=job_id, events=events, now=now)

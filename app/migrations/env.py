@@ -8,7 +8,8 @@ from sqlalchemy import engine_from_config, pool
 import app.checkpoints.models
 import app.files.models
 import app.jobs.models
-import app.tenants.models  # noqa: F401  (registers the tables on Base.metadata)
+import app.tenants.models
+import app.webhooks.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db import Base
 
 config = context.config

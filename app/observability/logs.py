@@ -89,6 +89,9 @@ def configure_logging(settings: Settings) -> None:
     logging.captureWarnings(True)
     # Every start checks the schema; alembic would describe its setup at INFO each time.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs each request's full URL at INFO: a webhook's path or query may hold a
+    # receiver's token (app/webhooks/sender.py logs deliveries by id instead).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def send_celery_logs_to_root() -> None:

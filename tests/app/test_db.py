@@ -40,6 +40,10 @@ TABLES = {
     "files",
     "file_chunks",
     "job_files",
+    "webhook_endpoints",
+    "webhook_subscriptions",
+    "webhook_deliveries",
+    "webhook_attempts",
 }
 
 
@@ -72,7 +76,8 @@ def test_the_migrated_schema_is_the_schema_of_the_models(database: Database) -> 
     # `database` is migrated to head (Postgres and SQLite): no difference may remain.
     import app.checkpoints.models
     import app.jobs.models
-    import app.tenants.models  # noqa: F401
+    import app.tenants.models
+    import app.webhooks.models  # noqa: F401
 
     with database.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
