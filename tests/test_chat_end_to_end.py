@@ -42,6 +42,13 @@ def chat_file() -> bytes:
     return jsonl([conversation(rng) for _ in range(16)])
 
 
+def malformed_rows() -> list[dict[str, Any]]:
+    """Three conversations; the second's last message has no text."""
+    rows = [conversation(random.Random(seed)) for seed in range(3)]
+    rows[1]["messages"][-1] = {"role": "assistant", "content": None}
+    return rows
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("chat-models")
@@ -72,7 +79,9 @@ def chat_spec(model_dir: Path, file_id: str, micro: int, steps: int) -> dict[str
 
 @pytest.fixture(scope="module")
 def finished(service: httpx.Client, models: Path) -> dict[str, dict[str, Any]]:
-    """Every job of this module, submitted together and run to its end, by name."""
+    """Every job of this module, submitted together and run to its end, by name; and the
+    malformed file, uploaded first so that its validation runs beside the good one's."""
+    bad_id = upload(service, "bad-chat.jsonl", jsonl(malformed_rows()))["id"]
     file_id = upload(service, "chat.jsonl", chat_file())["id"]
     assert validated(service, file_id)["status"] == "valid"
     chat_llama, no_template = models / "chat-llama", models / "no-template-llama"
@@ -86,10 +95,11 @@ def finished(service: httpx.Client, models: Path) -> dict[str, dict[str, Any]]:
         response = service.post("/v1/jobs", json=spec)
         assert response.status_code == 201, response.text
         submitted[name] = response.json()["id"]
-    return {
+    jobs = {
         name: wait_for_status(service, job_id, FINISHED, timeout=180)
         for name, job_id in submitted.items()
     }
+    return jobs | {"bad-file": validated(service, bad_id)}
 
 
 def test_a_chat_file_trains_the_same_for_any_split_of_the_window_in_fp64(
@@ -122,14 +132,12 @@ def test_a_model_whose_tokenizer_has_no_chat_template_fails_invalid_spec(
 
 
 def test_a_malformed_chat_row_makes_the_file_invalid_naming_its_line(
-    service: httpx.Client, models: Path
+    service: httpx.Client, finished: dict[str, dict[str, Any]], models: Path
 ) -> None:
-    rows = [conversation(random.Random(seed)) for seed in range(3)]
-    rows[1]["messages"][-1] = {"role": "assistant", "content": None}
-    file_id = upload(service, "bad-chat.jsonl", jsonl(rows))["id"]
-    checked = validated(service, file_id)
+    checked = finished["bad-file"]
+    file_id = checked["id"]
     assert checked["status"] == "invalid"
-    last = len(rows[1]["messages"])
+    last = len(malformed_rows()[1]["messages"])
     assert checked["errors"] == [f'line 2: message {last}: "content" must be a string, not null']
     # And a job on it is refused at submit with that line.
     response = service.post("/v1/jobs", json=chat_spec(models / "chat-llama", file_id, 8, 1))
