@@ -223,12 +223,14 @@ def _encode(
             encoded = _EncodedText(row.kind)
         loss_mask: list[bool] | None = None
         if row.kind == CHAT:
-            chat = chat or _chat_tokenizer(tokenizer, model)
+            if chat is None:  # checked once, at the first row
+                chat = _chat_tokenizer(tokenizer, model)
             ids, loss_mask = _chat_ids(file_id, line, row, chat, model)
             ids, loss_mask = ids[:max_length], loss_mask[:max_length]
-            loss_start = 1
-            # The first token is never predicted: nothing comes before it.
-            if not any(loss_mask[1:]):  # no loss unit survives the cut
+            loss_start = 1  # unused: the mask says which tokens are loss units
+            # No loss unit survives the cut (the first token is never one: nothing
+            # comes before it to predict it from).
+            if not any(loss_mask[1:]):
                 continue
         elif row.kind == PROMPT_COMPLETION:
             prompt = tokenizer.encode(row.prompt)
