@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from app.jobs.spec import FileDatasetSpec
 from tests.worker.datafiles.chat_models import chat_tokenizer
@@ -184,12 +186,39 @@ def test_a_conversation_the_template_refuses_fails_invalid_data_with_its_line(
     assert "start with a user" in caught.value.message
 
 
-def test_the_tokens_are_the_models_ids_with_the_template_special_tokens(
-    tmp_path: Path,
-) -> None:
+def test_the_tokens_are_the_models_ids_with_the_template_special_tokens() -> None:
     fast = chat_tokenizer()
     ids = encode_chat(wrapped(), messages(SHORT)).ids
     assert fast.convert_ids_to_tokens(ids) == [
         "<|user|>", "hello", "<|end|>", "<|assistant|>", "yes", "<|end|>"
     ]  # fmt: skip
     assert torch.tensor(ids).max() < len(fast)
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_with_chatml_the_end_of_turn_and_the_newline_after_it_train() -> None:
+    # A byte-level BPE (as Qwen's), where the newline after <|im_end|> is a token of its
+    # own: the model is trained to write what the template closes its turn with.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(
+        ["user assistant what is two plus two four\n"],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, additional_special_tokens=special)
+    fast.chat_template = CHATML
+    tokenizer = PretrainedTokenizer(fast, vocab_size=len(fast), pad_id=0)
+    encoded = encode_chat(tokenizer, messages(CONVERSATION[1:3]))
+    trained = [token for token, target in zip(encoded.ids, encoded.targets, strict=True) if target]
+    assert fast.decode(trained) == "four<|im_end|>\n"
