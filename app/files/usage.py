@@ -77,7 +77,9 @@ def file_problems(
         if data_file.status == "invalid":
             problems.append((wanted.field, invalid_file_message(data_file)))
         elif data_file.status == "valid" and data_file.kind is not None:
-            misfit = model_fit_error(model_type, data_file.kind, data_file.stats or {})
+            misfit = model_fit_error(
+                model_type, data_file.kind, data_file.stats or {}, dataset.tokenizer
+            )
             if misfit is not None:
                 problems.append((wanted.field, f"file {data_file.id}: {misfit}"))
             else:

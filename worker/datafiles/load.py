@@ -8,7 +8,11 @@ that trains is a file that passed. What each kind becomes:
 - prompt_completion: the prompt's tokens followed by the completion's, cut to
   `max_length`; only completion tokens are loss units (the prompt's targets are
   IGNORE_INDEX); a row whose completion is cut away entirely is skipped;
-- with `packing`, text and prompt_completion rows are packed several to a sample
+- chat: the conversation rendered with the model's chat template and tokenized once
+  (worker/datafiles/chat.py), cut to `max_length`; only the tokens of the assistant
+  turns that train are loss units; a row with none left after the cut is skipped, as a
+  completion cut away;
+- with `packing`, text, prompt_completion and chat rows are packed several to a sample
   (worker/engine/packing.py), each counted as unpacked;
 - labelled_text: token sequences with a class, padded per batch with an attention mask;
 - classification / regression (CSV, NPZ): feature tensors with class indices, or with
@@ -33,8 +37,15 @@ import torch
 
 from app.files.formats import detect_format
 from app.jobs.spec import FileDatasetSpec
-from worker.datafiles.tokenizers import ByteTokenizer, CharTokenizer, TextTokenizer
+from worker.datafiles.chat import NotPrefixStable, TemplateRefused, encode_chat
+from worker.datafiles.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    ChatTokenizer,
+    TextTokenizer,
+)
 from worker.datafiles.validate import (
+    CHAT,
     CLASSIFICATION,
     DAMAGED_ARCHIVE,
     LABELLED_TEXT,
@@ -67,18 +78,23 @@ FileSource = Callable[[str], Path]
 
 
 def load_file_dataset(
-    spec: FileDatasetSpec, seed: int, source: FileSource, tokenizer: TextTokenizer | None
+    spec: FileDatasetSpec,
+    seed: int,
+    source: FileSource,
+    tokenizer: TextTokenizer | None,
+    model: str = "the model",
 ) -> DataSplits:
     """The training split (and held-out split) of a file dataset.
 
     `tokenizer` is the model's own, for text; None picks from `spec.tokenizer`:
-    byte-level, or `char` (the training file's characters).
+    byte-level, or `char` (the training file's characters). Chat rows need the model's
+    own, with a chat template: `model` names the model in the error when it has none.
     """
     train_path = source(spec.file_id)
     validation_path = source(spec.validation_file_id) if spec.validation_file_id else None
     format = spec.format or file_format(train_path)
     if format == "jsonl":
-        return _text_splits(spec, seed, train_path, validation_path, tokenizer)
+        return _text_splits(spec, seed, train_path, validation_path, tokenizer, model)
     train = _read_table(spec.file_id, train_path, format)
     held_out = None
     if validation_path is not None:
@@ -140,6 +156,8 @@ class _EncodedText:
     # Where each sequence's loss units start: after its prompt (1: every next token).
     loss_starts: list[int] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
+    # Chat: which tokens are loss units (the assistant turns that train).
+    loss_masks: list[torch.Tensor] = field(default_factory=list)
 
     def take(self, rows: list[int]) -> _EncodedText:
         return _EncodedText(
@@ -147,24 +165,74 @@ class _EncodedText:
             [self.sequences[row] for row in rows],
             [self.loss_starts[row] for row in rows],
             [self.labels[row] for row in rows] if self.labels else [],
+            [self.loss_masks[row] for row in rows] if self.loss_masks else [],
         )
 
 
-def _jsonl_rows(file_id: str, path: Path) -> Iterator[JsonlRow]:
+def _jsonl_rows(file_id: str, path: Path) -> Iterator[tuple[int, JsonlRow]]:
+    """(line number, row) of every row; a bad row fails the job, naming its line."""
     for number, row in read_jsonl(path):
         if isinstance(row, RowProblem):
             raise _invalid(file_id, f"line {number}: {row}")
-        yield row
+        yield number, row
+
+
+def _chat_tokenizer(tokenizer: TextTokenizer, model: str) -> ChatTokenizer:
+    """The tokenizer chat rows are rendered with, or why there is none (invalid_spec)."""
+    needed = 'chat rows ("messages") are rendered with the chat template of the model\'s tokenizer'
+    if isinstance(tokenizer, ByteTokenizer | CharTokenizer):
+        raise TrainingError(
+            "invalid_spec",
+            f"{needed}: {model} brings none; train a pretrained Hugging Face model saved "
+            "with its tokenizer (dataset.tokenizer 'model')",
+        )
+    if not isinstance(tokenizer, ChatTokenizer) or tokenizer.chat_template is None:
+        raise TrainingError(
+            "invalid_spec",
+            f"{needed}, but the tokenizer of {model} has no chat template: save the "
+            "tokenizer with its chat_template, or train on text or prompt/completion rows",
+        )
+    return tokenizer
+
+
+def _chat_ids(
+    file_id: str, line: int, row: JsonlRow, tokenizer: ChatTokenizer, model: str
+) -> tuple[list[int], list[bool]]:
+    try:
+        tokens = encode_chat(tokenizer, row.messages)
+    except TemplateRefused as error:
+        raise _invalid(
+            file_id, f"line {line}: the chat template of {model} refused it: {error}"
+        ) from None
+    except NotPrefixStable as error:
+        raise TrainingError(
+            "invalid_spec",
+            f"the chat template of {model} is not prefix-stable, so the assistant turns' tokens "
+            f"cannot be found exactly (file {file_id}, line {line}: {error})",
+        ) from None
+    return tokens.ids, tokens.targets
 
 
 def _encode(
-    file_id: str, path: Path, tokenizer: TextTokenizer, max_length: int
+    file_id: str, path: Path, tokenizer: TextTokenizer, max_length: int, model: str
 ) -> _EncodedText | None:
     encoded: _EncodedText | None = None
-    for row in _jsonl_rows(file_id, path):
+    chat: ChatTokenizer | None = None
+    for line, row in _jsonl_rows(file_id, path):
         if encoded is None:
             encoded = _EncodedText(row.kind)
-        if row.kind == PROMPT_COMPLETION:
+        loss_mask: list[bool] | None = None
+        if row.kind == CHAT:
+            if chat is None:  # checked once, at the first row
+                chat = _chat_tokenizer(tokenizer, model)
+            ids, loss_mask = _chat_ids(file_id, line, row, chat, model)
+            ids, loss_mask = ids[:max_length], loss_mask[:max_length]
+            loss_start = 1  # unused: the mask says which tokens are loss units
+            # No loss unit survives the cut (the first token is never one: nothing
+            # comes before it to predict it from).
+            if not any(loss_mask[1:]):
+                continue
+        elif row.kind == PROMPT_COMPLETION:
             prompt = tokenizer.encode(row.prompt)
             ids = (prompt + tokenizer.encode(row.completion))[:max_length]
             loss_start = max(1, len(prompt))
@@ -182,6 +250,8 @@ def _encode(
             )
         encoded.sequences.append(torch.tensor(ids, dtype=torch.int32))
         encoded.loss_starts.append(loss_start)
+        if loss_mask is not None:
+            encoded.loss_masks.append(torch.tensor(loss_mask, dtype=torch.bool))
         if row.label is not None:
             encoded.labels.append(row.label)
     return encoded
@@ -193,14 +263,17 @@ def _text_splits(
     train_path: Path,
     validation_path: Path | None,
     tokenizer: TextTokenizer | None,
+    model: str,
 ) -> DataSplits:
     if tokenizer is None and spec.tokenizer == "char":
         # Characters past max_length are cut before they become tokens: leave them out.
         rows = _jsonl_rows(spec.file_id, train_path)
-        tokenizer = CharTokenizer((row.prompt + row.loss_text)[: spec.max_length] for row in rows)
+        tokenizer = CharTokenizer(row.all_text[: spec.max_length] for _, row in rows)
     elif tokenizer is None:
         tokenizer = ByteTokenizer()
-    train = _encode(spec.file_id, train_path, tokenizer, spec.max_length)
+    if spec.tokenizer in ("byte", "char"):  # the model's tokenizer is not used
+        model = f"dataset.tokenizer {spec.tokenizer!r}"
+    train = _encode(spec.file_id, train_path, tokenizer, spec.max_length, model)
     if train is None or not train.sequences:
         raise _invalid(
             spec.file_id, f"no row has enough tokens to train on (max_length {spec.max_length})"
@@ -211,7 +284,9 @@ def _text_splits(
         assert spec.validation_file_id is not None
         if (spec.format or file_format(validation_path)) != "jsonl":
             raise _invalid(spec.validation_file_id, "is not JSONL, but the training file is")
-        held_out = _encode(spec.validation_file_id, validation_path, tokenizer, spec.max_length)
+        held_out = _encode(
+            spec.validation_file_id, validation_path, tokenizer, spec.max_length, model
+        )
         if held_out is not None and held_out.kind != train.kind:
             raise _invalid(
                 spec.validation_file_id,
@@ -225,12 +300,16 @@ def _text_splits(
     if spec.packing and classes is not None:
         raise TrainingError(
             "invalid_spec",
-            f"dataset.packing: packs text and prompt/completion rows, not {train.kind} rows",
+            f"dataset.packing: packs text, prompt/completion and chat rows, not {train.kind} rows",
         )
 
     def sample_set(file_id: str, encoded: _EncodedText) -> SampleSet:
         if classes is None:
-            rows = TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+            rows = (
+                TokenSequenceSet(encoded.sequences, tokenizer.pad_id, loss_masks=encoded.loss_masks)
+                if encoded.kind == CHAT
+                else TokenSequenceSet(encoded.sequences, tokenizer.pad_id, encoded.loss_starts)
+            )
             # A row of max_length tokens has max_length - 1 positions: so may a pack.
             return PackedSequenceSet(rows, spec.max_length - 1, seed) if spec.packing else rows
         labels = _class_indices(file_id, encoded.labels, classes)

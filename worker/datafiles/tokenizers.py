@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class TextTokenizer(Protocol):
@@ -21,6 +21,26 @@ class TextTokenizer(Protocol):
     def pad_id(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+
+@runtime_checkable
+class ChatTokenizer(TextTokenizer, Protocol):
+    """A tokenizer that can render conversations (a Hugging Face one, wrapped): what
+    worker/datafiles/chat.py needs to find the tokens of each assistant turn."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja template conversations are rendered with; None when it has none."""
+        ...
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation as text, as the template writes it (special tokens included)."""
+        ...
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of text that already holds its special tokens (none added), and each
+        token's (start, end) character offsets in it."""
+        ...
 
 
 class ByteTokenizer:

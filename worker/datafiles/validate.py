@@ -26,6 +26,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 TEXT, PROMPT_COMPLETION, LABELLED_TEXT = "text", "prompt_completion", "labelled_text"
+CHAT = "chat"
 CLASSIFICATION, REGRESSION = "classification", "regression"
 
 MAX_ERRORS = 20
@@ -144,26 +145,61 @@ def label_stats(values: Iterable[Label]) -> dict[str, Any]:
     return {"classes": len(labels), "labels": labels[:MAX_LISTED_LABELS]}
 
 
+# The roles a chat message may have. A tool's answer (and an assistant's tool call) needs
+# fields that templates render each their own way: not supported rather than half-rendered.
+CHAT_ROLES = ("system", "user", "assistant")
+_MESSAGE_KEYS = ("role", "content", "weight")
+# Row keys that would change how a conversation renders; refused rather than ignored.
+_UNSUPPORTED_CHAT_KEYS = ("tools", "functions", "parallel_tool_calls")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation. `weight` (OpenAI's, assistants only): 0 keeps the
+    turn in the conversation but trains nothing on it."""
+
+    role: str
+    content: str
+    weight: int = 1
+
+    @property
+    def trains(self) -> bool:
+        return self.role == "assistant" and self.weight == 1
+
+
 @dataclass(frozen=True)
 class JsonlRow:
-    """One JSONL line: `text` (text, labelled_text) or `prompt` + `completion`."""
+    """One JSONL line: `text` (text, labelled_text), `prompt` + `completion`, or
+    `messages` (chat)."""
 
     kind: str
     text: str = ""
     prompt: str = ""
     completion: str = ""
     label: Label | None = None
+    messages: tuple[ChatMessage, ...] = ()
 
     @property
     def loss_text(self) -> str:
-        """The text the model is trained to produce: a completion, never its prompt."""
+        """The text the model is trained to produce: a completion, never its prompt; the
+        assistant turns that train, never what they answer."""
+        if self.kind == CHAT:
+            return "".join(message.content for message in self.messages if message.trains)
         return self.completion if self.kind == PROMPT_COMPLETION else self.text
+
+    @property
+    def all_text(self) -> str:
+        """Every text the row holds (a chat template adds its own around it)."""
+        if self.kind == CHAT:
+            return "".join(message.content for message in self.messages)
+        return self.prompt + self.loss_text
 
 
 _KIND_KEYS = {
     TEXT: '"text"',
     PROMPT_COMPLETION: '"prompt" and "completion"',
     LABELLED_TEXT: '"text" and "label"',
+    CHAT: '"messages"',
 }
 
 
@@ -198,6 +234,55 @@ def _label(value: object) -> Label:
     return value
 
 
+def _message(number: int, value: object) -> ChatMessage:
+    """Message `number` (1-based) of a conversation."""
+    if not isinstance(value, dict):
+        raise RowProblem(f"message {number} must be an object, not {_json_type(value)}")
+    unknown = [key for key in value if key not in _MESSAGE_KEYS]
+    if unknown:
+        raise RowProblem(
+            f"message {number} has {_short(unknown[0])}: a message holds only "
+            '"role", "content" and "weight" (tool calls are not supported)'
+        )
+    try:
+        role = _string(value, "role")
+        if role not in CHAT_ROLES:
+            raise RowProblem(f'unknown "role" {_short(role)}; known: {", ".join(CHAT_ROLES)}')
+        # An assistant's turn is what trains: it must say something.
+        content = _string(value, "content", allow_empty=role != "assistant")
+        weight = value.get("weight", 1)
+        if "weight" in value and role != "assistant":
+            raise RowProblem('"weight" is for assistant messages only')
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise RowProblem(f'"weight" must be 0 or 1, not {json.dumps(weight)[:40]}')
+    except RowProblem as problem:
+        raise RowProblem(f"message {number}: {problem}") from None
+    return ChatMessage(role, content, int(weight))
+
+
+def _messages(row: dict[str, Any]) -> tuple[ChatMessage, ...]:
+    value = row["messages"]
+    if not isinstance(value, list):
+        raise RowProblem(f'"messages" must be an array, not {_json_type(value)}')
+    if not value:
+        raise RowProblem('"messages" is empty')
+    for key in _UNSUPPORTED_CHAT_KEYS:
+        if key in row:
+            raise RowProblem(f'"{key}" is not supported (conversations without tools only)')
+    messages = tuple(_message(number, each) for number, each in enumerate(value, start=1))
+    if not any(message.role == "assistant" for message in messages):
+        raise RowProblem('no "assistant" message: nothing to train on')
+    if not any(message.trains for message in messages):
+        raise RowProblem('every assistant message has "weight" 0: nothing to train on')
+    if messages[0].trains:
+        # Its prompt would be an empty conversation, which templates do not render.
+        raise RowProblem(
+            "message 1: an assistant message that trains needs a message before it (what it "
+            'answers): start with a system or user message, or give it "weight": 0'
+        )
+    return messages
+
+
 def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
     """One line of a JSONL file; None for a blank line. Raises RowProblem."""
     # A byte order mark, as some editors write at the start of a file.
@@ -212,6 +297,8 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
         raise RowProblem("bad JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RowProblem(f"expected a JSON object, got {_json_type(value)}")
+    if "messages" in value:
+        return JsonlRow(CHAT, messages=_messages(value))
     # An empty prompt is allowed: the completion alone then carries the loss.
     if "prompt" in value or "completion" in value:
         return JsonlRow(
@@ -224,7 +311,9 @@ def parse_jsonl_line(raw: bytes) -> JsonlRow | None:
     if "text" in value:
         return JsonlRow(TEXT, text=_string(value, "text"))
     keys = ", ".join(_short(key) for key in list(value)[:5]) or "none"
-    raise RowProblem(f'missing "text" (or "prompt" and "completion"); the keys are: {keys}')
+    raise RowProblem(
+        f'missing "text" (or "prompt" and "completion", or "messages"); the keys are: {keys}'
+    )
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, JsonlRow | RowProblem]]:
@@ -267,7 +356,7 @@ def _validate_jsonl(path: Path, problems: _Problems) -> tuple[str | None, dict[s
             continue
         loss_bytes = len(row.loss_text.encode("utf-8"))
         tokens += loss_bytes
-        max_row_bytes = max(max_row_bytes, len(row.prompt.encode("utf-8")) + loss_bytes)
+        max_row_bytes = max(max_row_bytes, len(row.all_text.encode("utf-8")))
     if rows == 0:
         problems.add("the file has no rows (only blank lines)")
     stats: dict[str, Any] = {"rows": rows, "tokens": tokens, "max_row_bytes": max_row_bytes}

@@ -115,7 +115,9 @@ class TokenSequenceSet:
     IGNORE_INDEX as target, so the loss units of a batch are its real target tokens.
     With `loss_starts` (prompt/completion), the tokens before a sequence's loss start
     (its prompt) are read but never predicted: their targets are IGNORE_INDEX too, and
-    only the tokens from the loss start on are loss units.
+    only the tokens from the loss start on are loss units. With `loss_masks` (chat: the
+    assistant turns, wherever they are), a boolean per token says which are loss units;
+    the first token never is (nothing comes before it).
     """
 
     def __init__(
@@ -123,17 +125,28 @@ class TokenSequenceSet:
         sequences: list[torch.Tensor],
         pad_id: int = 0,
         loss_starts: list[int] | None = None,
+        loss_masks: list[torch.Tensor] | None = None,
     ) -> None:
+        if loss_starts is not None and loss_masks is not None:
+            raise ValueError("loss starts or loss masks, not both")
         loss_starts = [1] * len(sequences) if loss_starts is None else loss_starts
         if len(loss_starts) != len(sequences):
             raise ValueError("one loss start per sequence")
         # The first token has nothing before it to be predicted from.
         self.loss_starts = [max(1, start) for start in loss_starts]
-        # Counted here, on the host: the window's normaliser, known before any backward.
-        self.target_counts = [
-            len(sequence) - start
-            for sequence, start in zip(sequences, self.loss_starts, strict=True)
-        ]
+        # Per position (token i+1 predicted from those up to i): the mask without its first.
+        self.target_masks: list[torch.Tensor] | None = None
+        if loss_masks is not None:
+            if [len(mask) for mask in loss_masks] != [len(sequence) for sequence in sequences]:
+                raise ValueError("one loss mask per sequence, of its length")
+            self.target_masks = [mask[1:].bool() for mask in loss_masks]
+            # Counted here, on the host: the window's normaliser, known before any backward.
+            self.target_counts = [int(mask.sum()) for mask in self.target_masks]
+        else:
+            self.target_counts = [
+                len(sequence) - start
+                for sequence, start in zip(sequences, self.loss_starts, strict=True)
+            ]
         if any(count <= 0 for count in self.target_counts):
             raise ValueError("every sequence needs at least one target token")
         # Any integer dtype: a file's tokens are kept compact and widened per batch.
@@ -153,19 +166,23 @@ class TokenSequenceSet:
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's inputs and targets, unpadded: what `collate` puts in its row."""
         sequence = self.sequences[index]
-        inputs = sequence[:-1].long()
-        targets = torch.full_like(inputs, IGNORE_INDEX)
+        return sequence[:-1].long(), self._targets(index)
+
+    def _targets(self, index: int) -> torch.Tensor:
+        # Position i predicts token i+1.
+        following = self.sequences[index][1:].long()
+        if self.target_masks is not None:
+            return torch.where(self.target_masks[index], following, IGNORE_INDEX)
+        targets = torch.full_like(following, IGNORE_INDEX)
         start = self.loss_starts[index]
-        targets[start - 1 :] = sequence[start:]
-        return inputs, targets
+        targets[start - 1 :] = following[start - 1 :]
+        return targets
 
     def collate(self, indices: list[int]) -> Batch:
         inputs = _right_padded([self.sequences[index][:-1] for index in indices], self.pad_id)
         targets = torch.full_like(inputs, IGNORE_INDEX)
         for row, index in enumerate(indices):
-            start = self.loss_starts[index]
-            # Position i predicts token i+1: targets from the loss start on.
-            targets[row, start - 1 : self.input_counts[index]] = self.sequences[index][start:]
+            targets[row, : self.input_counts[index]] = self._targets(index)
         return Batch(inputs, targets)
 
 

@@ -482,10 +482,11 @@ def _load_state_dict_as_transformers(
 
 @dataclass(frozen=True)
 class PretrainedTokenizer:
-    """A transformers tokenizer as the data loader's TextTokenizer.
+    """A transformers tokenizer as the data loader's TextTokenizer (and ChatTokenizer).
 
     `encode` adds what the tokenizer adds by default (BERT's [CLS] … [SEP], Llama's
-    <s>; GPT-2 adds nothing) and nothing else.
+    <s>; GPT-2 adds nothing) and nothing else. Conversations are rendered with the
+    tokenizer's chat template (worker/datafiles/chat.py).
     """
 
     tokenizer: Any
@@ -494,6 +495,33 @@ class PretrainedTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
+
+    @property
+    def chat_template(self) -> str | None:
+        # A dict of named templates where a tokenizer keeps several; "default" is used.
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise TrainingError(
+                "invalid_spec",
+                "chat data needs the model's fast tokenizer (a tokenizer.json saved with it), "
+                "which says where each token is in the text",
+            )
+        # The template wrote the special tokens (BOS included) already: add none.
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+        return list(encoded["input_ids"]), offsets
 
 
 def load_tokenizer(spec: HfModelSpec, model_dirs: Sequence[Path]) -> TextTokenizer | None:

@@ -108,9 +108,11 @@ def build_dataset(
     seed: int,
     files: FileSource | None = None,
     tokenizer: TextTokenizer | None = None,
+    model: str = "the model",
 ) -> DataSplits:
     """A data set's splits. A `file` data set reads its files through `files` (only the
-    service has them) and encodes text with `tokenizer` (None: byte or char level)."""
+    service has them) and encodes text with `tokenizer` (None: byte or char level);
+    `model` names the model in its errors (`model_name`)."""
     if isinstance(spec, FileDatasetSpec):
         if files is None:
             raise TrainingError(
@@ -119,12 +121,21 @@ def build_dataset(
                 "submit this job to the service; a local run trains on the built-in and "
                 "plugin data sets only",
             )
-        return load_file_dataset(spec, seed, files, tokenizer)
+        return load_file_dataset(spec, seed, files, tokenizer, model)
     name = str(spec.type)
     if name in BUILTIN_DATASET_BUILDERS:
         return BUILTIN_DATASET_BUILDERS[name](spec, seed)
     plugin = _plugin(DATASET_ENTRY_POINT_GROUP, "dataset", name)
     return cast(DataSplits, plugin(spec.model_dump(), seed))
+
+
+def model_name(spec: ModelSpec) -> str:
+    """How an error names the model: a pretrained model by its name or path."""
+    if isinstance(spec, HfCausalLmSpec | HfSequenceClassificationSpec):
+        if spec.pretrained is not None:
+            return f"model {spec.pretrained!r}"
+        return f"model {spec.type!r} (built from a config)"
+    return f"model {spec.type!r}"
 
 
 def model_tokenizer(

@@ -52,7 +52,7 @@ from worker.engine.lora import (
 from worker.engine.optim import build_optimizer, build_scheduler
 from worker.engine.precision import plan_precision
 from worker.engine.quantize import check_cuda_options, plan_quantization
-from worker.engine.registry import build_dataset, build_model, model_tokenizer
+from worker.engine.registry import build_dataset, build_model, model_name, model_tokenizer
 from worker.engine.window import (
     MicroBatchOutOfMemory,
     StepParts,
@@ -269,7 +269,8 @@ def prepare_run(
     check_cuda_options(spec, device)
     precision = plan_precision(spec.precision, device)
     seed_everything(spec.seed)
-    data = build_dataset(spec.dataset, spec.seed, files, model_tokenizer(spec, hf_limits))
+    tokenizer = model_tokenizer(spec, hf_limits)
+    data = build_dataset(spec.dataset, spec.seed, files, tokenizer, model_name(spec.model))
     if len(data.train) == 0:
         raise TrainingError("invalid_data", "the training split is empty")
     quantization = plan_quantization(spec, precision)

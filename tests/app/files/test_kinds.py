@@ -24,6 +24,7 @@ REGRESSION_STATS = {"rows": 8, "input_shape": [3], "target_size": 1}
         ("tiny-gpt", "prompt_completion", TEXT_STATS),
         ("hf-causal-lm", "text", TEXT_STATS),
         ("hf-causal-lm", "prompt_completion", TEXT_STATS),
+        ("hf-causal-lm", "chat", TEXT_STATS),
         ("hf-sequence-classification", "labelled_text", TEXT_STATS | {"classes": 3}),
         ("my-plugin-model", "text", TEXT_STATS),  # plugins: the worker checks
     ],
@@ -54,3 +55,26 @@ def test_a_model_on_a_kind_it_cannot_train_on_says_what_it_needs(
 ) -> None:
     error = model_fit_error(model, kind, stats)
     assert error is not None and says in error
+
+
+@pytest.mark.parametrize(
+    ("model", "tokenizer", "says"),
+    [
+        ("tiny-gpt", None, "train them on hf-causal-lm (a pretrained model saved with its"),
+        ("hf-sequence-classification", None, "not 'hf-sequence-classification'"),
+        ("my-plugin-model", None, "not 'my-plugin-model'"),
+        ("hf-causal-lm", "byte", "not dataset.tokenizer 'byte': leave it unset or 'model'"),
+        ("hf-causal-lm", "char", "not dataset.tokenizer 'char'"),
+    ],
+)
+def test_chat_needs_a_hugging_face_causal_lm_and_its_own_tokenizer(
+    model: str, tokenizer: str | None, says: str
+) -> None:
+    error = model_fit_error(model, "chat", TEXT_STATS, tokenizer)
+    assert error is not None and says in error
+    assert error.startswith("JSONL chat conversations")
+
+
+def test_chat_fits_a_causal_lm_with_its_own_tokenizer() -> None:
+    for tokenizer in (None, "model"):
+        assert model_fit_error("hf-causal-lm", "chat", TEXT_STATS, tokenizer) is None

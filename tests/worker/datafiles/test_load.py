@@ -203,7 +203,7 @@ def test_packing_packs_both_splits_and_counts_every_row_as_unpacked(files: Files
 
 def test_packing_labelled_text_is_refused(files: Files) -> None:
     files.jsonl(TRAIN_ID, [{"text": "good", "label": "pos"}, {"text": "no", "label": "neg"}])
-    with pytest.raises(TrainingError, match="packs text and prompt/completion rows") as error:
+    with pytest.raises(TrainingError, match="packs text, prompt/completion and chat rows") as error:
         load(files, packing=True)
     assert error.value.type == "invalid_spec"
 

@@ -157,7 +157,7 @@ def test_bad_json_names_its_line(tmp_path: Path) -> None:
 def test_missing_text_names_its_line_and_keys(tmp_path: Path) -> None:
     path = jsonl(tmp_path, {"text": "a"}, {"body": "b"})
     assert invalid(validate_file(path, "jsonl")) == (
-        'line 2: missing "text" (or "prompt" and "completion"); the keys are: "body"'
+        'line 2: missing "text" (or "prompt" and "completion", or "messages"); the keys are: "body"'
     )
 
 
@@ -204,7 +204,8 @@ def test_bad_utf8_names_its_line_and_the_rest_is_still_checked(tmp_path: Path) -
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n{"nope": 1}\n')
     assert validate_file(path, "jsonl").errors == [
         "line 2: not valid UTF-8 (byte 0xff at byte 11)",
-        'line 3: missing "text" (or "prompt" and "completion"); the keys are: "nope"',
+        'line 3: missing "text" (or "prompt" and "completion", or "messages"); '
+        'the keys are: "nope"',
     ]
 
 
@@ -235,6 +236,82 @@ def test_unknown_format(tmp_path: Path) -> None:
     assert (
         invalid(validate_file(path, "parquet"))
         == "unknown format 'parquet'; known: jsonl, csv, npz"
+    )
+
+
+# ---------------------------------------------------------------- chat
+
+
+USER = {"role": "user", "content": "2+2?"}
+ASSISTANT = {"role": "assistant", "content": "4"}
+
+
+def test_chat_rows_count_the_bytes_of_the_assistant_turns_that_train(tmp_path: Path) -> None:
+    path = jsonl(
+        tmp_path,
+        {"messages": [{"role": "system", "content": ""}, USER, ASSISTANT], "id": "extra ok"},
+        {"messages": [USER, {**ASSISTANT, "weight": 0}, USER, {**ASSISTANT, "content": "still 4"}]},
+    )
+    report = validate_file(path, "jsonl")
+    assert report == ValidationReport(
+        "valid", "chat", [], {"rows": 2, "tokens": 1 + 7, "max_row_bytes": 4 + 1 + 4 + 7}
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": "hi"}, '"messages" must be an array, not a string'),
+        ({"messages": []}, '"messages" is empty'),
+        ({"messages": [USER, "hi"]}, "message 2 must be an object, not a string"),
+        ({"messages": [{"content": "hi"}, ASSISTANT]}, 'message 1: missing "role"'),
+        ({"messages": [{"role": 1, "content": "x"}]}, 'message 1: "role" must be a string'),
+        ({"messages": [USER, {"role": "assistant"}]}, 'message 2: missing "content"'),
+        (
+            {"messages": [USER, {"role": "assistant", "content": None}]},
+            'message 2: "content" must be a string, not null',
+        ),
+        (
+            {"messages": [USER, {"role": "tool", "content": "x"}, ASSISTANT]},
+            'message 2: unknown "role" "tool"; known: system, user, assistant',
+        ),
+        (
+            {"messages": [USER, {**ASSISTANT, "tool_calls": []}]},
+            'message 2 has "tool_calls": a message holds only "role", "content" and "weight"',
+        ),
+        ({"messages": [USER, {**ASSISTANT, "content": ""}]}, 'message 2: "content" is empty'),
+        ({"messages": [USER, USER]}, 'no "assistant" message: nothing to train on'),
+        (
+            {"messages": [USER, {**ASSISTANT, "weight": 0}]},
+            'every assistant message has "weight" 0',
+        ),
+        (
+            {"messages": [USER, {**ASSISTANT, "weight": 0.5}]},
+            'message 2: "weight" must be 0 or 1, not 0.5',
+        ),
+        (
+            {"messages": [USER, {**ASSISTANT, "weight": True}]},
+            'message 2: "weight" must be 0 or 1, not true',
+        ),
+        (
+            {"messages": [{**USER, "weight": 1}, ASSISTANT]},
+            'message 1: "weight" is for assistant messages only',
+        ),
+        ({"messages": [ASSISTANT, USER]}, "message 1: an assistant message that trains needs"),
+        ({"messages": [USER, ASSISTANT], "tools": []}, '"tools" is not supported'),
+    ],
+)
+def test_malformed_chat_rows_are_named_with_their_line(
+    tmp_path: Path, row: Any, message: str
+) -> None:
+    path = jsonl(tmp_path, {"messages": [USER, ASSISTANT]}, "", row)
+    assert f"line 3: {message}" in invalid(validate_file(path, "jsonl"))
+
+
+def test_chat_rows_and_text_rows_do_not_mix(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, {"messages": [USER, ASSISTANT]}, {"text": "hi"})
+    assert invalid(validate_file(path, "jsonl")) == (
+        'line 2: has "text" but line 1 has "messages": every line must hold the same kind of row'
     )
 
 
