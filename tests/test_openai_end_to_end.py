@@ -1,7 +1,7 @@
 """The official `openai` client against a running trainjob (an API and a real worker, on
 a database of their own, with auth on): upload, create, retrieve, list, list_events,
-pause, resume, cancel, checkpoints.list, a tiny local Llama fine-tuned to success, and
-the same job read through the native API; the fine-tuned model's name downloads its
+pause, resume, cancel, checkpoints.list, a tiny local Llama fine-tuned on a chat file to
+success, and the same job read through the native API; the fine-tuned model's name downloads its
 weights.
 
 The worker starts only once the second job has been paused, resumed and cancelled: until
@@ -22,44 +22,26 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from app.auth import service as auth_service
 from app.db import Database, upgrade
 from tests.conftest import REDIS_URL
 from tests.processes import FAST_TIMINGS, running, service_env, serving, wait_for
+from tests.worker.datafiles.chat_models import save_chat_llama
 
-LLAMA = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 64,
-    "max_position_embeddings": 128,  # the native dataset.max_length the mapping leaves
-}
-WORDS = ["the", "cat", "sat", "on", "the", "mat", "and", "a", "dog", "ran", "far", "away"]
-# 8 rows, a batch of 4, one epoch: 2 optimizer steps.
+NUMBERS = ["two", "four", "five", "six", "seven"]
+# 8 chat conversations (OpenAI's training format), a batch of 4, one epoch: 2 optimizer
+# steps. The model is the chat tests' tiny Llama, saved with a tokenizer and its template.
 ROWS = [
-    {"prompt": " ".join(WORDS[i : i + 3]), "completion": " ".join(WORDS[i + 3 : i + 5])}
+    {
+        "messages": [
+            {"role": "user", "content": f"what is {NUMBERS[i % 5]} plus {NUMBERS[(i + 1) % 5]}"},
+            {"role": "assistant", "content": NUMBERS[(i + 2) % 5]},
+        ]
+    }
     for i in range(8)
 ]
 HYPERPARAMETERS = {"batch_size": 4, "n_epochs": 1, "learning_rate_multiplier": 2}
-
-
-def save_tiny_llama(directory: Path) -> None:
-    """A tiny Llama and a word-level tokenizer trained in memory: no download."""
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(directory)
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(
-        [" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"])
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
-    fast.save_pretrained(directory)
 
 
 @dataclass
@@ -80,7 +62,8 @@ def service(
     queue_name: str,
 ) -> Iterator[Service]:
     models_dir = tmp_path_factory.mktemp("openai-models")
-    save_tiny_llama(models_dir / "llama")
+    # 128: the native dataset.max_length, which the mapping leaves.
+    save_chat_llama(models_dir / "llama", positions=128)
     database_url = make_postgres_database()
     upgrade(database_url)
     database = Database(database_url)

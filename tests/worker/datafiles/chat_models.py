@@ -38,7 +38,9 @@ def chat_tokenizer(template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_chat_llama(directory: Path, template: str | None = TEMPLATE) -> Path:
+def save_chat_llama(
+    directory: Path, template: str | None = TEMPLATE, *, positions: int = 64
+) -> Path:
     """A 1-layer Llama sized to the tokenizer, saved with it (safetensors) in `directory`."""
     tokenizer = chat_tokenizer(template)
     torch.manual_seed(0)
@@ -49,7 +51,7 @@ def save_chat_llama(directory: Path, template: str | None = TEMPLATE) -> Path:
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
