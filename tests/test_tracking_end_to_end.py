@@ -28,6 +28,7 @@ from tests.processes import (
     wait_for_status,
     wait_until_ready,
 )
+from worker.tracking.mlflow_backend import HTTP_LIMITS, JOB_ID_TAG, MlflowBackend
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -131,3 +132,26 @@ def test_a_job_logs_its_params_metrics_and_weights_to_mlflow(
     uploaded = (local / "model.safetensors").read_bytes()
     assert uploaded == client.get(f"/v1/jobs/{job['id']}/weights").content
     assert load_safetensors(uploaded)
+
+
+def test_a_resumed_attempt_continues_the_job_s_run_after_its_last_step(
+    tracked_jobs: tuple[httpx.Client, MlflowClient, dict[str, dict[str, Any]]],
+    mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a later attempt of the job (its worker lost, the job paused or preempted)
+    finds on the real server: the same run, by its job id tag, the steps and the params
+    it holds; the run is running again. (Skipping those steps: tests/worker/tracking.)"""
+    _, mlflow, jobs = tracked_jobs
+    job_id = jobs["mlp"]["id"]
+    for name in HTTP_LIMITS:  # the backend sets them for its process: here, this test's
+        monkeypatch.delenv(name, raising=False)
+    backend = MlflowBackend(mlflow_server.url)
+    opened = backend.open_run(
+        experiment="trainjob-tests", run_name="ignored", tags={JOB_ID_TAG: job_id}
+    )
+    run = run_of(mlflow, job_id)
+    assert opened.run_id == run.info.run_id
+    assert opened.last_step == 6
+    assert {"model.type", "max_steps", "batch_size"} <= opened.param_keys
+    assert run.info.status == "RUNNING"

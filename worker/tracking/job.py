@@ -6,6 +6,7 @@ Only rank 0 of a job tracks (it is the process that reports progress: worker/ran
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.checkpoints import adapters
 from app.checkpoints import service as checkpoints_service
@@ -39,6 +41,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 OnEvent = Callable[[str, dict[str, Any]], None]
 
+logger = logging.getLogger(__name__)
+
 
 def start_tracking(
     database: Database, settings: Settings, claim: Claim, spec: JobSpec
@@ -47,13 +51,20 @@ def start_tracking(
     if spec.tracking is None:
         return None
     uri = settings.mlflow_tracking_uri
-    with database.session() as session:
-        tenant = session.scalar(select(Job.tenant).where(Job.id == claim.job_id)) or ""
+    tags = {JOB_ID_TAG: claim.job_id}
+    try:
+        with database.session() as session:
+            tenant = session.scalar(select(Job.tenant).where(Job.id == claim.job_id))
+    except SQLAlchemyError:  # a tag is not worth failing the job for: the run goes without
+        logger.warning("job %s: its tenant could not be read for its tracking", claim.job_id)
+        tenant = None
+    if tenant is not None:
+        tags[TENANT_TAG] = tenant
     tracker = RunTracker(
         connect=lambda: _connect(uri),
         experiment=spec.tracking.mlflow.experiment,
         run_name=spec.tracking.mlflow.run_name or spec.name or claim.job_id,
-        tags={JOB_ID_TAG: claim.job_id, TENANT_TAG: tenant},
+        tags=tags,
         params=spec_params(spec.model_dump(mode="json")),
         flush_seconds=settings.progress_flush_seconds,
         secrets=_secrets_of(uri),
