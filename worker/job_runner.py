@@ -59,8 +59,7 @@ from worker.group import Rendezvous, run_group
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
 from worker.progress_writer import ProgressWriter, retry_database
-from worker.tracking.job import end_tracking, pass_on_warning, start_tracking, tracked_on_step
-from worker.tracking.tracker import RunTracker
+from worker.tracking.job import end_tracking, start_tracking, tracked_on_step
 
 logger = logging.getLogger(__name__)
 
@@ -526,32 +525,8 @@ def train_claimed(
     )
     outcome = _train_to_outcome(database, settings, claim, spec, group, keeper, writer, callbacks)
     if tracker is not None:
-        _end_tracking(tracker, outcome, database, settings, claim, spec, writer)
+        end_tracking(tracker, outcome.status if outcome else None, database, settings, spec, writer)
     return outcome
-
-
-def _end_tracking(
-    tracker: RunTracker,
-    outcome: Outcome | None,
-    database: Database,
-    settings: Settings,
-    claim: Claim,
-    spec: JobSpec,
-    writer: ProgressWriter,
-) -> None:
-    """The tracked run ended as the job's run did; a warning from its end is written
-    with the job's events, if the job is still this run's (never failing the job)."""
-    end_tracking(
-        tracker, outcome.status if outcome else None, database, settings, spec, claim.job_id
-    )
-    if outcome is None:
-        return
-    pass_on_warning(tracker, writer.on_event)
-    if writer.pending_events:
-        try:
-            writer.flush(required=False)
-        except Exception:
-            logger.warning("job %s: the tracking warning could not be written", claim.job_id)
 
 
 def _train_to_outcome(

@@ -25,6 +25,7 @@ from app.jobs.runs import Claim
 from app.jobs.spec import JobSpec
 from app.settings import Settings
 from worker.engine.trainer import StepMetrics
+from worker.progress_writer import ProgressWriter
 from worker.tracking.mlflow_backend import JOB_ID_TAG, TENANT_TAG, MlflowBackend
 from worker.tracking.params import spec_params
 from worker.tracking.tracker import Backend, RunTracker
@@ -121,10 +122,12 @@ def end_tracking(
     database: Database,
     settings: Settings,
     spec: JobSpec,
-    job_id: str,
+    writer: ProgressWriter,
 ) -> None:
-    """Set the run's status for the job's outcome (None: the job is another run's now),
-    uploading the final checkpoint's weights when it succeeded."""
+    """Set the run's status for the job's outcome, uploading the final checkpoint's
+    weights when it succeeded; None: the job is another run's now, left alone. A warning
+    from the end goes with the job's events (never failing the job)."""
+    job_id = writer.claim.job_id
     status = RUN_STATUSES.get(outcome_status) if outcome_status is not None else None
     weights = None
     if status == "FINISHED" and tracker.active:
@@ -136,6 +139,14 @@ def end_tracking(
             weights = None
             tracker.stop(f"could not read the final weights: {type(error).__name__}: {error}")
     tracker.end(status, weights)
+    if outcome_status is None:
+        return
+    pass_on_warning(tracker, writer.on_event)
+    if writer.pending_events:
+        try:
+            writer.flush(required=False)
+        except Exception:
+            logger.warning("job %s: the tracking warning could not be written", job_id)
 
 
 def write_final_weights(
