@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import wait_for
 from tests.test_imports import module_names
 from worker.engine.trainer import StepMetrics
 from worker.tracking.mlflow_backend import LAST_STEP_TAG, MetricPoint, OpenedRun
@@ -129,7 +130,6 @@ def test_a_failing_server_gives_one_warning_and_tracking_stops() -> None:
     run = tracker(server)
     for number in range(1, 101):
         run.on_step(step(number))
-        time.sleep(0.001)
     run.end("FINISHED")
     warnings = [run.take_warning(), run.take_warning()]
     assert warnings[1] is None
@@ -210,7 +210,7 @@ def test_a_run_that_did_not_succeed_gets_its_status_and_no_upload(status: str) -
 def test_a_run_lost_to_another_stops_without_a_further_call() -> None:
     server = FakeServer()
     run = tracker(server)
-    time.sleep(0.05)  # opened
+    wait_for(lambda: server.calls == ["open_run", "log"], 10, "the run opened, its params logged")
     calls = len(server.calls)
     run.on_step(step(1))
     run.end(None)
