@@ -57,11 +57,13 @@ COPY cli/ cli/
 # `hf`: transformers for hf-* models (a few tens of MB beside CUDA's gigabytes); `cuda`:
 # bitsandbytes (and accelerate) for the CUDA-only options `quantize` and optimizer
 # `adamw8bit`, which a GPU worker without them fails with invalid_spec.
+# `mlflow`: MLflow's client (mlflow-skinny) for jobs with `tracking`; a worker without it
+# trains them untracked, with a warning event.
 # Keep the base image's CUDA torch: the constraint pins it, so pip fails loudly instead
 # of replacing it with a different build should the `worker` extra ever disagree.
 RUN python -c 'from importlib.metadata import version; print("torch==" + version("torch"))' \
         > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[worker,hf,cuda]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[worker,hf,cuda,mlflow]" \
     && rm -rf /tmp/torch-constraint.txt build ./*.egg-info
 USER trainjob
 CMD ["trainjob", "worker"]

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Deterministic kernels in every job (worker/engine/determinism.py): CUDA runs that
     # repeat bit for bit, resumed ones included, at some cost in speed.
     deterministic: bool = False
+    # The MLflow server jobs with `tracking` log to (worker/tracking/); unset: such jobs
+    # are refused at submit. May hold credentials: never logged, nor put in a job's events.
+    mlflow_tracking_uri: str | None = None
     test_faults: str | None = None  # testing only: faults a worker injects into every job
     log_format: Literal["text", "json"] = "text"
     # Webhooks (app/webhooks/): CIDRs a webhook may target though not public (private,

@@ -22,7 +22,7 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,12 +53,13 @@ from worker.engine.checkpoint import Checkpoint
 from worker.engine.distributed import GroupBroken, RankGroup
 from worker.engine.errors import TrainingError
 from worker.engine.hf import HfLimits
-from worker.engine.trainer import Callbacks, train
+from worker.engine.trainer import Callbacks, StepMetrics, train
 from worker.faults import fault_hooks
 from worker.group import Rendezvous, run_group
 from worker.lease import LeaseKeeper
 from worker.live import LivePublisher
 from worker.progress_writer import ProgressWriter, retry_database
+from worker.tracking.job import end_tracking, start_tracking, tracked_on_step
 
 logger = logging.getLogger(__name__)
 
@@ -511,13 +512,33 @@ def train_claimed(
         flush_seconds=settings.progress_flush_seconds,
         give_up_seconds=settings.lease_timeout_seconds,
     )
+    tracker = start_tracking(database, settings, claim, spec)
+    on_step: Callable[[StepMetrics], None] = writer.on_step
+    if tracker is not None:
+        on_step = tracked_on_step(writer.on_step, writer.on_event, tracker)
     callbacks = Callbacks(
         on_start=writer.on_start,
-        on_step=writer.on_step,
+        on_step=on_step,
         on_event=writer.on_event,
         on_checkpoint=writer.on_checkpoint,
         should_stop=writer.should_stop,
     )
+    outcome = _train_to_outcome(database, settings, claim, spec, group, keeper, writer, callbacks)
+    if tracker is not None:
+        end_tracking(tracker, outcome.status if outcome else None, database, settings, spec, writer)
+    return outcome
+
+
+def _train_to_outcome(
+    database: Database,
+    settings: Settings,
+    claim: Claim,
+    spec: JobSpec,
+    group: RankGroup | None,
+    keeper: LeaseKeeper,
+    writer: ProgressWriter,
+    callbacks: Callbacks,
+) -> Outcome | None:
     keeper.start()
     try:
         with run_files(database, settings, spec) as files:

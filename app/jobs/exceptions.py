@@ -46,3 +46,15 @@ class IdempotencyKeyReused(Conflict):
             f"Idempotency-Key {key!r} was used with a different body; use a new key",
             idempotency_key=key,
         )
+
+
+class TrackingNotConfigured(InvalidRequest):
+    """A spec asks for MLflow tracking on a service with no tracking server configured."""
+
+    def __init__(self) -> None:
+        message = (
+            "MLflow tracking was requested but this service has no tracking server: the "
+            "operator sets TRAINJOB_MLFLOW_TRACKING_URI (for the API and the workers); "
+            "leave tracking out to train without it"
+        )
+        super().__init__(message, fields=[{"path": "tracking", "message": message}])

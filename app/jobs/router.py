@@ -103,6 +103,7 @@ def submit_job(
         idempotency_ttl_hours=settings.idempotency_ttl_hours,
         admin=principal.admin,
         key_max_priority=principal.max_priority,
+        tracking_configured=settings.mlflow_tracking_uri is not None,
     )
     session.commit()
     send = training_sender(celery, settings.queue)
@@ -129,7 +130,8 @@ router.add_api_route(
                 409: "the Idempotency-Key was used with another body",
                 413: "the body is larger than TRAINJOB_MAX_BODY_BYTES",
                 422: "an invalid spec, a dataset file that is unknown, invalid or does "
-                "not fit the model, or device `cuda` with no live CUDA worker",
+                "not fit the model, device `cuda` with no live CUDA worker, or `tracking` with "
+                "no TRAINJOB_MLFLOW_TRACKING_URI",
                 403: "a priority above the key's or tenant's max_priority, preemptible "
                 "false without an admin key, or the tenant's device-hours quota used up",
                 429: "the tenant has too many queued and running jobs, or its "

@@ -19,7 +19,13 @@ from app.db import page, utcnow
 from app.files import usage as files_usage
 from app.ids import is_job_id, new_job_id
 from app.jobs import idempotency, runs
-from app.jobs.exceptions import CudaNotSeen, JobAlreadyFinished, JobNotFound, TooManyJobs
+from app.jobs.exceptions import (
+    CudaNotSeen,
+    JobAlreadyFinished,
+    JobNotFound,
+    TooManyJobs,
+    TrackingNotConfigured,
+)
 from app.jobs.models import Job
 from app.jobs.schemas import TERMINAL_STATUSES
 from app.jobs.spec import FileDatasetSpec, JobSpec
@@ -47,9 +53,11 @@ def submit_job(
     idempotency_ttl_hours: float = 48.0,
     admin: bool = True,
     key_max_priority: int | None = None,
+    tracking_configured: bool = False,
 ) -> Submitted:
     """A submit: the earlier job of a known Idempotency-Key, else a new queued job, within
-    the tenant's cap (TooManyJobs) and on a device some worker has (CudaNotSeen)."""
+    the tenant's cap (TooManyJobs), on a device some worker has (CudaNotSeen) and, if it
+    asks for tracking, on a service with a tracking server (TrackingNotConfigured)."""
     # An error rolls back with the request's session, which closes before the error is
     # answered: the tenant's lock below is never held while a client reads.
     lock_tenant(session, tenant=tenant)
@@ -61,6 +69,8 @@ def submit_job(
             return Submitted(earlier, replayed=True, to_send=[])
     if spec.device == "cuda" and not cuda_available():
         raise CudaNotSeen()
+    if spec.tracking is not None and not tracking_configured:
+        raise TrackingNotConfigured()
     if not spec.preemptible and not admin:
         raise Forbidden("only an admin key may submit a job with preemptible: false")
     tenants_service.check_submit(

@@ -349,6 +349,24 @@ class KeepCheckpointsSpec(_Strict):
     best: int = Field(0, ge=0, le=10_000)
 
 
+class MlflowTrackingSpec(_Strict):
+    """A run in the MLflow experiment `experiment` (created if missing) on the server the
+    operator configures (TRAINJOB_MLFLOW_TRACKING_URI); `run_name` defaults to the job's
+    name, else its id. Bounded by MLflow's own columns (experiment names 256, run names
+    250 characters)."""
+
+    experiment: str = Field(min_length=1, max_length=256)
+    run_name: str | None = Field(None, min_length=1, max_length=250)
+
+
+class TrackingSpec(_Strict):
+    """Where a job's params, per-step metrics and final weights are logged (worker/
+    tracking/). Not a training field: it changes no weight, and a checkpoint resumes
+    with or without it."""
+
+    mlflow: MlflowTrackingSpec
+
+
 Precision = Literal["fp32", "fp64", "bf16", "fp16"]
 # How the frozen base of an hf-* model is loaded (QLoRA): 4-bit NormalFloat or 8-bit.
 Quantize = Literal["nf4", "int8"]
@@ -409,6 +427,8 @@ class JobSpec(_Strict):
     # Recompute each block's activations in backward instead of keeping them: less memory,
     # about a third more compute, and the same weights bit for bit (dropout included).
     activation_checkpointing: bool = False
+    # Experiment tracking (MLflow): logs, never trains; a tracking failure never fails the job.
+    tracking: TrackingSpec | None = None
 
     @field_validator("model", "dataset", mode="before")
     @classmethod

@@ -866,6 +866,7 @@ def full_spec() -> dict[str, Any]:
         "priority": 700,
         "preemptible": False,
         "activation_checkpointing": True,
+        "tracking": {"mlflow": {"experiment": "shakespeare", "run_name": "chars-3x96"}},
     }
 
 

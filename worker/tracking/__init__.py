@@ -1,0 +1,1 @@
+"""Experiment tracking: a job's params, metrics and final weights logged to MLflow."""
