@@ -11,12 +11,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import insert
 
 from app.db import Database
 from app.jobs.models import JobEvent
+from app.live import stream
+from app.live.backlog import sampled_events_after
 from app.live.channels import ring
 from tests.app.jobs.helpers import claim, create
 
@@ -79,19 +82,28 @@ def test_the_backlog_of_20000_steps_is_at_most_the_bound_evenly_spaced_newest_ex
 
 
 def test_a_short_backlog_is_sent_whole_and_live_events_follow_it(
-    client: TestClient, database: Database
+    client: TestClient, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = create(database)
     taken = claim(database, job_id, "w")
     write_steps(database, taken, range(1, 30))
     rung = redis.Redis.from_url(str(client.app.state.settings.redis_url))  # type: ignore[attr-defined]
+    # Steps written before the stream has read its backlog are backlog (thinned): the live
+    # ones are written once it has, which the stream's read of the backlog tells.
+    backlog_read = threading.Event()
+
+    def sampled_then_tell(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return sampled_events_after(*args, **kwargs)
+        finally:
+            backlog_read.set()
+
+    monkeypatch.setattr(stream, "sampled_events_after", sampled_then_tell)
 
     def train_on() -> None:
-        deadline = time.monotonic() + 10
-        while client.app.state.hub.watched_jobs == 0 and time.monotonic() < deadline:  # type: ignore[attr-defined]
-            time.sleep(0.01)
-        write_steps(database, taken, range(30, 40))
-        finish(database, taken)
+        if backlog_read.wait(60):
+            write_steps(database, taken, range(30, 40))
+        finish(database, taken)  # ends the stream either way; the assertions tell which
         ring(rung, [job_id])
 
     writer = threading.Thread(target=train_on)
@@ -99,6 +111,7 @@ def test_a_short_backlog_is_sent_whole_and_live_events_follow_it(
     response = client.get(f"/v1/jobs/{job_id}/events/stream?metrics_backlog=10")
     writer.join()
     rung.close()
+    assert backlog_read.is_set(), "the stream never read its backlog"
 
     events = parse_sse(response.text)
     steps = [e["data"]["step"] for e in events if e["event"] == "metrics"]
