@@ -202,8 +202,8 @@ Tokenizer = Literal["byte", "char", "model"]
 class FileDatasetSpec(_Strict):
     """A file uploaded through /v1/files (see docs/files.md for the formats).
 
-    What the rows hold (text, prompt/completion, features with a label or a target,
-    arrays) is read from the file when it is validated; `format` overrides the format
+    What the rows hold (text, prompt/completion, chat messages, features with a label or
+    a target, arrays) is read from the file when it is validated; `format` overrides the format
     detected from the file's name. Text is tokenized byte-level by default (`char`: the
     training file's characters; `model`: the Hugging Face model's own tokenizer, the
     default for hf-* models) and cut to `max_length` tokens.
@@ -219,7 +219,7 @@ class FileDatasetSpec(_Strict):
     # Held out from the training file when there is no validation file (then 0 by default:
     # the validation file is what is evaluated).
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5)
-    # Text and prompt/completion rows packed into sequences of max_length, each row
+    # Text, prompt/completion and chat rows packed into sequences of max_length, each row
     # attending only to itself and counted as unpacked (worker/engine/packing.py); a
     # sample (batch_size counts them) is then a pack of rows.
     packing: bool = False
