@@ -323,18 +323,25 @@ def test_a_job_that_loses_a_node_resumes_on_as_many_when_a_fresh_worker_appears(
     assert_close(cluster.weights(job_id), one_batch_of_12(cluster, 30))
 
 
-@pytest.mark.slow
-def test_a_running_gang_cancelled_stops_on_every_node(cluster: Cluster) -> None:
+def a_training_gang(cluster: Cluster) -> str:
+    """A 2-node job far longer than any test, once it trains on both nodes: its id."""
     long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
             "max_steps": 100_000}  # fmt: skip
     job_id = cluster.submit(long)
+    wait_for(lambda: trains(cluster, job_id), 90, "the gang to train", interval=0.1)
+    return job_id
 
-    def training() -> bool:
-        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
-        assert job["status"] not in FINISHED, job
-        return job["status"] == "running" and job["progress"]["step"] > 0
 
-    wait_for(training, 90, "the gang to train", interval=0.1)
+def trains(cluster: Cluster, job_id: str) -> bool:
+    """Whether the job runs and has made a step (it must not have finished)."""
+    job = cluster.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] not in FINISHED, job
+    return job["status"] == "running" and job["progress"]["step"] > 0
+
+
+@pytest.mark.slow
+def test_a_running_gang_cancelled_stops_on_every_node(cluster: Cluster) -> None:
+    job_id = a_training_gang(cluster)
     assert sum(job == job_id for job, _, _ in cluster.slots()) == 2
     assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     job = wait_for_status(cluster.client, job_id, FINISHED, timeout=30)
@@ -352,16 +359,7 @@ def test_a_running_gang_cancelled_stops_on_every_node(cluster: Cluster) -> None:
 def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_with_a_checkpoint(
     cluster: Cluster,
 ) -> None:
-    long = {**MLP, "nodes": 2, "micro_batch_size": 2, "accumulation_steps": 1,
-            "max_steps": 100_000}  # fmt: skip
-    job_id = cluster.submit(long)
-
-    def training() -> bool:
-        job = cluster.client.get(f"/v1/jobs/{job_id}").json()
-        assert job["status"] not in FINISHED, job
-        return job["status"] == "running" and job["progress"]["step"] > 0
-
-    wait_for(training, 90, "the gang to train", interval=0.1)
+    job_id = a_training_gang(cluster)
     # A pause stops every node at the same window edge, after a checkpoint, and frees
     # them all; a resume runs the job on two nodes again.
     assert cluster.client.post(f"/v1/jobs/{job_id}/pause").status_code == 200
@@ -371,13 +369,12 @@ def test_a_follower_s_worker_stopping_hands_the_whole_gang_back_with_a_checkpoin
     wait_for(lambda: not group_processes(cluster), 30, "every paused node's ranks to end")
     paused_at = job["progress"]["step"]
     assert cluster.client.post(f"/v1/jobs/{job_id}/resume").status_code == 200
-    wait_for(
-        lambda: training() and cluster.client.get(f"/v1/jobs/{job_id}").json()["progress"][
-            "step"] > paused_at,
-        90,
-        "the resumed gang to train",
-        interval=0.1,
-    )  # fmt: skip
+
+    def past_the_pause() -> bool:
+        step = cluster.client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"]
+        return trains(cluster, job_id) and step > paused_at
+
+    wait_for(past_the_pause, 90, "the resumed gang to train", interval=0.1)
     assert sum(job == job_id for job, _, _ in cluster.slots()) == 2
     follower = next(worker for job, slot, worker in cluster.slots() if job == job_id and slot)
     assert follower is not None
